@@ -1,0 +1,1 @@
+"""loraforge services: dataset, trainer and predictor, and what they share."""

@@ -1,0 +1,1 @@
+"""What the three services share: config, errors, server bootstrap, stores."""

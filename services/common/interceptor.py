@@ -1,0 +1,157 @@
+"""The one place where domain errors become gRPC status codes.
+
+Every service installs `ErrorMappingInterceptor`. A `LoraforgeError` becomes its
+status code with `google.rpc.Status` details (`ErrorInfo`, and `BadRequest` when
+fields are named). Anything else is logged once with its traceback and becomes
+INTERNAL with an incident id, never the traceback itself.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from loraforge.services.common import errors
+
+log = logging.getLogger("loraforge.rpc")
+
+ERROR_DOMAIN = "loraforge.dev"
+
+_CODES: list[tuple[type[errors.LoraforgeError], grpc.StatusCode]] = [
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Aborted, grpc.StatusCode.ABORTED),
+]
+
+
+def status_code_for(err: errors.LoraforgeError) -> grpc.StatusCode:
+    for cls, code in _CODES:
+        if isinstance(err, cls):
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+def to_rpc_status(err: errors.LoraforgeError) -> grpc.Status:
+    """Builds the gRPC status (code, message, details) for a domain error."""
+    code = status_code_for(err)
+    details: list[any_pb2.Any] = []
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata)
+    packed = any_pb2.Any()
+    packed.Pack(info)
+    details.append(packed)
+    if err.field_violations:
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in err.field_violations
+            ]
+        )
+        packed = any_pb2.Any()
+        packed.Pack(bad)
+        details.append(packed)
+    status = status_pb2.Status(
+        code=getattr(code_pb2, code.name), message=err.message, details=details
+    )
+    return rpc_status.to_status(status)
+
+
+def _internal_status(incident: str) -> grpc.Status:
+    status = status_pb2.Status(
+        code=code_pb2.INTERNAL,
+        message=f"internal error (incident {incident}); the server log has the details",
+    )
+    info = error_details_pb2.ErrorInfo(
+        reason="INTERNAL", domain=ERROR_DOMAIN, metadata={"incident": incident}
+    )
+    packed = any_pb2.Any()
+    packed.Pack(info)
+    status.details.append(packed)
+    return rpc_status.to_status(status)
+
+
+async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
+    if isinstance(exc, NotImplementedError):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server")
+    if isinstance(exc, errors.LoraforgeError):
+        log.info("%s -> %s: %s", method, status_code_for(exc).name, exc.message)
+        await context.abort_with_status(to_rpc_status(exc))
+    incident = uuid.uuid4().hex[:12]
+    log.error("%s failed unexpectedly (incident %s)", method, incident, exc_info=exc)
+    await context.abort_with_status(_internal_status(incident))
+
+
+def _passthrough(exc: BaseException) -> bool:
+    # context.abort() raises an exception grpc needs to see; cancellation must propagate.
+    return isinstance(exc, grpc.aio.AbortError | grpc.RpcError) or not isinstance(exc, Exception)
+
+
+def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+    async def wrapper(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            result = behavior(request_or_iterator, context)
+            return await result if inspect.isawaitable(result) else result
+        except BaseException as exc:
+            if _passthrough(exc):
+                raise
+            await _abort_for(exc, context, method)
+
+    return wrapper
+
+
+def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., AsyncIterator[Any]]:
+    async def wrapper(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            result = behavior(request_or_iterator, context)
+            if inspect.isawaitable(result):  # a coroutine that writes with context.write
+                await result
+            elif hasattr(result, "__aiter__"):
+                async for item in result:
+                    yield item
+            else:
+                for item in result:
+                    yield item
+        except BaseException as exc:
+            if _passthrough(exc):
+                raise
+            await _abort_for(exc, context, method)
+
+    return wrapper
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Maps typed domain errors to status codes with details; hides unexpected ones."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        common = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(_wrap_unary(handler.unary_unary, method), **common)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(_wrap_unary(handler.stream_unary, method), **common)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(_wrap_stream(handler.unary_stream, method), **common)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(_wrap_stream(handler.stream_stream, method), **common)
+        return handler

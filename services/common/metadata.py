@@ -1,0 +1,39 @@
+"""Metadata store: SQLAlchemy 2, SQLite by default, any URL (e.g. PostgreSQL) later.
+
+Each service declares its own tables on its own `DeclarativeBase` and opens its
+own database; services never read each other's tables. The schema is created
+on start. Database calls are blocking: servicers run them with
+`asyncio.to_thread` so the event loop stays free.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, MetaData, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets readers (watch streams, other processes) proceed while a worker writes.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def open_database(url: str, metadata: MetaData) -> tuple[Engine, sessionmaker[Session]]:
+    """Opens the database at `url`, creates missing tables, returns engine and session factory."""
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    metadata.create_all(engine)
+    return engine, sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,1 @@
+"""Dataset service: apps, datasets, inputs, uploads and immutable dataset versions."""

@@ -1,0 +1,1 @@
+"""Predictor service: multi-LoRA serving through vLLM, with a transformers + PEFT fallback."""

@@ -1,0 +1,1 @@
+"""Trainer service: model types, templates, models, model versions and training workers."""

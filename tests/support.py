@@ -1,0 +1,131 @@
+"""Helpers tests share: free ports, service processes, an S3 server."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServiceProcess:
+    """A service started as a real subprocess, and the port it bound."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                return self.proc.wait()
+        return self.proc.returncode
+
+
+def start_service(
+    module: str,
+    workdir: Path,
+    args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    name: str | None = None,
+) -> ServiceProcess:
+    """Starts `python -m module --port 0 ...` and waits until it has written its port."""
+    name = name or module.rsplit(".", 1)[-1]
+    workdir.mkdir(parents=True, exist_ok=True)
+    ready = workdir / f"{name}.port"
+    ready.unlink(missing_ok=True)
+    log_path = workdir / f"{name}.log"
+    full_env = {**os.environ, "LORAFORGE_HOME": str(workdir / "home"), **(env or {})}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, "--port", "0", "--ready-file", str(ready), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=REPO,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready.exists() and ready.read_text().strip():
+            return ServiceProcess(proc, int(ready.read_text()), log_path)
+        if proc.poll() is not None:
+            raise RuntimeError(f"{module} exited with {proc.returncode}:\n{log_path.read_text()}")
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"{module} did not start within {timeout}s:\n{log_path.read_text()}")
+
+
+@contextlib.contextmanager
+def running_service(module: str, workdir: Path, **kwargs: object) -> Iterator[ServiceProcess]:
+    svc = start_service(module, workdir, **kwargs)  # type: ignore[arg-type]
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+def channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(
+        address,
+        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
+    )
+
+
+@dataclass
+class S3Server:
+    """A moto S3-compatible server on 127.0.0.1 and the URL to reach a bucket on it."""
+
+    endpoint: str
+
+    def url(self, bucket: str, prefix: str = "") -> str:
+        return f"s3://{bucket}/{prefix}?endpoint={self.endpoint}&secure=false"
+
+
+@contextlib.contextmanager
+def s3_server() -> Iterator[S3Server]:
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    old = {k: os.environ.get(k) for k in ("LORAFORGE_S3_ACCESS_KEY", "LORAFORGE_S3_SECRET_KEY")}
+    os.environ["LORAFORGE_S3_ACCESS_KEY"] = "testing"
+    os.environ["LORAFORGE_S3_SECRET_KEY"] = "testing"
+    try:
+        yield S3Server(f"127.0.0.1:{port}")
+    finally:
+        server.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
