@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 out=${1:-gen}
+# protoc finds the mypy plugins (protoc-gen-mypy, protoc-gen-mypy_grpc) next to the interpreter.
+export PATH="$(dirname "$PY"):$PATH"
 mkdir -p "$out"
 find "$out" -path "$out/loraforge/*" \( -name '*_pb2*.py' -o -name '*_pb2*.pyi' \) -delete
 mapfile -t protos < <(cd proto && find loraforge -name '*.proto' | LC_ALL=C sort)
