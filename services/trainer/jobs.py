@@ -1,0 +1,285 @@
+"""The job queue: workers claim queued runs, hold them with a lease, and report through it.
+
+A claim is one conditional UPDATE (`... WHERE state = 'QUEUED'`), so of several
+workers racing for a run exactly one wins; on PostgreSQL the candidate is also
+picked with `SELECT ... FOR UPDATE SKIP LOCKED` so racing workers pick
+different runs instead of colliding. The winner holds a lease it renews with
+heartbeats. Every write a worker makes is fenced on "this worker still owns
+this run and it is still running": after a cancel, or after a lost lease was
+handed to another worker, the old worker's writes change nothing and it stops.
+
+A run whose lease expired (its worker died) is requeued to resume from its last
+checkpoint, until `max_attempts` starts; then it fails.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from loraforge.services.trainer.store import (
+    CODE_TOLERANCE_EXCEEDED,
+    RUNNING_STATES,
+    STATUS_CODES,
+    EventKind,
+    State,
+    TrainerStore,
+    VersionRow,
+    append_event,
+    log_payload,
+    refresh_latest_trained,
+    state_payload,
+)
+from sqlalchemy import and_, select, update
+from sqlalchemy.orm import Session
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A run a worker now owns, with what it needs to start or resume it."""
+
+    name: str
+    params: dict[str, Any]
+    template: str
+    dataset_version: str
+    attempt: int
+    checkpoint_step: int
+    checkpoint_key: str
+
+
+class JobQueue:
+    def __init__(self, store: TrainerStore) -> None:
+        self.store = store
+
+    def claim(self, worker_id: str, lease_seconds: float) -> ClaimedJob | None:
+        """Claims the oldest queued run for `worker_id`, or returns None if there is none."""
+        for _ in range(5):  # another worker may win a candidate; try the next one
+            with self.store.sessions.begin() as s:
+                candidate = s.execute(
+                    select(VersionRow.name)
+                    .where(VersionRow.state == State.QUEUED.value)
+                    .order_by(VersionRow.seq)
+                    .limit(1)
+                    .with_for_update(skip_locked=True)
+                ).scalar_one_or_none()
+                if candidate is None:
+                    return None
+                now = time.time()
+                won = s.execute(
+                    update(VersionRow)
+                    .where(VersionRow.name == candidate, VersionRow.state == State.QUEUED.value)
+                    .values(
+                        state=State.TRAINING.value,
+                        status_code=STATUS_CODES[State.TRAINING],
+                        worker_id=worker_id,
+                        lease_expires=now + lease_seconds,
+                        attempts=VersionRow.attempts + 1,
+                        start_time=now,
+                    )
+                ).rowcount  # type: ignore[attr-defined]
+                if won != 1:
+                    continue
+                row = s.execute(select(VersionRow).where(VersionRow.name == candidate)).scalar_one()
+                resume = (
+                    f" resuming from checkpoint step {row.checkpoint_step}"
+                    if row.checkpoint_step
+                    else ""
+                )
+                append_event(
+                    s,
+                    candidate,
+                    EventKind.STATE,
+                    state_payload(
+                        State.TRAINING, f"attempt {row.attempts} on worker {worker_id}{resume}"
+                    ),
+                )
+                return ClaimedJob(
+                    name=row.name,
+                    params=row.params,
+                    template=row.template,
+                    dataset_version=row.dataset_version,
+                    attempt=row.attempts,
+                    checkpoint_step=row.checkpoint_step,
+                    checkpoint_key=row.checkpoint_key,
+                )
+        return None
+
+    def reap_expired(self, max_attempts: int) -> list[str]:
+        """Requeues (or fails, after `max_attempts`) runs whose worker stopped renewing its lease."""
+        now = time.time()
+        with self.store.sessions() as s:
+            expired = s.execute(
+                select(
+                    VersionRow.name,
+                    VersionRow.worker_id,
+                    VersionRow.attempts,
+                    VersionRow.checkpoint_step,
+                ).where(
+                    VersionRow.state.in_([st.value for st in RUNNING_STATES]),
+                    VersionRow.lease_expires < now,
+                )
+            ).all()
+        reaped = []
+        for name, worker_id, attempts, step in expired:
+            fence = and_(
+                VersionRow.worker_id == worker_id,
+                VersionRow.state.in_([st.value for st in RUNNING_STATES]),
+                VersionRow.lease_expires < now,
+            )
+            with self.store.sessions.begin() as s:
+                lost = f"worker {worker_id} stopped reporting (its lease expired)"
+                if attempts >= max_attempts:
+                    reason = f"{lost} on attempt {attempts} of {max_attempts}; giving up"
+                    seq = append_event(
+                        s, name, EventKind.STATE, state_payload(State.FAILED, reason), fence=fence
+                    )
+                    values: dict[str, Any] = {
+                        "state": State.FAILED.value,
+                        "status_code": STATUS_CODES[State.FAILED],
+                        "failure_reason": reason,
+                        "end_time": now,
+                    }
+                else:
+                    where = f"from checkpoint step {step}" if step else "from the start"
+                    seq = append_event(
+                        s,
+                        name,
+                        EventKind.STATE,
+                        state_payload(State.QUEUED, f"{lost}; requeued to resume {where}"),
+                        fence=fence,
+                    )
+                    values = {
+                        "state": State.QUEUED.value,
+                        "status_code": STATUS_CODES[State.QUEUED],
+                    }
+                if seq is not None:
+                    s.execute(
+                        update(VersionRow)
+                        .where(VersionRow.name == name)
+                        .values(worker_id="", lease_expires=None, **values)
+                    )
+                    reaped.append(name)
+        return reaped
+
+
+class JobReporter:
+    """Everything a worker writes about one claimed run, fenced on its ownership."""
+
+    def __init__(self, store: TrainerStore, name: str, worker_id: str) -> None:
+        self.store = store
+        self.name = name
+        self.worker_id = worker_id
+
+    def _fence(self, states: tuple[State, ...] = RUNNING_STATES) -> Any:
+        return and_(
+            VersionRow.worker_id == self.worker_id, VersionRow.state.in_([s.value for s in states])
+        )
+
+    def _write(
+        self, kind: EventKind, payload: dict[str, Any], values: dict[str, Any] | None = None
+    ) -> bool:
+        with self.store.sessions.begin() as s:
+            if append_event(s, self.name, kind, payload, fence=self._fence()) is None:
+                return False
+            if values:
+                s.execute(update(VersionRow).where(VersionRow.name == self.name).values(**values))
+        return True
+
+    def heartbeat(self, lease_seconds: float) -> bool:
+        """Renews the lease; False when this worker no longer owns a running run (cancelled, lost)."""
+        with self.store.sessions.begin() as s:
+            renewed = s.execute(
+                update(VersionRow)
+                .where(VersionRow.name == self.name, self._fence())
+                .values(lease_expires=time.time() + lease_seconds)
+            ).rowcount  # type: ignore[attr-defined]
+        return renewed == 1
+
+    def log(self, message: str, level: str = "INFO") -> bool:
+        return self._write(EventKind.LOG, log_payload(message, level))
+
+    def progress(self, progress: dict[str, Any]) -> bool:
+        return self._write(EventKind.PROGRESS, progress, {"progress": progress})
+
+    def checkpoint(self, step: int, key: str, checkpoint_prefix: str) -> bool:
+        return self._write(
+            EventKind.LOG,
+            log_payload(f"checkpoint at step {step} saved to {key}"),
+            {
+                "checkpoint_step": step,
+                "checkpoint_key": key,
+                "checkpoint_prefix": checkpoint_prefix,
+            },
+        )
+
+    def uploading(self) -> bool:
+        return self._write(
+            EventKind.STATE,
+            state_payload(State.UPLOADING, "training done; uploading the adapter"),
+            {"state": State.UPLOADING.value, "status_code": STATUS_CODES[State.UPLOADING]},
+        )
+
+    def trained(
+        self, *, adapter_prefix: str, base_model: str, adapter_bytes: int, metrics: dict[str, float]
+    ) -> bool:
+        with self.store.sessions.begin() as s:
+            seq = append_event(
+                s,
+                self.name,
+                EventKind.STATE,
+                state_payload(State.TRAINED, f"adapter ready at {adapter_prefix}"),
+                fence=self._fence((State.UPLOADING,)),
+            )
+            if seq is None:
+                return False
+            s.execute(
+                update(VersionRow)
+                .where(VersionRow.name == self.name)
+                .values(
+                    state=State.TRAINED.value,
+                    status_code=STATUS_CODES[State.TRAINED],
+                    adapter_prefix=adapter_prefix,
+                    base_model=base_model,
+                    adapter_bytes=adapter_bytes,
+                    metrics=metrics,
+                    end_time=time.time(),
+                    lease_expires=None,
+                )
+            )
+            model = s.execute(
+                select(VersionRow.model).where(VersionRow.name == self.name)
+            ).scalar_one()
+            refresh_latest_trained(s, model)
+        return True
+
+    def failed(self, reason: str, *, tolerance_exceeded: bool = False) -> bool:
+        code = CODE_TOLERANCE_EXCEEDED if tolerance_exceeded else STATUS_CODES[State.FAILED]
+        with self.store.sessions.begin() as s:
+            seq = append_event(
+                s,
+                self.name,
+                EventKind.STATE,
+                state_payload(State.FAILED, reason, code),
+                fence=self._fence(),
+            )
+            if seq is None:
+                return False
+            s.execute(
+                update(VersionRow)
+                .where(VersionRow.name == self.name)
+                .values(
+                    state=State.FAILED.value,
+                    status_code=code,
+                    failure_reason=reason,
+                    end_time=time.time(),
+                    lease_expires=None,
+                )
+            )
+        return True
+
+
+def current_state(session: Session, name: str) -> str | None:
+    return session.execute(
+        select(VersionRow.state).where(VersionRow.name == name)
+    ).scalar_one_or_none()

@@ -1,0 +1,399 @@
+"""The trainer's metadata store: models, model versions (training runs) and their events.
+
+The gRPC server and the workers share this database and nothing else: the
+server creates, cancels and reads runs; workers claim them (`jobs.py`) and
+append events. Every event gets the next sequence number of its run inside the
+transaction that writes it, so a run's history has no gaps and a watcher that
+polls `events_after` sees every event exactly once.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from loraforge.services.common.errors import AlreadyExists, FailedPrecondition, NotFound
+from loraforge.services.common.metadata import open_database
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Float,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    delete,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+
+class State(enum.StrEnum):
+    QUEUED = "QUEUED"
+    TRAINING = "TRAINING"
+    UPLOADING = "UPLOADING"
+    TRAINED = "TRAINED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+ACTIVE_STATES = (State.QUEUED, State.TRAINING, State.UPLOADING)
+RUNNING_STATES = (State.TRAINING, State.UPLOADING)
+FINAL_STATES = (State.TRAINED, State.FAILED, State.CANCELLED)
+
+# The seed platform's numeric codes, kept so code written against it reads the same numbers.
+STATUS_CODES = {
+    State.QUEUED: 21103,
+    State.TRAINING: 21101,
+    State.UPLOADING: 21104,
+    State.TRAINED: 21100,
+    State.FAILED: 21106,
+    State.CANCELLED: 0,
+}
+CODE_TOLERANCE_EXCEEDED = 21119
+
+
+class EventKind(enum.StrEnum):
+    STATE = "state"
+    PROGRESS = "progress"
+    LOG = "log"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ModelRow(Base):
+    __tablename__ = "models"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(300), unique=True)
+    app: Mapped[str] = mapped_column(String(80), index=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    model_type: Mapped[str] = mapped_column(String(100))
+    latest_trained_version: Mapped[str] = mapped_column(String(300), default="")
+    create_time: Mapped[float] = mapped_column(Float)
+
+
+class VersionRow(Base):
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("model", "request_id", name="uq_version_request"),)
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(400), unique=True)
+    model: Mapped[str] = mapped_column(String(300), index=True)
+    template: Mapped[str] = mapped_column(String(200))
+    dataset_version: Mapped[str] = mapped_column(String(400))
+    description: Mapped[str] = mapped_column(Text, default="")
+    param_overrides: Mapped[dict[str, Any]] = mapped_column(JSON)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(20), index=True)
+    status_code: Mapped[int] = mapped_column(Integer)
+    failure_reason: Mapped[str] = mapped_column(Text, default="")
+    progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    base_model: Mapped[str] = mapped_column(Text, default="")
+    adapter_prefix: Mapped[str] = mapped_column(Text, default="")
+    checkpoint_prefix: Mapped[str] = mapped_column(Text, default="")
+    adapter_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    create_time: Mapped[float] = mapped_column(Float)
+    start_time: Mapped[float | None] = mapped_column(Float, nullable=True)
+    end_time: Mapped[float | None] = mapped_column(Float, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    request_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # Job-queue columns: who runs it, until when, and where it can resume from.
+    worker_id: Mapped[str] = mapped_column(String(200), default="")
+    lease_expires: Mapped[float | None] = mapped_column(Float, nullable=True)
+    checkpoint_step: Mapped[int] = mapped_column(Integer, default=0)
+    checkpoint_key: Mapped[str] = mapped_column(Text, default="")
+    last_sequence: Mapped[int] = mapped_column(Integer, default=0)
+    references_dataset: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class EventRow(Base):
+    __tablename__ = "events"
+
+    version: Mapped[str] = mapped_column(String(400), primary_key=True)
+    sequence: Mapped[int] = mapped_column(Integer, primary_key=True)
+    time: Mapped[float] = mapped_column(Float)
+    kind: Mapped[str] = mapped_column(String(20))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+@dataclass(frozen=True)
+class Event:
+    sequence: int
+    time: float
+    kind: EventKind
+    payload: dict[str, Any]
+
+    @property
+    def is_final_state(self) -> bool:
+        return self.kind == EventKind.STATE and self.payload.get("state") in FINAL_STATES
+
+
+def state_payload(
+    state: State, message: str = "", status_code: int | None = None
+) -> dict[str, Any]:
+    code = STATUS_CODES[state] if status_code is None else status_code
+    return {"state": state.value, "status_code": code, "message": message}
+
+
+def log_payload(message: str, level: str = "INFO") -> dict[str, Any]:
+    return {"level": level, "message": message}
+
+
+def append_event(
+    session: Session,
+    version: str,
+    kind: EventKind,
+    payload: dict[str, Any],
+    *,
+    fence: Any = None,
+) -> int | None:
+    """Appends an event with the run's next sequence number, inside `session`'s transaction.
+
+    `fence` is an extra WHERE clause on the run's row (e.g. "still owned by this
+    worker"); when it does not hold, nothing is written and None is returned.
+    Taking the counter with an UPDATE first also takes the row's write lock, so
+    concurrent writers of one run serialize and the sequence has no gaps.
+    """
+    stmt = update(VersionRow).where(VersionRow.name == version)
+    if fence is not None:
+        stmt = stmt.where(fence)
+    result = session.execute(stmt.values(last_sequence=VersionRow.last_sequence + 1))
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    seq = session.execute(
+        select(VersionRow.last_sequence).where(VersionRow.name == version)
+    ).scalar_one()
+    session.add(
+        EventRow(version=version, sequence=seq, time=time.time(), kind=kind.value, payload=payload)
+    )
+    return int(seq)
+
+
+def _page(items: Sequence[Any], size: int) -> tuple[list[Any], bool]:
+    return list(items[:size]), len(items) > size
+
+
+class TrainerStore:
+    """Models, model versions and events in the trainer's own database."""
+
+    def __init__(self, url: str) -> None:
+        self.engine, self.sessions = open_database(url, Base.metadata)
+
+    @classmethod
+    def from_sessions(cls, sessions: sessionmaker[Session]) -> TrainerStore:
+        store = cls.__new__(cls)
+        store.sessions = sessions
+        store.engine = sessions.kw["bind"]
+        return store
+
+    # Models.
+
+    def create_model(self, app: str, model_id: str, description: str, model_type: str) -> ModelRow:
+        name = f"apps/{app}/models/{model_id}"
+        row = ModelRow(
+            name=name,
+            app=app,
+            description=description,
+            model_type=model_type,
+            latest_trained_version="",
+            create_time=time.time(),
+        )
+        try:
+            with self.sessions.begin() as s:
+                s.add(row)
+        except IntegrityError:
+            raise AlreadyExists(f"model {name!r} already exists", reason="MODEL_EXISTS") from None
+        return row
+
+    def get_model(self, name: str) -> ModelRow:
+        with self.sessions() as s:
+            row = s.execute(select(ModelRow).where(ModelRow.name == name)).scalar_one_or_none()
+        if row is None:
+            raise NotFound(f"model {name!r} not found", reason="MODEL_NOT_FOUND")
+        return row
+
+    def list_models(self, app: str, size: int, after_seq: int) -> tuple[list[ModelRow], bool]:
+        with self.sessions() as s:
+            rows = (
+                s.execute(
+                    select(ModelRow)
+                    .where(ModelRow.app == app, ModelRow.seq > after_seq)
+                    .order_by(ModelRow.seq)
+                    .limit(size + 1)
+                )
+                .scalars()
+                .all()
+            )
+        return _page(rows, size)
+
+    def delete_model(self, name: str, force: bool) -> list[VersionRow]:
+        """Deletes a model (and with `force` its finished versions); returns the versions deleted."""
+        with self.sessions.begin() as s:
+            model = s.execute(select(ModelRow).where(ModelRow.name == name)).scalar_one_or_none()
+            if model is None:
+                raise NotFound(f"model {name!r} not found", reason="MODEL_NOT_FOUND")
+            versions = s.execute(select(VersionRow).where(VersionRow.model == name)).scalars().all()
+            if versions and not force:
+                raise FailedPrecondition(
+                    f"model {name!r} has {len(versions)} version(s); delete them first or set force",
+                    reason="MODEL_HAS_VERSIONS",
+                )
+            active = [v.name for v in versions if v.state in ACTIVE_STATES]
+            if active:
+                raise FailedPrecondition(
+                    f"model {name!r} has runs that are still queued or training ({', '.join(active)}); "
+                    "cancel them first",
+                    reason="MODEL_HAS_ACTIVE_VERSIONS",
+                )
+            for v in versions:
+                s.execute(delete(EventRow).where(EventRow.version == v.name))
+                s.delete(v)
+            s.delete(model)
+        return list(versions)
+
+    # Model versions.
+
+    def find_by_request_id(self, model: str, request_id: str) -> VersionRow | None:
+        with self.sessions() as s:
+            return s.execute(
+                select(VersionRow).where(
+                    VersionRow.model == model, VersionRow.request_id == request_id
+                )
+            ).scalar_one_or_none()
+
+    def version_exists(self, name: str) -> bool:
+        with self.sessions() as s:
+            return (
+                s.execute(select(VersionRow.seq).where(VersionRow.name == name)).first() is not None
+            )
+
+    def create_version(self, row: VersionRow) -> VersionRow:
+        """Inserts a run QUEUED with its first event. AlreadyExists on a name or request_id clash."""
+        row.state = State.QUEUED.value
+        row.status_code = STATUS_CODES[State.QUEUED]
+        row.create_time = time.time()
+        row.last_sequence = 0
+        row.attempts = 0
+        try:
+            with self.sessions.begin() as s:
+                if (
+                    s.execute(select(ModelRow.seq).where(ModelRow.name == row.model)).first()
+                    is None
+                ):
+                    raise NotFound(f"model {row.model!r} not found", reason="MODEL_NOT_FOUND")
+                s.add(row)
+                s.flush()
+                append_event(
+                    s,
+                    row.name,
+                    EventKind.STATE,
+                    state_payload(State.QUEUED, "waiting for a worker"),
+                )
+        except IntegrityError:
+            raise AlreadyExists(
+                f"model version {row.name!r} already exists", reason="VERSION_EXISTS"
+            ) from None
+        return self.get_version(row.name)
+
+    def get_version(self, name: str) -> VersionRow:
+        with self.sessions() as s:
+            row = s.execute(select(VersionRow).where(VersionRow.name == name)).scalar_one_or_none()
+        if row is None:
+            raise NotFound(f"model version {name!r} not found", reason="VERSION_NOT_FOUND")
+        return row
+
+    def list_versions(
+        self, model: str, size: int, before_seq: int | None
+    ) -> tuple[list[VersionRow], bool]:
+        with self.sessions() as s:
+            query = select(VersionRow).where(VersionRow.model == model)
+            if before_seq is not None:
+                query = query.where(VersionRow.seq < before_seq)
+            rows = s.execute(query.order_by(VersionRow.seq.desc()).limit(size + 1)).scalars().all()
+        return _page(rows, size)
+
+    def delete_version(self, name: str) -> VersionRow:
+        with self.sessions.begin() as s:
+            row = s.execute(select(VersionRow).where(VersionRow.name == name)).scalar_one_or_none()
+            if row is None:
+                raise NotFound(f"model version {name!r} not found", reason="VERSION_NOT_FOUND")
+            if row.state in ACTIVE_STATES:
+                raise FailedPrecondition(
+                    f"model version {name!r} is {row.state}; cancel it first",
+                    reason="VERSION_ACTIVE",
+                )
+            s.execute(delete(EventRow).where(EventRow.version == name))
+            s.delete(row)
+            s.flush()
+            refresh_latest_trained(s, row.model)
+        return row
+
+    def cancel_version(self, name: str) -> VersionRow:
+        """Moves a queued or running run to CANCELLED; its worker notices at its next heartbeat."""
+        with self.sessions.begin() as s:
+            seq = append_event(
+                s,
+                name,
+                EventKind.STATE,
+                state_payload(State.CANCELLED, "cancelled by a user"),
+                fence=VersionRow.state.in_([st.value for st in ACTIVE_STATES]),
+            )
+            if seq is not None:
+                s.execute(
+                    update(VersionRow)
+                    .where(VersionRow.name == name)
+                    .values(
+                        state=State.CANCELLED.value,
+                        status_code=STATUS_CODES[State.CANCELLED],
+                        end_time=time.time(),
+                        lease_expires=None,
+                    )
+                )
+        return self.get_version(name)
+
+    # Events.
+
+    def events_after(
+        self, name: str, after: int, limit: int = 1000, kind: EventKind | None = None
+    ) -> list[Event]:
+        with self.sessions() as s:
+            query = select(EventRow).where(EventRow.version == name, EventRow.sequence > after)
+            if kind is not None:
+                query = query.where(EventRow.kind == kind.value)
+            rows = s.execute(query.order_by(EventRow.sequence).limit(limit)).scalars().all()
+        return [Event(r.sequence, r.time, EventKind(r.kind), r.payload) for r in rows]
+
+    def version_state(self, name: str) -> str | None:
+        with self.sessions() as s:
+            return s.execute(
+                select(VersionRow.state).where(VersionRow.name == name)
+            ).scalar_one_or_none()
+
+
+def refresh_latest_trained(session: Session, model: str) -> None:
+    """Points the model at its newest TRAINED version (or none)."""
+    latest = session.execute(
+        select(VersionRow.name)
+        .where(VersionRow.model == model, VersionRow.state == State.TRAINED.value)
+        .order_by(VersionRow.seq.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+    session.execute(
+        update(ModelRow).where(ModelRow.name == model).values(latest_trained_version=latest or "")
+    )
+
+
+def count_versions(session: Session, state: State) -> int:
+    return int(
+        session.execute(select(func.count()).where(VersionRow.state == state.value)).scalar_one()
+    )

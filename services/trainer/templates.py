@@ -1,0 +1,332 @@
+"""Training templates (data files in `templates/`) and validation of parameter overrides.
+
+A template is a YAML file: a base model, a recipe and the parameters a user may
+change, grouped as `model_config`, `quantization_config`, `peft_config`,
+`tokenizer_config`, `trainer_config`, plus the top-level
+`invalid_data_tolerance_percent`. Each parameter has a type, a default, bounds
+and a description, so a client can render a form and a bad override is refused
+(with its field path) before anything is queued.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.util
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from loraforge.services.common.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    invalid_field,
+)
+
+TEMPLATES_DIR = Path(__file__).parent / "templates"
+MODEL_TYPE = "modelTypes/text-to-text"
+GROUPS = (
+    "model_config",
+    "quantization_config",
+    "peft_config",
+    "tokenizer_config",
+    "trainer_config",
+)
+TOLERANCE = "invalid_data_tolerance_percent"
+PARAMETER_TYPES = ("bool", "int", "float", "string", "choice", "string_list")
+
+
+@dataclass(frozen=True, eq=False)
+class Parameter:
+    """One template parameter; `path` is `group.key` or a top-level key."""
+
+    path: str
+    type: str
+    default: Any
+    description: str
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[str, ...] = ()
+    nullable: bool = False
+
+
+@dataclass(frozen=True)
+class Hardware:
+    requires_cuda: bool
+    requires_gptq: bool
+    min_gpu_memory_gib: float
+    summary: str
+
+
+@dataclass(frozen=True, eq=False)
+class Template:
+    name: str  # the id, e.g. `HF_GPTNeo_125m_lora`; resource name is `templates/{name}`
+    display_name: str
+    description: str
+    recommended: bool
+    model_type: str
+    serving_engine: str
+    hardware: Hardware
+    parameters: tuple[Parameter, ...] = field(default_factory=tuple)
+
+    @property
+    def resource_name(self) -> str:
+        return f"templates/{self.name}"
+
+    def parameter(self, path: str) -> Parameter | None:
+        return next((p for p in self.parameters if p.path == path), None)
+
+    def defaults(self) -> dict[str, Any]:
+        """Every parameter at its default, as nested groups."""
+        out: dict[str, Any] = {g: {} for g in GROUPS}
+        for p in self.parameters:
+            _set_path(out, p.path, copy.deepcopy(p.default))
+        return out
+
+
+def _set_path(tree: dict[str, Any], path: str, value: Any) -> None:
+    head, _, rest = path.partition(".")
+    if rest:
+        tree.setdefault(head, {})[rest] = value
+    else:
+        tree[head] = value
+
+
+def _parse_parameter(path: str, spec: Mapping[str, Any], source: str) -> Parameter:
+    ptype = spec.get("type")
+    if ptype not in PARAMETER_TYPES:
+        raise ValueError(f"{source}: parameter {path} has unknown type {ptype!r}")
+    param = Parameter(
+        path=path,
+        type=ptype,
+        default=spec.get("default"),
+        description=str(spec.get("description", "")).strip(),
+        min=spec.get("min"),
+        max=spec.get("max"),
+        choices=tuple(spec.get("choices", ())),
+        nullable=bool(spec.get("nullable", False)),
+    )
+    if not param.description:
+        raise ValueError(f"{source}: parameter {path} has no description")
+    problem = check_value(param, param.default)
+    if problem:
+        raise ValueError(f"{source}: default of {path} is invalid: {problem}")
+    return param
+
+
+def load_template(path: Path) -> Template:
+    data = yaml.safe_load(path.read_text())
+    params: list[Parameter] = []
+    raw_params = data.get("parameters") or {}
+    for group in GROUPS:
+        for key, spec in (raw_params.get(group) or {}).items():
+            params.append(_parse_parameter(f"{group}.{key}", spec, path.name))
+    if TOLERANCE not in raw_params:
+        raise ValueError(f"{path.name}: no {TOLERANCE} parameter")
+    params.append(_parse_parameter(TOLERANCE, raw_params[TOLERANCE], path.name))
+    unknown = set(raw_params) - {*GROUPS, TOLERANCE}
+    if unknown:
+        raise ValueError(f"{path.name}: unknown parameter groups {sorted(unknown)}")
+    if data["name"] != path.stem:
+        raise ValueError(f"{path.name}: name {data['name']!r} differs from the file name")
+    hw = data.get("hardware") or {}
+    return Template(
+        name=data["name"],
+        display_name=data.get("display_name", data["name"]),
+        description=str(data.get("description", "")).strip(),
+        recommended=bool(data.get("recommended", False)),
+        model_type=MODEL_TYPE,
+        serving_engine=data.get("serving_engine", "transformers"),
+        hardware=Hardware(
+            requires_cuda=bool(hw.get("requires_cuda", False)),
+            requires_gptq=bool(hw.get("requires_gptq", False)),
+            min_gpu_memory_gib=float(hw.get("min_gpu_memory_gib", 0)),
+            summary=str(hw.get("summary", "")),
+        ),
+        parameters=tuple(params),
+    )
+
+
+@functools.cache
+def all_templates() -> tuple[Template, ...]:
+    """Every template, recommended first, then by name."""
+    found = [load_template(p) for p in sorted(TEMPLATES_DIR.glob("*.yaml"))]
+    return tuple(sorted(found, key=lambda t: (not t.recommended, t.name)))
+
+
+def get_template(resource_name: str, field_name: str = "name") -> Template:
+    if not resource_name:
+        raise invalid_field(field_name, "is required (a name like `templates/HF_GPTNeo_125m_lora`)")
+    prefix = "templates/"
+    if not resource_name.startswith(prefix) or "/" in resource_name[len(prefix) :]:
+        raise invalid_field(
+            field_name, f"{resource_name!r} is not a name like `templates/{{template}}`"
+        )
+    wanted = resource_name[len(prefix) :]
+    for template in all_templates():
+        if template.name == wanted:
+            return template
+    known = ", ".join(t.name for t in all_templates())
+    raise NotFound(
+        f"template {resource_name!r} not found; templates: {known}",
+        reason="TEMPLATE_NOT_FOUND",
+        field_violations=[FieldViolation(field_name, f"no template named {wanted!r}")],
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_value(param: Parameter, value: Any) -> str | None:
+    """Why `value` is not acceptable for `param`, or None if it is."""
+    if value is None:
+        return None if param.nullable else "must not be null"
+    kind = param.type
+    if kind == "bool":
+        return None if isinstance(value, bool) else f"must be true or false (got {value!r})"
+    if kind in ("int", "float"):
+        if not _is_number(value) or not math.isfinite(value):
+            return f"must be a number (got {value!r})"
+        if kind == "int" and float(value) != int(value):
+            return f"must be a whole number (got {value!r})"
+        if param.min is not None and value < param.min:
+            return f"must be at least {_fmt(param.min)} (got {_fmt(value)})"
+        if param.max is not None and value > param.max:
+            return f"must be at most {_fmt(param.max)} (got {_fmt(value)})"
+        return None
+    if kind == "string":
+        if not isinstance(value, str):
+            return f"must be a string (got {value!r})"
+        if not value and not param.nullable:
+            return "must not be empty"
+        return None
+    if kind == "choice":
+        if value not in param.choices:
+            return f"must be one of {', '.join(param.choices)} (got {value!r})"
+        return None
+    if kind == "string_list":
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            return f"must be a list of non-empty strings (got {value!r})"
+        if not value and not param.nullable:
+            return "must not be empty"
+        if param.choices:
+            bad = [v for v in value if v not in param.choices]
+            if bad:
+                return f"items {bad} are not among {', '.join(param.choices)}"
+        return None
+    return f"has unknown type {kind}"
+
+
+def _fmt(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+def _normalise(param: Parameter, value: Any) -> Any:
+    # google.protobuf.Struct carries every number as a double.
+    if param.type == "int" and _is_number(value):
+        return int(value)
+    if param.type == "float" and _is_number(value):
+        return float(value)
+    return value
+
+
+def resolve_params(
+    template: Template, overrides: Mapping[str, Any], field_prefix: str = "param_overrides"
+) -> dict[str, Any]:
+    """Template defaults with `overrides` applied; InvalidArgument listing every bad field."""
+    params = template.defaults()
+    violations: list[FieldViolation] = []
+    for key, value in overrides.items():
+        path = f"{field_prefix}.{key}"
+        if key == TOLERANCE:
+            param = template.parameter(TOLERANCE)
+            assert param is not None
+            problem = check_value(param, value)
+            if problem:
+                violations.append(FieldViolation(path, problem))
+            else:
+                params[TOLERANCE] = _normalise(param, value)
+            continue
+        if key not in GROUPS:
+            violations.append(
+                FieldViolation(
+                    path, f"unknown parameter group; groups are {', '.join((*GROUPS, TOLERANCE))}"
+                )
+            )
+            continue
+        if not isinstance(value, Mapping):
+            violations.append(
+                FieldViolation(path, f"must be an object of {key} parameters (got {value!r})")
+            )
+            continue
+        for sub, sub_value in value.items():
+            param = template.parameter(f"{key}.{sub}")
+            sub_path = f"{path}.{sub}"
+            if param is None:
+                known = ", ".join(
+                    p.path.split(".", 1)[1]
+                    for p in template.parameters
+                    if p.path.startswith(key + ".")
+                )
+                violations.append(FieldViolation(sub_path, f"unknown parameter; {key} has {known}"))
+                continue
+            problem = check_value(param, sub_value)
+            if problem:
+                violations.append(FieldViolation(sub_path, problem))
+            else:
+                params[key][sub] = _normalise(param, sub_value)
+    if violations:
+        summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        raise InvalidArgument(
+            f"invalid parameter overrides for {template.resource_name}: {summary}",
+            reason="INVALID_PARAMETERS",
+            field_violations=violations,
+        )
+    return params
+
+
+def uses_gptq(template: Template, params: Mapping[str, Any]) -> bool:
+    return (
+        template.hardware.requires_gptq
+        or params["quantization_config"].get("quant_method") == "gptq"
+    )
+
+
+@functools.cache
+def _cuda_available() -> bool:
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def missing_requirements(template: Template, params: Mapping[str, Any]) -> list[str]:
+    """What this machine lacks to train `template` with `params` (empty when it can)."""
+    missing = []
+    gptq = uses_gptq(template, params)
+    if (template.hardware.requires_cuda or gptq) and not _cuda_available():
+        missing.append("a CUDA GPU (torch.cuda.is_available() is false on this machine)")
+    if gptq:
+        for module, what in (("gptqmodel", "GPTQModel"), ("optimum", "optimum")):
+            if importlib.util.find_spec(module) is None:
+                missing.append(f"{what} (install the `gptq` extra: pip install 'loraforge[gptq]')")
+    return missing
+
+
+def check_hardware(template: Template, params: Mapping[str, Any]) -> None:
+    missing = missing_requirements(template, params)
+    if missing:
+        raise FailedPrecondition(
+            f"{template.resource_name} needs {' and '.join(missing)}. "
+            f"Hardware: {template.hardware.summary} Pick a template that runs here, e.g. "
+            "templates/HF_Qwen2_5_0p5b_instruct_lora.",
+            reason="HARDWARE_MISSING",
+            metadata={"template": template.resource_name, "missing": "; ".join(missing)},
+        )

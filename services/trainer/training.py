@@ -1,0 +1,619 @@
+"""The training function: examples + parameters in, a PEFT LoRA adapter out.
+
+It knows nothing of gRPC or the job queue; the worker gives it examples and a
+`Reporter`, and the benchmark calls it directly. Steps:
+
+1. Tokenize and validate every example for this model's tokenizer. Rows that are
+   too long or have no completion tokens are invalid; above
+   `invalid_data_tolerance_percent` the run stops (`ToleranceExceeded`).
+2. Hold out an evaluation split (seeded).
+3. Optionally pack short examples into rows of `model_max_length` tokens. A
+   packed batch is one flattened sequence whose `position_ids` restart at 0 for
+   every example and which has no attention mask: transformers then builds a
+   block-diagonal causal mask (flash-attention varlen on GPUs), so packed
+   examples cannot attend to each other. The first label of each example is
+   ignored, so no example is trained to predict the start of the next.
+4. Train with transformers' `Trainer` and PEFT LoRA: loss on completion tokens
+   only for prompt/completion examples (configurable), evaluation loss on the
+   held-out split, checkpoints handed to the reporter as they are written, and a
+   resume path from a checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+IGNORE_INDEX = -100
+MAX_LISTED_INVALID = 5
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    """One example. `prompt` empty and `is_text` set means full language-model loss."""
+
+    prompt: str
+    completion: str
+    is_text: bool = False
+    ref: str = ""  # where it came from, for messages about bad rows
+
+
+@dataclass(frozen=True)
+class InvalidRow:
+    ref: str
+    reason: str
+
+
+@dataclass
+class Feature:
+    input_ids: list[int]
+    labels: list[int]
+
+
+class Reporter(Protocol):
+    """What training tells the outside world; the worker stores it as events."""
+
+    def log(self, message: str, level: str = "INFO") -> None: ...
+
+    def progress(self, progress: dict[str, Any]) -> None: ...
+
+    def checkpoint_saved(self, step: int, folder: Path) -> None: ...
+
+    def should_stop(self) -> bool: ...
+
+
+class QuietReporter:
+    """A reporter that records nothing and never stops (benchmarks, scripts)."""
+
+    def log(self, message: str, level: str = "INFO") -> None:
+        pass
+
+    def progress(self, progress: dict[str, Any]) -> None:
+        pass
+
+    def checkpoint_saved(self, step: int, folder: Path) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
+class TrainingError(Exception):
+    """Training cannot go on; the message is for the user."""
+
+
+class ToleranceExceeded(TrainingError):
+    """Too many examples are invalid for this tokenizer (the seed's status 21119)."""
+
+
+class TrainingStopped(Exception):
+    """The reporter asked to stop (cancelled, or the run was taken over)."""
+
+
+@dataclass
+class TrainingResult:
+    adapter_dir: Path
+    metrics: dict[str, float]
+    global_step: int
+    total_steps: int
+    resumed_from_step: int
+    train_tokens: int
+    train_seconds: float
+    invalid_rows: list[InvalidRow] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.train_tokens / self.train_seconds if self.train_seconds > 0 else 0.0
+
+
+# 1. Tokenize and validate.
+
+
+def load_tokenizer(params: Mapping[str, Any]) -> Any:
+    from transformers import AutoTokenizer
+
+    mc, tc = params["model_config"], params["tokenizer_config"]
+    tokenizer = AutoTokenizer.from_pretrained(
+        mc["pretrained_model_name_or_path"],
+        revision=mc.get("revision") or None,
+        trust_remote_code=mc.get("trust_remote_code", False),
+    )
+    tokenizer.model_max_length = tc["model_max_length"]
+    tokenizer.padding_side = tc.get("padding_side", "right")
+    if tc.get("pad_token"):
+        tokenizer.pad_token = tc["pad_token"]
+    elif tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tokenize_examples(
+    tokenizer: Any, examples: Sequence[TrainingExample], params: Mapping[str, Any]
+) -> tuple[list[Feature], list[InvalidRow]]:
+    """Turns examples into features; returns the valid ones and why each other one is not."""
+    tc, trc = params["tokenizer_config"], params["trainer_config"]
+    max_len = tc["model_max_length"]
+    completion_only = trc.get("completion_only_loss", True)
+    eos = (
+        [tokenizer.eos_token_id]
+        if tc.get("add_eos_token", True) and tokenizer.eos_token_id is not None
+        else []
+    )
+    prompts = (
+        tokenizer([e.prompt for e in examples], add_special_tokens=True)["input_ids"]
+        if examples
+        else []
+    )
+    completions = (
+        tokenizer([e.completion for e in examples], add_special_tokens=False)["input_ids"]
+        if examples
+        else []
+    )
+    features: list[Feature] = []
+    invalid: list[InvalidRow] = []
+    for example, prompt_ids, completion_ids in zip(examples, prompts, completions, strict=True):
+        if not completion_ids:
+            what = "no text" if example.is_text else "no completion tokens (nothing to learn)"
+            invalid.append(InvalidRow(example.ref, f"has {what} for this tokenizer"))
+            continue
+        if example.is_text:
+            # The whole text is the target; the prompt side only contributes special tokens (BOS).
+            prompt_ids = [t for t in prompt_ids if t in tokenizer.all_special_ids]
+        ids = list(prompt_ids) + list(completion_ids) + eos
+        if len(ids) > max_len:
+            invalid.append(
+                InvalidRow(
+                    example.ref,
+                    f"is {len(ids)} tokens long, longer than model_max_length {max_len}",
+                )
+            )
+            continue
+        if example.is_text or not completion_only:
+            labels = list(ids)
+        else:
+            labels = [IGNORE_INDEX] * len(prompt_ids) + list(completion_ids) + eos
+        features.append(Feature(ids, labels))
+    return features, invalid
+
+
+def check_tolerance(total: int, invalid: Sequence[InvalidRow], tolerance_percent: float) -> None:
+    if total == 0:
+        raise TrainingError("the dataset version has no examples")
+    share = 100.0 * len(invalid) / total
+    if share > tolerance_percent or len(invalid) == total:
+        listed = "; ".join(f"{row.ref}: {row.reason}" for row in invalid[:MAX_LISTED_INVALID])
+        more = (
+            f" (and {len(invalid) - MAX_LISTED_INVALID} more)"
+            if len(invalid) > MAX_LISTED_INVALID
+            else ""
+        )
+        raise ToleranceExceeded(
+            f"{len(invalid)} of {total} examples ({share:.1f}%) are invalid for this model's tokenizer, "
+            f"more than invalid_data_tolerance_percent {tolerance_percent:g}%. Examples: {listed}{more}. "
+            "Fix or remove these rows, raise tokenizer_config.model_max_length, or raise the tolerance."
+        )
+
+
+def split_eval(
+    features: list[Feature], percent: float, seed: int
+) -> tuple[list[Feature], list[Feature]]:
+    if percent <= 0 or len(features) < 2:
+        return features, []
+    order = list(range(len(features)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(features) - 1, max(1, round(len(features) * percent / 100)))
+    held = set(order[:n_eval])
+    train = [f for i, f in enumerate(features) if i not in held]
+    return train, [features[i] for i in sorted(held)]
+
+
+# 2. Packing and collation.
+
+
+@dataclass
+class PackedRow:
+    """Several examples laid end to end; positions restart at each one."""
+
+    examples: list[Feature]
+
+    @property
+    def length(self) -> int:
+        return sum(len(f.input_ids) for f in self.examples)
+
+
+def pack(features: Sequence[Feature], max_length: int) -> list[PackedRow]:
+    """First-fit-decreasing bin packing into rows of at most `max_length` tokens (deterministic)."""
+    rows: list[PackedRow] = []
+    space: list[int] = []
+    for feature in sorted(features, key=lambda f: -len(f.input_ids)):
+        n = len(feature.input_ids)
+        for i, free in enumerate(space):
+            if n <= free:
+                rows[i].examples.append(feature)
+                space[i] -= n
+                break
+        else:
+            rows.append(PackedRow([feature]))
+            space.append(max_length - n)
+    return rows
+
+
+class TokenCounter:
+    """Counts the real (non-padding) tokens the collator hands to the model."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+
+
+class PaddingCollator:
+    """Pads a batch of features to its longest one; padding gets no attention and no loss."""
+
+    def __init__(self, pad_token_id: int, padding_side: str = "right") -> None:
+        self.pad_token_id = pad_token_id
+        self.left = padding_side == "left"
+
+    def __call__(self, batch: Sequence[Feature]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(f.input_ids) for f in batch)
+        ids, labels, mask = [], [], []
+        for f in batch:
+            pad = width - len(f.input_ids)
+            if self.left:
+                ids.append([self.pad_token_id] * pad + f.input_ids)
+                labels.append([IGNORE_INDEX] * pad + f.labels)
+                mask.append([0] * pad + [1] * len(f.input_ids))
+            else:
+                ids.append(f.input_ids + [self.pad_token_id] * pad)
+                labels.append(f.labels + [IGNORE_INDEX] * pad)
+                mask.append([1] * len(f.input_ids) + [0] * pad)
+        return {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "attention_mask": torch.tensor(mask, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+        }
+
+
+class PackedCollator:
+    """Flattens a batch of packed rows into one sequence with per-example positions."""
+
+    def __call__(self, batch: Sequence[PackedRow]) -> dict[str, Any]:
+        import torch
+
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for row in batch:
+            for f in row.examples:
+                ids.extend(f.input_ids)
+                labels.append(
+                    IGNORE_INDEX
+                )  # never learn to predict an example's start from the one before
+                labels.extend(f.labels[1:])
+                positions.extend(range(len(f.input_ids)))
+        return {
+            "input_ids": torch.tensor([ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+        }
+
+
+# 3. Model.
+
+
+def _dtype(name: str) -> Any:
+    import torch
+
+    return {
+        "auto": "auto",
+        "float32": torch.float32,
+        "float16": torch.float16,
+        "bfloat16": torch.bfloat16,
+    }[name]
+
+
+def load_model(params: Mapping[str, Any], *, gradient_checkpointing: bool) -> Any:
+    """Loads the base model (hub id or local folder) and wraps it with LoRA."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    mc, qc, pc = params["model_config"], params["quantization_config"], params["peft_config"]
+    kwargs: dict[str, Any] = {
+        "revision": mc.get("revision") or None,
+        "trust_remote_code": mc.get("trust_remote_code", False),
+        "attn_implementation": mc.get("attn_implementation", "sdpa"),
+    }
+    dtype = mc.get("torch_dtype", "auto")
+    quantized = qc.get("quant_method") == "gptq"
+    if quantized:
+        if not torch.cuda.is_available():
+            raise TrainingError("GPTQ base models need a CUDA GPU; this worker has none")
+        from transformers import GPTQConfig
+
+        # The checkpoint carries its own quantization config; this picks a kernel that can train.
+        kwargs["quantization_config"] = GPTQConfig(
+            bits=qc.get("bits", 4), backend=qc.get("backend")
+        )
+        kwargs["device_map"] = "auto"
+        dtype = "float16" if dtype == "auto" else dtype
+    elif not torch.cuda.is_available() and dtype in ("float16", "auto"):
+        # Half precision on a CPU is slow and loses precision; train the LoRA in float32 there.
+        dtype = "float32"
+    kwargs["dtype"] = _dtype(dtype)
+    model = AutoModelForCausalLM.from_pretrained(mc["pretrained_model_name_or_path"], **kwargs)
+    model.config.use_cache = False
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = LoraConfig(
+        r=pc["r"],
+        lora_alpha=pc["lora_alpha"],
+        lora_dropout=pc["lora_dropout"],
+        target_modules=list(pc["target_modules"]),
+        bias=pc.get("bias", "none"),
+        use_rslora=pc.get("use_rslora", False),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise TrainingError(f"peft_config.target_modules does not fit this model: {exc}") from None
+
+
+# 4. Training.
+
+
+def _mixed_precision(choice: str) -> dict[str, bool]:
+    import torch
+
+    if not torch.cuda.is_available() or choice == "no":
+        return {}
+    if choice == "auto":
+        choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {choice: True}
+
+
+def training_arguments(params: Mapping[str, Any], output_dir: Path, has_eval: bool) -> Any:
+    import torch
+    from transformers import TrainingArguments
+
+    trc = params["trainer_config"]
+    eval_strategy = "no"
+    eval_steps = None
+    if has_eval:
+        eval_strategy = "steps" if trc.get("eval_steps") else "epoch"
+        eval_steps = trc.get("eval_steps") or None
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=trc["num_train_epochs"],
+        max_steps=trc.get("max_steps", -1),
+        per_device_train_batch_size=trc["per_device_train_batch_size"],
+        per_device_eval_batch_size=trc["per_device_train_batch_size"],
+        gradient_accumulation_steps=trc.get("gradient_accumulation_steps", 1),
+        learning_rate=trc["learning_rate"],
+        lr_scheduler_type=trc.get("lr_scheduler_type", "linear"),
+        warmup_steps=trc.get("warmup_ratio", 0.0),  # a float below 1 is a ratio of all steps
+        weight_decay=trc.get("weight_decay", 0.0),
+        max_grad_norm=trc.get("max_grad_norm", 1.0),
+        optim=trc.get("optim", "adamw_torch"),
+        seed=trc.get("seed", 42),
+        data_seed=trc.get("seed", 42),
+        logging_steps=trc.get("logging_steps", 10),
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=trc.get("save_steps", 200),
+        save_total_limit=1,  # local copies; the object store keeps `save_total_limit`
+        eval_strategy=eval_strategy,
+        eval_steps=eval_steps,
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+        **_mixed_precision(trc.get("mixed_precision", "auto")),
+    )
+
+
+def _make_trainer_class() -> type:
+    from transformers import Trainer
+
+    class CountingTrainer(Trainer):
+        """Trainer that counts the real tokens of every training batch (for tokens/s)."""
+
+        token_counter: TokenCounter
+
+        def training_step(
+            self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
+        ) -> Any:
+            mask = inputs.get("attention_mask")
+            self.token_counter.tokens += (
+                int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            )
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    return CountingTrainer
+
+
+def _make_callback(reporter: Reporter, counter: TokenCounter) -> Any:
+    from transformers import TrainerCallback
+
+    class ReportingCallback(TrainerCallback):
+        """Turns the Trainer's logs, saves and steps into reporter calls."""
+
+        def __init__(self) -> None:
+            self.start = time.monotonic()
+            self.start_step = 0
+            self.start_tokens = 0
+            self.eval_loss: float | None = None
+            self.train_loss: float | None = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.start = time.monotonic()
+            self.start_step = state.global_step
+            self.start_tokens = counter.tokens
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if reporter.should_stop():
+                raise TrainingStopped()
+
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any
+        ) -> None:
+            logs = logs or {}
+            if "eval_loss" in logs:
+                self.eval_loss = float(logs["eval_loss"])
+            if "loss" in logs:
+                self.train_loss = float(logs["loss"])
+            if "train_runtime" in logs:
+                return  # the final summary; the worker reports final metrics itself
+            elapsed = max(time.monotonic() - self.start, 1e-9)
+            done = state.global_step - self.start_step
+            left = max(state.max_steps - state.global_step, 0)
+            progress: dict[str, Any] = {
+                "step": state.global_step,
+                "total_steps": state.max_steps,
+                "epoch": float(state.epoch or 0.0),
+                "learning_rate": float(logs.get("learning_rate", 0.0)),
+                "tokens_per_second": (counter.tokens - self.start_tokens) / elapsed,
+                "eta_seconds": (elapsed / done * left) if done > 0 else 0.0,
+            }
+            if self.train_loss is not None:
+                progress["train_loss"] = self.train_loss
+            if self.eval_loss is not None:
+                progress["eval_loss"] = self.eval_loss
+            reporter.progress(progress)
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            reporter.checkpoint_saved(state.global_step, folder)
+
+    return ReportingCallback()
+
+
+def prepare_data(
+    tokenizer: Any,
+    examples: Sequence[TrainingExample],
+    params: Mapping[str, Any],
+    reporter: Reporter,
+) -> tuple[list[Any], list[Any], list[InvalidRow], Any]:
+    """Tokenized, validated, split and (optionally) packed data plus its collator."""
+    tc, trc = params["tokenizer_config"], params["trainer_config"]
+    features, invalid = tokenize_examples(tokenizer, examples, params)
+    for row in invalid[:20]:
+        reporter.log(f"skipping {row.ref}: {row.reason}", "WARNING")
+    if len(invalid) > 20:
+        reporter.log(f"skipping {len(invalid) - 20} more invalid rows", "WARNING")
+    check_tolerance(len(examples), invalid, params["invalid_data_tolerance_percent"])
+    train, held_out = split_eval(features, trc.get("eval_split_percent", 0.0), trc.get("seed", 42))
+    if trc.get("packing"):
+        train_rows: list[Any] = list(pack(train, tc["model_max_length"]))
+        eval_rows: list[Any] = list(pack(held_out, tc["model_max_length"]))
+        collator: Any = PackedCollator()
+        reporter.log(
+            f"packed {len(train)} training examples into {len(train_rows)} rows of ≤{tc['model_max_length']} tokens"
+        )
+    else:
+        train_rows, eval_rows = list(train), list(held_out)
+        collator = PaddingCollator(tokenizer.pad_token_id, tc.get("padding_side", "right"))
+    reporter.log(
+        f"{len(features)} valid examples ({len(invalid)} invalid): {len(train)} for training, {len(held_out)} for evaluation"
+    )
+    return train_rows, eval_rows, invalid, collator
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for lib in ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers"):
+        try:
+            out[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def run_training(
+    params: Mapping[str, Any],
+    examples: Sequence[TrainingExample],
+    work_dir: Path,
+    reporter: Reporter | None = None,
+    resume_from: Path | None = None,
+) -> TrainingResult:
+    """Trains a LoRA adapter; writes checkpoints under `work_dir/checkpoints`, the adapter to `work_dir/adapter`.
+
+    Raises ToleranceExceeded / TrainingError for problems the user must fix, and
+    TrainingStopped when the reporter asks to stop.
+    """
+    from transformers import set_seed
+
+    reporter = reporter or QuietReporter()
+    trc = params["trainer_config"]
+    seed = trc.get("seed", 42)
+    tokenizer = load_tokenizer(params)
+    train_rows, eval_rows, invalid, collator = prepare_data(tokenizer, examples, params, reporter)
+
+    set_seed(seed)
+    model = load_model(params, gradient_checkpointing=trc.get("gradient_checkpointing", False))
+    trainable, total = model.get_nb_trainable_parameters()
+    reporter.log(
+        f"loaded {params['model_config']['pretrained_model_name_or_path']}: "
+        f"{trainable:,} trainable LoRA parameters of {total:,}"
+    )
+    counter = TokenCounter()
+    args = training_arguments(params, work_dir / "checkpoints", has_eval=bool(eval_rows))
+    trainer_cls = _make_trainer_class()
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=train_rows,
+        eval_dataset=eval_rows or None,
+        data_collator=collator,
+        callbacks=[_make_callback(reporter, counter)],
+    )
+    trainer.token_counter = counter
+    resumed_from = 0
+    if resume_from is not None:
+        resumed_from = int(resume_from.name.rsplit("-", 1)[-1])
+        reporter.log(f"resuming from checkpoint step {resumed_from}")
+    started = time.monotonic()
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    train_seconds = time.monotonic() - started
+    metrics: dict[str, float] = {
+        "train_loss": float(output.training_loss),
+        "global_step": float(trainer.state.global_step),
+        "train_examples": float(
+            sum(len(r.examples) for r in train_rows) if trc.get("packing") else len(train_rows)
+        ),
+        "invalid_examples": float(len(invalid)),
+        "train_tokens": float(counter.tokens),
+        "train_seconds": train_seconds,
+        "tokens_per_second": counter.tokens / train_seconds if train_seconds > 0 else 0.0,
+    }
+    if eval_rows:
+        eval_metrics = trainer.evaluate()
+        metrics["eval_loss"] = float(eval_metrics["eval_loss"])
+        if math.isfinite(metrics["eval_loss"]):
+            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+        reporter.log(f"final eval loss {metrics['eval_loss']:.4f}")
+    adapter_dir = work_dir / "adapter"
+    model.save_pretrained(adapter_dir, safe_serialization=True)
+    return TrainingResult(
+        adapter_dir=adapter_dir,
+        metrics=metrics,
+        global_step=trainer.state.global_step,
+        total_steps=trainer.state.max_steps,
+        resumed_from_step=resumed_from,
+        train_tokens=counter.tokens,
+        train_seconds=train_seconds,
+        invalid_rows=invalid,
+    )
