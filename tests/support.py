@@ -96,7 +96,10 @@ def running_service(module: str, workdir: Path, **kwargs: object) -> Iterator[Se
 def channel(address: str) -> grpc.Channel:
     return grpc.insecure_channel(
         address,
-        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
+        options=[
+            ("grpc.max_receive_message_length", 64 << 20),
+            ("grpc.max_send_message_length", 64 << 20),
+        ],
     )
 
 

@@ -89,7 +89,8 @@ def test_delete_and_missing_objects(store: ObjectStore) -> None:
 
 
 @pytest.mark.parametrize(
-    "key", ["../escape", "/etc/passwd", "a/../../b", "a//b", "./a", "a/./b", "", "a\\b", ".incoming/x"]
+    "key",
+    ["../escape", "/etc/passwd", "a/../../b", "a//b", "./a", "a/./b", "", "a\\b", ".incoming/x"],
 )
 def test_keys_that_could_escape_are_refused(store: ObjectStore, key: str) -> None:
     with pytest.raises(InvalidArgument):
@@ -113,7 +114,10 @@ def test_tree_copy_roundtrip(store: ObjectStore, tmp_path: Path) -> None:
     (src / "adapter_config.json").write_text("{}")
     (src / "nested" / "w.bin").write_bytes(b"\x00" * 1000)
     written = copy_tree_to_store(store, src, "adapters/v1")
-    assert sorted(i.key for i in written) == ["adapters/v1/adapter_config.json", "adapters/v1/nested/w.bin"]
+    assert sorted(i.key for i in written) == [
+        "adapters/v1/adapter_config.json",
+        "adapters/v1/nested/w.bin",
+    ]
     dest = tmp_path / "dest"
     copy_store_to_tree(store, "adapters/v1", dest)
     assert (dest / "nested" / "w.bin").read_bytes() == b"\x00" * 1000

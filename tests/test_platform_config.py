@@ -6,7 +6,12 @@ import pytest
 
 from loraforge.services.common.config import ServerConfig, load_config
 from loraforge.services.common.errors import InvalidArgument
-from loraforge.services.common.resources import decode_page_token, encode_page_token, parse_name, validate_id
+from loraforge.services.common.resources import (
+    decode_page_token,
+    encode_page_token,
+    parse_name,
+    validate_id,
+)
 
 
 def test_flags_beat_environment_which_beats_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -31,7 +36,10 @@ def test_embedded_defaults_live_under_home(tmp_path: object) -> None:
 
 
 def test_resource_names_and_ids_are_validated() -> None:
-    assert parse_name("apps/a/datasets/d-1", "apps/{app}/datasets/{dataset}") == {"app": "a", "dataset": "d-1"}
+    assert parse_name("apps/a/datasets/d-1", "apps/{app}/datasets/{dataset}") == {
+        "app": "a",
+        "dataset": "d-1",
+    }
     for bad in ["apps/a", "apps/A/datasets/d", "apps/a/models/d", "apps/a/datasets/../x", ""]:
         with pytest.raises(InvalidArgument):
             parse_name(bad, "apps/{app}/datasets/{dataset}")

@@ -23,10 +23,14 @@ class RaisingServicer(pb_grpc.DatasetServiceServicer):
     async def GetApp(self, request: pb.GetAppRequest, context: object) -> pb.GetAppResponse:
         raise errors.NotFound(f"app {request.name!r} does not exist", reason="APP_NOT_FOUND")
 
-    async def CreateApp(self, request: pb.CreateAppRequest, context: object) -> pb.CreateAppResponse:
+    async def CreateApp(
+        self, request: pb.CreateAppRequest, context: object
+    ) -> pb.CreateAppResponse:
         raise errors.invalid_field("app_id", "must be lowercase", reason="INVALID_ID")
 
-    async def DeleteApp(self, request: pb.DeleteAppRequest, context: object) -> pb.DeleteAppResponse:
+    async def DeleteApp(
+        self, request: pb.DeleteAppRequest, context: object
+    ) -> pb.DeleteAppResponse:
         raise errors.FailedPrecondition("app has datasets; pass force", metadata={"datasets": "2"})
 
     async def ListApps(self, request: pb.ListAppsRequest, context: object) -> pb.ListAppsResponse:
@@ -42,7 +46,11 @@ class RaisingServicer(pb_grpc.DatasetServiceServicer):
 @pytest.fixture
 def stub() -> object:
     loop = asyncio.new_event_loop()
-    binding = ServiceBinding("loraforge.dataset.v1.DatasetService", RaisingServicer(), pb_grpc.add_DatasetServiceServicer_to_server)
+    binding = ServiceBinding(
+        "loraforge.dataset.v1.DatasetService",
+        RaisingServicer(),
+        pb_grpc.add_DatasetServiceServicer_to_server,
+    )
     running = loop.run_until_complete(create_server([binding]))
     import threading
 
@@ -56,7 +64,9 @@ def stub() -> object:
     thread.join(10)
 
 
-def _details(err: grpc.RpcError) -> tuple[error_details_pb2.ErrorInfo | None, error_details_pb2.BadRequest | None]:
+def _details(
+    err: grpc.RpcError,
+) -> tuple[error_details_pb2.ErrorInfo | None, error_details_pb2.BadRequest | None]:
     status = rpc_status.from_call(err)  # type: ignore[arg-type]
     info = bad = None
     for detail in status.details if status else []:
@@ -78,13 +88,17 @@ def test_not_found_maps_to_not_found_with_error_info(stub: pb_grpc.DatasetServic
     assert info is not None and info.reason == "APP_NOT_FOUND"
 
 
-def test_invalid_field_carries_a_bad_request_field_violation(stub: pb_grpc.DatasetServiceStub) -> None:
+def test_invalid_field_carries_a_bad_request_field_violation(
+    stub: pb_grpc.DatasetServiceStub,
+) -> None:
     with pytest.raises(grpc.RpcError) as exc:
         stub.CreateApp(pb.CreateAppRequest(app_id="BAD"))
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     _, bad = _details(exc.value)
     assert bad is not None
-    assert [(v.field, v.description) for v in bad.field_violations] == [("app_id", "must be lowercase")]
+    assert [(v.field, v.description) for v in bad.field_violations] == [
+        ("app_id", "must be lowercase")
+    ]
 
 
 def test_failed_precondition_keeps_metadata(stub: pb_grpc.DatasetServiceStub) -> None:
@@ -98,7 +112,10 @@ def test_failed_precondition_keeps_metadata(stub: pb_grpc.DatasetServiceStub) ->
 def test_unexpected_error_is_internal_without_leaking_details_and_logged_once(
     stub: pb_grpc.DatasetServiceStub, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.ERROR, logger="loraforge.rpc"), pytest.raises(grpc.RpcError) as exc:
+    with (
+        caplog.at_level(logging.ERROR, logger="loraforge.rpc"),
+        pytest.raises(grpc.RpcError) as exc,
+    ):
         stub.ListApps(pb.ListAppsRequest())
     assert exc.value.code() == grpc.StatusCode.INTERNAL
     assert "secret" not in exc.value.details() and "Traceback" not in exc.value.details()

@@ -11,7 +11,11 @@ from tests.support import REPO
 
 
 def _files(root: Path) -> set[str]:
-    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    return {
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
 
 
 def test_generated_code_is_up_to_date_with_protos(tmp_path: Path) -> None:
@@ -25,7 +29,9 @@ def test_generated_code_is_up_to_date_with_protos(tmp_path: Path) -> None:
     )
     committed = _files(REPO / "gen")
     fresh = _files(out)
-    assert fresh == committed, f"files differ: missing {fresh - committed}, extra {committed - fresh}; run `make gen`"
+    assert fresh == committed, (
+        f"files differ: missing {fresh - committed}, extra {committed - fresh}; run `make gen`"
+    )
     stale = [f for f in sorted(fresh) if not filecmp.cmp(out / f, REPO / "gen" / f, shallow=False)]
     assert not stale, f"gen/ is out of date with proto/ for {stale}; run `make gen` and commit"
 

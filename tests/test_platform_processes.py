@@ -21,11 +21,15 @@ SERVICES = [
 
 def _list_services(ch: grpc.Channel) -> set[str]:
     stub = reflection_pb2_grpc.ServerReflectionStub(ch)
-    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    responses = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
     return {s.name for r in responses for s in r.list_services_response.service}
 
 
-@pytest.mark.parametrize(("module", "service"), SERVICES, ids=[s[0].rsplit(".", 1)[1] for s in SERVICES])
+@pytest.mark.parametrize(
+    ("module", "service"), SERVICES, ids=[s[0].rsplit(".", 1)[1] for s in SERVICES]
+)
 def test_service_process_answers_health_and_reflection_and_stops_on_sigterm(
     module: str, service: str, tmp_path: Path
 ) -> None:
@@ -46,7 +50,11 @@ def test_service_process_answers_health_and_reflection_and_stops_on_sigterm(
                 health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
             assert exc.value.code() == grpc.StatusCode.NOT_FOUND
             names = _list_services(ch)
-            assert {service, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+            assert {
+                service,
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1alpha.ServerReflection",
+            } <= names
         svc.proc.send_signal(signal.SIGTERM)
         assert svc.proc.wait(60) == 0, svc.log()
         assert "stopped" in svc.log()

@@ -37,7 +37,9 @@ class ServerConfig:
 
     host: str = setting("127.0.0.1", "Interface to listen on (0.0.0.0 for all).")
     port: int = setting(0, "Port to listen on; 0 picks a free one (printed at start).")
-    home: str = setting("", "Folder for embedded state (SQLite files, local objects). Default ~/.loraforge.")
+    home: str = setting(
+        "", "Folder for embedded state (SQLite files, local objects). Default ~/.loraforge."
+    )
     database_url: str = setting(
         "", "SQLAlchemy URL of this service's metadata store. Default: SQLite file in `home`."
     )

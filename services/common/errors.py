@@ -86,7 +86,9 @@ class Aborted(LoraforgeError):
     default_reason = "ABORTED"
 
 
-def invalid_field(field: str, description: str, *, reason: str = "INVALID_FIELD") -> InvalidArgument:
+def invalid_field(
+    field: str, description: str, *, reason: str = "INVALID_FIELD"
+) -> InvalidArgument:
     """An InvalidArgument for one bad field, with the field path in message and details."""
     return InvalidArgument(
         f"{field}: {description}",

@@ -47,14 +47,18 @@ def to_rpc_status(err: errors.LoraforgeError) -> grpc.Status:
     """Builds the gRPC status (code, message, details) for a domain error."""
     code = status_code_for(err)
     details: list[any_pb2.Any] = []
-    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata)
+    info = error_details_pb2.ErrorInfo(
+        reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata
+    )
     packed = any_pb2.Any()
     packed.Pack(info)
     details.append(packed)
     if err.field_violations:
         bad = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
                 for v in err.field_violations
             ]
         )
@@ -83,7 +87,9 @@ def _internal_status(incident: str) -> grpc.Status:
 
 async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
     if isinstance(exc, NotImplementedError):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server")
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server"
+        )
     if isinstance(exc, errors.LoraforgeError):
         log.info("%s -> %s: %s", method, status_code_for(exc).name, exc.message)
         await context.abort_with_status(to_rpc_status(exc))
@@ -97,7 +103,9 @@ def _passthrough(exc: BaseException) -> bool:
     return isinstance(exc, grpc.aio.AbortError | grpc.RpcError) or not isinstance(exc, Exception)
 
 
-def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+def _wrap_unary(
+    behavior: Callable[..., Awaitable[Any]], method: str
+) -> Callable[..., Awaitable[Any]]:
     async def wrapper(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             result = behavior(request_or_iterator, context)
@@ -111,7 +119,9 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callabl
 
 
 def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., AsyncIterator[Any]]:
-    async def wrapper(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def wrapper(
+        request_or_iterator: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
         try:
             result = behavior(request_or_iterator, context)
             if inspect.isawaitable(result):  # a coroutine that writes with context.write
@@ -147,11 +157,19 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(_wrap_unary(handler.unary_unary, method), **common)
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method), **common
+            )
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(_wrap_unary(handler.stream_unary, method), **common)
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary, method), **common
+            )
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(_wrap_stream(handler.unary_stream, method), **common)
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method), **common
+            )
         if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(_wrap_stream(handler.stream_stream, method), **common)
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_stream(handler.stream_stream, method), **common
+            )
         return handler

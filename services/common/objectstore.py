@@ -236,7 +236,7 @@ class LocalObjectStore(ObjectStore):
     def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
         path = self._path(key)
         try:
-            fh = open(path, "rb")  # noqa: SIM115 - closed by the generator
+            fh = open(path, "rb")
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise NotFound(f"object {key!r} does not exist") from None
 
@@ -330,15 +330,21 @@ class S3ObjectStore(ObjectStore):
         from minio import Minio
 
         self.bucket = bucket
-        self.prefix = (validate_key(prefix.strip("/"), what="prefix") + "/") if prefix.strip("/") else ""
+        self.prefix = (
+            (validate_key(prefix.strip("/"), what="prefix") + "/") if prefix.strip("/") else ""
+        )
         self.part_size = part_size
         self.endpoint = endpoint
-        self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region)
+        self.client = Minio(
+            endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region
+        )
         try:
             if not self.client.bucket_exists(bucket):
                 self.client.make_bucket(bucket)
         except Exception as exc:  # connection refused, bad credentials, ...
-            raise Unavailable(f"object store s3://{bucket} at {endpoint} is not reachable: {exc}") from exc
+            raise Unavailable(
+                f"object store s3://{bucket} at {endpoint} is not reachable: {exc}"
+            ) from exc
 
     def __repr__(self) -> str:
         return f"S3ObjectStore({self.endpoint!r}, {self.bucket!r}, prefix={self.prefix!r})"
@@ -348,7 +354,9 @@ class S3ObjectStore(ObjectStore):
 
     def put_stream(self, key: str, chunks: Iterable[bytes]) -> ObjectInfo:
         reader = _IterReader(chunks)
-        self.client.put_object(self.bucket, self._full(key), reader, length=-1, part_size=self.part_size)
+        self.client.put_object(
+            self.bucket, self._full(key), reader, length=-1, part_size=self.part_size
+        )
         return ObjectInfo(key, reader.size)
 
     def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
@@ -385,7 +393,9 @@ class S3ObjectStore(ObjectStore):
         validate_prefix(prefix)
         items = [
             ObjectInfo(obj.object_name[len(self.prefix) :], int(obj.size or 0))
-            for obj in self.client.list_objects(self.bucket, prefix=self.prefix + prefix, recursive=True)
+            for obj in self.client.list_objects(
+                self.bucket, prefix=self.prefix + prefix, recursive=True
+            )
             if obj.object_name is not None and not obj.is_dir
         ]
         yield from sorted(items, key=lambda i: i.key)
@@ -411,7 +421,9 @@ def open_object_store(url: str) -> ObjectStore:
         raise InvalidArgument(f"object store URL {url!r} names no bucket (s3://BUCKET/prefix)")
     query = dict(urllib.parse.parse_qsl(parsed.query))
     access = os.environ.get("LORAFORGE_S3_ACCESS_KEY") or os.environ.get("AWS_ACCESS_KEY_ID", "")
-    secret = os.environ.get("LORAFORGE_S3_SECRET_KEY") or os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+    secret = os.environ.get("LORAFORGE_S3_SECRET_KEY") or os.environ.get(
+        "AWS_SECRET_ACCESS_KEY", ""
+    )
     return S3ObjectStore(
         query.get("endpoint", "s3.amazonaws.com"),
         parsed.netloc,
@@ -423,7 +435,9 @@ def open_object_store(url: str) -> ObjectStore:
     )
 
 
-def copy_tree_to_store(store: ObjectStore, folder: str | os.PathLike[str], prefix: str) -> list[ObjectInfo]:
+def copy_tree_to_store(
+    store: ObjectStore, folder: str | os.PathLike[str], prefix: str
+) -> list[ObjectInfo]:
     """Uploads every file under `folder` to `prefix/<relative path>`; returns what was written."""
     folder = Path(folder)
     written = []
@@ -433,7 +447,9 @@ def copy_tree_to_store(store: ObjectStore, folder: str | os.PathLike[str], prefi
     return written
 
 
-def copy_store_to_tree(store: ObjectStore, prefix: str, folder: str | os.PathLike[str]) -> list[ObjectInfo]:
+def copy_store_to_tree(
+    store: ObjectStore, prefix: str, folder: str | os.PathLike[str]
+) -> list[ObjectInfo]:
     """Downloads every object under `prefix/` into `folder`, keeping relative paths."""
     folder = Path(folder)
     base = prefix.rstrip("/") + "/"

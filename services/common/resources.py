@@ -43,7 +43,9 @@ def parse_name(name: str, pattern: str, field: str = "name") -> dict[str, str]:
     parts = name.split("/")
     pattern_parts = pattern.split("/")
     if len(parts) != len(pattern_parts):
-        raise invalid_field(field, f"{name!r} is not a name like `{pattern}`", reason="INVALID_NAME")
+        raise invalid_field(
+            field, f"{name!r} is not a name like `{pattern}`", reason="INVALID_NAME"
+        )
     values: dict[str, str] = {}
     for got, want in zip(parts, pattern_parts, strict=True):
         if want.startswith("{") and want.endswith("}"):
@@ -55,7 +57,9 @@ def parse_name(name: str, pattern: str, field: str = "name") -> dict[str, str]:
                 )
             values[want[1:-1]] = got
         elif got != want:
-            raise invalid_field(field, f"{name!r} is not a name like `{pattern}`", reason="INVALID_NAME")
+            raise invalid_field(
+                field, f"{name!r} is not a name like `{pattern}`", reason="INVALID_NAME"
+            )
     return values
 
 

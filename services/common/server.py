@@ -67,14 +67,25 @@ async def create_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [b.name for b in bindings]
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection(
+        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
-        raise Unavailable(f"cannot listen on {host}:{port}; is the port in use?", reason="PORT_IN_USE")
+        raise Unavailable(
+            f"cannot listen on {host}:{port}; is the port in use?", reason="PORT_IN_USE"
+        )
     await server.start()
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(server, bound, health_servicer, names)
+
+
+def _write_ready_file(path: str, port: int) -> None:
+    # Written then renamed, so a reader never sees an empty or partial port number.
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(str(port))
+    tmp.replace(path)
 
 
 async def serve(
@@ -89,7 +100,7 @@ async def serve(
     log.info("%s serving on %s:%d", label, config.host, running.port)
     print(f"{label} listening on {config.host}:{running.port}", flush=True)
     if config.ready_file:
-        Path(config.ready_file).write_text(str(running.port))
+        _write_ready_file(config.ready_file, running.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -51,7 +51,9 @@ def _fingerprint(spec: TinyModelSpec, corpus: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def train_tokenizer(corpus: Iterable[str], dest: Path, vocab_size: int, model_max_length: int) -> None:
+def train_tokenizer(
+    corpus: Iterable[str], dest: Path, vocab_size: int, model_max_length: int
+) -> None:
     """Trains a byte-level BPE tokenizer on `corpus` and saves it as a transformers tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -93,7 +95,9 @@ def build_tiny_model(
 
     spec = spec or TinyModelSpec()
     dest = Path(dest)
-    lines = [line for line in (corpus if corpus is not None else _DEFAULT_CORPUS.splitlines()) if line]
+    lines = [
+        line for line in (corpus if corpus is not None else _DEFAULT_CORPUS.splitlines()) if line
+    ]
     lines = lines + _DEFAULT_CORPUS.splitlines()
     stamp = dest / "loraforge_tiny_model.json"
     fingerprint = _fingerprint(spec, lines)
@@ -141,9 +145,13 @@ def build_tiny_model(
         )
         model = GPTNeoForCausalLM(config)
     else:
-        raise ValueError(f"unknown tiny architecture {spec.architecture!r}: use 'llama' or 'gpt_neo'")
+        raise ValueError(
+            f"unknown tiny architecture {spec.architecture!r}: use 'llama' or 'gpt_neo'"
+        )
     model.generation_config = GenerationConfig(
-        bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"]
+        bos_token_id=ids["bos_token_id"],
+        eos_token_id=ids["eos_token_id"],
+        pad_token_id=ids["pad_token_id"],
     )
     model.save_pretrained(dest, safe_serialization=True)
     stamp.write_text(json.dumps({"fingerprint": fingerprint, "spec": asdict(spec)}, indent=2))
