@@ -2,27 +2,75 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from loraforge.dataset.v1 import dataset_service_pb2, dataset_service_pb2_grpc
-from loraforge.services.common.config import ServerConfig, load_config
+from loraforge.services.common.config import ServerConfig, load_config, setting
+from loraforge.services.common.errors import InvalidArgument
 from loraforge.services.common.logs import setup_logging
+from loraforge.services.common.objectstore import open_object_store
 from loraforge.services.common.server import ServiceBinding, run_main, serve
+from loraforge.services.dataset.servicer import DatasetServicer
+from loraforge.services.dataset.store import DatasetStore
+from loraforge.services.dataset.uploads import Uploader
+from loraforge.services.dataset.versions import Versions
 
 SERVICE_NAME = dataset_service_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name
+# The dataset service writes only under this prefix of the shared object store.
+OBJECT_PREFIX = "datasets"
 
 
 @dataclass
 class DatasetConfig(ServerConfig):
     """Settings of the dataset service."""
 
+    max_example_chars: int = setting(
+        100_000,
+        "Longest row (its original text) an upload accepts, in characters; longer rows are rejected.",
+    )
+    upload_batch_rows: int = setting(5000, "Rows stored per database transaction during an upload.")
+
+    def __post_init__(self) -> None:
+        if self.max_example_chars < 1:
+            raise InvalidArgument(
+                f"max_example_chars must be at least 1 (got {self.max_example_chars})"
+            )
+        if self.upload_batch_rows < 1:
+            raise InvalidArgument(
+                f"upload_batch_rows must be at least 1 (got {self.upload_batch_rows})"
+            )
+
 
 async def run(config: DatasetConfig) -> None:
-    servicer = dataset_service_pb2_grpc.DatasetServiceServicer()
-    binding = ServiceBinding(SERVICE_NAME, servicer, dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server)
-    await serve([binding], config, label="dataset")
+    if config.max_example_chars < 1:
+        raise InvalidArgument(
+            f"--max-example-chars must be at least 1 (got {config.max_example_chars})"
+        )
+    if config.upload_batch_rows < 1:
+        raise InvalidArgument(
+            f"--upload-batch-rows must be at least 1 (got {config.upload_batch_rows})"
+        )
+    objects = open_object_store(config.object_store_url_or_default()).scoped(OBJECT_PREFIX)
+    store = await asyncio.to_thread(DatasetStore, config.database_url_for("dataset"), objects)
+    await asyncio.to_thread(store.recover)
+    uploader = Uploader(
+        store, max_example_chars=config.max_example_chars, batch_rows=config.upload_batch_rows
+    )
+    versions = Versions(store, objects, config.home_path() / "tmp" / "dataset", OBJECT_PREFIX)
+    servicer = DatasetServicer(
+        store, uploader, versions, max_example_chars=config.max_example_chars
+    )
+    binding = ServiceBinding(
+        SERVICE_NAME, servicer, dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server
+    )
+
+    async def close() -> None:
+        store.close()
+
+    await serve([binding], config, label="dataset", on_shutdown=[close])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,171 @@
+"""Uploads: a stream of file chunks in, stored inputs and a per-row report out.
+
+Parsing (`parsing.py`) and storing (`store.py`) run as a two-stage pipeline: this thread
+parses while a writer thread inserts the previous batch, so the database's time (which
+releases the GIL) overlaps with parsing. The queue between them is short, so memory stays
+bounded however large the file. If anything fails, or the client goes away, the inputs
+stored so far are removed again: an upload is stored whole or not at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from loraforge.services.common.errors import invalid_field
+from loraforge.services.dataset.domain import RowError, SourceFormat, UploadReport
+from loraforge.services.dataset.parsing import FILE_FIELD, ParsedRow, UploadParser
+from loraforge.services.dataset.store import DatasetStore, UploadHandle
+
+log = logging.getLogger("loraforge.dataset.uploads")
+
+DEFAULT_MAX_ROW_ERRORS = 100
+MAX_ROW_ERRORS = 10000
+_QUEUE_BATCHES = 2
+
+
+@dataclass(frozen=True)
+class UploadOptions:
+    app_id: str
+    dataset_id: str
+    file_name: str
+    requested_format: SourceFormat | None
+    max_row_errors: int
+    skip_duplicates: bool
+
+
+class _Writer(threading.Thread):
+    """Stores batches of parsed rows from a queue; counts what it stored."""
+
+    def __init__(
+        self,
+        store: DatasetStore,
+        upload: UploadHandle,
+        source_format: SourceFormat,
+        skip_duplicates: bool,
+    ) -> None:
+        super().__init__(name=f"upload-writer-{upload.upload_id}", daemon=True)
+        self.store = store
+        self.upload = upload
+        self.source_format = source_format
+        self.skip_duplicates = skip_duplicates
+        self.queue: queue.Queue[list[ParsedRow] | None] = queue.Queue(maxsize=_QUEUE_BATCHES)
+        self.accepted = 0
+        self.duplicates = 0
+        self.by_markup: Counter[str] = Counter()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while (rows := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # drain so the producer never blocks on a dead writer
+            try:
+                stored, duplicates = self.store.store_rows(
+                    self.upload, self.source_format, rows, self.skip_duplicates
+                )
+            except BaseException as exc:
+                self.error = exc
+                continue
+            self.accepted += len(stored)
+            self.duplicates += duplicates
+            self.by_markup.update(row.markup.name for row in stored)
+
+    def put(self, rows: list[ParsedRow]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(rows)
+
+    def finish(self) -> None:
+        self.queue.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+class Uploader:
+    """Runs uploads (blocking; the servicer calls `ingest` in a worker thread)."""
+
+    def __init__(self, store: DatasetStore, *, max_example_chars: int, batch_rows: int) -> None:
+        self.store = store
+        self.max_example_chars = max_example_chars
+        self.batch_rows = batch_rows
+
+    def ingest(self, options: UploadOptions, chunks: Iterable[bytes]) -> UploadReport:
+        upload = self.store.begin_upload(options.app_id, options.dataset_id, options.file_name)
+        parser = UploadParser(
+            file_name=options.file_name,
+            requested=options.requested_format,
+            max_example_chars=self.max_example_chars,
+        )
+        report = UploadReport(upload_id=upload.upload_id, detected_format=SourceFormat.PLAIN_TEXT)
+        writer: _Writer | None = None
+        try:
+            pending: list[ParsedRow] = []
+            for batch in parser.batches(chunks):
+                if writer is None:
+                    assert parser.detected_format is not None
+                    writer = _Writer(
+                        self.store, upload, parser.detected_format, options.skip_duplicates
+                    )
+                    writer.start()
+                self._record_errors(report, batch.errors, options.max_row_errors)
+                pending.extend(batch.rows)
+                while len(pending) >= self.batch_rows:
+                    writer.put(pending[: self.batch_rows])
+                    pending = pending[self.batch_rows :]
+            if writer is None:  # no batch at all: nothing was detected
+                raise invalid_field(FILE_FIELD, "the file is empty", reason="EMPTY_FILE")
+            if pending:
+                writer.put(pending)
+            writer.finish()
+            if parser.rows_read == 0:
+                raise invalid_field(
+                    FILE_FIELD,
+                    "the file has no rows (only a header or blank lines); add at least one example",
+                    reason="EMPTY_FILE",
+                )
+        except BaseException:
+            if writer is not None and writer.is_alive():
+                writer.error = writer.error or RuntimeError("upload abandoned")
+                writer.queue.put(None)
+                writer.join()
+            removed = self.store.abort_upload(upload)
+            log.info(
+                "upload %s failed; removed the %d inputs it had stored", upload.upload_id, removed
+            )
+            raise
+        assert parser.detected_format is not None
+        report.detected_format = parser.detected_format
+        report.rows_read = parser.rows_read
+        report.rows_accepted = writer.accepted
+        report.duplicate_rows = writer.duplicates
+        report.rows_by_markup = dict(writer.by_markup)
+        report.bytes_read = parser.bytes_read
+        self.store.finish_upload(upload, report)
+        log.info(
+            "upload %s into apps/%s/datasets/%s: %s, %d rows read, %d stored, %d rejected, %d duplicates",
+            upload.upload_id,
+            options.app_id,
+            options.dataset_id,
+            report.detected_format.name,
+            report.rows_read,
+            report.rows_accepted,
+            report.rows_rejected,
+            report.duplicate_rows,
+        )
+        return report
+
+    @staticmethod
+    def _record_errors(report: UploadReport, errors: list[RowError], limit: int) -> None:
+        if not errors:
+            return
+        report.rows_rejected += len(errors)
+        room = limit - len(report.row_errors)
+        if room > 0:
+            report.row_errors.extend(errors[:room])
+        if len(errors) > max(room, 0):
+            report.row_errors_truncated = True
