@@ -4,25 +4,28 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from loraforge.predictor.v1 import predictor_service_pb2, predictor_service_pb2_grpc
-from loraforge.services.common.config import ServerConfig, load_config
+from loraforge.services.common.config import load_config
 from loraforge.services.common.logs import setup_logging
 from loraforge.services.common.server import ServiceBinding, run_main, serve
+from loraforge.services.predictor.config import PredictorConfig
+from loraforge.services.predictor.predictor import build_predictor
+from loraforge.services.predictor.servicer import PredictorServicer
 
 SERVICE_NAME = predictor_service_pb2.DESCRIPTOR.services_by_name["PredictorService"].full_name
 
-
-@dataclass
-class PredictorConfig(ServerConfig):
-    """Settings of the predictor service."""
+__all__ = ["PredictorConfig", "main"]
 
 
 async def run(config: PredictorConfig) -> None:
-    servicer = predictor_service_pb2_grpc.PredictorServiceServicer()
-    binding = ServiceBinding(SERVICE_NAME, servicer, predictor_service_pb2_grpc.add_PredictorServiceServicer_to_server)
-    await serve([binding], config, label="predictor")
+    # The engine starts before the port opens: a predictor that answers is ready to generate.
+    predictor = build_predictor(config)
+    servicer = PredictorServicer(predictor)
+    binding = ServiceBinding(
+        SERVICE_NAME, servicer, predictor_service_pb2_grpc.add_PredictorServiceServicer_to_server
+    )
+    await serve([binding], config, label="predictor", on_shutdown=[predictor.shutdown])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

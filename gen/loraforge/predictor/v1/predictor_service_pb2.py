@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.loraforge/predictor/v1/predictor_service.proto\x12\x16loraforge.predictor.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb1\x02\n\x0fInferenceParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x05\x88\x01\x01\x12\x15\n\rsystem_prompt\x18\x08 \x01(\t\x12\x17\n\x0fprompt_template\x18\t \x01(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"(\n\x0cPredictInput\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"\x98\x01\n\rPredictOutput\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x05\x12;\n\rfinish_reason\x18\x05 \x01(\x0e\x32$.loraforge.predictor.v1.FinishReason\"\xa2\x01\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\x08\x12\x34\n\x06inputs\x18\x03 \x03(\x0b\x32$.loraforge.predictor.v1.PredictInput\x12\x37\n\x06params\x18\x04 \x01(\x0b\x32\'.loraforge.predictor.v1.InferenceParams\"`\n\x0fPredictResponse\x12\x36\n\x07outputs\x18\x01 \x03(\x0b\x32%.loraforge.predictor.v1.PredictOutput\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\xa7\x01\n\x14PredictStreamRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\x08\x12\x33\n\x05input\x18\x03 \x01(\x0b\x32$.loraforge.predictor.v1.PredictInput\x12\x37\n\x06params\x18\x04 \x01(\x0b\x32\'.loraforge.predictor.v1.InferenceParams\"\xac\x01\n\x15PredictStreamResponse\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12;\n\rfinish_reason\x18\x02 \x01(\x0e\x32$.loraforge.predictor.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x05\x12\x15\n\rmodel_version\x18\x05 \x01(\t\"\xe3\x01\n\x07\x41\x64\x61pter\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x12\n\nadapter_id\x18\x03 \x01(\x03\x12\x33\n\x05state\x18\x04 \x01(\x0e\x32$.loraforge.predictor.v1.AdapterState\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12\x12\n\nsize_bytes\x18\x06 \x01(\x03\x12\x0c\n\x04rank\x18\x07 \x01(\x05\x12\x32\n\x0elast_used_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"0\n\x12LoadAdapterRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03pin\x18\x02 \x01(\x08\"G\n\x13LoadAdapterResponse\x12\x30\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1f.loraforge.predictor.v1.Adapter\"%\n\x14UnloadAdapterRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"<\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\x97\x01\n\x14ListAdaptersResponse\x12\x31\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1f.loraforge.predictor.v1.Adapter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x18\n\x10\x63\x61\x63he_bytes_used\x18\x03 \x01(\x03\x12\x19\n\x11\x63\x61\x63he_bytes_limit\x18\x04 \x01(\x03\"\x96\x01\n\x0fServedBaseModel\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12.\n\x06\x65ngine\x18\x02 \x01(\x0e\x32\x1e.loraforge.predictor.v1.Engine\x12\x15\n\rengine_reason\x18\x03 \x01(\t\x12\x11\n\tmax_loras\x18\x04 \x01(\x05\x12\x15\n\rmax_lora_rank\x18\x05 \x01(\x05\"\x17\n\x15GetServingInfoRequest\"V\n\x16GetServingInfoResponse\x12<\n\x0b\x62\x61se_models\x18\x01 \x03(\x0b\x32\'.loraforge.predictor.v1.ServedBaseModel*z\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x19\n\x15\x46INISH_REASON_ABORTED\x10\x03*\x81\x01\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x41\x44\x41PTER_STATE_DOWNLOADING\x10\x01\x12\x19\n\x15\x41\x44\x41PTER_STATE_ON_DISK\x10\x02\x12\x18\n\x14\x41\x44\x41PTER_STATE_LOADED\x10\x03*J\n\x06\x45ngine\x12\x16\n\x12\x45NGINE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x45NGINE_VLLM\x10\x01\x12\x17\n\x13\x45NGINE_TRANSFORMERS\x10\x02\x32\x90\x05\n\x10PredictorService\x12Z\n\x07Predict\x12&.loraforge.predictor.v1.PredictRequest\x1a\'.loraforge.predictor.v1.PredictResponse\x12n\n\rPredictStream\x12,.loraforge.predictor.v1.PredictStreamRequest\x1a-.loraforge.predictor.v1.PredictStreamResponse0\x01\x12\x66\n\x0bLoadAdapter\x12*.loraforge.predictor.v1.LoadAdapterRequest\x1a+.loraforge.predictor.v1.LoadAdapterResponse\x12l\n\rUnloadAdapter\x12,.loraforge.predictor.v1.UnloadAdapterRequest\x1a-.loraforge.predictor.v1.UnloadAdapterResponse\x12i\n\x0cListAdapters\x12+.loraforge.predictor.v1.ListAdaptersRequest\x1a,.loraforge.predictor.v1.ListAdaptersResponse\x12o\n\x0eGetServingInfo\x12-.loraforge.predictor.v1.GetServingInfoRequest\x1a..loraforge.predictor.v1.GetServingInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.loraforge/predictor/v1/predictor_service.proto\x12\x16loraforge.predictor.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb1\x02\n\x0fInferenceParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x05\x88\x01\x01\x12\x15\n\rsystem_prompt\x18\x08 \x01(\t\x12\x17\n\x0fprompt_template\x18\t \x01(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"(\n\x0cPredictInput\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"\x98\x01\n\rPredictOutput\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x05\x12;\n\rfinish_reason\x18\x05 \x01(\x0e\x32$.loraforge.predictor.v1.FinishReason\"\xa2\x01\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\x08\x12\x34\n\x06inputs\x18\x03 \x03(\x0b\x32$.loraforge.predictor.v1.PredictInput\x12\x37\n\x06params\x18\x04 \x01(\x0b\x32\'.loraforge.predictor.v1.InferenceParams\"`\n\x0fPredictResponse\x12\x36\n\x07outputs\x18\x01 \x03(\x0b\x32%.loraforge.predictor.v1.PredictOutput\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\xa7\x01\n\x14PredictStreamRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\x08\x12\x33\n\x05input\x18\x03 \x01(\x0b\x32$.loraforge.predictor.v1.PredictInput\x12\x37\n\x06params\x18\x04 \x01(\x0b\x32\'.loraforge.predictor.v1.InferenceParams\"\xac\x01\n\x15PredictStreamResponse\x12\r\n\x05\x64\x65lta\x18\x01 \x01(\t\x12;\n\rfinish_reason\x18\x02 \x01(\x0e\x32$.loraforge.predictor.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x05\x12\x15\n\rmodel_version\x18\x05 \x01(\t\"\x94\x02\n\x07\x41\x64\x61pter\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x12\n\nadapter_id\x18\x03 \x01(\x03\x12\x33\n\x05state\x18\x04 \x01(\x0e\x32$.loraforge.predictor.v1.AdapterState\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12\x12\n\nsize_bytes\x18\x06 \x01(\x03\x12\x0c\n\x04rank\x18\x07 \x01(\x05\x12\x32\n\x0elast_used_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x64ownload_count\x18\t \x01(\x05\x12\x17\n\x0f\x61\x63tive_requests\x18\n \x01(\x05\"0\n\x12LoadAdapterRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03pin\x18\x02 \x01(\x08\"G\n\x13LoadAdapterResponse\x12\x30\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1f.loraforge.predictor.v1.Adapter\"%\n\x14UnloadAdapterRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"<\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\x97\x01\n\x14ListAdaptersResponse\x12\x31\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1f.loraforge.predictor.v1.Adapter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x18\n\x10\x63\x61\x63he_bytes_used\x18\x03 \x01(\x03\x12\x19\n\x11\x63\x61\x63he_bytes_limit\x18\x04 \x01(\x03\"\xe1\x01\n\x0fServedBaseModel\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12.\n\x06\x65ngine\x18\x02 \x01(\x0e\x32\x1e.loraforge.predictor.v1.Engine\x12\x15\n\rengine_reason\x18\x03 \x01(\t\x12\x11\n\tmax_loras\x18\x04 \x01(\x05\x12\x15\n\rmax_lora_rank\x18\x05 \x01(\x05\x12\x18\n\x10running_requests\x18\x06 \x01(\x05\x12\x18\n\x10\x61\x62orted_requests\x18\x07 \x01(\x03\x12\x15\n\rmax_model_len\x18\x08 \x01(\x05\"\x17\n\x15GetServingInfoRequest\"V\n\x16GetServingInfoResponse\x12<\n\x0b\x62\x61se_models\x18\x01 \x03(\x0b\x32\'.loraforge.predictor.v1.ServedBaseModel*z\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x19\n\x15\x46INISH_REASON_ABORTED\x10\x03*\x81\x01\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x41\x44\x41PTER_STATE_DOWNLOADING\x10\x01\x12\x19\n\x15\x41\x44\x41PTER_STATE_ON_DISK\x10\x02\x12\x18\n\x14\x41\x44\x41PTER_STATE_LOADED\x10\x03*J\n\x06\x45ngine\x12\x16\n\x12\x45NGINE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x45NGINE_VLLM\x10\x01\x12\x17\n\x13\x45NGINE_TRANSFORMERS\x10\x02\x32\x90\x05\n\x10PredictorService\x12Z\n\x07Predict\x12&.loraforge.predictor.v1.PredictRequest\x1a\'.loraforge.predictor.v1.PredictResponse\x12n\n\rPredictStream\x12,.loraforge.predictor.v1.PredictStreamRequest\x1a-.loraforge.predictor.v1.PredictStreamResponse0\x01\x12\x66\n\x0bLoadAdapter\x12*.loraforge.predictor.v1.LoadAdapterRequest\x1a+.loraforge.predictor.v1.LoadAdapterResponse\x12l\n\rUnloadAdapter\x12,.loraforge.predictor.v1.UnloadAdapterRequest\x1a-.loraforge.predictor.v1.UnloadAdapterResponse\x12i\n\x0cListAdapters\x12+.loraforge.predictor.v1.ListAdaptersRequest\x1a,.loraforge.predictor.v1.ListAdaptersResponse\x12o\n\x0eGetServingInfo\x12-.loraforge.predictor.v1.GetServingInfoRequest\x1a..loraforge.predictor.v1.GetServingInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraforge.predictor.v1.predictor_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2119
-  _globals['_FINISHREASON']._serialized_end=2241
-  _globals['_ADAPTERSTATE']._serialized_start=2244
-  _globals['_ADAPTERSTATE']._serialized_end=2373
-  _globals['_ENGINE']._serialized_start=2375
-  _globals['_ENGINE']._serialized_end=2449
+  _globals['_FINISHREASON']._serialized_start=2243
+  _globals['_FINISHREASON']._serialized_end=2365
+  _globals['_ADAPTERSTATE']._serialized_start=2368
+  _globals['_ADAPTERSTATE']._serialized_end=2497
+  _globals['_ENGINE']._serialized_start=2499
+  _globals['_ENGINE']._serialized_end=2573
   _globals['_INFERENCEPARAMS']._serialized_start=108
   _globals['_INFERENCEPARAMS']._serialized_end=413
   _globals['_PREDICTINPUT']._serialized_start=415
@@ -53,25 +53,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTSTREAMRESPONSE']._serialized_start=1046
   _globals['_PREDICTSTREAMRESPONSE']._serialized_end=1218
   _globals['_ADAPTER']._serialized_start=1221
-  _globals['_ADAPTER']._serialized_end=1448
-  _globals['_LOADADAPTERREQUEST']._serialized_start=1450
-  _globals['_LOADADAPTERREQUEST']._serialized_end=1498
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=1500
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=1571
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1573
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1610
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1612
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1635
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1637
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1697
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1700
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1851
-  _globals['_SERVEDBASEMODEL']._serialized_start=1854
-  _globals['_SERVEDBASEMODEL']._serialized_end=2004
-  _globals['_GETSERVINGINFOREQUEST']._serialized_start=2006
-  _globals['_GETSERVINGINFOREQUEST']._serialized_end=2029
-  _globals['_GETSERVINGINFORESPONSE']._serialized_start=2031
-  _globals['_GETSERVINGINFORESPONSE']._serialized_end=2117
-  _globals['_PREDICTORSERVICE']._serialized_start=2452
-  _globals['_PREDICTORSERVICE']._serialized_end=3108
+  _globals['_ADAPTER']._serialized_end=1497
+  _globals['_LOADADAPTERREQUEST']._serialized_start=1499
+  _globals['_LOADADAPTERREQUEST']._serialized_end=1547
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=1549
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=1620
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1622
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1659
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1661
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1684
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1686
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1746
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1749
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1900
+  _globals['_SERVEDBASEMODEL']._serialized_start=1903
+  _globals['_SERVEDBASEMODEL']._serialized_end=2128
+  _globals['_GETSERVINGINFOREQUEST']._serialized_start=2130
+  _globals['_GETSERVINGINFOREQUEST']._serialized_end=2153
+  _globals['_GETSERVINGINFORESPONSE']._serialized_start=2155
+  _globals['_GETSERVINGINFORESPONSE']._serialized_end=2241
+  _globals['_PREDICTORSERVICE']._serialized_start=2576
+  _globals['_PREDICTORSERVICE']._serialized_end=3232
 # @@protoc_insertion_point(module_scope)

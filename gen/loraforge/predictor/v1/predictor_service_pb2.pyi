@@ -407,6 +407,8 @@ class Adapter(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     RANK_FIELD_NUMBER: _builtins.int
     LAST_USED_TIME_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_COUNT_FIELD_NUMBER: _builtins.int
+    ACTIVE_REQUESTS_FIELD_NUMBER: _builtins.int
     model_version: _builtins.str
     """The model version it belongs to."""
     base_model: _builtins.str
@@ -421,6 +423,12 @@ class Adapter(_message.Message):
     """Size on disk in bytes."""
     rank: _builtins.int
     """LoRA rank."""
+    download_count: _builtins.int
+    """How many times it was downloaded from the object store since this
+    predictor started (1 for an adapter fetched once and kept).
+    """
+    active_requests: _builtins.int
+    """Requests using it right now; an adapter in use is never evicted."""
     @_builtins.property
     def last_used_time(self) -> _timestamp_pb2.Timestamp:
         """When a request last used it."""
@@ -436,10 +444,12 @@ class Adapter(_message.Message):
         size_bytes: _builtins.int = ...,
         rank: _builtins.int = ...,
         last_used_time: _timestamp_pb2.Timestamp | None = ...,
+        download_count: _builtins.int = ...,
+        active_requests: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_used_time", b"last_used_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "base_model", b"base_model", "last_used_time", b"last_used_time", "model_version", b"model_version", "pinned", b"pinned", "rank", b"rank", "size_bytes", b"size_bytes", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_requests", b"active_requests", "adapter_id", b"adapter_id", "base_model", b"base_model", "download_count", b"download_count", "last_used_time", b"last_used_time", "model_version", b"model_version", "pinned", b"pinned", "rank", b"rank", "size_bytes", b"size_bytes", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -607,6 +617,9 @@ class ServedBaseModel(_message.Message):
     ENGINE_REASON_FIELD_NUMBER: _builtins.int
     MAX_LORAS_FIELD_NUMBER: _builtins.int
     MAX_LORA_RANK_FIELD_NUMBER: _builtins.int
+    RUNNING_REQUESTS_FIELD_NUMBER: _builtins.int
+    ABORTED_REQUESTS_FIELD_NUMBER: _builtins.int
+    MAX_MODEL_LEN_FIELD_NUMBER: _builtins.int
     base_model: _builtins.str
     """The base model (`model_name_or_path`)."""
     engine: Global___Engine.ValueType
@@ -617,6 +630,14 @@ class ServedBaseModel(_message.Message):
     """Most adapters in one batch."""
     max_lora_rank: _builtins.int
     """Largest LoRA rank accepted."""
+    running_requests: _builtins.int
+    """Requests in the engine right now (waiting or generating)."""
+    aborted_requests: _builtins.int
+    """Requests aborted before they finished (cancelled calls, deadlines)
+    since this predictor started.
+    """
+    max_model_len: _builtins.int
+    """Longest prompt plus completion, in tokens."""
     def __init__(
         self,
         *,
@@ -625,10 +646,13 @@ class ServedBaseModel(_message.Message):
         engine_reason: _builtins.str = ...,
         max_loras: _builtins.int = ...,
         max_lora_rank: _builtins.int = ...,
+        running_requests: _builtins.int = ...,
+        aborted_requests: _builtins.int = ...,
+        max_model_len: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "engine", b"engine", "engine_reason", b"engine_reason", "max_lora_rank", b"max_lora_rank", "max_loras", b"max_loras"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aborted_requests", b"aborted_requests", "base_model", b"base_model", "engine", b"engine", "engine_reason", b"engine_reason", "max_lora_rank", b"max_lora_rank", "max_loras", b"max_loras", "max_model_len", b"max_model_len", "running_requests", b"running_requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,59 @@
+"""Settings of the predictor service (flags `--x-y`, variables `LORAFORGE_X_Y`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraforge.services.common.config import ServerConfig, setting
+
+GiB = 1024**3
+
+
+@dataclass
+class PredictorConfig(ServerConfig):
+    """Settings of the predictor service."""
+
+    base_model: str = setting(
+        "",
+        "The base model served (`model_name_or_path`: a local folder or a hub id). "
+        "Empty: a tiny local Llama built in `home`/base-models (for demos and tests).",
+    )
+    trainer_address: str = setting(
+        "", "host:port of the TrainerService, which resolves model and model-version names."
+    )
+    engine: str = setting(
+        "auto",
+        "Engine: auto (vLLM when it has a LoRA path for the base model's architecture, "
+        "else transformers + PEFT), vllm, or transformers.",
+    )
+    dtype: str = setting("auto", "Weights dtype: auto, float32, float16 or bfloat16.")
+    max_loras: int = setting(8, "Most distinct adapters in one engine batch.")
+    max_cpu_loras: int = setting(32, "Most adapters the engine keeps loaded in host memory.")
+    max_lora_rank: int = setting(16, "Largest LoRA rank accepted (vLLM: 8, 16, 32, 64, ...).")
+    max_model_len: int = setting(
+        0, "Longest prompt plus completion in tokens; 0: the model's own limit."
+    )
+    max_num_seqs: int = setting(64, "Most sequences the engine runs at once.")
+    kv_cache_gib: float = setting(1.0, "KV-cache size in GiB (vLLM).")
+    enforce_eager: bool = setting(
+        True, "vLLM: run eagerly, without CUDA graphs or compilation (faster start)."
+    )
+    gpu_memory_utilization: float = setting(0.9, "vLLM on a GPU: share of GPU memory it may use.")
+    adapter_cache_dir: str = setting(
+        "", "Local folder of downloaded adapters. Default `home`/adapter-cache."
+    )
+    adapter_cache_bytes: int = setting(
+        2 * GiB, "Most bytes the adapter disk cache may use (LRU eviction)."
+    )
+    model_resolution_ttl_seconds: float = setting(
+        5.0,
+        "How long a model's latest TRAINED version is remembered before asking the trainer again.",
+    )
+
+    def adapter_cache_path(self) -> Path:
+        return (
+            Path(self.adapter_cache_dir)
+            if self.adapter_cache_dir
+            else self.home_path() / "adapter-cache"
+        )

@@ -1,0 +1,1 @@
+"""Engines that generate text for a base model and its LoRA adapters."""

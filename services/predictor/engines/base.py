@@ -1,0 +1,89 @@
+"""What every engine offers the predictor: generate token deltas, load and drop adapters.
+
+Engines take prompts as token ids (the predictor tokenizes once, with the base
+model's tokenizer), so prompt token counts and the tokens each engine sees are
+the same whichever engine serves.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from loraforge.services.predictor.params import SamplingSettings
+
+
+class EngineKind(enum.Enum):
+    VLLM = "vllm"
+    TRANSFORMERS = "transformers"
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # end-of-sequence token or a stop string
+    LENGTH = "length"  # max_tokens reached
+    ABORTED = "aborted"
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """An adapter on local disk, by the stable integer id the engine knows it by."""
+
+    adapter_id: int
+    name: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingSettings
+    adapter: AdapterRef | None = None
+
+
+@dataclass
+class GenerationDelta:
+    """Text and tokens produced since the previous delta; `finish_reason` set on the last."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running_requests: int
+    aborted_requests: int
+
+
+class Engine(Protocol):
+    """A started engine serving one base model and any number of its LoRA adapters."""
+
+    kind: EngineKind
+    base_model: str
+    max_model_len: int
+    max_loras: int
+    max_lora_rank: int
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        """Streams deltas. Closing or cancelling the iterator aborts the request in the engine."""
+        ...
+
+    async def load_adapter(self, adapter: AdapterRef, *, pin: bool = False) -> None:
+        """Loads an adapter ahead of use; raises FailedPrecondition if the engine cannot use it."""
+        ...
+
+    async def unload_adapter(self, adapter_id: int) -> None:
+        """Drops an adapter from the engine (no error if it was not loaded)."""
+        ...
+
+    async def loaded_adapter_ids(self) -> set[int]:
+        """Ids of the adapters the engine holds now."""
+        ...
+
+    def stats(self) -> EngineStats: ...
+
+    async def shutdown(self) -> None: ...

@@ -1,0 +1,83 @@
+"""Which engine serves a base model, and why.
+
+vLLM serves an architecture when its model registry has it and the model class
+supports LoRA; anything else (GPT-Neo, for one) goes to transformers + PEFT.
+The choice and its reason are reported by `GetServingInfo`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraforge.services.common.errors import InvalidArgument
+from loraforge.services.predictor.engines.base import EngineKind
+
+log = logging.getLogger("loraforge.predictor.engines")
+
+ENGINE_CHOICES = ("auto", "vllm", "transformers")
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    kind: EngineKind
+    reason: str
+    architecture: str
+
+
+def model_architecture(base_model: str) -> str:
+    """The base model's architecture class name, from its config.json."""
+    config_path = Path(base_model) / "config.json"
+    if config_path.is_file():
+        architectures = json.loads(config_path.read_text()).get("architectures") or []
+    else:
+        from transformers import AutoConfig
+
+        try:
+            architectures = AutoConfig.from_pretrained(base_model).architectures or []
+        except (OSError, ValueError) as exc:
+            raise InvalidArgument(
+                f"base model {base_model!r}: cannot read its configuration: {exc}"
+            ) from exc
+    if not architectures:
+        raise InvalidArgument(f"base model {base_model!r}: its configuration names no architecture")
+    return str(architectures[0])
+
+
+def vllm_lora_support(architecture: str) -> tuple[bool, str]:
+    """Whether the installed vLLM serves `architecture` with LoRA, and why (not)."""
+    try:
+        from vllm.model_executor.models import ModelRegistry
+        from vllm.model_executor.models.interfaces import supports_lora
+    except ImportError as exc:
+        return False, f"vLLM is not installed ({exc.name})"
+    if architecture not in ModelRegistry.get_supported_archs():
+        return False, f"vLLM has no implementation of {architecture}"
+    model_cls = ModelRegistry.models[architecture].load_model_cls()
+    if not supports_lora(model_cls):
+        return False, f"vLLM's {architecture} has no LoRA support"
+    return True, f"vLLM serves {architecture} with multi-LoRA batching"
+
+
+def choose_engine(base_model: str, requested: str = "auto") -> EngineChoice:
+    if requested not in ENGINE_CHOICES:
+        raise InvalidArgument(f"engine {requested!r}: use one of {', '.join(ENGINE_CHOICES)}")
+    architecture = model_architecture(base_model)
+    if requested == "transformers":
+        return EngineChoice(
+            EngineKind.TRANSFORMERS, "transformers + PEFT, as configured", architecture
+        )
+    ok, why = vllm_lora_support(architecture)
+    if requested == "vllm":
+        if not ok:
+            raise InvalidArgument(
+                f"engine vllm was requested for {base_model!r}, but {why}; use auto"
+            )
+        return EngineChoice(EngineKind.VLLM, f"{why}, as configured", architecture)
+    if ok:
+        return EngineChoice(EngineKind.VLLM, why, architecture)
+    return EngineChoice(
+        EngineKind.TRANSFORMERS, f"{why}: serving through transformers + PEFT", architecture
+    )

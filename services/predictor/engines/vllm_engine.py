@@ -1,0 +1,177 @@
+"""vLLM `AsyncLLM` with multi-LoRA: requests for different adapters share one batch.
+
+The engine core runs in a child process vLLM starts; this side lives in the
+server's event loop. Token deltas come from `RequestOutputKind.DELTA`; a
+consumer that stops iterating (a cancelled gRPC call) makes vLLM abort the
+request, which frees its batch slot and KV cache at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from loraforge.services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from loraforge.services.predictor.engines.base import (
+    AdapterRef,
+    EngineKind,
+    EngineStats,
+    FinishReason,
+    GenerationDelta,
+    GenerationRequest,
+)
+
+log = logging.getLogger("loraforge.predictor.vllm")
+
+_FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORTED}
+
+
+@dataclass(frozen=True)
+class VllmSettings:
+    base_model: str
+    max_loras: int = 8
+    max_cpu_loras: int = 32
+    max_lora_rank: int = 16
+    max_model_len: int = 0
+    max_num_seqs: int = 64
+    kv_cache_bytes: int = 1024**3
+    dtype: str = "auto"
+    enforce_eager: bool = True
+    gpu_memory_utilization: float = 0.9
+    seed: int = 0
+
+
+class VllmEngine:
+    """Serves one base model and its adapters through vLLM's AsyncLLM."""
+
+    kind = EngineKind.VLLM
+
+    def __init__(self, llm: Any, settings: VllmSettings) -> None:
+        self._llm = llm
+        self.base_model = settings.base_model
+        self.max_loras = settings.max_loras
+        self.max_lora_rank = settings.max_lora_rank
+        self.max_model_len = int(llm.model_config.max_model_len)
+        self._aborted = 0
+
+    @classmethod
+    def start(cls, settings: VllmSettings) -> VllmEngine:
+        """Builds the engine (tens of seconds: the engine core process loads the model)."""
+        import torch
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        options: dict[str, Any] = {
+            "model": settings.base_model,
+            "enable_lora": True,
+            "max_loras": settings.max_loras,
+            "max_cpu_loras": max(settings.max_cpu_loras, settings.max_loras),
+            "max_lora_rank": settings.max_lora_rank,
+            "max_num_seqs": settings.max_num_seqs,
+            "dtype": settings.dtype,
+            "enforce_eager": settings.enforce_eager,
+            "seed": settings.seed,
+            "disable_log_stats": True,
+            "gpu_memory_utilization": settings.gpu_memory_utilization,
+        }
+        if settings.max_model_len:
+            options["max_model_len"] = settings.max_model_len
+        if not torch.cuda.is_available():
+            # On a CPU the KV cache is sized in bytes; on a GPU from memory utilisation.
+            options["kv_cache_memory_bytes"] = settings.kv_cache_bytes
+        args = AsyncEngineArgs(**options)
+        try:
+            llm = AsyncLLM.from_engine_args(args)
+        except Exception as exc:
+            raise Unavailable(
+                f"vLLM could not start for base model {settings.base_model!r}: {exc}"
+            ) from exc
+        return cls(llm, settings)
+
+    def _sampling_params(self, request: GenerationRequest) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        s = request.sampling
+        return SamplingParams(
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            repetition_penalty=s.repetition_penalty,
+            stop=list(s.stop) or None,
+            seed=s.seed,
+            output_kind=RequestOutputKind.DELTA,
+            skip_special_tokens=True,
+        )
+
+    def _lora_request(self, adapter: AdapterRef | None) -> Any:
+        if adapter is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(adapter.name, adapter.adapter_id, str(adapter.path))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        from vllm.inputs import tokens_input
+
+        params = self._sampling_params(request)
+        lora = self._lora_request(request.adapter)
+        finished = False
+        try:
+            stream = self._llm.generate(
+                tokens_input(request.prompt_token_ids),
+                params,
+                request.request_id,
+                lora_request=lora,
+            )
+            async for output in stream:
+                completion = output.outputs[0]
+                reason = _FINISH.get(completion.finish_reason) if output.finished else None
+                if output.finished:
+                    finished = True
+                yield GenerationDelta(completion.text, list(completion.token_ids), reason)
+        except (asyncio.CancelledError, GeneratorExit):
+            if not finished:
+                # vLLM's generate() has aborted the request in the engine on its way out.
+                self._aborted += 1
+            raise
+        except ValueError as exc:  # vLLM's request validation (e.g. a prompt too long)
+            raise InvalidArgument(str(exc), reason="ENGINE_REJECTED_REQUEST") from exc
+        except Exception as exc:
+            if self._llm.errored:
+                raise Unavailable(
+                    "the vLLM engine stopped; the predictor must be restarted"
+                ) from exc
+            if request.adapter is not None:
+                raise FailedPrecondition(
+                    f"adapter {request.adapter.name} could not be used by vLLM: {exc.__cause__ or exc}",
+                    reason="ADAPTER_LOAD_FAILED",
+                ) from exc
+            raise
+
+    async def load_adapter(self, adapter: AdapterRef, *, pin: bool = False) -> None:
+        try:
+            await self._llm.add_lora(self._lora_request(adapter))
+            if pin:
+                await self._llm.pin_lora(adapter.adapter_id)
+        except Exception as exc:
+            raise FailedPrecondition(
+                f"vLLM cannot load adapter {adapter.name}: {exc}", reason="ADAPTER_LOAD_FAILED"
+            ) from exc
+
+    async def unload_adapter(self, adapter_id: int) -> None:
+        if adapter_id in await self._llm.list_loras():
+            await self._llm.remove_lora(adapter_id)
+
+    async def loaded_adapter_ids(self) -> set[int]:
+        return set(await self._llm.list_loras())
+
+    def stats(self) -> EngineStats:
+        return EngineStats(self._llm.get_num_unfinished_requests(), self._aborted)
+
+    async def shutdown(self) -> None:
+        await asyncio.to_thread(self._llm.shutdown)

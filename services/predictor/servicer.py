@@ -1,0 +1,148 @@
+"""PredictorService over gRPC: protobuf in and out, the domain (`Predictor`) in between."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from loraforge.predictor.v1 import predictor_service_pb2 as pb
+from loraforge.predictor.v1 import predictor_service_pb2_grpc
+from loraforge.services.common.resources import decode_page_token, encode_page_token, page_size
+from loraforge.services.predictor.engines.base import EngineKind, FinishReason
+from loraforge.services.predictor.params import RequestedParams
+from loraforge.services.predictor.predictor import AdapterView, PredictInput, Predictor
+
+_FINISH = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.ABORTED: pb.FINISH_REASON_ABORTED,
+}
+_STATE = {
+    "downloading": pb.ADAPTER_STATE_DOWNLOADING,
+    "on_disk": pb.ADAPTER_STATE_ON_DISK,
+    "loaded": pb.ADAPTER_STATE_LOADED,
+}
+_ENGINE = {EngineKind.VLLM: pb.ENGINE_VLLM, EngineKind.TRANSFORMERS: pb.ENGINE_TRANSFORMERS}
+
+
+def params_from_proto(p: pb.InferenceParams) -> RequestedParams:
+    return RequestedParams(
+        max_tokens=p.max_tokens if p.HasField("max_tokens") else None,
+        temperature=p.temperature if p.HasField("temperature") else None,
+        top_p=p.top_p if p.HasField("top_p") else None,
+        top_k=p.top_k if p.HasField("top_k") else None,
+        repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else None,
+        stop=tuple(p.stop),
+        seed=p.seed if p.HasField("seed") else None,
+        system_prompt=p.system_prompt,
+        prompt_template=p.prompt_template,
+    )
+
+
+def adapter_to_proto(view: AdapterView) -> pb.Adapter:
+    last_used = timestamp_pb2.Timestamp()
+    last_used.FromNanoseconds(int(view.last_used * 1e9))
+    return pb.Adapter(
+        model_version=view.model_version,
+        base_model=view.base_model,
+        adapter_id=view.adapter_id,
+        state=_STATE[view.state],
+        pinned=view.pinned,
+        size_bytes=view.size_bytes,
+        rank=view.rank,
+        last_used_time=last_used,
+        download_count=view.download_count,
+        active_requests=view.active_requests,
+    )
+
+
+class PredictorServicer(predictor_service_pb2_grpc.PredictorServiceServicer):
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor = predictor
+
+    async def Predict(
+        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PredictResponse:
+        inputs = [PredictInput(i.text, i.id) for i in request.inputs]
+        version, outputs = await self.predictor.predict(
+            request.model, request.base_model, inputs, params_from_proto(request.params)
+        )
+        return pb.PredictResponse(
+            model_version=version,
+            outputs=[
+                pb.PredictOutput(
+                    id=o.id,
+                    text=o.text,
+                    prompt_tokens=o.prompt_tokens,
+                    completion_tokens=o.completion_tokens,
+                    finish_reason=_FINISH[o.finish_reason],
+                )
+                for o in outputs
+            ],
+        )
+
+    async def PredictStream(
+        self, request: pb.PredictStreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.PredictStreamResponse]:
+        item = PredictInput(request.input.text, request.input.id)
+        events = self.predictor.predict_stream(
+            request.model, request.base_model, item, params_from_proto(request.params)
+        )
+        async for event in events:
+            yield pb.PredictStreamResponse(
+                delta=event.delta,
+                finish_reason=_FINISH[event.finish_reason]
+                if event.finish_reason
+                else pb.FINISH_REASON_UNSPECIFIED,
+                prompt_tokens=event.prompt_tokens,
+                completion_tokens=event.completion_tokens,
+                model_version=event.model_version,
+            )
+
+    async def LoadAdapter(
+        self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoadAdapterResponse:
+        view = await self.predictor.load_adapter(request.model, request.pin)
+        return pb.LoadAdapterResponse(adapter=adapter_to_proto(view))
+
+    async def UnloadAdapter(
+        self, request: pb.UnloadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnloadAdapterResponse:
+        await self.predictor.unload_adapter(request.model)
+        return pb.UnloadAdapterResponse()
+
+    async def ListAdapters(
+        self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAdaptersResponse:
+        size = page_size(request.page_size)
+        offset = int(decode_page_token(request.page_token).get("offset", 0))
+        views = await self.predictor.list_adapters()
+        page = views[offset : offset + size]
+        more = offset + size < len(views)
+        return pb.ListAdaptersResponse(
+            adapters=[adapter_to_proto(v) for v in page],
+            next_page_token=encode_page_token({"offset": offset + size}) if more else "",
+            cache_bytes_used=self.predictor.cache.used_bytes,
+            cache_bytes_limit=self.predictor.cache.byte_limit,
+        )
+
+    async def GetServingInfo(
+        self, request: pb.GetServingInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetServingInfoResponse:
+        return pb.GetServingInfoResponse(
+            base_models=[
+                pb.ServedBaseModel(
+                    base_model=m.base_model,
+                    engine=_ENGINE[m.engine],
+                    engine_reason=m.engine_reason,
+                    max_loras=m.max_loras,
+                    max_lora_rank=m.max_lora_rank,
+                    running_requests=m.running_requests,
+                    aborted_requests=m.aborted_requests,
+                    max_model_len=m.max_model_len,
+                )
+                for m in self.predictor.serving_info()
+            ]
+        )
