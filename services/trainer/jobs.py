@@ -18,6 +18,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import and_, select, update
+from sqlalchemy.orm import Session
+
 from loraforge.services.trainer.store import (
     CODE_TOLERANCE_EXCEEDED,
     RUNNING_STATES,
@@ -31,8 +34,6 @@ from loraforge.services.trainer.store import (
     refresh_latest_trained,
     state_payload,
 )
-from sqlalchemy import and_, select, update
-from sqlalchemy.orm import Session
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,30 @@ class JobReporter:
                 select(VersionRow.model).where(VersionRow.name == self.name)
             ).scalar_one()
             refresh_latest_trained(s, model)
+        return True
+
+    def release(self, message: str) -> bool:
+        """Hands the run back to the queue (worker shutting down, dependency down); it resumes later."""
+        with self.store.sessions.begin() as s:
+            seq = append_event(
+                s,
+                self.name,
+                EventKind.STATE,
+                state_payload(State.QUEUED, message),
+                fence=self._fence(),
+            )
+            if seq is None:
+                return False
+            s.execute(
+                update(VersionRow)
+                .where(VersionRow.name == self.name)
+                .values(
+                    state=State.QUEUED.value,
+                    status_code=STATUS_CODES[State.QUEUED],
+                    worker_id="",
+                    lease_expires=None,
+                )
+            )
         return True
 
     def failed(self, reason: str, *, tolerance_exceeded: bool = False) -> bool:

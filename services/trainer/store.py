@@ -15,8 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from loraforge.services.common.errors import AlreadyExists, FailedPrecondition, NotFound
-from loraforge.services.common.metadata import open_database
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -31,7 +29,10 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from loraforge.services.common.errors import AlreadyExists, FailedPrecondition, NotFound
+from loraforge.services.common.metadata import open_database
 
 
 class State(enum.StrEnum):
@@ -57,6 +58,11 @@ STATUS_CODES = {
     State.CANCELLED: 0,
 }
 CODE_TOLERANCE_EXCEEDED = 21119
+
+
+def version_prefix(name: str) -> str:
+    """Object-store prefix of a run's checkpoints and adapter: the trainer writes only under `trainer/`."""
+    return f"trainer/{name}"
 
 
 class EventKind(enum.StrEnum):
@@ -188,13 +194,6 @@ class TrainerStore:
 
     def __init__(self, url: str) -> None:
         self.engine, self.sessions = open_database(url, Base.metadata)
-
-    @classmethod
-    def from_sessions(cls, sessions: sessionmaker[Session]) -> TrainerStore:
-        store = cls.__new__(cls)
-        store.sessions = sessions
-        store.engine = sessions.kw["bind"]
-        return store
 
     # Models.
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from loraforge.services.common.errors import (
     FailedPrecondition,
     FieldViolation,

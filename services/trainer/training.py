@@ -347,7 +347,16 @@ def load_model(params: Mapping[str, Any], *, gradient_checkpointing: bool) -> An
         # Half precision on a CPU is slow and loses precision; train the LoRA in float32 there.
         dtype = "float32"
     kwargs["dtype"] = _dtype(dtype)
-    model = AutoModelForCausalLM.from_pretrained(mc["pretrained_model_name_or_path"], **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(mc["pretrained_model_name_or_path"], **kwargs)
+    except ValueError as exc:
+        if kwargs["attn_implementation"] != "sdpa" or "scaled_dot_product_attention" not in str(
+            exc
+        ):
+            raise
+        # Some architectures (GPT-Neo among them) have no SDPA path; eager attention is exact too.
+        kwargs["attn_implementation"] = "eager"
+        model = AutoModelForCausalLM.from_pretrained(mc["pretrained_model_name_or_path"], **kwargs)
     model.config.use_cache = False
     if quantized:
         model = prepare_model_for_kbit_training(
@@ -457,6 +466,7 @@ def _make_callback(reporter: Reporter, counter: TokenCounter) -> Any:
             self.start_tokens = 0
             self.eval_loss: float | None = None
             self.train_loss: float | None = None
+            self.learning_rate = 0.0
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.start = time.monotonic()
@@ -475,6 +485,8 @@ def _make_callback(reporter: Reporter, counter: TokenCounter) -> Any:
                 self.eval_loss = float(logs["eval_loss"])
             if "loss" in logs:
                 self.train_loss = float(logs["loss"])
+            if "learning_rate" in logs:
+                self.learning_rate = float(logs["learning_rate"])
             if "train_runtime" in logs:
                 return  # the final summary; the worker reports final metrics itself
             elapsed = max(time.monotonic() - self.start, 1e-9)
@@ -484,7 +496,7 @@ def _make_callback(reporter: Reporter, counter: TokenCounter) -> Any:
                 "step": state.global_step,
                 "total_steps": state.max_steps,
                 "epoch": float(state.epoch or 0.0),
-                "learning_rate": float(logs.get("learning_rate", 0.0)),
+                "learning_rate": self.learning_rate,
                 "tokens_per_second": (counter.tokens - self.start_tokens) / elapsed,
                 "eta_seconds": (elapsed / done * left) if done > 0 else 0.0,
             }
@@ -554,7 +566,7 @@ def run_training(
     Raises ToleranceExceeded / TrainingError for problems the user must fix, and
     TrainingStopped when the reporter asks to stop.
     """
-    from transformers import set_seed
+    from transformers import PrinterCallback, set_seed
 
     reporter = reporter or QuietReporter()
     trc = params["trainer_config"]
@@ -581,6 +593,7 @@ def run_training(
         callbacks=[_make_callback(reporter, counter)],
     )
     trainer.token_counter = counter
+    trainer.remove_callback(PrinterCallback)  # progress goes to the reporter, not stdout
     resumed_from = 0
     if resume_from is not None:
         resumed_from = int(resume_from.name.rsplit("-", 1)[-1])

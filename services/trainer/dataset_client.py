@@ -1,0 +1,151 @@
+"""Client of the dataset service: the trainer reads dataset versions only through its RPCs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+
+from loraforge.dataset.v1 import dataset_service_pb2 as pb
+from loraforge.dataset.v1 import dataset_service_pb2_grpc as pb_grpc
+from loraforge.services.common.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    LoraforgeError,
+    NotFound,
+    Unavailable,
+)
+from loraforge.services.common.server import CHANNEL_OPTIONS
+from loraforge.services.trainer.training import TrainingExample
+
+READ_BATCH = 1000
+RPC_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class DatasetVersionInfo:
+    name: str
+    example_count: int
+    content_sha256: str
+
+
+def _translate(err: grpc.RpcError, address: str, what: str, field: str) -> LoraforgeError:
+    code = err.code()  # type: ignore[attr-defined]
+    details = err.details() or ""  # type: ignore[attr-defined]
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(
+            f"{what} not found: {details}",
+            reason="DATASET_VERSION_NOT_FOUND" if "versions/" in what else "NOT_FOUND",
+            field_violations=[FieldViolation(field, details)],
+        )
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(
+            f"{what}: {details}", field_violations=[FieldViolation(field, details)]
+        )
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return FailedPrecondition(f"{what}: {details}")
+    return Unavailable(
+        f"the dataset service at {address} did not answer for {what} ({code.name}: {details}); retry later",
+        reason="DATASET_SERVICE_UNAVAILABLE",
+    )
+
+
+def _check_configured(address: str) -> None:
+    if not address:
+        raise Unavailable(
+            "the trainer has no dataset service address; set --dataset-address or LORAFORGE_DATASET_ADDRESS",
+            reason="DATASET_SERVICE_NOT_CONFIGURED",
+        )
+
+
+class AsyncDatasetClient:
+    """Used by the trainer's server: resolve a dataset version, hold and drop references to it."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel: grpc.aio.Channel | None = None
+
+    def _stub(self) -> pb_grpc.DatasetServiceStub:
+        _check_configured(self.address)
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        return pb_grpc.DatasetServiceStub(self._channel)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+
+    async def check_app(self, app: str, field: str) -> None:
+        try:
+            await self._stub().GetApp(pb.GetAppRequest(name=app), timeout=RPC_TIMEOUT)
+        except grpc.RpcError as err:
+            raise _translate(err, self.address, f"app {app!r}", field) from None
+
+    async def get_ready_version(self, name: str, field: str) -> DatasetVersionInfo:
+        try:
+            resp = await self._stub().GetDatasetVersion(
+                pb.GetDatasetVersionRequest(name=name), timeout=RPC_TIMEOUT
+            )
+        except grpc.RpcError as err:
+            raise _translate(err, self.address, f"dataset version {name!r}", field) from None
+        version = resp.dataset_version
+        if version.state != pb.DATASET_VERSION_STATE_READY:
+            state = pb.DatasetVersionState.Name(version.state)
+            why = f": {version.failure_reason}" if version.failure_reason else ""
+            raise FailedPrecondition(
+                f"dataset version {name!r} is {state}{why}; only a READY version can be trained on",
+                reason="DATASET_VERSION_NOT_READY",
+                field_violations=[FieldViolation(field, f"is {state}, not READY")],
+            )
+        return DatasetVersionInfo(name, version.stats.example_count, version.content_sha256)
+
+    async def add_reference(self, name: str, referrer: str) -> None:
+        try:
+            await self._stub().AddDatasetVersionReference(
+                pb.AddDatasetVersionReferenceRequest(name=name, referrer=referrer),
+                timeout=RPC_TIMEOUT,
+            )
+        except grpc.RpcError as err:
+            raise _translate(
+                err, self.address, f"dataset version {name!r}", "dataset_version"
+            ) from None
+
+    async def remove_reference(self, name: str, referrer: str) -> None:
+        try:
+            await self._stub().RemoveDatasetVersionReference(
+                pb.RemoveDatasetVersionReferenceRequest(name=name, referrer=referrer),
+                timeout=RPC_TIMEOUT,
+            )
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                return  # the version is gone already; nothing left to release
+            raise _translate(
+                err, self.address, f"dataset version {name!r}", "dataset_version"
+            ) from None
+
+
+def _example(inp: pb.Input) -> TrainingExample:
+    ref = f"{inp.name} (line {inp.source_line})" if inp.source_line else inp.name
+    return TrainingExample(
+        prompt=inp.example.prompt,
+        completion=inp.example.completion,
+        is_text=inp.example.kind == pb.EXAMPLE_KIND_TEXT,
+        ref=ref,
+    )
+
+
+def read_examples(address: str, name: str) -> Iterator[TrainingExample]:
+    """Streams a READY dataset version's examples in their frozen order (used by workers)."""
+    _check_configured(address)
+    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        stub = pb_grpc.DatasetServiceStub(channel)
+        try:
+            for batch in stub.ReadDatasetVersion(
+                pb.ReadDatasetVersionRequest(name=name, batch_size=READ_BATCH)
+            ):
+                for inp in batch.inputs:
+                    yield _example(inp)
+        except grpc.RpcError as err:
+            raise _translate(err, address, f"dataset version {name!r}", "dataset_version") from None

@@ -1,0 +1,440 @@
+"""TrainerService: converts protobuf messages to domain calls and back, nothing more.
+
+Database work runs in threads (`asyncio.to_thread`) and training runs in worker
+processes, so the event loop only ever waits. Watch streams poll the run's
+events table at a short interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
+
+from loraforge.services.common.errors import AlreadyExists, NotFound, invalid_field
+from loraforge.services.common.objectstore import ObjectStore
+from loraforge.services.common.resources import (
+    decode_page_token,
+    encode_page_token,
+    new_id,
+    page_size,
+    parse_name,
+    validate_id,
+)
+from loraforge.services.trainer import templates as tpl
+from loraforge.services.trainer.dataset_client import AsyncDatasetClient
+from loraforge.services.trainer.store import (
+    FINAL_STATES,
+    Event,
+    EventKind,
+    ModelRow,
+    TrainerStore,
+    VersionRow,
+    version_prefix,
+)
+from loraforge.trainer.v1 import trainer_service_pb2 as pb
+from loraforge.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger("loraforge.trainer")
+
+APP = "apps/{app}"
+MODEL = "apps/{app}/models/{model}"
+VERSION = "apps/{app}/models/{model}/versions/{version}"
+DATASET_VERSION = "apps/{app}/datasets/{dataset}/versions/{version}"
+MAX_LOG_PAGE = 100_000
+
+TEXT_TO_TEXT = pb.ModelType(
+    name=tpl.MODEL_TYPE,
+    display_name="Text to text",
+    description=(
+        "Generates text from text: a causal language model fine-tuned with LoRA on (prompt, completion) "
+        "pairs or plain texts, for completion, classification, translation, question answering, "
+        "summarization and extraction."
+    ),
+    input_fields=[
+        pb.ModelTypeField(
+            path="input.data.text.raw", type="string", description="The prompt the model continues."
+        )
+    ],
+    output_fields=[
+        pb.ModelTypeField(
+            path="output.data.text.raw", type="string", description="The generated completion."
+        )
+    ],
+)
+
+_PARAM_TYPES = {
+    "bool": pb.PARAMETER_TYPE_BOOL,
+    "int": pb.PARAMETER_TYPE_INT,
+    "float": pb.PARAMETER_TYPE_FLOAT,
+    "string": pb.PARAMETER_TYPE_STRING,
+    "choice": pb.PARAMETER_TYPE_CHOICE,
+    "string_list": pb.PARAMETER_TYPE_STRING_LIST,
+}
+_LOG_LEVELS = {
+    "DEBUG": pb.LOG_LEVEL_DEBUG,
+    "INFO": pb.LOG_LEVEL_INFO,
+    "WARNING": pb.LOG_LEVEL_WARNING,
+    "ERROR": pb.LOG_LEVEL_ERROR,
+}
+
+
+def _timestamp(value: float | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(value * 1e9))
+    return ts
+
+
+def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    return json_format.ParseDict(value, struct_pb2.Struct())
+
+
+def template_to_pb(t: tpl.Template) -> pb.Template:
+    return pb.Template(
+        name=t.resource_name,
+        display_name=t.display_name,
+        description=t.description,
+        recommended=t.recommended,
+        model_type=t.model_type,
+        serving_engine=t.serving_engine,
+        hardware=pb.Hardware(
+            requires_cuda=t.hardware.requires_cuda,
+            requires_gptq=t.hardware.requires_gptq,
+            min_gpu_memory_gib=t.hardware.min_gpu_memory_gib,
+            summary=t.hardware.summary,
+        ),
+        parameters=[
+            pb.Parameter(
+                path=p.path,
+                type=_PARAM_TYPES[p.type],
+                default_value=json_format.ParseDict(p.default, struct_pb2.Value()),
+                description=p.description,
+                min=p.min,
+                max=p.max,
+                choices=list(p.choices),
+                nullable=p.nullable,
+            )
+            for p in t.parameters
+        ],
+    )
+
+
+def model_to_pb(row: ModelRow) -> pb.Model:
+    return pb.Model(
+        name=row.name,
+        description=row.description,
+        model_type=row.model_type,
+        latest_trained_version=row.latest_trained_version,
+        create_time=_timestamp(row.create_time),
+    )
+
+
+def progress_to_pb(p: dict[str, Any]) -> pb.TrainingProgress:
+    msg = pb.TrainingProgress(
+        step=int(p.get("step", 0)),
+        total_steps=int(p.get("total_steps", 0)),
+        epoch=float(p.get("epoch", 0.0)),
+        learning_rate=float(p.get("learning_rate", 0.0)),
+        tokens_per_second=float(p.get("tokens_per_second", 0.0)),
+    )
+    if "train_loss" in p:
+        msg.train_loss = float(p["train_loss"])
+    if "eval_loss" in p:
+        msg.eval_loss = float(p["eval_loss"])
+    eta = duration_pb2.Duration()
+    eta.FromNanoseconds(int(float(p.get("eta_seconds", 0.0)) * 1e9))
+    msg.eta.CopyFrom(eta)
+    return msg
+
+
+def version_to_pb(row: VersionRow) -> pb.ModelVersion:
+    return pb.ModelVersion(
+        name=row.name,
+        template=row.template,
+        dataset_version=row.dataset_version,
+        param_overrides=_struct(row.param_overrides or {}),
+        params=_struct(row.params or {}),
+        state=pb.ModelVersionState.Value(f"MODEL_VERSION_STATE_{row.state}"),
+        status_code=row.status_code,
+        failure_reason=row.failure_reason,
+        progress=progress_to_pb(row.progress or {}),
+        artifacts=pb.Artifacts(
+            adapter_prefix=row.adapter_prefix,
+            base_model=row.base_model
+            or row.params["model_config"]["pretrained_model_name_or_path"],
+            checkpoint_prefix=row.checkpoint_prefix,
+            adapter_bytes=row.adapter_bytes,
+        ),
+        metrics={k: float(v) for k, v in (row.metrics or {}).items()},
+        create_time=_timestamp(row.create_time),
+        start_time=_timestamp(row.start_time),
+        end_time=_timestamp(row.end_time),
+        attempts=row.attempts,
+        description=row.description,
+    )
+
+
+def event_to_pb(event: Event) -> pb.TrainingEvent:
+    msg = pb.TrainingEvent(sequence=event.sequence, time=_timestamp(event.time))
+    p = event.payload
+    if event.kind == EventKind.STATE:
+        msg.state_change.CopyFrom(
+            pb.StateChange(
+                state=pb.ModelVersionState.Value(f"MODEL_VERSION_STATE_{p['state']}"),
+                status_code=int(p.get("status_code", 0)),
+                message=p.get("message", ""),
+            )
+        )
+    elif event.kind == EventKind.PROGRESS:
+        msg.progress.CopyFrom(progress_to_pb(p))
+    else:
+        msg.log.CopyFrom(
+            pb.LogLine(
+                level=_LOG_LEVELS.get(p.get("level", "INFO"), pb.LOG_LEVEL_INFO),
+                message=p["message"],
+            )
+        )
+    return msg
+
+
+def _offset_page(items: list[Any], size: int, token: str) -> tuple[list[Any], str]:
+    start = int(decode_page_token(token).get("offset", 0))
+    chunk = items[start : start + size]
+    more = start + size < len(items)
+    return chunk, encode_page_token({"offset": start + size}) if more else ""
+
+
+class TrainerServicer(pb_grpc.TrainerServiceServicer):
+    def __init__(
+        self,
+        store: TrainerStore,
+        objects: ObjectStore,
+        datasets: AsyncDatasetClient,
+        *,
+        watch_poll_seconds: float = 0.25,
+    ) -> None:
+        self.store = store
+        self.objects = objects
+        self.datasets = datasets
+        self.watch_poll_seconds = watch_poll_seconds
+
+    # Model types and templates.
+
+    async def ListModelTypes(
+        self, request: pb.ListModelTypesRequest, context: Any
+    ) -> pb.ListModelTypesResponse:
+        model_type = pb.ModelType()
+        model_type.CopyFrom(TEXT_TO_TEXT)
+        model_type.templates.extend(t.resource_name for t in tpl.all_templates())
+        items, token = _offset_page([model_type], page_size(request.page_size), request.page_token)
+        return pb.ListModelTypesResponse(model_types=items, next_page_token=token)
+
+    async def ListTemplates(
+        self, request: pb.ListTemplatesRequest, context: Any
+    ) -> pb.ListTemplatesResponse:
+        if request.model_type and request.model_type != tpl.MODEL_TYPE:
+            parse_name(request.model_type, "modelTypes/{model_type}", "model_type")
+            items: list[tpl.Template] = []
+        else:
+            items = list(tpl.all_templates())
+        chunk, token = _offset_page(items, page_size(request.page_size), request.page_token)
+        return pb.ListTemplatesResponse(
+            templates=[template_to_pb(t) for t in chunk], next_page_token=token
+        )
+
+    async def GetTemplate(
+        self, request: pb.GetTemplateRequest, context: Any
+    ) -> pb.GetTemplateResponse:
+        return pb.GetTemplateResponse(template=template_to_pb(tpl.get_template(request.name)))
+
+    # Models.
+
+    async def CreateModel(
+        self, request: pb.CreateModelRequest, context: Any
+    ) -> pb.CreateModelResponse:
+        app = parse_name(request.parent, APP, "parent")["app"]
+        validate_id(request.model_id, "model_id")
+        model_type = request.model.model_type or tpl.MODEL_TYPE
+        if model_type != tpl.MODEL_TYPE:
+            raise invalid_field(
+                "model.model_type", f"{model_type!r} is not a model type; use {tpl.MODEL_TYPE}"
+            )
+        await self.datasets.check_app(request.parent, "parent")
+        row = await asyncio.to_thread(
+            self.store.create_model, app, request.model_id, request.model.description, model_type
+        )
+        return pb.CreateModelResponse(model=model_to_pb(row))
+
+    async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.GetModelResponse:
+        parse_name(request.name, MODEL)
+        return pb.GetModelResponse(
+            model=model_to_pb(await asyncio.to_thread(self.store.get_model, request.name))
+        )
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: Any
+    ) -> pb.ListModelsResponse:
+        app = parse_name(request.parent, APP, "parent")["app"]
+        size = page_size(request.page_size)
+        after = int(decode_page_token(request.page_token).get("after", 0))
+        rows, more = await asyncio.to_thread(self.store.list_models, app, size, after)
+        token = encode_page_token({"after": rows[-1].seq}) if more else ""
+        return pb.ListModelsResponse(models=[model_to_pb(r) for r in rows], next_page_token=token)
+
+    async def DeleteModel(
+        self, request: pb.DeleteModelRequest, context: Any
+    ) -> pb.DeleteModelResponse:
+        parse_name(request.name, MODEL)
+        versions = await asyncio.to_thread(self.store.delete_model, request.name, request.force)
+        for version in versions:
+            await self._release_version(version)
+        return pb.DeleteModelResponse()
+
+    # Model versions.
+
+    async def CreateModelVersion(
+        self, request: pb.CreateModelVersionRequest, context: Any
+    ) -> pb.CreateModelVersionResponse:
+        parent = parse_name(request.parent, MODEL, "parent")
+        version_id = (
+            validate_id(request.version_id, "version_id") if request.version_id else new_id("v")
+        )
+        template = tpl.get_template(request.template, "template")
+        overrides = json_format.MessageToDict(request.param_overrides)
+        params = tpl.resolve_params(template, overrides)
+        dataset = parse_name(request.dataset_version, DATASET_VERSION, "dataset_version")
+        if dataset["app"] != parent["app"]:
+            raise invalid_field(
+                "dataset_version",
+                f"{request.dataset_version!r} belongs to app {dataset['app']!r}, not to the model's app {parent['app']!r}",
+            )
+        await asyncio.to_thread(tpl.check_hardware, template, params)
+        await asyncio.to_thread(self.store.get_model, request.parent)
+        if request.request_id:
+            existing = await asyncio.to_thread(
+                self.store.find_by_request_id, request.parent, request.request_id
+            )
+            if existing is not None:
+                return pb.CreateModelVersionResponse(model_version=version_to_pb(existing))
+        name = f"{request.parent}/versions/{version_id}"
+        if await asyncio.to_thread(self.store.version_exists, name):
+            raise AlreadyExists(f"model version {name!r} already exists", reason="VERSION_EXISTS")
+        await self.datasets.get_ready_version(request.dataset_version, "dataset_version")
+        # Reference first: a run can be claimed the moment it is inserted.
+        await self.datasets.add_reference(request.dataset_version, name)
+        row = VersionRow(
+            name=name,
+            model=request.parent,
+            template=template.resource_name,
+            dataset_version=request.dataset_version,
+            description=request.description,
+            param_overrides=overrides,
+            params=params,
+            failure_reason="",
+            progress={},
+            metrics={},
+            request_id=request.request_id or None,
+        )
+        try:
+            created = await asyncio.to_thread(self.store.create_version, row)
+        except (AlreadyExists, NotFound):
+            if not await asyncio.to_thread(self.store.version_exists, name):
+                await self.datasets.remove_reference(request.dataset_version, name)
+            if request.request_id:  # a concurrent retry with the same request id won the race
+                existing = await asyncio.to_thread(
+                    self.store.find_by_request_id, request.parent, request.request_id
+                )
+                if existing is not None:
+                    return pb.CreateModelVersionResponse(model_version=version_to_pb(existing))
+            raise
+        log.info("queued %s (%s on %s)", name, template.name, request.dataset_version)
+        return pb.CreateModelVersionResponse(model_version=version_to_pb(created))
+
+    async def GetModelVersion(
+        self, request: pb.GetModelVersionRequest, context: Any
+    ) -> pb.GetModelVersionResponse:
+        parse_name(request.name, VERSION)
+        row = await asyncio.to_thread(self.store.get_version, request.name)
+        return pb.GetModelVersionResponse(model_version=version_to_pb(row))
+
+    async def ListModelVersions(
+        self, request: pb.ListModelVersionsRequest, context: Any
+    ) -> pb.ListModelVersionsResponse:
+        parse_name(request.parent, MODEL, "parent")
+        await asyncio.to_thread(self.store.get_model, request.parent)
+        size = page_size(request.page_size)
+        before = decode_page_token(request.page_token).get("before")
+        rows, more = await asyncio.to_thread(self.store.list_versions, request.parent, size, before)
+        token = encode_page_token({"before": rows[-1].seq}) if more else ""
+        return pb.ListModelVersionsResponse(
+            model_versions=[version_to_pb(r) for r in rows], next_page_token=token
+        )
+
+    async def DeleteModelVersion(
+        self, request: pb.DeleteModelVersionRequest, context: Any
+    ) -> pb.DeleteModelVersionResponse:
+        parse_name(request.name, VERSION)
+        row = await asyncio.to_thread(self.store.delete_version, request.name)
+        await self._release_version(row)
+        return pb.DeleteModelVersionResponse()
+
+    async def _release_version(self, row: VersionRow) -> None:
+        """Deletes a removed run's artifacts and its hold on the dataset version."""
+        await asyncio.to_thread(self.objects.delete_prefix, version_prefix(row.name) + "/")
+        await self.datasets.remove_reference(row.dataset_version, row.name)
+
+    async def CancelModelVersion(
+        self, request: pb.CancelModelVersionRequest, context: Any
+    ) -> pb.CancelModelVersionResponse:
+        parse_name(request.name, VERSION)
+        row = await asyncio.to_thread(self.store.cancel_version, request.name)
+        return pb.CancelModelVersionResponse(model_version=version_to_pb(row))
+
+    async def WatchModelVersion(
+        self, request: pb.WatchModelVersionRequest, context: Any
+    ) -> AsyncIterator[pb.WatchModelVersionResponse]:
+        parse_name(request.name, VERSION)
+        if request.after_sequence < 0:
+            raise invalid_field("after_sequence", "must not be negative")
+        await asyncio.to_thread(self.store.get_version, request.name)
+        after = request.after_sequence
+        while True:
+            # Read the state before the events: the final event commits with the final state,
+            # so once the state is final this read of the events includes it.
+            state = await asyncio.to_thread(self.store.version_state, request.name)
+            if state is None:
+                raise NotFound(
+                    f"model version {request.name!r} was deleted", reason="VERSION_NOT_FOUND"
+                )
+            events = await asyncio.to_thread(self.store.events_after, request.name, after)
+            for event in events:
+                yield pb.WatchModelVersionResponse(event=event_to_pb(event))
+                after = event.sequence
+                if event.is_final_state:
+                    return
+            if not events:
+                if state in FINAL_STATES:
+                    return
+                await asyncio.sleep(self.watch_poll_seconds)
+
+    async def GetModelVersionLogs(
+        self, request: pb.GetModelVersionLogsRequest, context: Any
+    ) -> pb.GetModelVersionLogsResponse:
+        parse_name(request.name, VERSION)
+        size = page_size(request.page_size, default=MAX_LOG_PAGE, maximum=MAX_LOG_PAGE)
+        after = int(decode_page_token(request.page_token).get("after", 0))
+        await asyncio.to_thread(self.store.get_version, request.name)
+        events = await asyncio.to_thread(
+            self.store.events_after, request.name, after, size + 1, EventKind.LOG
+        )
+        more = len(events) > size
+        events = events[:size]
+        token = encode_page_token({"after": events[-1].sequence}) if more else ""
+        return pb.GetModelVersionLogsResponse(
+            events=[event_to_pb(e) for e in events], next_page_token=token
+        )
