@@ -1,0 +1,116 @@
+"""The job queue: one claim per run under concurrency, leases, fencing, gap-free events."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from loraforge.services.trainer.jobs import JobQueue, JobReporter
+from loraforge.services.trainer.store import EventKind, State, TrainerStore, VersionRow
+
+
+def _store(tmp_path: Path) -> TrainerStore:
+    return TrainerStore(f"sqlite:///{tmp_path / 'trainer.db'}")
+
+
+def _queue_runs(store: TrainerStore, count: int) -> list[str]:
+    store.create_model("a", "m", "", "modelTypes/text-to-text")
+    names = []
+    for i in range(count):
+        row = VersionRow(
+            name=f"apps/a/models/m/versions/v{i}",
+            model="apps/a/models/m",
+            template="templates/HF_GPTNeo_125m_lora",
+            dataset_version="apps/a/datasets/d/versions/1",
+            param_overrides={},
+            params={"trainer_config": {}},
+            failure_reason="",
+            progress={},
+            metrics={},
+        )
+        names.append(store.create_version(row).name)
+    return names
+
+
+def test_concurrent_workers_claim_each_run_exactly_once(tmp_path: Path) -> None:
+    names = _queue_runs(_store(tmp_path), 24)
+    claims: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def worker(worker_id: str) -> None:
+        queue = JobQueue(_store(tmp_path))  # own engine and connections, like a separate process
+        while (job := queue.claim(worker_id, lease_seconds=60)) is not None:
+            with lock:
+                claims.append((job.name, worker_id))
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(name for name, _ in claims) == sorted(names)
+    store = _store(tmp_path)
+    for name in names:
+        row = store.get_version(name)
+        assert row.state == State.TRAINING and row.attempts == 1
+        states = [
+            e.payload["state"] for e in store.events_after(name, 0) if e.kind == EventKind.STATE
+        ]
+        assert states == ["QUEUED", "TRAINING"]
+
+
+def test_expired_lease_requeues_for_resume_then_fails_after_max_attempts(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    (name,) = _queue_runs(store, 1)
+    queue = JobQueue(store)
+    job = queue.claim("w1", lease_seconds=0.05)
+    assert job is not None and job.attempt == 1
+    assert JobReporter(store, name, "w1").checkpoint(
+        10, "trainer/x/checkpoints/checkpoint-10", "trainer/x/checkpoints"
+    )
+    assert queue.reap_expired(max_attempts=2) == []  # lease still valid
+    time.sleep(0.1)
+    assert queue.reap_expired(max_attempts=2) == [name]
+    assert store.get_version(name).state == State.QUEUED
+    again = queue.claim("w2", lease_seconds=0.05)
+    assert again is not None and again.attempt == 2 and again.checkpoint_step == 10
+    # The first worker comes back from the dead: every write it tries is refused.
+    zombie = JobReporter(store, name, "w1")
+    assert not zombie.heartbeat(60) and not zombie.progress({"step": 11}) and not zombie.log("hi")
+    time.sleep(0.1)
+    assert queue.reap_expired(max_attempts=2) == [name]
+    row = store.get_version(name)
+    assert (
+        row.state == State.FAILED and row.status_code == 21106 and "giving up" in row.failure_reason
+    )
+    events = store.events_after(name, 0)
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    messages = [e.payload.get("message", "") for e in events if e.kind == EventKind.STATE]
+    assert "resume from checkpoint step 10" in messages[2]
+
+
+def test_cancel_fences_the_worker_and_ends_the_history(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    queued, running = _queue_runs(store, 2)
+    queue = JobQueue(store)
+    job = queue.claim("w1", lease_seconds=60)
+    assert job is not None and job.name == queued  # oldest first
+    reporter = JobReporter(store, queued, "w1")
+    assert reporter.heartbeat(60) and reporter.progress({"step": 1, "total_steps": 5})
+    assert store.cancel_version(queued).state == State.CANCELLED
+    assert not reporter.heartbeat(60)
+    assert (
+        not reporter.progress({"step": 2})
+        and not reporter.uploading()
+        and not reporter.failed("late")
+    )
+    events = store.events_after(queued, 0)
+    assert events[-1].is_final_state and events[-1].payload["state"] == "CANCELLED"
+    assert store.get_version(queued).progress == {"step": 1, "total_steps": 5}
+    # A queued run is cancelled at once and is never claimed.
+    assert store.cancel_version(running).state == State.CANCELLED
+    assert queue.claim("w1", lease_seconds=60) is None
+    # Cancelling a finished run changes nothing.
+    assert store.cancel_version(running).state == State.CANCELLED
+    assert len(store.events_after(running, 0)) == 2

@@ -1,0 +1,111 @@
+"""Templates are data with typed, bounded, documented parameters; overrides are validated."""
+
+from __future__ import annotations
+
+import pytest
+
+from loraforge.services.common.errors import FailedPrecondition, InvalidArgument
+from loraforge.services.trainer import templates as tpl
+
+SEED_TEMPLATES = {
+    "HF_GPTNeo_125m_lora",
+    "HF_GPTNeo_2p7b_lora",
+    "HF_Llama_2_7b_chat_GPTQ_lora",
+    "HF_Llama_2_13b_chat_GPTQ_lora",
+    "HF_Llama_3_1_8b_instruct_GPTQ_lora",
+    "HF_Mistral_7b_instruct_GPTQ_lora",
+    "HF_Mistral_7b_lora",
+    "HuggingFace_AdvancedConfig",
+}
+
+
+def test_seed_templates_and_small_ones_load_recommended_first() -> None:
+    names = [t.name for t in tpl.all_templates()]
+    assert SEED_TEMPLATES <= set(names)
+    assert {"HF_Qwen2_5_0p5b_instruct_lora", "HF_Llama_3_2_1b_instruct_lora"} <= set(names)
+    assert names[0] == "HF_Llama_3_1_8b_instruct_GPTQ_lora"
+    assert [t.name for t in tpl.all_templates() if t.recommended] == [
+        "HF_Llama_3_1_8b_instruct_GPTQ_lora"
+    ]
+
+
+@pytest.mark.parametrize("template", tpl.all_templates(), ids=lambda t: t.name)
+def test_every_parameter_is_typed_bounded_and_documented(template: tpl.Template) -> None:
+    groups = {p.path.split(".")[0] for p in template.parameters}
+    assert groups == {*tpl.GROUPS, tpl.TOLERANCE}
+    for p in template.parameters:
+        assert p.type in tpl.PARAMETER_TYPES and len(p.description) > 15, p.path
+        assert tpl.check_value(p, p.default) is None, p.path
+        if p.type in ("int", "float"):
+            assert p.min is not None and p.max is not None, p.path
+        if p.type == "choice":
+            assert p.default in p.choices
+    tolerance = template.parameter(tpl.TOLERANCE)
+    assert tolerance and (tolerance.min, tolerance.max, tolerance.default) == (0, 100, 5)
+    assert template.hardware.summary
+    gptq = "GPTQ" in template.name
+    assert template.hardware.requires_gptq == gptq and template.hardware.requires_cuda == gptq
+    assert template.serving_engine == ("transformers" if "GPTNeo" in template.name else "vllm")
+
+
+def test_overrides_apply_over_defaults_with_struct_numbers_normalised() -> None:
+    t = tpl.get_template("templates/HF_Qwen2_5_0p5b_instruct_lora")
+    params = tpl.resolve_params(
+        t, {"peft_config": {"r": 8.0, "target_modules": ["q_proj"]}, tpl.TOLERANCE: 20.0}
+    )
+    assert params["peft_config"]["r"] == 8 and isinstance(params["peft_config"]["r"], int)
+    assert params["peft_config"]["target_modules"] == ["q_proj"]
+    assert params["peft_config"]["lora_alpha"] == 32.0  # untouched default
+    assert params[tpl.TOLERANCE] == 20.0
+    assert t.defaults()["peft_config"]["r"] == 16  # defaults are not mutated
+
+
+def test_bad_overrides_name_every_field_path() -> None:
+    t = tpl.get_template("templates/HF_GPTNeo_125m_lora")
+    with pytest.raises(InvalidArgument) as info:
+        tpl.resolve_params(
+            t,
+            {
+                "peft_config": {"r": 0, "rank": 4, "lora_dropout": "high"},
+                "trainer_config": {"lr_scheduler_type": "exotic", "max_steps": 2.5},
+                "training": {},
+                tpl.TOLERANCE: 101,
+            },
+        )
+    fields = {v.field: v.description for v in info.value.field_violations}
+    assert fields.keys() == {
+        "param_overrides.peft_config.r",
+        "param_overrides.peft_config.rank",
+        "param_overrides.peft_config.lora_dropout",
+        "param_overrides.trainer_config.lr_scheduler_type",
+        "param_overrides.trainer_config.max_steps",
+        "param_overrides.training",
+        "param_overrides.invalid_data_tolerance_percent",
+    }
+    assert "at least 1" in fields["param_overrides.peft_config.r"]
+    assert "unknown parameter" in fields["param_overrides.peft_config.rank"]
+    assert "whole number" in fields["param_overrides.trainer_config.max_steps"]
+    assert "param_overrides.peft_config.r" in info.value.message
+
+
+def test_unknown_template_is_not_found() -> None:
+    with pytest.raises(Exception) as info:
+        tpl.get_template("templates/NoSuchTemplate", "template")
+    assert info.value.field_violations[0].field == "template"  # type: ignore[attr-defined]
+    with pytest.raises(InvalidArgument):
+        tpl.get_template("NoSuchTemplate", "template")
+
+
+def test_gptq_templates_are_refused_without_cuda_naming_what_is_missing() -> None:
+    t = tpl.get_template("templates/HF_Llama_3_1_8b_instruct_GPTQ_lora")
+    missing = tpl.missing_requirements(t, t.defaults())
+    if not missing:
+        pytest.skip("this machine has CUDA and the gptq extra")
+    with pytest.raises(FailedPrecondition) as info:
+        tpl.check_hardware(t, t.defaults())
+    assert "CUDA" in info.value.message or "GPTQModel" in info.value.message
+    # A non-GPTQ template asking for a GPTQ base is held to the same requirements.
+    advanced = tpl.get_template("templates/HuggingFace_AdvancedConfig")
+    assert tpl.missing_requirements(advanced, advanced.defaults()) == []
+    params = tpl.resolve_params(advanced, {"quantization_config": {"quant_method": "gptq"}})
+    assert tpl.missing_requirements(advanced, params)

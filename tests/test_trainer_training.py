@@ -1,0 +1,176 @@
+"""The training function: validation, completion-only labels, packing isolation, determinism, resume."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loraforge.services.common.tiny_model import build_tiny_model
+from loraforge.services.trainer import templates as tpl
+from loraforge.services.trainer import training
+from loraforge.services.trainer.training import IGNORE_INDEX, TrainingExample
+
+EXAMPLES = [
+    TrainingExample(f"Question: what is {i} plus {i}? Answer:", f" {2 * i}", ref=f"line {i + 1}")
+    for i in range(40)
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def params_for(model: Path, **trainer: Any) -> dict[str, Any]:
+    template = tpl.get_template("templates/HF_Llama_3_2_1b_instruct_lora")
+    return tpl.resolve_params(
+        template,
+        {
+            "model_config": {"pretrained_model_name_or_path": str(model)},
+            "tokenizer_config": {"model_max_length": 64},
+            "trainer_config": {
+                "max_steps": 12,
+                "logging_steps": 4,
+                "save_steps": 6,
+                "per_device_train_batch_size": 4,
+                "learning_rate": 1e-3,
+                **trainer,
+            },
+        },
+    )
+
+
+def test_labels_cover_only_completions_unless_asked(tiny_model: Path) -> None:
+    params = params_for(tiny_model)
+    tokenizer = training.load_tokenizer(params)
+    examples = [
+        TrainingExample("Question: 1 plus 1? Answer:", " 2", ref="a"),
+        TrainingExample("", "The quick brown fox.", is_text=True, ref="b"),
+    ]
+    (pc, text), invalid = training.tokenize_examples(tokenizer, examples, params)
+    assert invalid == []
+    prompt_len = len(tokenizer("Question: 1 plus 1? Answer:")["input_ids"])
+    assert pc.labels[:prompt_len] == [IGNORE_INDEX] * prompt_len
+    assert pc.labels[prompt_len:] == pc.input_ids[prompt_len:]
+    assert pc.input_ids[-1] == tokenizer.eos_token_id
+    assert text.labels == text.input_ids  # plain text: every token is learned
+    params["trainer_config"]["completion_only_loss"] = False
+    (full, _), _ = training.tokenize_examples(tokenizer, examples, params)
+    assert full.labels == full.input_ids
+
+
+def test_rows_invalid_for_the_tokenizer_count_against_the_tolerance(tiny_model: Path) -> None:
+    params = params_for(tiny_model)
+    tokenizer = training.load_tokenizer(params)
+    examples = [
+        *EXAMPLES[:8],
+        TrainingExample("Question: long?", " word" * 200, ref="line 9"),
+        TrainingExample("Question: empty?", "", ref="line 10"),
+    ]
+    features, invalid = training.tokenize_examples(tokenizer, examples, params)
+    assert len(features) == 8
+    assert [r.ref for r in invalid] == ["line 9", "line 10"]
+    assert "longer than model_max_length 64" in invalid[0].reason
+    assert "no completion tokens" in invalid[1].reason
+    training.check_tolerance(len(examples), invalid, 20)  # 2 of 10 = 20%: allowed
+    with pytest.raises(training.ToleranceExceeded) as info:
+        training.check_tolerance(len(examples), invalid, 5)
+    assert (
+        "2 of 10" in str(info.value)
+        and "line 9" in str(info.value)
+        and "line 10" in str(info.value)
+    )
+
+
+def test_packed_examples_cannot_see_each_other(tiny_model: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    params = params_for(tiny_model)
+    tokenizer = training.load_tokenizer(params)
+    features, _ = training.tokenize_examples(tokenizer, EXAMPLES[:9], params)
+    rows = training.pack(features, 64)
+    assert len(rows) < len(features)
+    assert all(row.length <= 64 for row in rows)
+    assert sorted(id(f) for row in rows for f in row.examples) == sorted(id(f) for f in features)
+    batch = training.PackedCollator()(rows[:2])
+    assert "attention_mask" not in batch
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        packed = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits[0]
+        # The same flat sequence without restarting positions leaks across examples.
+        leaky = model(input_ids=batch["input_ids"], use_cache=False).logits[0]
+        offset = 0
+        for row in rows[:2]:
+            for f in row.examples:
+                alone = model(input_ids=torch.tensor([f.input_ids]), use_cache=False).logits[0]
+                n = len(f.input_ids)
+                torch.testing.assert_close(packed[offset : offset + n], alone, atol=1e-4, rtol=1e-4)
+                assert (
+                    batch["labels"][0, offset].item() == IGNORE_INDEX
+                )  # never predict the next example's start
+                offset += n
+    assert not torch.allclose(packed, leaky, atol=1e-4)
+
+
+def _adapter(result: training.TrainingResult) -> dict[str, torch.Tensor]:
+    return load_file(result.adapter_dir / "adapter_model.safetensors")
+
+
+def test_same_seed_same_adapter_and_resume_matches_an_uninterrupted_run(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    kept = tmp_path / "kept"
+
+    class Keep(training.QuietReporter):
+        def __init__(self) -> None:
+            self.progress_events: list[dict[str, Any]] = []
+
+        def progress(self, progress: dict[str, Any]) -> None:
+            self.progress_events.append(progress)
+
+        def checkpoint_saved(self, step: int, folder: Path) -> None:
+            if step == 6:
+                shutil.copytree(folder, kept / folder.name)
+
+    params = params_for(tiny_model)
+    reporter = Keep()
+    first = training.run_training(params, EXAMPLES, tmp_path / "a", reporter)
+    again = training.run_training(params, EXAMPLES, tmp_path / "b")
+    resumed = training.run_training(
+        params, EXAMPLES, tmp_path / "c", resume_from=kept / "checkpoint-6"
+    )
+    a, b, c = _adapter(first), _adapter(again), _adapter(resumed)
+    assert first.global_step == resumed.global_step == 12 and resumed.resumed_from_step == 6
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)  # it learned something
+    assert "eval_loss" in first.metrics and first.metrics["train_tokens"] > 0
+    last = reporter.progress_events[-1]
+    assert last["step"] == last["total_steps"] == 12 and last["tokens_per_second"] > 0
+    assert {"train_loss", "eval_loss", "learning_rate", "epoch", "eta_seconds"} <= set(last)
+
+
+def test_packing_trains_and_a_stop_request_stops(tiny_model: Path, tmp_path: Path) -> None:
+    packed = training.run_training(
+        params_for(tiny_model, packing=True, max_steps=3), EXAMPLES, tmp_path / "p"
+    )
+    assert packed.global_step == 3 and packed.metrics["train_loss"] > 0
+
+    class StopAfterFirstStep(training.QuietReporter):
+        calls = 0
+
+        def should_stop(self) -> bool:
+            self.calls += 1
+            return self.calls > 1
+
+    with pytest.raises(training.TrainingStopped):
+        training.run_training(
+            params_for(tiny_model), EXAMPLES, tmp_path / "s", StopAfterFirstStep()
+        )
