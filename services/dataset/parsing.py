@@ -241,6 +241,16 @@ def _json_type(value: object) -> str:
 
 
 def _from_prompt_completion(obj: dict[str, Any]) -> Example:
+    prompt, completion = obj.get("prompt"), obj.get("completion")
+    if (  # the common case, checked without building anything
+        type(prompt) is str
+        and type(completion) is str
+        and prompt
+        and completion
+        and not prompt.isspace()
+        and not completion.isspace()
+    ):
+        return ExampleKind.PROMPT_COMPLETION, prompt, completion, Markup.STRUCTURED
     need = "`prompt` and `completion`"
     prompt = _string(obj, "prompt", need)
     completion = _string(obj, "completion", need)
@@ -611,7 +621,7 @@ class UploadParser:
     ) -> Iterator[Batch]:
         assert self._splitter is not None
         limit = self.max_example_chars
-        loads = json.loads
+        loads = json.JSONDecoder().decode
         for first, lines in blocks:
             batch = Batch()
             rows, errors = batch.rows, batch.errors

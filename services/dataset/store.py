@@ -18,7 +18,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
     delete,
     func,
     insert,
@@ -46,6 +47,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from loraforge.services.common.errors import (
+    Aborted,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -120,7 +122,9 @@ inputs = Table(
     "inputs",
     METADATA,
     Column("pk", Integer, primary_key=True, autoincrement=True),
-    Column("dataset_pk", Integer, ForeignKey("datasets.pk"), nullable=False),
+    # No foreign keys on this table: checking them costs every insert of every upload, and
+    # inputs are only ever written for a dataset just looked up and deleted before it.
+    Column("dataset_pk", Integer, nullable=False),
     Column("kind", SmallInteger, nullable=False),
     Column("prompt", Text, nullable=False),
     Column("completion", Text, nullable=False),
@@ -128,7 +132,7 @@ inputs = Table(
     Column("source_format", SmallInteger, nullable=False),
     Column("markup", SmallInteger, nullable=False),
     Column("source_line", Integer, nullable=False),
-    Column("upload_pk", Integer),  # no foreign key: checking it would cost every insert
+    Column("upload_pk", Integer),
     Column("concepts", Text),  # JSON list, NULL when none
     Column("metadata", Text),  # JSON object, NULL when none
     Column("content_hash", BigInteger, nullable=False),
@@ -178,6 +182,8 @@ _INPUT_COLUMNS = (
     "create_time",
 )
 _HASH_LOOKUP_CHUNK = 900  # under every database's bound-parameter limit
+WRITER_CACHE_KIB = 32 * 1024
+DEFAULT_CACHE_KIB = 2000  # SQLite's default page cache
 
 
 def content_hash(kind: int, prompt: str, completion: str) -> int:
@@ -188,6 +194,34 @@ def content_hash(kind: int, prompt: str, completion: str) -> int:
 
 def _json_or_none(value: Any) -> str | None:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")) if value else None
+
+
+class _DriverStatement:
+    """A statement compiled once, run through the driver with tuples of values.
+
+    The upload path runs these millions of times; going around SQLAlchemy's per-call
+    compilation and parameter processing halves its cost. Values are given in `keys`
+    order and converted to the dialect's parameter style.
+    """
+
+    def __init__(self, compiled: Any, keys: Sequence[str]) -> None:
+        self.sql = str(compiled)
+        keys = list(keys)
+        if compiled.positional:
+            order = [keys.index(name) for name in compiled.positiontup or ()]
+            self._identity = order == list(range(len(keys)))
+            self._convert: Callable[[tuple[Any, ...]], Any] = lambda values: tuple(
+                values[i] for i in order
+            )
+        else:
+            self._identity = False
+            self._convert = lambda values: dict(zip(keys, values, strict=True))
+
+    def params(self, values: tuple[Any, ...]) -> Any:
+        return values if self._identity else self._convert(values)
+
+    def many(self, rows: list[tuple[Any, ...]]) -> Any:
+        return rows if self._identity else [self._convert(r) for r in rows]
 
 
 @dataclass(frozen=True)
@@ -214,18 +248,21 @@ class DatasetStore:
         self.engine, self._sessions = open_database(database_url, METADATA)
         self.objects = objects
         self._snapshot_lock = threading.Lock()
-        columns = list(_INPUT_COLUMNS)
-        compiled = insert(inputs).compile(dialect=self.engine.dialect, column_keys=columns)
-        self._insert_sql = str(compiled)
-        if compiled.positional:
-            order = [columns.index(name) for name in compiled.positiontup or ()]
-            self._insert_params = (
-                (lambda rows: rows)
-                if order == list(range(len(columns)))
-                else (lambda rows: [tuple(r[i] for i in order) for r in rows])
+        dialect = self.engine.dialect
+        self.insert_rows = _DriverStatement(
+            insert(inputs).compile(dialect=dialect, column_keys=list(_INPUT_COLUMNS)),
+            _INPUT_COLUMNS,
+        )
+        lookup_keys = ("dataset_pk", *(f"h{i}" for i in range(_HASH_LOOKUP_CHUNK)))
+        self.lookup_hashes = _DriverStatement(
+            select(inputs.c.content_hash)
+            .where(
+                inputs.c.dataset_pk == bindparam("dataset_pk"),
+                inputs.c.content_hash.in_([bindparam(k) for k in lookup_keys[1:]]),
             )
-        else:
-            self._insert_params = lambda rows: [dict(zip(columns, r, strict=True)) for r in rows]
+            .compile(dialect=dialect),
+            lookup_keys,
+        )
 
     def close(self) -> None:
         self.engine.dispose()
@@ -544,76 +581,11 @@ class DatasetStore:
         assert upload_pk is not None
         return UploadHandle(int(upload_pk), upload_id, ds.pk)
 
-    def store_rows(
-        self,
-        upload: UploadHandle,
-        source_format: SourceFormat,
-        rows: Sequence[ParsedRow],
-        skip_duplicates: bool,
-    ) -> tuple[list[ParsedRow], int]:
-        """Stores one batch of parsed rows in one transaction.
-
-        Returns the rows stored and how many rows were duplicates (of an input already in
-        the dataset, including earlier batches of this upload, or of an earlier row of this
-        batch). With `skip_duplicates` the duplicates are not stored.
-        """
-        if not rows:
-            return [], 0
-        now = time.time()
-        fmt = int(source_format)
-        hashes = [content_hash(r.kind, r.prompt, r.completion) for r in rows]
-        with self.engine.begin() as conn:
-            known = self._known_hashes(conn, upload.dataset_pk, hashes)
-            stored: list[ParsedRow] = []
-            params: list[tuple[Any, ...]] = []
-            duplicates = 0
-            for row, digest in zip(rows, hashes, strict=True):
-                if digest in known:
-                    duplicates += 1
-                    if skip_duplicates:
-                        continue
-                else:
-                    known.add(digest)
-                stored.append(row)
-                params.append(
-                    (
-                        upload.dataset_pk,
-                        row.kind,
-                        row.prompt,
-                        row.completion,
-                        row.raw,
-                        fmt,
-                        row.markup,
-                        row.line,
-                        upload.upload_pk,
-                        _json_or_none(row.concepts),
-                        _json_or_none(row.metadata),
-                        digest,
-                        now,
-                    )
-                )
-            if params:
-                conn.exec_driver_sql(self._insert_sql, self._insert_params(params))
-                conn.execute(
-                    update(datasets)
-                    .where(datasets.c.pk == upload.dataset_pk)
-                    .values(input_count=datasets.c.input_count + len(params))
-                )
-        return stored, duplicates
-
-    def _known_hashes(self, conn: Connection, dataset_pk: int, hashes: list[int]) -> set[int]:
-        known: set[int] = set()
-        distinct = list(set(hashes))
-        for i in range(0, len(distinct), _HASH_LOOKUP_CHUNK):
-            part = distinct[i : i + _HASH_LOOKUP_CHUNK]
-            known.update(
-                conn.execute(
-                    select(inputs.c.content_hash).where(
-                        inputs.c.dataset_pk == dataset_pk, inputs.c.content_hash.in_(part)
-                    )
-                ).scalars()
-            )
-        return known
+    def input_writer(
+        self, upload: UploadHandle, source_format: SourceFormat, skip_duplicates: bool
+    ) -> InputWriter:
+        """A writer for one upload's rows; the caller must `close()` it."""
+        return InputWriter(self, upload, source_format, skip_duplicates)
 
     def finish_upload(self, upload: UploadHandle, report: UploadReport) -> None:
         summary = {
@@ -906,6 +878,136 @@ class DatasetStore:
                     self.objects.delete(key)
                 except Exception:  # a leftover object is harmless; a failed delete must not be
                     log.exception("could not delete snapshot object %s", key)
+
+
+class InputWriter:
+    """Stores one upload's rows through one connection, in long transactions.
+
+    A transaction ends every `commit_rows` rows or `commit_seconds`, whichever comes first.
+    Long transactions matter for speed: a commit writes every index page it touched, and
+    the duplicate index is touched at random, so committing every few thousand rows would
+    rewrite most of that index each time. The time bound keeps other writers' waits short.
+    """
+
+    def __init__(
+        self,
+        store: DatasetStore,
+        upload: UploadHandle,
+        source_format: SourceFormat,
+        skip_duplicates: bool,
+        *,
+        commit_rows: int = 100_000,
+        commit_seconds: float = 3.0,
+    ) -> None:
+        self.upload = upload
+        self.source_format = int(source_format)
+        self.skip_duplicates = skip_duplicates
+        self.commit_rows = commit_rows
+        self.commit_seconds = commit_seconds
+        self._store = store
+        self._conn = store.engine.connect()
+        self._sqlite = store.engine.dialect.name == "sqlite"
+        if self._sqlite:
+            # Room for the duplicate index of a large dataset, so inserts do not re-read it.
+            self._conn.exec_driver_sql(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
+            self._conn.commit()
+        self._transaction = self._conn.begin()
+        self._uncommitted = 0
+        self._since = time.monotonic()
+
+    def write(self, rows: Sequence[ParsedRow]) -> tuple[list[ParsedRow], int]:
+        """Stores a batch of rows (not yet committed).
+
+        Returns the rows stored and how many rows were duplicates (of an input already in
+        the dataset, including earlier rows of this upload). With `skip_duplicates` the
+        duplicates are not stored.
+        """
+        if not rows:
+            return [], 0
+        upload = self.upload
+        now = time.time()
+        fmt = self.source_format
+        hashes = [content_hash(r.kind, r.prompt, r.completion) for r in rows]
+        known = self._known_hashes(hashes)
+        stored: list[ParsedRow] = []
+        params: list[tuple[Any, ...]] = []
+        duplicates = 0
+        for row, digest in zip(rows, hashes, strict=True):
+            if digest in known:
+                duplicates += 1
+                if self.skip_duplicates:
+                    continue
+            else:
+                known.add(digest)
+            stored.append(row)
+            params.append(
+                (
+                    upload.dataset_pk,
+                    row.kind,
+                    row.prompt,
+                    row.completion,
+                    row.raw,
+                    fmt,
+                    row.markup,
+                    row.line,
+                    upload.upload_pk,
+                    _json_or_none(row.concepts),
+                    _json_or_none(row.metadata),
+                    digest,
+                    now,
+                )
+            )
+        if params:
+            statement = self._store.insert_rows
+            self._conn.exec_driver_sql(statement.sql, statement.many(params))
+            self._uncommitted += len(params)
+        if (
+            self._uncommitted >= self.commit_rows
+            or time.monotonic() - self._since >= self.commit_seconds
+        ):
+            self.commit()
+        return stored, duplicates
+
+    def _known_hashes(self, hashes: list[int]) -> set[int]:
+        """Which of `hashes` the dataset already holds (committed or in this transaction)."""
+        known: set[int] = set()
+        distinct = list(set(hashes))
+        statement = self._store.lookup_hashes
+        for i in range(0, len(distinct), _HASH_LOOKUP_CHUNK):
+            part = distinct[i : i + _HASH_LOOKUP_CHUNK]
+            part += [part[0]] * (_HASH_LOOKUP_CHUNK - len(part))  # repeats change nothing
+            result = self._conn.exec_driver_sql(
+                statement.sql, statement.params((self.upload.dataset_pk, *part))
+            )
+            known.update(row[0] for row in result)
+        return known
+
+    def commit(self) -> None:
+        counted = self._conn.execute(
+            update(datasets)
+            .where(datasets.c.pk == self.upload.dataset_pk)
+            .values(input_count=datasets.c.input_count + self._uncommitted)
+        ).rowcount
+        if counted == 0:
+            raise Aborted(
+                "the dataset was deleted while this upload was running; nothing was stored",
+                reason="DATASET_DELETED",
+            )
+        self._transaction.commit()
+        self._uncommitted = 0
+        self._since = time.monotonic()
+        self._transaction = self._conn.begin()
+
+    def close(self, *, commit: bool) -> None:
+        """Commits (or rolls back) what is pending and gives the connection back."""
+        try:
+            if commit:
+                self.commit()
+            self._transaction.rollback()
+            if self._sqlite:
+                self._conn.exec_driver_sql(f"PRAGMA cache_size=-{DEFAULT_CACHE_KIB}")
+        finally:
+            self._conn.close()
 
 
 def _stats_to_json(stats: VersionStats) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from loraforge.services.common.errors import invalid_field
 from loraforge.services.dataset.domain import RowError, SourceFormat, UploadReport
 from loraforge.services.dataset.parsing import FILE_FIELD, ParsedRow, UploadParser
-from loraforge.services.dataset.store import DatasetStore, UploadHandle
+from loraforge.services.dataset.store import DatasetStore, InputWriter, UploadHandle
 
 log = logging.getLogger("loraforge.dataset.uploads")
 
@@ -60,19 +60,26 @@ class _Writer(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        while (rows := self.queue.get()) is not None:
-            if self.error is not None:
-                continue  # drain so the producer never blocks on a dead writer
-            try:
-                stored, duplicates = self.store.store_rows(
-                    self.upload, self.source_format, rows, self.skip_duplicates
-                )
-            except BaseException as exc:
-                self.error = exc
-                continue
-            self.accepted += len(stored)
-            self.duplicates += duplicates
-            self.by_markup.update(row.markup.name for row in stored)
+        writer: InputWriter | None = None
+        try:
+            writer = self.store.input_writer(self.upload, self.source_format, self.skip_duplicates)
+            while (rows := self.queue.get()) is not None:
+                if self.error is not None:
+                    continue  # drain, so the producer never blocks on a dead writer
+                stored, duplicates = writer.write(rows)
+                self.accepted += len(stored)
+                self.duplicates += duplicates
+                self.by_markup.update(row.markup.name for row in stored)
+        except BaseException as exc:
+            self.error = exc
+            while self.queue.get() is not None:
+                pass
+        finally:
+            if writer is not None:
+                try:
+                    writer.close(commit=self.error is None)
+                except BaseException as exc:
+                    self.error = self.error or exc
 
     def put(self, rows: list[ParsedRow]) -> None:
         if self.error is not None:
