@@ -1,0 +1,255 @@
+"""Engines in-process: vLLM multi-LoRA equals transformers + PEFT; aborts; the GPT-Neo path."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loraforge.services.predictor.engines.base import AdapterRef, FinishReason, GenerationRequest
+from loraforge.services.predictor.params import SamplingSettings
+from tests.test_predictor_helpers import make_adapter, peft_greedy, tiny_base
+
+PROMPTS = [
+    "The quick brown fox",
+    "Question: What is the capital of France? Answer:",
+    "Net sales increased",
+]
+GREEDY = SamplingSettings(max_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("llama")
+    base = tiny_base(root)
+    return {
+        "base": base,
+        "a1": make_adapter(base, root / "a1", seed=11),
+        "a2": make_adapter(base, root / "a2", seed=12, targets=["q_proj", "v_proj", "down_proj"]),
+    }
+
+
+async def collect(
+    engine: Any, request: GenerationRequest
+) -> tuple[list[int], str, FinishReason | None]:
+    ids: list[int] = []
+    text: list[str] = []
+    reason = None
+    async for delta in engine.generate(request):
+        ids.extend(delta.token_ids)
+        text.append(delta.text)
+        reason = delta.finish_reason or reason
+    return ids, "".join(text), reason
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(llama: dict[str, Path], loop: asyncio.AbstractEventLoop) -> Iterator[Any]:
+    from loraforge.services.predictor.engines.vllm_engine import VllmEngine, VllmSettings
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+    async def start() -> VllmEngine:
+        return VllmEngine.start(
+            VllmSettings(
+                str(llama["base"]),
+                max_loras=4,
+                max_lora_rank=8,
+                dtype="float32",
+                kv_cache_bytes=1 << 30,
+            )
+        )
+
+    engine = loop.run_until_complete(start())
+    yield engine
+    loop.run_until_complete(engine.shutdown())
+
+
+@pytest.mark.slow
+def test_vllm_multi_lora_batch_equals_peft(vllm_engine: Any, llama: dict[str, Path], loop) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama["base"])
+    adapters = {
+        None: None,
+        "a1": AdapterRef(1, "a1", llama["a1"]),
+        "a2": AdapterRef(2, "a2", llama["a2"]),
+    }
+    jobs = [(key, prompt) for prompt in PROMPTS for key in adapters]
+
+    async def run_all() -> list[tuple[list[int], str, FinishReason | None]]:
+        # All adapters and the base model in one concurrent batch.
+        return await asyncio.gather(
+            *[
+                collect(
+                    vllm_engine,
+                    GenerationRequest(
+                        uuid.uuid4().hex, tokenizer(p)["input_ids"], GREEDY, adapters[k]
+                    ),
+                )
+                for k, p in jobs
+            ]
+        )
+
+    results = loop.run_until_complete(run_all())
+    by_key: dict[Any, list[list[int]]] = {}
+    for (key, prompt), (ids, text, reason) in zip(jobs, results, strict=True):
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        expected = peft_greedy(
+            llama["base"], llama[key] if key else None, prompt_ids, GREEDY.max_tokens
+        )
+        assert ids == expected, f"adapter {key}, prompt {prompt!r}"
+        assert text == tokenizer.decode(ids, skip_special_tokens=True)
+        assert reason is (
+            FinishReason.LENGTH if len(ids) == GREEDY.max_tokens else FinishReason.STOP
+        )
+        by_key.setdefault(key, []).append(ids)
+    assert by_key[None] != by_key["a1"] != by_key["a2"] != by_key[None], (
+        "each adapter changes the output"
+    )
+
+
+@pytest.mark.slow
+def test_vllm_closing_the_stream_aborts_the_request(
+    vllm_engine: Any, llama: dict[str, Path], loop
+) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama["base"])
+    before = vllm_engine.stats().aborted_requests
+
+    async def main() -> int:
+        request = GenerationRequest(
+            uuid.uuid4().hex, tokenizer(PROMPTS[0])["input_ids"], SamplingSettings(max_tokens=400)
+        )
+        stream = vllm_engine.generate(request)
+        got = 0
+        async for delta in stream:
+            got += len(delta.token_ids)
+            if got >= 2:
+                break
+        await stream.aclose()
+        for _ in range(100):
+            if vllm_engine.stats().running_requests == 0:
+                break
+            await asyncio.sleep(0.02)
+        return got
+
+    got = loop.run_until_complete(main())
+    assert got < 400
+    assert vllm_engine.stats().running_requests == 0
+    assert vllm_engine.stats().aborted_requests == before + 1
+
+
+@pytest.mark.slow
+def test_vllm_stop_strings_end_generation(vllm_engine: Any, llama: dict[str, Path], loop) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama["base"])
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    free = loop.run_until_complete(
+        collect(vllm_engine, GenerationRequest("free", ids, SamplingSettings(max_tokens=20)))
+    )
+    text = free[1]
+    stop = text[3:6]
+    assert stop.strip(), text
+    got = loop.run_until_complete(
+        collect(
+            vllm_engine,
+            GenerationRequest("stop", ids, SamplingSettings(max_tokens=20, stop=(stop,))),
+        )
+    )
+    assert got[2] is FinishReason.STOP
+    assert got[1] == text[: text.index(stop)]
+
+
+# --- transformers + PEFT (GPT-Neo) ------------------------------------------------------------
+
+
+def eos_first_base(root: Path) -> Path:
+    """A copy of the tiny GPT-Neo whose head always prefers end-of-sequence after one token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = tiny_base(root, "gpt_neo")
+    dest = root / "neo-eos"
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight[model.config.eos_token_id] *= 0
+        model.lm_head.weight[model.config.eos_token_id] += 50 * model.transformer.wte.weight.mean(0)
+    model.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dest)
+    return dest
+
+
+@pytest.mark.slow
+def test_transformers_engine_serves_gpt_neo_adapters(tmp_path: Path, loop) -> None:
+    from transformers import AutoTokenizer
+
+    from loraforge.services.predictor.engines.transformers_engine import (
+        TransformersEngine,
+        TransformersSettings,
+    )
+
+    base = tiny_base(tmp_path, "gpt_neo")
+    a1 = make_adapter(base, tmp_path / "neo-a1", seed=21)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    engine = TransformersEngine.start(TransformersSettings(str(base), dtype="float32"))
+    ids = tokenizer(PROMPTS[1])["input_ids"]
+
+    async def main() -> tuple[Any, Any]:
+        with_adapter = collect(engine, GenerationRequest("a", ids, GREEDY, AdapterRef(1, "a1", a1)))
+        plain = collect(engine, GenerationRequest("b", ids, GREEDY))
+        return await asyncio.gather(with_adapter, plain)
+
+    (adapted, text, reason), (plain, _, _) = loop.run_until_complete(main())
+    assert adapted == peft_greedy(base, a1, ids, GREEDY.max_tokens)
+    assert plain == peft_greedy(base, None, ids, GREEDY.max_tokens)
+    assert adapted != plain
+    assert text == tokenizer.decode(adapted, skip_special_tokens=True)
+    assert reason is FinishReason.LENGTH
+    assert loop.run_until_complete(engine.loaded_adapter_ids()) == {1}
+
+    async def cancel() -> None:
+        stream = engine.generate(GenerationRequest("c", ids, SamplingSettings(max_tokens=400)))
+        async for _ in stream:
+            break
+        await stream.aclose()
+
+    loop.run_until_complete(cancel())
+    assert engine.stats().aborted_requests == 1
+    loop.run_until_complete(engine.shutdown())
+
+
+@pytest.mark.slow
+def test_default_generation_stops_at_end_of_sequence(tmp_path: Path, loop) -> None:
+    from transformers import AutoTokenizer
+
+    from loraforge.services.predictor.engines.transformers_engine import (
+        TransformersEngine,
+        TransformersSettings,
+    )
+
+    base = eos_first_base(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    engine = TransformersEngine.start(TransformersSettings(str(base), dtype="float32"))
+    ids, text, reason = loop.run_until_complete(
+        collect(
+            engine, GenerationRequest("e", tokenizer(PROMPTS[0])["input_ids"], SamplingSettings())
+        )
+    )
+    assert reason is FinishReason.STOP
+    assert ids[-1] == tokenizer.eos_token_id and len(ids) < 256
+    assert "</s>" not in text
+    loop.run_until_complete(engine.shutdown())
