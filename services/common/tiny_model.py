@@ -41,6 +41,11 @@ class TinyModelSpec:
     num_heads: int = 2
     intermediate_size: int = 256
     max_position_embeddings: int = 512
+    initializer_range: float = 0.02
+    # The output layer is drawn wider than the rest: with a frozen random output layer at
+    # 0.02, the logit margin caps near 2.6, so a LoRA adapter (which does not train the
+    # output layer) could never make a confident prediction.
+    output_init_std: float = 0.5
     seed: int = 0
 
 
@@ -125,6 +130,7 @@ def build_tiny_model(
             head_dim=spec.hidden_size // spec.num_heads,
             max_position_embeddings=spec.max_position_embeddings,
             tie_word_embeddings=False,
+            initializer_range=spec.initializer_range,
             torch_dtype="float32",
             **ids,
         )
@@ -140,6 +146,7 @@ def build_tiny_model(
             intermediate_size=spec.intermediate_size,
             max_position_embeddings=spec.max_position_embeddings,
             window_size=min(256, spec.max_position_embeddings),
+            initializer_range=spec.initializer_range,
             torch_dtype="float32",
             **ids,
         )
@@ -148,6 +155,8 @@ def build_tiny_model(
         raise ValueError(
             f"unknown tiny architecture {spec.architecture!r}: use 'llama' or 'gpt_neo'"
         )
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0.0, spec.output_init_std)
     model.generation_config = GenerationConfig(
         bos_token_id=ids["bos_token_id"],
         eos_token_id=ids["eos_token_id"],
