@@ -69,6 +69,8 @@ class Stack:
                 "0.5",
                 "--lease-seconds",
                 str(lease_seconds),
+                "--cpu-threads",
+                "1",  # several processes share two cores in CI
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -401,7 +403,9 @@ def test_cancel_while_running(stack: Stack, shared_worker: subprocess.Popen[byte
 def test_killed_worker_run_resumes_from_its_checkpoint(stack: Stack) -> None:
     stack.stop_workers()  # only this test's workers from here on
     created = _create(
-        stack, "crash", _overrides(stack, max_steps=200, save_steps=10, logging_steps=5)
+        stack,
+        "crash",
+        _overrides(stack, max_steps=60, save_steps=5, logging_steps=5, eval_split_percent=0),
     )
     victim = stack.start_worker("victim")
     events: list[pb.TrainingEvent] = []
@@ -426,19 +430,19 @@ def test_killed_worker_run_resumes_from_its_checkpoint(stack: Stack) -> None:
     assert "victim" in states[1].message and "rescuer" in states[3].message
     assert "resuming from checkpoint step" in states[3].message
     resumed_at = int(states[3].message.rsplit(" ", 1)[-1])
-    assert resumed_at >= 10
+    assert resumed_at >= 5
     resume_index = events.index(
         next(e for e in events if e.HasField("state_change") and e.state_change == states[3])
     )
     after_resume = [e.progress.step for e in events[resume_index:] if e.HasField("progress")]
-    assert after_resume[0] > resumed_at and after_resume[-1] == 200
+    assert after_resume[0] > resumed_at and after_resume[-1] == 60
     version = stack.trainer_stub.GetModelVersion(
         pb.GetModelVersionRequest(name=created.name)
     ).model_version
     assert version.state == S.MODEL_VERSION_STATE_TRAINED and version.attempts == 2
     store = open_object_store(str(stack.workdir / "home" / "objects"))
     manifest = json.loads(store.get_bytes(f"{version.artifacts.adapter_prefix}/manifest.json"))
-    assert manifest["resumed_from_step"] == resumed_at and manifest["global_step"] == 200
+    assert manifest["resumed_from_step"] == resumed_at and manifest["global_step"] == 60
 
 
 def test_two_workers_never_run_one_job_twice(stack: Stack) -> None:

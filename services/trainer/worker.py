@@ -82,6 +82,10 @@ class WorkerConfig:
     )
     max_attempts: int = setting(3, "Starts of one run (crashes included) before it is failed.")
     max_jobs: int = setting(0, "Exit after this many runs (0: run until stopped).")
+    cpu_threads: int = setting(
+        0,
+        "Threads torch may use on a CPU (0: its default). Set it when several workers share one CPU host.",
+    )
     log_level: str = setting("INFO", "Log level: DEBUG, INFO, WARNING, ERROR.")
     log_format: str = setting("text", "Log format: text or json.")
 
@@ -290,6 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.heartbeat_seconds >= config.lease_seconds:
         print("error: --heartbeat-seconds must be shorter than --lease-seconds", flush=True)
         return 2
+    if config.cpu_threads > 0:
+        import torch
+
+        torch.set_num_threads(config.cpu_threads)
     worker = Worker(config)
 
     def on_signal(signum: int, _frame: Any) -> None:
