@@ -97,6 +97,9 @@ def build_tiny_model(
     """Writes a tiny model + tokenizer to `dest` (skipped if the same one is already there)."""
     import torch
     from transformers import AutoTokenizer, GenerationConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     spec = spec or TinyModelSpec()
     dest = Path(dest)

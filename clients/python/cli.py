@@ -1,0 +1,657 @@
+"""`loraforge`: run the platform and every user step from a terminal.
+
+Errors print as one line on stderr with a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from google.protobuf import json_format
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from loraforge.client.client import Client, ClientError, _template_defaults
+from loraforge.dataset.v1 import dataset_service_pb2 as dpb
+from loraforge.predictor.v1 import predictor_service_pb2 as ppb
+from loraforge.trainer.v1 import trainer_service_pb2 as tpb
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("LORAFORGE_HOME", Path.home() / ".loraforge"))
+
+
+class UsageError(Exception):
+    """A command-line mistake; printed as one line."""
+
+
+def _name(arg: str, *kinds: str) -> str:
+    """Accepts a full resource name (`apps/a/datasets/d`) or its short form (`a/d`)."""
+    if arg.startswith("apps/"):
+        return arg
+    parts = arg.split("/")
+    if len(parts) != len(kinds):
+        pattern = "/".join(f"{k}s/{{{k}}}" for k in kinds)
+        raise UsageError(f"{arg!r}: expected a name like {pattern} (or {'/'.join(kinds)})")
+    return "/".join(f"{k}s/{p}" for k, p in zip(kinds, parts, strict=True))
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.dataset_address, args.trainer_address, args.predictor_address)
+
+
+# ----- services ---------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> None:
+    from loraforge.client.local import LocalCluster
+
+    home = Path(args.home)
+    if LocalCluster.attach(home):
+        raise UsageError(f"services are already running from {home}; `loraforge down` stops them")
+    base_model = args.base_model or os.environ.get("LORAFORGE_BASE_MODEL") or _tiny_base_model(home)
+    cluster = LocalCluster(home=home, base_model=base_model, workers=args.workers)
+    with console.status(
+        "starting dataset, trainer, worker and predictor (the predictor's engine takes a while)..."
+    ):
+        cluster.start()
+    table = Table(title=f"loraforge services (home {home})")
+    for col in ("service", "address", "pid", "log"):
+        table.add_column(col)
+    for name, proc in cluster.procs.items():
+        table.add_row(
+            name, f"127.0.0.1:{proc.port}" if proc.port else "-", str(proc.pid), str(proc.log)
+        )
+    console.print(table)
+    console.print(f"base model: {base_model}\nstop them with `loraforge down`")
+
+
+def cmd_down(args: argparse.Namespace) -> None:
+    from loraforge.client.local import LocalCluster
+
+    cluster = LocalCluster.attach(Path(args.home))
+    if cluster is None:
+        console.print("no services running")
+        return
+    cluster.stop()
+    console.print("services stopped")
+
+
+def _tiny_base_model(home: Path) -> str:
+    from loraforge.client.demo import build_demo_base_model
+
+    with console.status("building a small local base model (no base model configured)..."):
+        return str(build_demo_base_model(home))
+
+
+# ----- apps, datasets, uploads, versions ------------------------------------------------------
+
+
+def cmd_apps(args: argparse.Namespace) -> None:
+    client = _client(args)
+    if args.action == "create":
+        console.print(f"created {client.create_app(args.id).name}")
+    elif args.action == "delete":
+        client.delete_app(args.id, force=args.force)
+        console.print(f"deleted apps/{args.id.removeprefix('apps/')}")
+    else:
+        for app in client.list_apps():
+            console.print(app.name)
+
+
+def cmd_datasets(args: argparse.Namespace) -> None:
+    client = _client(args)
+    if args.action == "create":
+        name = _name(args.name, "app", "dataset")
+        app_name, dataset_id = name.rsplit("/datasets/", 1)
+        ds = client.app(app_name).create_dataset(dataset_id)
+        console.print(f"created {ds.name}")
+    elif args.action == "delete":
+        client.datasets.DeleteDataset(
+            dpb.DeleteDatasetRequest(name=_name(args.name, "app", "dataset"), force=args.force)
+        )
+        console.print("deleted")
+    else:
+        table = Table("dataset", "inputs", "versions")
+        for ds in client.app(args.name).list_datasets():
+            table.add_row(ds.name, str(ds.pb.input_count), str(ds.pb.version_count))
+        console.print(table)
+
+
+def cmd_upload(args: argparse.Namespace) -> None:
+    client = _client(args)
+    path = Path(args.file)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    name = _name(args.dataset, "app", "dataset")
+    app_name, dataset_id = name.rsplit("/datasets/", 1)
+    dataset = client.app(app_name).dataset(dataset_id)
+    started = time.monotonic()
+    with Progress(
+        TextColumn("uploading"),
+        BarColumn(),
+        DownloadColumn(),
+        TextColumn("{task.fields[rows]}"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("upload", total=path.stat().st_size, rows="")
+
+        def progress(sent: int, total: int, lines: int) -> None:
+            rate = lines / max(time.monotonic() - started, 1e-6)
+            bar.update(task, completed=sent, rows=f"~{rate:,.0f} rows/s")
+
+        report = dataset.upload_file(
+            path,
+            skip_duplicates=args.skip_duplicates,
+            max_row_errors=args.max_errors,
+            progress=progress,
+        )
+    elapsed = max(time.monotonic() - started, 1e-6)
+    _print_upload_report(report, elapsed)
+
+
+def _print_upload_report(report: dpb.UploadInputsResponse, elapsed: float) -> None:
+    fmt = dpb.SourceFormat.Name(report.detected_format).removeprefix("SOURCE_FORMAT_").lower()
+    console.print(
+        f"format {fmt}: {report.rows_read:,} rows read, [green]{report.rows_accepted:,} accepted[/green], "
+        f"[red]{report.rows_rejected:,} rejected[/red], {report.duplicate_rows:,} duplicates "
+        f"({report.rows_read / elapsed:,.0f} rows/s, {report.bytes_read / elapsed / 1e6:.1f} MB/s)"
+    )
+    if report.row_errors:
+        table = Table("line", "problem", "reason", "row starts with", title="rejected rows")
+        for e in report.row_errors:
+            table.add_row(str(e.line), e.code, e.reason, e.excerpt[:60])
+        console.print(table)
+        if report.row_errors_truncated:
+            console.print(
+                f"... and {report.rows_rejected - len(report.row_errors):,} more rejected rows"
+            )
+
+
+def cmd_versions(args: argparse.Namespace) -> None:
+    client = _client(args)
+    if args.action == "delete":
+        client.datasets.DeleteDatasetVersion(dpb.DeleteDatasetVersionRequest(name=args.name))
+        console.print("deleted")
+        return
+    name = _name(args.name, "app", "dataset")
+    app_name, dataset_id = name.rsplit("/datasets/", 1)
+    dataset = client.app(app_name).dataset(dataset_id)
+    versions = (
+        [dataset.create_version(args.id)] if args.action == "create" else dataset.list_versions()
+    )
+    table = Table(
+        "version",
+        "state",
+        "code",
+        "examples",
+        "prompt chars (median/p95)",
+        "completion chars (median/p95)",
+    )
+    for v in versions:
+        s = v.stats
+        table.add_row(
+            v.name,
+            dpb.DatasetVersionState.Name(v.state).removeprefix("DATASET_VERSION_STATE_"),
+            str(v.status_code),
+            f"{s.example_count:,}",
+            f"{s.prompt_chars.median}/{s.prompt_chars.p95}",
+            f"{s.completion_chars.median}/{s.completion_chars.p95}",
+        )
+    console.print(table)
+
+
+# ----- templates, models, training -----------------------------------------------------------
+
+
+def cmd_templates(args: argparse.Namespace) -> None:
+    client = _client(args)
+    if args.action == "list":
+        table = Table("template", "recommended", "serving", "hardware")
+        for t in client.list_templates():
+            table.add_row(
+                t.name.removeprefix("templates/"),
+                "yes" if t.recommended else "",
+                t.serving_engine,
+                t.hardware.summary,
+            )
+        console.print(table)
+        return
+    template = client.get_template(args.name)
+    table = Table("parameter", "type", "default", "bounds", "description", title=template.name)
+    for p in template.parameters:
+        bounds = ", ".join(
+            x
+            for x in (
+                f"≥ {p.min:g}" if p.HasField("min") else "",
+                f"≤ {p.max:g}" if p.HasField("max") else "",
+                "one of " + "/".join(p.choices) if p.choices else "",
+            )
+            if x
+        )
+        default = (
+            json.dumps(json_format.MessageToDict(p.default_value))
+            if p.HasField("default_value")
+            else ""
+        )
+        table.add_row(
+            p.path,
+            tpb.ParameterType.Name(p.type).removeprefix("PARAMETER_TYPE_").lower(),
+            default,
+            bounds,
+            p.description,
+        )
+    console.print(table)
+    if args.save_params:
+        doc = {
+            "template": template.name.removeprefix("templates/"),
+            "dataset_version": "",
+            **_template_defaults(template),
+        }
+        Path(args.save_params).write_text(yaml.safe_dump(doc, sort_keys=False))
+        console.print(
+            f"parameters written to {args.save_params}; edit them and pass --params to `loraforge train`"
+        )
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    client = _client(args)
+    if args.action == "create":
+        name = _name(args.name, "app", "model")
+        app_name, model_id = name.rsplit("/models/", 1)
+        console.print(f"created {client.app(app_name).create_model(model_id).name}")
+    elif args.action == "delete":
+        client.trainer.DeleteModel(
+            tpb.DeleteModelRequest(name=_name(args.name, "app", "model"), force=args.force)
+        )
+        console.print("deleted")
+    else:
+        table = Table("model", "latest trained version")
+        for m in client.app(args.name).list_models():
+            table.add_row(m.name, m.pb.latest_trained_version or "-")
+        console.print(table)
+
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"--set {item!r}: expected group.key=value, e.g. peft_config.r=8")
+        path, raw = item.split("=", 1)
+        node = out
+        *groups, leaf = path.split(".")
+        for g in groups:
+            node = node.setdefault(g, {})
+        node[leaf] = yaml.safe_load(raw)
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    client = _client(args)
+    name = _name(args.model, "app", "model")
+    app_name, model_id = name.rsplit("/models/", 1)
+    model = client.app(app_name).model(model_id)
+    params: dict[str, Any] = {}
+    if args.params:
+        params = yaml.safe_load(Path(args.params).read_text()) or {}
+    template = args.template or params.get("template")
+    if not template:
+        raise UsageError(
+            "no template: pass --template NAME (see `loraforge templates list`) or a --params file"
+        )
+    model.get_params(template)
+    dataset_version = args.dataset_version or params.get("dataset_version")
+    if not dataset_version:
+        raise UsageError(
+            "no dataset version: pass --dataset-version apps/APP/datasets/DATASET/versions/VERSION"
+        )
+    params.pop("template", None)
+    params["dataset_version"] = dataset_version
+    model.update_params(**params, **_parse_set(args.set))
+    version_id = model.train(version_id=args.id)
+    version_name = model.version_name(version_id)
+    console.print(f"queued {version_name}")
+    if args.no_watch:
+        return
+    follow(client, version_name, plot=args.plot)
+
+
+def follow(client: Client, version_name: str, plot: str | None = None) -> tpb.ModelVersion:
+    """Shows a run's live progress from its watch stream; saves the loss curve as a PNG."""
+    train_points: list[tuple[int, float]] = []
+    eval_points: list[tuple[int, float]] = []
+    with Progress(
+        TextColumn("[bold]{task.fields[state]}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[steps]}"),
+        TextColumn("{task.fields[stats]}"),
+        TimeRemainingColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("train", total=None, state="QUEUED", stats="", steps="")
+        for event in client.watch(version_name):
+            kind = event.WhichOneof("kind")
+            if kind == "state_change":
+                state = tpb.ModelVersionState.Name(event.state_change.state).removeprefix(
+                    "MODEL_VERSION_STATE_"
+                )
+                bar.update(task, state=f"{state} ({event.state_change.status_code})")
+                if event.state_change.message and state in ("FAILED", "CANCELLED"):
+                    bar.console.print(f"[red]{event.state_change.message}")
+            elif kind == "progress":
+                p = event.progress
+                if p.HasField("train_loss"):
+                    train_points.append((p.step, p.train_loss))
+                if p.HasField("eval_loss"):
+                    eval_points.append((p.step, p.eval_loss))
+                stats = [f"{p.tokens_per_second:,.0f} tok/s"]
+                if train_points:
+                    stats.insert(0, f"loss {train_points[-1][1]:.3f}")
+                if eval_points:
+                    stats.insert(1, f"eval {eval_points[-1][1]:.3f}")
+                bar.update(
+                    task, total=p.total_steps or None, completed=p.step, stats="  ".join(stats)
+                )
+            elif kind == "log" and event.log.level >= tpb.LOG_LEVEL_WARNING:
+                bar.console.print(f"[yellow]{event.log.message}")
+    version = client.model_version(version_name)
+    state = tpb.ModelVersionState.Name(version.state).removeprefix("MODEL_VERSION_STATE_")
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(version.metrics.items()))
+    console.print(
+        f"{version_name}: {state} ({version.status_code}){' — ' + metrics if metrics else ''}"
+    )
+    if version.failure_reason:
+        console.print(f"[red]{version.failure_reason}")
+    if train_points and plot != "":
+        path = plot or f"loss-{version_name.rsplit('/', 1)[-1]}.png"
+        save_loss_curve(train_points, eval_points, path, version_name)
+        console.print(f"loss curve saved to {path}")
+    return version
+
+
+def save_loss_curve(
+    train: list[tuple[int, float]], evals: list[tuple[int, float]], path: str, title: str
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), marker="o", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    client = _client(args)
+    mv = client.model_version(args.version)
+    state = tpb.ModelVersionState.Name(mv.state).removeprefix("MODEL_VERSION_STATE_")
+    table = Table(show_header=False, title=mv.name)
+    table.add_row("state", f"{state} ({mv.status_code})")
+    table.add_row("template", mv.template)
+    table.add_row("dataset version", mv.dataset_version)
+    if mv.progress.total_steps:
+        table.add_row(
+            "progress",
+            f"step {mv.progress.step}/{mv.progress.total_steps}, epoch {mv.progress.epoch:.2f}",
+        )
+    for k, v in sorted(mv.metrics.items()):
+        table.add_row(k, f"{v:.4g}")
+    if mv.failure_reason:
+        table.add_row("failure", mv.failure_reason)
+    if mv.artifacts.adapter_prefix:
+        table.add_row("adapter", mv.artifacts.adapter_prefix)
+    console.print(table)
+
+
+def cmd_logs(args: argparse.Namespace) -> None:
+    client = _client(args)
+    for event in client.logs(args.version):
+        if event.WhichOneof("kind") == "log":
+            level = tpb.LogLevel.Name(event.log.level).removeprefix("LOG_LEVEL_")
+            console.print(
+                f"{event.time.ToDatetime():%H:%M:%S} {level:7} {event.log.message}",
+                markup=False,
+                highlight=False,
+            )
+
+
+def cmd_watch(args: argparse.Namespace) -> None:
+    follow(_client(args), args.version, plot=args.plot)
+
+
+def cmd_cancel(args: argparse.Namespace) -> None:
+    mv = _client(args).cancel(args.version)
+    console.print(
+        f"{mv.name}: {tpb.ModelVersionState.Name(mv.state).removeprefix('MODEL_VERSION_STATE_')}"
+    )
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    client = _client(args)
+    if bool(args.model) == args.base:
+        raise UsageError(
+            "name a model (apps/APP/models/MODEL[/versions/V]) or pass --base, not both"
+        )
+    params: dict[str, Any] = {"maxTokens": args.max_tokens, "temperature": args.temperature}
+    if args.system_prompt:
+        params["systemPrompt"] = args.system_prompt
+    if args.prompt_template:
+        params["promptTemplate"] = args.prompt_template
+    model = (
+        _name(args.model, "app", "model")
+        if args.model and "/versions/" not in args.model
+        else (args.model or "")
+    )
+    if args.no_stream:
+        out = client.predict(
+            [args.text], model, base_model=args.base, inference_params=params
+        ).outputs[0]
+        console.print(out.data.text.raw, markup=False, highlight=False)
+        return
+    last = None
+    for msg in client.predict_stream(
+        args.text, model, base_model=args.base, inference_params=params
+    ):
+        sys.stdout.write(msg.delta)
+        sys.stdout.flush()
+        last = msg
+    sys.stdout.write("\n")
+    if last is not None:
+        err_console.print(
+            f"[dim]{last.prompt_tokens} prompt + {last.completion_tokens} completion tokens, "
+            f"finished: {ppb.FinishReason.Name(last.finish_reason).removeprefix('FINISH_REASON_').lower()}[/dim]"
+        )
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from loraforge.client.demo import run_demo
+
+    run_demo(
+        home=Path(args.home) / "demo",
+        base_model=args.base_model,
+        keep_running=args.keep_running,
+        epochs=args.epochs,
+    )
+
+
+# ----- parser ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraforge",
+        description="Fine-tune text-to-text LLMs with LoRA and serve the adapters.",
+    )
+    parser.add_argument(
+        "--dataset-address",
+        default=None,
+        help="dataset service host:port [env LORAFORGE_DATASET_ADDRESS; 127.0.0.1:50051]",
+    )
+    parser.add_argument(
+        "--trainer-address",
+        default=None,
+        help="trainer service host:port [env LORAFORGE_TRAINER_ADDRESS; 127.0.0.1:50052]",
+    )
+    parser.add_argument(
+        "--predictor-address",
+        default=None,
+        help="predictor service host:port [env LORAFORGE_PREDICTOR_ADDRESS; 127.0.0.1:50053]",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = add("up", cmd_up, "start dataset, trainer, a worker and the predictor on this machine")
+    p.add_argument(
+        "--home", default=str(default_home()), help="state folder (SQLite, objects, logs)"
+    )
+    p.add_argument(
+        "--base-model",
+        default=None,
+        help="base model the predictor serves (path or hub id); default: a small local one",
+    )
+    p.add_argument("--workers", type=int, default=1, help="training worker processes")
+    p = add("down", cmd_down, "stop the services `up` started")
+    p.add_argument("--home", default=str(default_home()))
+    p = add(
+        "demo",
+        cmd_demo,
+        "the end-to-end demo: upload, version, train, predict (base vs fine-tuned)",
+    )
+    p.add_argument(
+        "--home", default=str(default_home()), help="its state goes in HOME/demo (wiped at start)"
+    )
+    p.add_argument(
+        "--base-model",
+        default=None,
+        help="a local Llama-style model folder; default: a small one built here",
+    )
+    p.add_argument("--epochs", type=float, default=3, help="training epochs")
+    p.add_argument(
+        "--keep-running", action="store_true", help="leave the services running afterwards"
+    )
+
+    p = add("apps", cmd_apps, "create, list or delete apps")
+    p.add_argument("action", choices=["create", "list", "delete"])
+    p.add_argument("id", nargs="?", default="")
+    p.add_argument("--force", action="store_true", help="delete with datasets")
+    p = add("datasets", cmd_datasets, "create, list or delete datasets")
+    p.add_argument("action", choices=["create", "list", "delete"])
+    p.add_argument("name", help="APP/DATASET for create/delete, APP for list")
+    p.add_argument("--force", action="store_true")
+    p = add("upload", cmd_upload, "upload a file of examples (CSV, JSONL or text) to a dataset")
+    p.add_argument("dataset", help="APP/DATASET or apps/APP/datasets/DATASET")
+    p.add_argument("file")
+    p.add_argument("--skip-duplicates", action="store_true")
+    p.add_argument("--max-errors", type=int, default=50, help="rejected rows to list")
+    p = add("versions", cmd_versions, "create or list dataset versions, or delete one")
+    p.add_argument("action", choices=["create", "list", "delete"])
+    p.add_argument("name", help="APP/DATASET (create, list) or a version name (delete)")
+    p.add_argument("--id", default="", help="version id (create); generated when empty")
+    p = add("templates", cmd_templates, "list templates or show one's parameters")
+    p.add_argument("action", choices=["list", "show"])
+    p.add_argument("name", nargs="?", default="")
+    p.add_argument("--save-params", default=None, help="write the parameters as YAML (show)")
+    p = add("models", cmd_models, "create, list or delete models")
+    p.add_argument("action", choices=["create", "list", "delete"])
+    p.add_argument("name", help="APP/MODEL (create, delete) or APP (list)")
+    p.add_argument("--force", action="store_true")
+    p = add("train", cmd_train, "train a new model version and follow its progress")
+    p.add_argument("model", help="APP/MODEL or apps/APP/models/MODEL")
+    p.add_argument("--template", default=None)
+    p.add_argument("--dataset-version", default=None)
+    p.add_argument("--params", default=None, help="YAML written by `templates show --save-params`")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="GROUP.KEY=VALUE",
+        help="override one parameter",
+    )
+    p.add_argument("--id", default="", help="version id; generated when empty")
+    p.add_argument("--no-watch", action="store_true", help="return once queued")
+    p.add_argument("--plot", default=None, help="loss curve PNG path (default loss-VERSION.png)")
+    for name, fn, help in (
+        ("status", cmd_status, "show a model version's state, progress and metrics"),
+        ("logs", cmd_logs, "print a model version's training log"),
+        ("watch", cmd_watch, "follow a model version's training live"),
+        ("cancel", cmd_cancel, "cancel a queued or running model version"),
+    ):
+        p = add(name, fn, help)
+        p.add_argument("version", help="apps/APP/models/MODEL/versions/VERSION")
+        if name == "watch":
+            p.add_argument("--plot", default=None)
+    p = add("predict", cmd_predict, "generate text with a model, a model version or the base model")
+    p.add_argument(
+        "model",
+        nargs="?",
+        default="",
+        help="APP/MODEL, a model or model version name; omit with --base",
+    )
+    p.add_argument("text")
+    p.add_argument("--base", action="store_true", help="use the base model without an adapter")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--system-prompt", default="")
+    p.add_argument("--prompt-template", default="")
+    p.add_argument("--no-stream", action="store_true", help="wait for the whole output")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (ClientError, UsageError, RuntimeError) as exc:
+        err_console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        return 1
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    except Exception as exc:  # a bug: still one line, the traceback only on request
+        if os.environ.get("LORAFORGE_DEBUG"):
+            raise
+        err_console.print(
+            f"[red]error:[/red] unexpected {type(exc).__name__}: {exc} (LORAFORGE_DEBUG=1 shows the traceback)",
+            highlight=False,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,1 +1,0 @@
-"""The `loraforge` command line."""
