@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
@@ -51,6 +52,7 @@ MAX_ADD_INPUTS = 10_000
 MAX_REFERRER_CHARS = 512
 DEFAULT_READ_BATCH = 500
 MAX_READ_BATCH = 10_000
+END_OF_STREAM_GRACE_SECONDS = 0.05
 
 T = TypeVar("T")
 
@@ -328,11 +330,27 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
             )
         options = self._upload_options(first.header)
         loop = asyncio.get_running_loop()
+        # Set when the call ends before we answer, i.e. the client cancelled or went away.
+        # A cancelled stream may first look like a normal end of file, so the uploader
+        # checks this again before its final commit.
         abandoned = threading.Event()
+        call_done = asyncio.Event()
+
+        def on_done(_: object) -> None:
+            abandoned.set()
+            call_done.set()
+
+        context.add_done_callback(on_done)
 
         async def next_chunk() -> bytes | None:
             message = await anext(messages, None)
             if message is None:
+                # A cancel shows up as the end of the stream, then the call ending a moment
+                # later: wait that moment before taking the end of the stream as the end of file.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(call_done.wait(), END_OF_STREAM_GRACE_SECONDS)
+                if call_done.is_set():
+                    raise Aborted("the upload was cancelled before it finished", reason="CANCELLED")
                 return None
             if message.WhichOneof("payload") == "header":
                 raise invalid_field(
@@ -360,7 +378,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
                 yield chunk
 
         try:
-            report = await self._run(self.uploader.ingest, options, chunks())
+            report = await self._run(self.uploader.ingest, options, chunks(), abandoned.is_set)
         except asyncio.CancelledError:
             abandoned.set()
             raise

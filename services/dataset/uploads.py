@@ -13,10 +13,10 @@ import logging
 import queue
 import threading
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from loraforge.services.common.errors import invalid_field
+from loraforge.services.common.errors import Aborted, invalid_field
 from loraforge.services.dataset.domain import RowError, SourceFormat, UploadReport
 from loraforge.services.dataset.parsing import FILE_FIELD, ParsedRow, UploadParser
 from loraforge.services.dataset.store import DatasetStore, InputWriter, UploadHandle
@@ -58,15 +58,17 @@ class _Writer(threading.Thread):
         self.duplicates = 0
         self.by_markup: Counter[str] = Counter()
         self.error: BaseException | None = None
+        self.input_writer: InputWriter | None = None
 
     def run(self) -> None:
-        writer: InputWriter | None = None
         try:
-            writer = self.store.input_writer(self.upload, self.source_format, self.skip_duplicates)
+            self.input_writer = self.store.input_writer(
+                self.upload, self.source_format, self.skip_duplicates
+            )
             while (rows := self.queue.get()) is not None:
                 if self.error is not None:
                     continue  # drain, so the producer never blocks on a dead writer
-                stored, duplicates = writer.write(rows)
+                stored, duplicates = self.input_writer.write(rows)
                 self.accepted += len(stored)
                 self.duplicates += duplicates
                 self.by_markup.update(row.markup.name for row in stored)
@@ -74,23 +76,33 @@ class _Writer(threading.Thread):
             self.error = exc
             while self.queue.get() is not None:
                 pass
-        finally:
-            if writer is not None:
-                try:
-                    writer.close(commit=self.error is None)
-                except BaseException as exc:
-                    self.error = self.error or exc
 
     def put(self, rows: list[ParsedRow]) -> None:
         if self.error is not None:
             raise self.error
         self.queue.put(rows)
 
-    def finish(self) -> None:
-        self.queue.put(None)
-        self.join()
+    def drain(self) -> None:
+        """Waits until every queued batch is written (not yet committed)."""
+        if self.is_alive():
+            self.queue.put(None)
+            self.join()
         if self.error is not None:
             raise self.error
+
+    def close(self, *, commit: bool) -> None:
+        """After `drain`: commits the last rows, or rolls them back."""
+        if self.input_writer is not None:
+            writer, self.input_writer = self.input_writer, None
+            writer.close(commit=commit)
+
+    def abandon(self) -> None:
+        self.error = self.error or RuntimeError("upload abandoned")
+        try:
+            self.drain()
+        except BaseException:
+            pass
+        self.close(commit=False)
 
 
 class Uploader:
@@ -101,7 +113,13 @@ class Uploader:
         self.max_example_chars = max_example_chars
         self.batch_rows = batch_rows
 
-    def ingest(self, options: UploadOptions, chunks: Iterable[bytes]) -> UploadReport:
+    def ingest(
+        self,
+        options: UploadOptions,
+        chunks: Iterable[bytes],
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> UploadReport:
+        """Parses and stores a whole file; `cancelled` is asked once more before the last commit."""
         upload = self.store.begin_upload(options.app_id, options.dataset_id, options.file_name)
         parser = UploadParser(
             file_name=options.file_name,
@@ -128,7 +146,10 @@ class Uploader:
                 raise invalid_field(FILE_FIELD, "the file is empty", reason="EMPTY_FILE")
             if pending:
                 writer.put(pending)
-            writer.finish()
+            writer.drain()
+            if cancelled():
+                raise Aborted("the upload was cancelled before it finished", reason="CANCELLED")
+            writer.close(commit=True)
             if parser.rows_read == 0:
                 raise invalid_field(
                     FILE_FIELD,
@@ -136,13 +157,15 @@ class Uploader:
                     reason="EMPTY_FILE",
                 )
         except BaseException:
-            if writer is not None and writer.is_alive():
-                writer.error = writer.error or RuntimeError("upload abandoned")
-                writer.queue.put(None)
-                writer.join()
+            if writer is not None:
+                writer.abandon()
             removed = self.store.abort_upload(upload)
             log.info(
-                "upload %s failed; removed the %d inputs it had stored", upload.upload_id, removed
+                "upload %s into apps/%s/datasets/%s failed; removed the %d inputs it had stored",
+                upload.upload_id,
+                options.app_id,
+                options.dataset_id,
+                removed,
             )
             raise
         assert parser.detected_format is not None
