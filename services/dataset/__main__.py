@@ -54,12 +54,14 @@ async def run(config: DatasetConfig) -> None:
             f"--upload-batch-rows must be at least 1 (got {config.upload_batch_rows})"
         )
     objects = open_object_store(config.object_store_url_or_default()).scoped(OBJECT_PREFIX)
-    store = await asyncio.to_thread(DatasetStore, config.database_url_for("dataset"), objects)
+    store = await asyncio.to_thread(
+        DatasetStore, config.database_url_for("dataset"), objects, OBJECT_PREFIX
+    )
     await asyncio.to_thread(store.recover)
     uploader = Uploader(
         store, max_example_chars=config.max_example_chars, batch_rows=config.upload_batch_rows
     )
-    versions = Versions(store, objects, config.home_path() / "tmp" / "dataset", OBJECT_PREFIX)
+    versions = Versions(store, objects, config.home_path() / "tmp" / "dataset")
     servicer = DatasetServicer(
         store, uploader, versions, max_example_chars=config.max_example_chars
     )

@@ -244,9 +244,11 @@ class Page:
 class DatasetStore:
     """Blocking operations on the dataset service's metadata and snapshot objects."""
 
-    def __init__(self, database_url: str, objects: ObjectStore) -> None:
+    def __init__(self, database_url: str, objects: ObjectStore, object_prefix: str) -> None:
+        """`objects` is the service's part of the shared store, found there under `object_prefix`."""
         self.engine, self._sessions = open_database(database_url, METADATA)
         self.objects = objects
+        self.object_prefix = object_prefix.strip("/")
         self._snapshot_lock = threading.Lock()
         dialect = self.engine.dialect
         self.insert_rows = _DriverStatement(
@@ -771,7 +773,8 @@ class DatasetStore:
             failure_reason=row.failure_reason,
             stats=_stats_from_json(json.loads(row.stats)) if row.stats else None,
             content_sha256=row.content_sha256,
-            snapshot_key=row.snapshot_key,
+            # Stored relative to this service's part of the object store; shown in full.
+            snapshot_key=f"{self.object_prefix}/{row.snapshot_key}" if row.snapshot_key else "",
             referenced_by=tuple(refs),
             create_time=row.create_time,
         )

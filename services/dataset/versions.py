@@ -109,13 +109,10 @@ def _input_from_json(data: dict[str, Any]) -> InputRecord:
 class Versions:
     """Creates, reads and deletes dataset versions (blocking; run off the event loop)."""
 
-    def __init__(
-        self, store: DatasetStore, objects: ObjectStore, scratch: Path, object_prefix: str
-    ) -> None:
+    def __init__(self, store: DatasetStore, objects: ObjectStore, scratch: Path) -> None:
         self.store = store
         self.objects = objects
         self.scratch = scratch
-        self.object_prefix = object_prefix.strip("/")
         scratch.mkdir(parents=True, exist_ok=True)
 
     def create(
@@ -134,7 +131,7 @@ class Versions:
                 VersionState.READY,
                 stats=stats,
                 content_sha256=sha256,
-                snapshot_key=f"{self.object_prefix}/{key}",
+                snapshot_key=key,
             )
         except Exception as exc:
             if isinstance(exc, LoraforgeError):
@@ -206,7 +203,7 @@ class Versions:
                 + (version.failure_reason or "wait until it is ready"),
                 reason="DATASET_VERSION_NOT_READY",
             )
-        key = version.snapshot_key.removeprefix(self.object_prefix + "/")
+        key = version.snapshot_key.removeprefix(self.store.object_prefix + "/")
         return self._read(key, version.content_sha256, version.stats.example_count, batch_size)
 
     def _read(
