@@ -45,6 +45,7 @@ EXCERPT_CHARS = 200
 SNIFF_CHARS = 64 * 1024
 SNIFF_LINES = 50
 CSV_BATCH_ROWS = 4096
+CSV_BATCH_BYTES = 4 * 1024 * 1024
 
 PORTAL_TEXT_COLUMN = "input.data.text.raw"
 PORTAL_CONCEPTS_COLUMN = "input.data.concepts[*].id"
@@ -709,6 +710,7 @@ class UploadParser:
         columns: tuple[str, ...] = ()
         last_line = 0
         batch = Batch()
+        batch_start = 0
         while True:
             start = last_line + 1
             try:
@@ -752,9 +754,13 @@ class UploadParser:
                 )
             else:
                 batch.rows.append(row)
-            if len(batch.rows) + len(batch.errors) >= CSV_BATCH_ROWS:
+            if (
+                len(batch.rows) + len(batch.errors) >= CSV_BATCH_ROWS
+                or splitter.bytes_read - batch_start >= CSV_BATCH_BYTES
+            ):
                 yield batch
                 batch = Batch()
+                batch_start = splitter.bytes_read
         if not columns:
             raise _refuse(
                 "the file is empty; upload a file with at least one example", "EMPTY_FILE"

@@ -26,6 +26,7 @@ log = logging.getLogger("loraforge.dataset.uploads")
 DEFAULT_MAX_ROW_ERRORS = 100
 MAX_ROW_ERRORS = 10000
 _QUEUE_BATCHES = 2
+_BATCH_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ class Uploader:
         writer: _Writer | None = None
         try:
             pending: list[ParsedRow] = []
+            flushed_at = 0
             for batch in parser.batches(chunks):
                 if writer is None:
                     assert parser.detected_format is not None
@@ -139,9 +141,14 @@ class Uploader:
                     writer.start()
                 self._record_errors(report, batch.errors, options.max_row_errors)
                 pending.extend(batch.rows)
+                # A batch ends at `batch_rows` rows or `_BATCH_BYTES` of file, so a file of
+                # very long rows does not pile thousands of them up in memory.
+                if parser.bytes_read - flushed_at >= _BATCH_BYTES and pending:
+                    writer.put(pending)
+                    pending, flushed_at = [], parser.bytes_read
                 while len(pending) >= self.batch_rows:
                     writer.put(pending[: self.batch_rows])
-                    pending = pending[self.batch_rows :]
+                    pending, flushed_at = pending[self.batch_rows :], parser.bytes_read
             if writer is None:  # no batch at all: nothing was detected
                 raise invalid_field(FILE_FIELD, "the file is empty", reason="EMPTY_FILE")
             if pending:
