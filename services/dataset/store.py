@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import (
@@ -449,7 +449,7 @@ class DatasetStore:
 
     # Inputs
 
-    def _input_rows(self, conn: Connection, stmt: Any) -> list[Row[Any]]:
+    def _input_rows(self, conn: Connection, stmt: Any) -> Sequence[Row[Any]]:
         return conn.execute(
             stmt.add_columns(uploads.c.upload_id).outerjoin(
                 uploads, uploads.c.pk == inputs.c.upload_pk
@@ -860,7 +860,7 @@ class DatasetStore:
         return self._snapshot_lock
 
     @staticmethod
-    def _unshared_snapshots(conn: Connection, removed: Iterable[Row[Any]]) -> list[str]:
+    def _unshared_snapshots(conn: Connection, removed: Iterable[Any]) -> list[str]:
         keys = []
         for row in removed:
             if not row.content_sha256:
@@ -881,6 +881,15 @@ class DatasetStore:
                     self.objects.delete(key)
                 except Exception:  # a leftover object is harmless; a failed delete must not be
                     log.exception("could not delete snapshot object %s", key)
+
+
+@dataclass
+class WriteResult:
+    """What one `InputWriter.write` did."""
+
+    stored: int = 0
+    duplicates: int = 0
+    by_markup: dict[Markup, int] = field(default_factory=dict)
 
 
 class InputWriter:
@@ -918,44 +927,48 @@ class InputWriter:
         self._uncommitted = 0
         self._since = time.monotonic()
 
-    def write(self, rows: Sequence[ParsedRow]) -> tuple[list[ParsedRow], int]:
+    def write(self, rows: Sequence[ParsedRow]) -> WriteResult:
         """Stores a batch of rows (not yet committed).
 
-        Returns the rows stored and how many rows were duplicates (of an input already in
-        the dataset, including earlier rows of this upload). With `skip_duplicates` the
-        duplicates are not stored.
+        A row is a duplicate when its example is already in the dataset, including earlier
+        rows of this upload. With `skip_duplicates` duplicates are counted, not stored.
         """
+        result = WriteResult()
         if not rows:
-            return [], 0
-        upload = self.upload
+            return result
+        dataset_pk, upload_pk = self.upload.dataset_pk, self.upload.upload_pk
         now = time.time()
         fmt = self.source_format
+        skip = self.skip_duplicates
         hashes = [content_hash(r.kind, r.prompt, r.completion) for r in rows]
         known = self._known_hashes(hashes)
-        stored: list[ParsedRow] = []
         params: list[tuple[Any, ...]] = []
+        append = params.append
+        by_markup = result.by_markup
         duplicates = 0
+        # The hot loop of every upload: plain tuples, no per-row calls in the common case.
         for row, digest in zip(rows, hashes, strict=True):
             if digest in known:
                 duplicates += 1
-                if self.skip_duplicates:
+                if skip:
                     continue
             else:
                 known.add(digest)
-            stored.append(row)
-            params.append(
+            line, kind, prompt, completion, raw, markup, concepts, metadata = row
+            by_markup[markup] = by_markup.get(markup, 0) + 1
+            append(
                 (
-                    upload.dataset_pk,
-                    row.kind,
-                    row.prompt,
-                    row.completion,
-                    row.raw,
+                    dataset_pk,
+                    kind,
+                    prompt,
+                    completion,
+                    raw,
                     fmt,
-                    row.markup,
-                    row.line,
-                    upload.upload_pk,
-                    _json_or_none(row.concepts),
-                    _json_or_none(row.metadata),
+                    markup,
+                    line,
+                    upload_pk,
+                    _json_or_none(concepts) if concepts else None,
+                    _json_or_none(metadata) if metadata else None,
                     digest,
                     now,
                 )
@@ -964,12 +977,14 @@ class InputWriter:
             statement = self._store.insert_rows
             self._conn.exec_driver_sql(statement.sql, statement.many(params))
             self._uncommitted += len(params)
+        result.stored = len(params)
+        result.duplicates = duplicates
         if (
             self._uncommitted >= self.commit_rows
             or time.monotonic() - self._since >= self.commit_seconds
         ):
             self.commit()
-        return stored, duplicates
+        return result
 
     def _known_hashes(self, hashes: list[int]) -> set[int]:
         """Which of `hashes` the dataset already holds (committed or in this transaction)."""

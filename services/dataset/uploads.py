@@ -69,10 +69,11 @@ class _Writer(threading.Thread):
             while (rows := self.queue.get()) is not None:
                 if self.error is not None:
                     continue  # drain, so the producer never blocks on a dead writer
-                stored, duplicates = self.input_writer.write(rows)
-                self.accepted += len(stored)
-                self.duplicates += duplicates
-                self.by_markup.update(row.markup.name for row in stored)
+                result = self.input_writer.write(rows)
+                self.accepted += result.stored
+                self.duplicates += result.duplicates
+                for markup, count in result.by_markup.items():
+                    self.by_markup[markup.name] += count
         except BaseException as exc:
             self.error = exc
             while self.queue.get() is not None:
