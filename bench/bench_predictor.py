@@ -108,7 +108,7 @@ async def measure(engine: Any, batches: list[list[GenerationRequest]]) -> tuple[
 
 
 async def in_process(
-    base: Path, adapters: list[Path], cold: list[Path], work: Path, args: Any
+    base: Path, adapters: list[Path], cold: list[Path], work: Path, args: Any, client: GrpcClient
 ) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
@@ -142,7 +142,16 @@ async def in_process(
         mixed_rates.append((await measure(engine, mixed_batches[i : i + 1]))[0])
     out["base_tps"] = statistics.median(base_rates)
     out["mixed_tps"] = statistics.median(mixed_rates)
-    out["direct_tps"], _ = await measure(engine, base_batches)
+    # gRPC end to end vs the engine in-process, also alternating (the predictor process idles
+    # while the in-process engine runs, and the other way round).
+    await asyncio.to_thread(client.round)  # warm-up
+    direct_rates, grpc_rates = [], []
+    for i in range(args.rounds):
+        direct_rates.append((await measure(engine, base_batches[i : i + 1]))[0])
+        tokens, seconds = await asyncio.to_thread(client.round)
+        grpc_rates.append(tokens / seconds)
+    out["direct_tps"] = statistics.median(direct_rates)
+    out["grpc_tps"] = statistics.median(grpc_rates)
 
     # Cold adapters: from the object store to the first token.
     store = LocalObjectStore(work / "objects")
@@ -182,50 +191,50 @@ async def in_process(
     return out
 
 
-def grpc_end_to_end(base: Path, work: Path, args: Any) -> dict[str, Any]:
-    from loraforge.predictor.v1 import predictor_service_pb2 as pb
-    from loraforge.predictor.v1 import predictor_service_pb2_grpc as pb_grpc
-    from tests.support import channel, start_service
+class GrpcClient:
+    """A real predictor process and 16 concurrent `Predict` callers, one input each."""
 
-    predictor = start_service(
-        "loraforge.services.predictor",
-        work,
-        args=[
-            "--base-model",
-            str(base),
-            "--dtype",
-            "float32",
-            "--max-loras",
-            str(N_ADAPTERS),
-            "--max-lora-rank",
-            "8",
-        ],
-        env={"LORAFORGE_LOG_LEVEL": "WARNING"},
-        timeout=600,
-    )
-    try:
-        stubs = [pb_grpc.PredictorServiceStub(channel(predictor.address)) for _ in range(4)]
-        params = pb.InferenceParams(max_tokens=args.max_tokens)
+    def __init__(self, base: Path, work: Path, max_tokens: int) -> None:
+        from loraforge.predictor.v1 import predictor_service_pb2 as pb
+        from loraforge.predictor.v1 import predictor_service_pb2_grpc as pb_grpc
+        from tests.support import channel, start_service
 
-        def call(i: int, text: str) -> int:
-            response = stubs[i % len(stubs)].Predict(
-                pb.PredictRequest(
-                    base_model=True, inputs=[pb.PredictInput(text=text)], params=params
-                ),
-                timeout=600,
-            )
-            return sum(o.completion_tokens for o in response.outputs)
+        self.pb = pb
+        self.process = start_service(
+            "loraforge.services.predictor",
+            work,
+            args=[
+                "--base-model",
+                str(base),
+                "--dtype",
+                "float32",
+                "--max-loras",
+                str(N_ADAPTERS),
+                "--max-lora-rank",
+                "8",
+            ],
+            env={"LORAFORGE_LOG_LEVEL": "WARNING"},
+            timeout=600,
+        )
+        self.stubs = [pb_grpc.PredictorServiceStub(channel(self.process.address)) for _ in range(4)]
+        self.params = pb.InferenceParams(max_tokens=max_tokens)
+        self.pool = concurrent.futures.ThreadPoolExecutor(CONCURRENCY)
 
-        with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
-            list(pool.map(lambda ip: call(*ip), enumerate(prompts(CONCURRENCY))))  # warm-up
-            tokens, seconds = 0, 0.0
-            for _ in range(args.rounds):
-                started = time.perf_counter()
-                tokens += sum(pool.map(lambda ip: call(*ip), enumerate(prompts(CONCURRENCY))))
-                seconds += time.perf_counter() - started
-        return {"grpc_tps": tokens / seconds, "grpc_tokens": tokens}
-    finally:
-        predictor.stop()
+    def _call(self, i: int, text: str) -> int:
+        request = self.pb.PredictRequest(
+            base_model=True, inputs=[self.pb.PredictInput(text=text)], params=self.params
+        )
+        response = self.stubs[i % len(self.stubs)].Predict(request, timeout=600)
+        return sum(o.completion_tokens for o in response.outputs)
+
+    def round(self) -> tuple[int, float]:
+        started = time.perf_counter()
+        tokens = sum(self.pool.map(lambda ip: self._call(*ip), enumerate(prompts(CONCURRENCY))))
+        return tokens, time.perf_counter() - started
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        self.process.stop()
 
 
 def transformers_loop(base: Path, adapters: list[Path], args: Any) -> dict[str, Any]:
@@ -268,7 +277,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--rounds", type=int, default=4, help="rounds of 16 concurrent requests per figure"
+        "--rounds", type=int, default=6, help="rounds of 16 concurrent requests per figure"
     )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--workdir", default="", help="reuse models and adapters across runs")
@@ -287,16 +296,18 @@ def main() -> int:
     ]
     cold = [make_adapter(base, work / f"cold-{i}", seed=200 + i, r=8) for i in range(3)]
 
-    print("in-process vLLM engine ...", flush=True)
-    direct = asyncio.run(in_process(base, adapters, cold, work, args))
-    print("gRPC predictor process ...", flush=True)
-    remote = grpc_end_to_end(base, work, args)
+    print("predictor process and in-process vLLM engine ...", flush=True)
+    client = GrpcClient(base, work, args.max_tokens)
+    try:
+        direct = asyncio.run(in_process(base, adapters, cold, work, args, client))
+    finally:
+        client.close()
     print("transformers + PEFT loop ...", flush=True)
     hf = transformers_loop(base, adapters, args)
 
     base_tps = direct["base_tps"]
     mixed_ratio = direct["mixed_tps"] / base_tps
-    grpc_ratio = remote["grpc_tps"] / direct["direct_tps"]
+    grpc_ratio = direct["grpc_tps"] / direct["direct_tps"]
     hf_ratio = direct["mixed_tps"] / hf["hf_tps"]
 
     def verdict(ok: bool) -> str:
@@ -315,9 +326,9 @@ def main() -> int:
         f"    ratio mixed / base                       {mixed_ratio:8.2f}   (target >= 0.70: {verdict(mixed_ratio >= 0.7)})"
     )
     print(
-        f"  base model, engine in-process, {args.rounds} rounds  {direct['direct_tps']:8.1f} output tokens/s"
+        f"  base model, engine in-process (paired)    {direct['direct_tps']:8.1f} output tokens/s"
     )
-    print(f"  base model through gRPC Predict            {remote['grpc_tps']:8.1f} output tokens/s")
+    print(f"  base model through gRPC Predict            {direct['grpc_tps']:8.1f} output tokens/s")
     print(
         f"    ratio gRPC / in-process                  {grpc_ratio:8.2f}   (target >= 0.90: {verdict(grpc_ratio >= 0.9)})"
     )
