@@ -27,7 +27,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from loraforge.client.client import Client, ClientError, _template_defaults
+from loraforge.client.client import Client, ClientError, _merge, _template_defaults
 from loraforge.dataset.v1 import dataset_service_pb2 as dpb
 from loraforge.predictor.v1 import predictor_service_pb2 as ppb
 from loraforge.trainer.v1 import trainer_service_pb2 as tpb
@@ -328,7 +328,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         )
     params.pop("template", None)
     params["dataset_version"] = dataset_version
-    model.update_params(**params, **_parse_set(args.set))
+    _merge(params, _parse_set(args.set))
+    model.update_params(**params)
     version_id = model.train(version_id=args.id)
     version_name = model.version_name(version_id)
     console.print(f"queued {version_name}")
