@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/loraforge demo "$@"
+exec .venv/bin/loraforge demo ${ARGS:-} "$@"
