@@ -97,26 +97,32 @@ def test_packed_examples_cannot_see_each_other(tiny_model: Path) -> None:
     assert len(rows) < len(features)
     assert all(row.length <= 64 for row in rows)
     assert sorted(id(f) for row in rows for f in row.examples) == sorted(id(f) for f in features)
-    batch = training.PackedCollator()(rows[:2])
-    assert "attention_mask" not in batch
+    batch = training.PackedCollator(tokenizer.pad_token_id)(rows[:2])
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 2
+    assert int(batch.pop(training.REAL_TOKENS)) == rows[0].length + rows[1].length
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     with torch.no_grad():
         packed = model(
             input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
-        ).logits[0]
-        # The same flat sequence without restarting positions leaks across examples.
-        leaky = model(input_ids=batch["input_ids"], use_cache=False).logits[0]
-        offset = 0
-        for row in rows[:2]:
+        ).logits
+        # The same rows without restarting positions leak across examples.
+        leaky = model(input_ids=batch["input_ids"], use_cache=False).logits
+        for slot, row in enumerate(rows[:2]):
+            offset = 0
             for f in row.examples:
                 alone = model(input_ids=torch.tensor([f.input_ids]), use_cache=False).logits[0]
                 n = len(f.input_ids)
-                torch.testing.assert_close(packed[offset : offset + n], alone, atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(
+                    packed[slot, offset : offset + n], alone, atol=1e-4, rtol=1e-4
+                )
                 assert (
-                    batch["labels"][0, offset].item() == IGNORE_INDEX
+                    batch["labels"][slot, offset].item() == IGNORE_INDEX
                 )  # never predict the next example's start
                 offset += n
-    assert not torch.allclose(packed, leaky, atol=1e-4)
+            assert (batch["labels"][slot, offset:] == IGNORE_INDEX).all()  # padding learns nothing
+        assert not torch.allclose(
+            packed[0, : rows[0].length], leaky[0, : rows[0].length], atol=1e-4
+        )
 
 
 def _adapter(result: training.TrainingResult) -> dict[str, torch.Tensor]:

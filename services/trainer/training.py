@@ -8,10 +8,11 @@ It knows nothing of gRPC or the job queue; the worker gives it examples and a
    `invalid_data_tolerance_percent` the run stops (`ToleranceExceeded`).
 2. Hold out an evaluation split (seeded).
 3. Optionally pack short examples into rows of `model_max_length` tokens. A
-   packed batch is one flattened sequence whose `position_ids` restart at 0 for
-   every example and which has no attention mask: transformers then builds a
+   packed row's `position_ids` restart at 0 for every example and the batch
+   has no attention mask: transformers then builds a
    block-diagonal causal mask (flash-attention varlen on GPUs), so packed
-   examples cannot attend to each other. The first label of each example is
+   examples cannot attend to each other; each packed row keeps its own slot in
+   the batch. The first label of each example is
    ignored, so no example is trained to predict the start of the next.
 4. Train with transformers' `Trainer` and PEFT LoRA: loss on completion tokens
    only for prompt/completion examples (configurable), evaluation loss on the
@@ -31,6 +32,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 IGNORE_INDEX = -100
+REAL_TOKENS = (
+    "real_tokens"  # batch key with the non-padding token count; removed before the forward pass
+)
 MAX_LISTED_INVALID = 5
 
 
@@ -281,26 +285,42 @@ class PaddingCollator:
 
 
 class PackedCollator:
-    """Flattens a batch of packed rows into one sequence with per-example positions."""
+    """Lays out a batch of packed rows with per-example positions and no attention mask.
+
+    Each row keeps its own batch slot, so attention stays quadratic in the row
+    length, not in the batch's total length. A row shorter than the longest one
+    is filled with padding that forms a block of its own (positions restart at
+    0), gets no loss, and is not counted as trained tokens.
+    """
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
 
     def __call__(self, batch: Sequence[PackedRow]) -> dict[str, Any]:
         import torch
 
-        ids: list[int] = []
-        labels: list[int] = []
-        positions: list[int] = []
+        width = max(row.length for row in batch)
+        ids, labels, positions = [], [], []
         for row in batch:
+            row_ids: list[int] = []
+            row_labels: list[int] = []
+            row_positions: list[int] = []
             for f in row.examples:
-                ids.extend(f.input_ids)
-                labels.append(
+                row_ids.extend(f.input_ids)
+                row_labels.append(
                     IGNORE_INDEX
                 )  # never learn to predict an example's start from the one before
-                labels.extend(f.labels[1:])
-                positions.extend(range(len(f.input_ids)))
+                row_labels.extend(f.labels[1:])
+                row_positions.extend(range(len(f.input_ids)))
+            pad = width - len(row_ids)
+            ids.append(row_ids + [self.pad_token_id] * pad)
+            labels.append(row_labels + [IGNORE_INDEX] * pad)
+            positions.append(row_positions + list(range(pad)))
         return {
-            "input_ids": torch.tensor([ids], dtype=torch.long),
-            "labels": torch.tensor([labels], dtype=torch.long),
-            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "position_ids": torch.tensor(positions, dtype=torch.long),
+            REAL_TOKENS: torch.tensor(sum(row.length for row in batch)),
         }
 
 
@@ -531,7 +551,7 @@ def prepare_data(
     if trc.get("packing"):
         train_rows: list[Any] = list(pack(train, tc["model_max_length"]))
         eval_rows: list[Any] = list(pack(held_out, tc["model_max_length"]))
-        collator: Any = PackedCollator()
+        collator: Any = PackedCollator(tokenizer.pad_token_id)
         reporter.log(
             f"packed {len(train)} training examples into {len(train_rows)} rows of ≤{tc['model_max_length']} tokens"
         )
