@@ -178,7 +178,7 @@ def test_vllm_stop_strings_end_generation(vllm_engine: Any, llama: dict[str, Pat
 
 
 def eos_first_base(root: Path) -> Path:
-    """A copy of the tiny GPT-Neo whose head always prefers end-of-sequence after one token."""
+    """A copy of the tiny GPT-Neo that always prefers end-of-sequence."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -186,8 +186,14 @@ def eos_first_base(root: Path) -> Path:
     dest = root / "neo-eos"
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     with torch.no_grad():
-        model.lm_head.weight[model.config.eos_token_id] *= 0
-        model.lm_head.weight[model.config.eos_token_id] += 50 * model.transformer.wte.weight.mean(0)
+        # The final LayerNorm outputs its bias whatever the input, and only end-of-sequence's
+        # row of the head points along it: every step prefers end-of-sequence by a wide margin.
+        hidden = model.transformer.ln_f
+        hidden.weight.zero_()
+        hidden.bias.zero_()
+        hidden.bias[0] = 1.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[model.config.eos_token_id, 0] = 100.0
     model.save_pretrained(dest)
     AutoTokenizer.from_pretrained(src).save_pretrained(dest)
     return dest

@@ -56,6 +56,14 @@ class VllmEngine:
         self.max_lora_rank = settings.max_lora_rank
         self.max_model_len = int(llm.model_config.max_model_len)
         self._aborted = 0
+        self._tokenizer: Any = None
+
+    def _decode(self, token_ids: list[int]) -> str:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.base_model)
+        return str(self._tokenizer.decode(token_ids, skip_special_tokens=True))
 
     @classmethod
     def start(cls, settings: VllmSettings) -> VllmEngine:
@@ -121,6 +129,8 @@ class VllmEngine:
         params = self._sampling_params(request)
         lora = self._lora_request(request.adapter)
         finished = False
+        all_ids: list[int] = []
+        emitted: list[str] = []
         try:
             stream = self._llm.generate(
                 tokens_input(request.prompt_token_ids),
@@ -131,9 +141,14 @@ class VllmEngine:
             async for output in stream:
                 completion = output.outputs[0]
                 reason = _FINISH.get(completion.finish_reason) if output.finished else None
+                text = completion.text
+                all_ids += completion.token_ids
                 if output.finished:
                     finished = True
-                yield GenerationDelta(completion.text, list(completion.token_ids), reason)
+                    if completion.stop_reason is None:  # ended by EOS or length, not a stop string
+                        text += self._held_back_text(all_ids, "".join(emitted) + text)
+                emitted.append(text)
+                yield GenerationDelta(text, list(completion.token_ids), reason)
         except (asyncio.CancelledError, GeneratorExit):
             if not finished:
                 # vLLM's generate() has aborted the request in the engine on its way out.
@@ -152,6 +167,14 @@ class VllmEngine:
                     reason="ADAPTER_LOAD_FAILED",
                 ) from exc
             raise
+
+    def _held_back_text(self, token_ids: list[int], emitted: str) -> str:
+        """What vLLM's incremental detokenizer kept back at the end (an incomplete UTF-8 sequence).
+
+        Without it, a stream could end shorter than the decoded tokens it reports.
+        """
+        full = self._decode(token_ids)
+        return full[len(emitted) :] if full.startswith(emitted) else ""
 
     async def load_adapter(self, adapter: AdapterRef, *, pin: bool = False) -> None:
         try:
