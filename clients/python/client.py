@@ -109,8 +109,8 @@ def _channel(address: str) -> grpc.Channel:
     )
 
 
-def _short(name: str, kind: str) -> str:
-    return name.rsplit(f"/{kind}/", 1)[-1]
+def _app_name(app_id: str) -> str:
+    return app_id if app_id.startswith("apps/") else f"apps/{app_id}"
 
 
 class Client:
@@ -150,8 +150,7 @@ class Client:
         return App(self, resp.app)
 
     def app(self, app_id: str) -> App:
-        name = app_id if app_id.startswith("apps/") else f"apps/{app_id}"
-        return App(self, _call(self.datasets.GetApp, dpb.GetAppRequest(name=name)).app)
+        return App(self, _call(self.datasets.GetApp, dpb.GetAppRequest(name=_app_name(app_id))).app)
 
     def list_apps(self) -> list[App]:
         out, token = [], ""
@@ -165,8 +164,7 @@ class Client:
                 return out
 
     def delete_app(self, app_id: str, force: bool = False) -> None:
-        name = app_id if app_id.startswith("apps/") else f"apps/{app_id}"
-        _call(self.datasets.DeleteApp, dpb.DeleteAppRequest(name=name, force=force))
+        _call(self.datasets.DeleteApp, dpb.DeleteAppRequest(name=_app_name(app_id), force=force))
 
     # Templates and model types
 
@@ -307,7 +305,6 @@ class App:
     def __init__(self, client: Client, pb: dpb.App):
         self.client, self.pb = client, pb
         self.name = pb.name
-        self.id = _short(pb.name, "apps") if "/" in pb.name else pb.name
 
     def __repr__(self) -> str:
         return f"App({self.name!r})"

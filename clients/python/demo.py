@@ -99,11 +99,7 @@ def run_demo(
         scores = _workflow(Client(**cluster.addresses), base_model, epochs)
     finally:
         if keep_running:
-            console.print(
-                f"\nservices keep running (home {home}); stop them with `loraforge down --home {home.parent}`"
-                if home.name == "demo"
-                else f"\nservices keep running (home {home})"
-            )
+            console.print(f"\nservices keep running; stop them with `loraforge down --home {home}`")
         else:
             with console.status("stopping services..."):
                 cluster.stop()

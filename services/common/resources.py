@@ -6,7 +6,9 @@ import base64
 import json
 import re
 import secrets
-from typing import Any
+from typing import Any, overload
+
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from loraforge.services.common.errors import InvalidArgument, invalid_field
 
@@ -90,3 +92,16 @@ def decode_page_token(token: str) -> dict[str, Any]:
             "page_token: not a token this server issued; pass `next_page_token` from the previous page",
             reason="INVALID_PAGE_TOKEN",
         ) from None
+
+
+@overload
+def timestamp(seconds: float) -> Timestamp: ...
+@overload
+def timestamp(seconds: None) -> None: ...
+def timestamp(seconds: float | None) -> Timestamp | None:
+    """A protobuf Timestamp from seconds since the epoch (None stays None: the field is left unset)."""
+    if seconds is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts

@@ -15,12 +15,11 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from loraforge.dataset.v1 import dataset_service_pb2 as pb
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as pb_grpc
 from loraforge.services.common.errors import Aborted, FieldViolation, InvalidArgument, invalid_field
-from loraforge.services.common.resources import page_size, parse_name, validate_id
+from loraforge.services.common.resources import page_size, parse_name, timestamp, validate_id
 from loraforge.services.dataset.domain import (
     AppRecord,
     DatasetRecord,
@@ -57,12 +56,6 @@ END_OF_STREAM_GRACE_SECONDS = 0.05
 T = TypeVar("T")
 
 
-def _timestamp(seconds: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
-
-
 def _description(value: str, field: str) -> str:
     if len(value) > MAX_DESCRIPTION_CHARS:
         raise invalid_field(
@@ -75,7 +68,7 @@ def app_pb(app: AppRecord) -> pb.App:
     return pb.App(
         name=f"apps/{app.app_id}",
         description=app.description,
-        create_time=_timestamp(app.create_time),
+        create_time=timestamp(app.create_time),
     )
 
 
@@ -83,7 +76,7 @@ def dataset_pb(ds: DatasetRecord) -> pb.Dataset:
     return pb.Dataset(
         name=f"apps/{ds.app_id}/datasets/{ds.dataset_id}",
         description=ds.description,
-        create_time=_timestamp(ds.create_time),
+        create_time=timestamp(ds.create_time),
         input_count=ds.input_count,
         version_count=ds.version_count,
     )
@@ -104,7 +97,7 @@ def input_pb(dataset_name: str, record: InputRecord) -> pb.Input:
         upload_id=record.upload_id,
         concepts=record.concepts,
         metadata=record.metadata,
-        create_time=_timestamp(record.create_time),
+        create_time=timestamp(record.create_time),
     )
 
 
@@ -122,7 +115,7 @@ def version_pb(version: VersionRecord) -> pb.DatasetVersion:
         content_sha256=version.content_sha256,
         snapshot_key=version.snapshot_key,
         referenced_by=version.referenced_by,
-        create_time=_timestamp(version.create_time),
+        create_time=timestamp(version.create_time),
     )
     if version.stats is not None:
         s = version.stats

@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf import timestamp_pb2
 
 from loraforge.predictor.v1 import predictor_service_pb2 as pb
 from loraforge.predictor.v1 import predictor_service_pb2_grpc
-from loraforge.services.common.resources import decode_page_token, encode_page_token, page_size
+from loraforge.services.common.resources import (
+    decode_page_token,
+    encode_page_token,
+    page_size,
+    timestamp,
+)
 from loraforge.services.predictor.engines.base import EngineKind, FinishReason
 from loraforge.services.predictor.params import RequestedParams
 from loraforge.services.predictor.predictor import AdapterView, PredictInput, Predictor
@@ -42,8 +46,6 @@ def params_from_proto(p: pb.InferenceParams) -> RequestedParams:
 
 
 def adapter_to_proto(view: AdapterView) -> pb.Adapter:
-    last_used = timestamp_pb2.Timestamp()
-    last_used.FromNanoseconds(int(view.last_used * 1e9))
     return pb.Adapter(
         model_version=view.model_version,
         base_model=view.base_model,
@@ -52,7 +54,7 @@ def adapter_to_proto(view: AdapterView) -> pb.Adapter:
         pinned=view.pinned,
         size_bytes=view.size_bytes,
         rank=view.rank,
-        last_used_time=last_used,
+        last_used_time=timestamp(view.last_used),
         download_count=view.download_count,
         active_requests=view.active_requests,
     )

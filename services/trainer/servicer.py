@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2
 
 from loraforge.services.common.errors import AlreadyExists, NotFound, invalid_field
 from loraforge.services.common.objectstore import ObjectStore
@@ -22,6 +22,7 @@ from loraforge.services.common.resources import (
     new_id,
     page_size,
     parse_name,
+    timestamp,
     validate_id,
 )
 from loraforge.services.trainer import templates as tpl
@@ -82,14 +83,6 @@ _LOG_LEVELS = {
 }
 
 
-def _timestamp(value: float | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(value * 1e9))
-    return ts
-
-
 def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
     return json_format.ParseDict(value, struct_pb2.Struct())
 
@@ -130,7 +123,7 @@ def model_to_pb(row: ModelRow) -> pb.Model:
         description=row.description,
         model_type=row.model_type,
         latest_trained_version=row.latest_trained_version,
-        create_time=_timestamp(row.create_time),
+        create_time=timestamp(row.create_time),
     )
 
 
@@ -171,16 +164,16 @@ def version_to_pb(row: VersionRow) -> pb.ModelVersion:
             adapter_bytes=row.adapter_bytes,
         ),
         metrics={k: float(v) for k, v in (row.metrics or {}).items()},
-        create_time=_timestamp(row.create_time),
-        start_time=_timestamp(row.start_time),
-        end_time=_timestamp(row.end_time),
+        create_time=timestamp(row.create_time),
+        start_time=timestamp(row.start_time),
+        end_time=timestamp(row.end_time),
         attempts=row.attempts,
         description=row.description,
     )
 
 
 def event_to_pb(event: Event) -> pb.TrainingEvent:
-    msg = pb.TrainingEvent(sequence=event.sequence, time=_timestamp(event.time))
+    msg = pb.TrainingEvent(sequence=event.sequence, time=timestamp(event.time))
     p = event.payload
     if event.kind == EventKind.STATE:
         msg.state_change.CopyFrom(
