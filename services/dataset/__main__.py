@@ -55,13 +55,19 @@ async def run(config: DatasetConfig) -> None:
         )
     objects = open_object_store(config.object_store_url_or_default()).scoped(OBJECT_PREFIX)
     store = await asyncio.to_thread(
-        DatasetStore, config.database_url_for("dataset"), objects, OBJECT_PREFIX
+        DatasetStore,
+        config.database_url_for("dataset"),
+        objects,
+        OBJECT_PREFIX,
+        config.home_path() / "tmp" / "dataset",
     )
     await asyncio.to_thread(store.recover)
     uploader = Uploader(
-        store, max_example_chars=config.max_example_chars, batch_rows=config.upload_batch_rows
+        store.inputs,
+        max_example_chars=config.max_example_chars,
+        batch_rows=config.upload_batch_rows,
     )
-    versions = Versions(store, objects, config.home_path() / "tmp" / "dataset")
+    versions = Versions(store)
     servicer = DatasetServicer(
         store, uploader, versions, max_example_chars=config.max_example_chars
     )

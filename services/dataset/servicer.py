@@ -32,6 +32,7 @@ from loraforge.services.dataset.domain import (
     UploadReport,
     VersionRecord,
 )
+from loraforge.services.dataset.pages import parse_page
 from loraforge.services.dataset.store import DatasetStore
 from loraforge.services.dataset.uploads import (
     DEFAULT_MAX_ROW_ERRORS,
@@ -226,27 +227,29 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         app_id = validate_id(request.app_id, "app_id")
         description = _description(request.app.description, "app.description")
         return pb.CreateAppResponse(
-            app=app_pb(await self._run(self.store.create_app, app_id, description))
+            app=app_pb(await self._run(self.store.catalog.create_app, app_id, description))
         )
 
     async def GetApp(
         self, request: pb.GetAppRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetAppResponse:
         name = parse_name(request.name, APP)
-        return pb.GetAppResponse(app=app_pb(await self._run(self.store.get_app, name["app"])))
+        return pb.GetAppResponse(
+            app=app_pb(await self._run(self.store.catalog.get_app, name["app"]))
+        )
 
     async def ListApps(
         self, request: pb.ListAppsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAppsResponse:
-        page = self.store.page(page_size(request.page_size), request.page_token, "")
-        records, token = await self._run(self.store.list_apps, page)
+        page = parse_page(page_size(request.page_size), request.page_token, "")
+        records, token = await self._run(self.store.catalog.list_apps, page)
         return pb.ListAppsResponse(apps=[app_pb(a) for a in records], next_page_token=token)
 
     async def DeleteApp(
         self, request: pb.DeleteAppRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteAppResponse:
         name = parse_name(request.name, APP)
-        await self._run(self.store.delete_app, name["app"], request.force)
+        await self._run(self.store.catalog.delete_app, name["app"], request.force)
         return pb.DeleteAppResponse()
 
     # Datasets
@@ -257,22 +260,24 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         parent = parse_name(request.parent, APP, "parent")
         dataset_id = validate_id(request.dataset_id, "dataset_id")
         description = _description(request.dataset.description, "dataset.description")
-        record = await self._run(self.store.create_dataset, parent["app"], dataset_id, description)
+        record = await self._run(
+            self.store.catalog.create_dataset, parent["app"], dataset_id, description
+        )
         return pb.CreateDatasetResponse(dataset=dataset_pb(record))
 
     async def GetDataset(
         self, request: pb.GetDatasetRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetDatasetResponse:
         name = parse_name(request.name, DATASET)
-        record = await self._run(self.store.get_dataset, name["app"], name["dataset"])
+        record = await self._run(self.store.catalog.get_dataset, name["app"], name["dataset"])
         return pb.GetDatasetResponse(dataset=dataset_pb(record))
 
     async def ListDatasets(
         self, request: pb.ListDatasetsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListDatasetsResponse:
         parent = parse_name(request.parent, APP, "parent")
-        page = self.store.page(page_size(request.page_size), request.page_token, request.parent)
-        records, token = await self._run(self.store.list_datasets, parent["app"], page)
+        page = parse_page(page_size(request.page_size), request.page_token, request.parent)
+        records, token = await self._run(self.store.catalog.list_datasets, parent["app"], page)
         return pb.ListDatasetsResponse(
             datasets=[dataset_pb(d) for d in records], next_page_token=token
         )
@@ -281,7 +286,9 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         self, request: pb.DeleteDatasetRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteDatasetResponse:
         name = parse_name(request.name, DATASET)
-        await self._run(self.store.delete_dataset, name["app"], name["dataset"], request.force)
+        await self._run(
+            self.store.catalog.delete_dataset, name["app"], name["dataset"], request.force
+        )
         return pb.DeleteDatasetResponse()
 
     # Inputs
@@ -402,16 +409,18 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
                 reason="INVALID_INPUTS",
                 field_violations=violations,
             )
-        records = await self._run(self.store.add_inputs, parent["app"], parent["dataset"], examples)
+        records = await self._run(
+            self.store.inputs.add_inputs, parent["app"], parent["dataset"], examples
+        )
         return pb.AddInputsResponse(inputs=[input_pb(request.parent, r) for r in records])
 
     async def ListInputs(
         self, request: pb.ListInputsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListInputsResponse:
         parent = parse_name(request.parent, DATASET, "parent")
-        page = self.store.page(page_size(request.page_size), request.page_token, request.parent)
+        page = parse_page(page_size(request.page_size), request.page_token, request.parent)
         records, token, total = await self._run(
-            self.store.list_inputs, parent["app"], parent["dataset"], page
+            self.store.inputs.list_inputs, parent["app"], parent["dataset"], page
         )
         return pb.ListInputsResponse(
             inputs=[input_pb(request.parent, r) for r in records],
@@ -438,7 +447,9 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
                     )
                 if parts["input"].isdigit():  # ids are numbers; any other id names nothing
                     ids.append(int(parts["input"]))
-        deleted = await self._run(self.store.delete_inputs, parent["app"], parent["dataset"], ids)
+        deleted = await self._run(
+            self.store.inputs.delete_inputs, parent["app"], parent["dataset"], ids
+        )
         return pb.DeleteInputsResponse(deleted_count=deleted)
 
     # Versions
@@ -459,7 +470,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
     ) -> pb.GetDatasetVersionResponse:
         name = parse_name(request.name, VERSION)
         record = await self._run(
-            self.store.get_version, name["app"], name["dataset"], name["version"]
+            self.store.version_rows.get_version, name["app"], name["dataset"], name["version"]
         )
         return pb.GetDatasetVersionResponse(dataset_version=version_pb(record))
 
@@ -467,9 +478,9 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         self, request: pb.ListDatasetVersionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListDatasetVersionsResponse:
         parent = parse_name(request.parent, DATASET, "parent")
-        page = self.store.page(page_size(request.page_size), request.page_token, request.parent)
+        page = parse_page(page_size(request.page_size), request.page_token, request.parent)
         records, token = await self._run(
-            self.store.list_versions, parent["app"], parent["dataset"], page
+            self.store.version_rows.list_versions, parent["app"], parent["dataset"], page
         )
         return pb.ListDatasetVersionsResponse(
             dataset_versions=[version_pb(v) for v in records], next_page_token=token
@@ -479,7 +490,9 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         self, request: pb.DeleteDatasetVersionRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteDatasetVersionResponse:
         name = parse_name(request.name, VERSION)
-        await self._run(self.store.delete_version, name["app"], name["dataset"], name["version"])
+        await self._run(
+            self.store.version_rows.delete_version, name["app"], name["dataset"], name["version"]
+        )
         return pb.DeleteDatasetVersionResponse()
 
     async def ReadDatasetVersion(
@@ -521,7 +534,11 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         name = parse_name(request.name, VERSION)
         referrer = self._referrer(request.referrer)
         record = await self._run(
-            self.store.add_reference, name["app"], name["dataset"], name["version"], referrer
+            self.store.version_rows.add_reference,
+            name["app"],
+            name["dataset"],
+            name["version"],
+            referrer,
         )
         return pb.AddDatasetVersionReferenceResponse(dataset_version=version_pb(record))
 
@@ -531,6 +548,10 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         name = parse_name(request.name, VERSION)
         referrer = self._referrer(request.referrer)
         await self._run(
-            self.store.remove_reference, name["app"], name["dataset"], name["version"], referrer
+            self.store.version_rows.remove_reference,
+            name["app"],
+            name["dataset"],
+            name["version"],
+            referrer,
         )
         return pb.RemoveDatasetVersionReferenceResponse()

@@ -1,6 +1,6 @@
 """Uploads: a stream of file chunks in, stored inputs and a per-row report out.
 
-Parsing (`parsing.py`) and storing (`store.py`) run as a two-stage pipeline: this thread
+Parsing (`parsing.py`) and storing (`inputs.py`, `input_writer.py`) run as a two-stage pipeline: this thread
 parses while a writer thread inserts the previous batch, so the database's time (which
 releases the GIL) overlaps with parsing. The queue between them is short, so memory stays
 bounded however large the file. If anything fails, or the client goes away, the inputs
@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 from loraforge.services.common.errors import Aborted, invalid_field
 from loraforge.services.dataset.domain import RowError, SourceFormat, UploadReport
+from loraforge.services.dataset.input_writer import InputWriter
+from loraforge.services.dataset.inputs import Inputs, UploadHandle
 from loraforge.services.dataset.parsing import FILE_FIELD, ParsedRow, UploadParser
-from loraforge.services.dataset.store import DatasetStore, InputWriter, UploadHandle
 
 log = logging.getLogger("loraforge.dataset.uploads")
 
@@ -44,13 +45,13 @@ class _Writer(threading.Thread):
 
     def __init__(
         self,
-        store: DatasetStore,
+        inputs: Inputs,
         upload: UploadHandle,
         source_format: SourceFormat,
         skip_duplicates: bool,
     ) -> None:
         super().__init__(name=f"upload-writer-{upload.upload_id}", daemon=True)
-        self.store = store
+        self.inputs = inputs
         self.upload = upload
         self.source_format = source_format
         self.skip_duplicates = skip_duplicates
@@ -63,7 +64,7 @@ class _Writer(threading.Thread):
 
     def run(self) -> None:
         try:
-            self.input_writer = self.store.input_writer(
+            self.input_writer = self.inputs.input_writer(
                 self.upload, self.source_format, self.skip_duplicates
             )
             while (rows := self.queue.get()) is not None:
@@ -110,8 +111,8 @@ class _Writer(threading.Thread):
 class Uploader:
     """Runs uploads (blocking; the servicer calls `ingest` in a worker thread)."""
 
-    def __init__(self, store: DatasetStore, *, max_example_chars: int, batch_rows: int) -> None:
-        self.store = store
+    def __init__(self, inputs: Inputs, *, max_example_chars: int, batch_rows: int) -> None:
+        self.inputs = inputs
         self.max_example_chars = max_example_chars
         self.batch_rows = batch_rows
 
@@ -122,7 +123,7 @@ class Uploader:
         cancelled: Callable[[], bool] = lambda: False,
     ) -> UploadReport:
         """Parses and stores a whole file; `cancelled` is asked once more before the last commit."""
-        upload = self.store.begin_upload(options.app_id, options.dataset_id, options.file_name)
+        upload = self.inputs.begin_upload(options.app_id, options.dataset_id, options.file_name)
         parser = UploadParser(
             file_name=options.file_name,
             requested=options.requested_format,
@@ -137,7 +138,7 @@ class Uploader:
                 if writer is None:
                     assert parser.detected_format is not None
                     writer = _Writer(
-                        self.store, upload, parser.detected_format, options.skip_duplicates
+                        self.inputs, upload, parser.detected_format, options.skip_duplicates
                     )
                     writer.start()
                 self._record_errors(report, batch.errors, options.max_row_errors)
@@ -167,7 +168,7 @@ class Uploader:
         except BaseException:
             if writer is not None:
                 writer.abandon()
-            removed = self.store.abort_upload(upload)
+            removed = self.inputs.abort_upload(upload)
             log.info(
                 "upload %s into apps/%s/datasets/%s failed; removed the %d inputs it had stored",
                 upload.upload_id,
@@ -183,7 +184,7 @@ class Uploader:
         report.duplicate_rows = writer.duplicates
         report.rows_by_markup = dict(writer.by_markup)
         report.bytes_read = parser.bytes_read
-        self.store.finish_upload(upload, report)
+        self.inputs.finish_upload(upload, report)
         log.info(
             "upload %s into apps/%s/datasets/%s: %s, %d rows read, %d stored, %d rejected, %d duplicates",
             upload.upload_id,

@@ -1,0 +1,271 @@
+"""A dataset's inputs, and the life of the uploads that store them.
+
+An upload is a row in `uploads`: RUNNING while its inputs are written (through
+`input_writer.py`), then DONE, or FAILED once what it stored is removed again. Inputs of
+a running upload are never frozen into a version. After a restart, uploads still RUNNING
+were cut off mid-way and are undone (`recover_uploads`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Row, delete, insert, select, update
+
+from loraforge.services.common.resources import new_id
+from loraforge.services.dataset.catalog import dataset_row
+from loraforge.services.dataset.domain import (
+    ExampleKind,
+    InputRecord,
+    Markup,
+    NewExample,
+    SourceFormat,
+    UploadReport,
+)
+from loraforge.services.dataset.input_writer import BulkStatements, InputWriter
+from loraforge.services.dataset.pages import Page, next_page_token
+from loraforge.services.dataset.tables import (
+    IN_LIST_CHUNK,
+    UPLOAD_DONE,
+    UPLOAD_FAILED,
+    UPLOAD_RUNNING,
+    content_hash,
+    datasets,
+    inputs,
+    json_column,
+    uploads,
+)
+
+log = logging.getLogger("loraforge.dataset.inputs")
+
+
+@dataclass(frozen=True)
+class UploadHandle:
+    """An upload in progress: its row, public id and target dataset."""
+
+    upload_pk: int
+    upload_id: str
+    dataset_pk: int
+
+
+def _input_record(row: Any) -> InputRecord:
+    return InputRecord(
+        input_id=row.pk,
+        kind=ExampleKind(row.kind),
+        prompt=row.prompt,
+        completion=row.completion,
+        raw=row.raw,
+        source_format=SourceFormat(row.source_format),
+        markup=Markup(row.markup),
+        source_line=row.source_line,
+        upload_id=row.upload_id or "",
+        concepts=tuple(json.loads(row.concepts)) if row.concepts else (),
+        metadata=json.loads(row.metadata) if row.metadata else {},
+        create_time=row.create_time,
+    )
+
+
+def _abort_upload(conn: Connection, upload_pk: int, dataset_pk: int) -> int:
+    deleted = conn.execute(
+        delete(inputs).where(inputs.c.dataset_pk == dataset_pk, inputs.c.upload_pk == upload_pk)
+    ).rowcount
+    conn.execute(
+        update(datasets)
+        .where(datasets.c.pk == dataset_pk)
+        .values(input_count=datasets.c.input_count - deleted)
+    )
+    conn.execute(
+        update(uploads)
+        .where(uploads.c.pk == upload_pk)
+        .values(state=UPLOAD_FAILED, end_time=time.time())
+    )
+    return deleted
+
+
+def recover_uploads(conn: Connection) -> None:
+    """After a restart: undoes the uploads that were cut off mid-way."""
+    for row in conn.execute(
+        select(uploads.c.pk, uploads.c.dataset_pk, uploads.c.upload_id).where(
+            uploads.c.state == UPLOAD_RUNNING
+        )
+    ).all():
+        removed = _abort_upload(conn, row.pk, row.dataset_pk)
+        log.warning(
+            "upload %s was cut off by a restart; removed its %d inputs", row.upload_id, removed
+        )
+
+
+class Inputs:
+    """Blocking operations on inputs and uploads."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._statements = BulkStatements(engine.dialect)
+
+    def add_inputs(
+        self, app_id: str, dataset_id: str, examples: Sequence[NewExample]
+    ) -> list[InputRecord]:
+        now = time.time()
+        params = [
+            {
+                "kind": int(e.kind),
+                "prompt": e.prompt,
+                "completion": e.completion,
+                "raw": e.raw,
+                "source_format": int(SourceFormat.STRUCTURED),
+                "markup": int(Markup.STRUCTURED),
+                "source_line": 0,
+                "upload_pk": None,
+                "concepts": json_column(list(e.concepts)),
+                "metadata": json_column(e.metadata),
+                "content_hash": content_hash(e.kind, e.prompt, e.completion),
+                "create_time": now,
+            }
+            for e in examples
+        ]
+        with self.engine.begin() as conn:
+            ds = dataset_row(conn, app_id, dataset_id)
+            for p in params:
+                p["dataset_pk"] = ds.pk
+            result = conn.execute(
+                insert(inputs).returning(inputs.c.pk, sort_by_parameter_order=True), params
+            )
+            ids = [r.pk for r in result]
+            conn.execute(
+                update(datasets)
+                .where(datasets.c.pk == ds.pk)
+                .values(input_count=datasets.c.input_count + len(ids))
+            )
+        return [
+            InputRecord(
+                input_id=pk,
+                kind=e.kind,
+                prompt=e.prompt,
+                completion=e.completion,
+                raw=e.raw,
+                source_format=SourceFormat.STRUCTURED,
+                markup=Markup.STRUCTURED,
+                source_line=0,
+                upload_id="",
+                concepts=tuple(e.concepts),
+                metadata=dict(e.metadata),
+                create_time=now,
+            )
+            for pk, e in zip(ids, examples, strict=True)
+        ]
+
+    def list_inputs(
+        self, app_id: str, dataset_id: str, page: Page
+    ) -> tuple[list[InputRecord], str, int]:
+        with self.engine.connect() as conn:
+            ds = dataset_row(conn, app_id, dataset_id)
+            rows = conn.execute(
+                select(inputs, uploads.c.upload_id)
+                .outerjoin(uploads, uploads.c.pk == inputs.c.upload_pk)
+                .where(inputs.c.dataset_pk == ds.pk, inputs.c.pk > page.after)
+                .order_by(inputs.c.pk)
+                .limit(page.size + 1)
+            ).all()
+        records = [_input_record(r) for r in rows[: page.size]]
+        token = next_page_token(rows, page, f"apps/{app_id}/datasets/{dataset_id}")
+        return records, token, ds.input_count
+
+    def delete_inputs(self, app_id: str, dataset_id: str, input_ids: Sequence[int] | None) -> int:
+        """Deletes the given inputs (ids that do not exist are ignored), or all when None."""
+        with self.engine.begin() as conn:
+            ds = dataset_row(conn, app_id, dataset_id)
+            if input_ids is None:
+                deleted = conn.execute(delete(inputs).where(inputs.c.dataset_pk == ds.pk)).rowcount
+            else:
+                deleted = 0
+                unique = sorted(set(input_ids))
+                for i in range(0, len(unique), IN_LIST_CHUNK):
+                    deleted += conn.execute(
+                        delete(inputs).where(
+                            inputs.c.dataset_pk == ds.pk,
+                            inputs.c.pk.in_(unique[i : i + IN_LIST_CHUNK]),
+                        )
+                    ).rowcount
+            conn.execute(
+                update(datasets)
+                .where(datasets.c.pk == ds.pk)
+                .values(input_count=datasets.c.input_count - deleted)
+            )
+        return deleted
+
+    def frozen_inputs(self, dataset_pk: int, batch_rows: int = 5000) -> Iterator[list[Row[Any]]]:
+        """The dataset's inputs in order, read in one consistent snapshot, in batches.
+
+        Inputs of uploads still running are left out, so a version never holds half a file.
+        """
+        with self.engine.connect() as conn, conn.begin():
+            running = list(
+                conn.execute(
+                    select(uploads.c.pk).where(
+                        uploads.c.dataset_pk == dataset_pk, uploads.c.state == UPLOAD_RUNNING
+                    )
+                ).scalars()
+            )
+            stmt = select(inputs).where(inputs.c.dataset_pk == dataset_pk).order_by(inputs.c.pk)
+            if running:
+                stmt = stmt.where(
+                    (inputs.c.upload_pk.is_(None)) | (inputs.c.upload_pk.not_in(running))
+                )
+            result = conn.execution_options(yield_per=batch_rows).execute(
+                stmt.add_columns(uploads.c.upload_id).outerjoin(
+                    uploads, uploads.c.pk == inputs.c.upload_pk
+                )
+            )
+            for part in result.partitions():
+                yield list(part)
+
+    # Uploads
+
+    def begin_upload(self, app_id: str, dataset_id: str, file_name: str) -> UploadHandle:
+        upload_id = new_id("u")
+        with self.engine.begin() as conn:
+            ds = dataset_row(conn, app_id, dataset_id)
+            result = conn.execute(
+                insert(uploads).values(
+                    upload_id=upload_id,
+                    dataset_pk=ds.pk,
+                    file_name=file_name,
+                    state=UPLOAD_RUNNING,
+                    start_time=time.time(),
+                )
+            )
+            (upload_pk,) = result.inserted_primary_key or (None,)
+        assert upload_pk is not None
+        return UploadHandle(int(upload_pk), upload_id, ds.pk)
+
+    def input_writer(
+        self, upload: UploadHandle, source_format: SourceFormat, skip_duplicates: bool
+    ) -> InputWriter:
+        """A writer for one upload's rows; the caller must `close()` it."""
+        return InputWriter(self.engine, self._statements, upload, source_format, skip_duplicates)
+
+    def finish_upload(self, upload: UploadHandle, report: UploadReport) -> None:
+        summary = {
+            "detected_format": report.detected_format.name if report.detected_format else "",
+            "rows_read": report.rows_read,
+            "rows_accepted": report.rows_accepted,
+            "rows_rejected": report.rows_rejected,
+            "duplicate_rows": report.duplicate_rows,
+            "bytes_read": report.bytes_read,
+        }
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(uploads)
+                .where(uploads.c.pk == upload.upload_pk)
+                .values(state=UPLOAD_DONE, end_time=time.time(), report=json.dumps(summary))
+            )
+
+    def abort_upload(self, upload: UploadHandle) -> int:
+        """Removes what a failed or cancelled upload stored; returns how many inputs."""
+        with self.engine.begin() as conn:
+            return _abort_upload(conn, upload.upload_pk, upload.dataset_pk)
