@@ -11,6 +11,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from loraforge.dataset.v1 import dataset_service_pb2 as pb
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as pb_grpc
@@ -320,3 +322,53 @@ def test_version_requests_that_cannot_work_are_refused(service: ServiceProcess) 
     with pytest.raises(grpc.RpcError) as caught:
         read_all(stub, version.name, batch_size=-1)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_unwritable_storage_fails_the_version_with_a_cause_and_a_remedy(
+    service: ServiceProcess, workdir: Path
+) -> None:
+    stub = stub_for(service)
+    dataset = make_dataset(stub)
+    add(stub, dataset, ("q", "a"))
+    # A file where the snapshots' folder belongs: the object store cannot write there.
+    in_the_way = workdir / "home" / "objects" / "datasets" / "snapshots"
+    in_the_way.parent.mkdir(parents=True, exist_ok=True)
+    in_the_way.write_text("a file")
+    version = stub.CreateDatasetVersion(
+        pb.CreateDatasetVersionRequest(parent=dataset, version_id="v1")
+    ).dataset_version
+    assert version.state == pb.DATASET_VERSION_STATE_FAILED and version.status_code == 64020
+    assert version.failure_reason == (
+        "the object store did not take the snapshot; check that it is reachable and has room, "
+        "then create the version again"
+    )
+    assert "could not publish snapshot" in service.log()  # the cause is in the server log
+
+
+def test_an_unexpected_error_while_writing_a_version_is_internal_with_an_incident(
+    service: ServiceProcess, workdir: Path
+) -> None:
+    stub = stub_for(service)
+    dataset = make_dataset(stub)
+    add(stub, dataset, ("q", "a"))
+    # A row no code path can write: freezing it fails in a way nobody planned for.
+    with sqlite3.connect(workdir / "home" / "dataset.db") as db:
+        db.execute("UPDATE inputs SET kind = 99")
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.CreateDatasetVersion(pb.CreateDatasetVersionRequest(parent=dataset, version_id="v1"))
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    status = rpc_status.from_call(caught.value)  # type: ignore[arg-type]
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info) and info.reason == "INTERNAL"
+    incident = info.metadata["incident"]
+    assert incident in caught.value.details() and incident in service.log()
+    assert "ExampleKind" not in caught.value.details()
+    # The version is not left in progress: it says what happened and can be deleted.
+    version = stub.GetDatasetVersion(
+        pb.GetDatasetVersionRequest(name=f"{dataset}/versions/v1")
+    ).dataset_version
+    assert version.state == pb.DATASET_VERSION_STATE_FAILED
+    assert "ExampleKind" not in version.failure_reason and "99" not in version.failure_reason
+    assert "create the version again" in version.failure_reason
+    stub.DeleteDatasetVersion(pb.DeleteDatasetVersionRequest(name=version.name))

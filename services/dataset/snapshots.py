@@ -7,6 +7,8 @@ published snapshot never changes and versions with the same content share one ob
 
 - Writing: the lines go to a local temporary file while their hash and stats are counted,
   then the file is published under its final key (unless that object already exists).
+  A full or unwritable scratch folder, or an object store that cannot be reached or
+  written, is Unavailable with what to do about it; the cause stays in the server log.
 - Reading streams the object back, checks the hash and the example count, and fails
   loudly if either differs from what the version recorded.
 - Collection: an object is deleted only when the last version row naming it is gone. The
@@ -28,9 +30,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from minio.error import MinioException
 from sqlalchemy import Connection, Row, func, select
+from urllib3.exceptions import HTTPError
 
-from loraforge.services.common.errors import FailedPrecondition
+from loraforge.services.common.errors import FailedPrecondition, Unavailable
 from loraforge.services.common.objectstore import ObjectStore
 from loraforge.services.dataset.domain import (
     ExampleKind,
@@ -49,6 +53,9 @@ READ_CHUNK = 1024 * 1024
 # A read batch also ends at this many characters, so one response stays well under the
 # gRPC message limit whatever the batch size.
 MAX_BATCH_CHARS = 8_000_000
+# What the object store raises when it cannot be reached or written: the local folder's
+# OSError, the S3 client's errors and its HTTP connection's.
+OBJECT_STORE_ERRORS = (OSError, MinioException, HTTPError)
 
 
 class SnapshotCorrupted(RuntimeError):
@@ -119,32 +126,53 @@ class Snapshots:
         """Freezes `inputs` rows into a published snapshot; returns (sha256, key, stats)."""
         digest = hashlib.sha256()
         counter = StatsCounter()
-        with tempfile.NamedTemporaryFile(
-            dir=self.scratch, prefix="snapshot-", suffix=".jsonl.gz"
-        ) as tmp:
-            # mtime=0 keeps the compressed bytes a function of the content alone.
-            with gzip.GzipFile(fileobj=tmp, mode="wb", compresslevel=6, mtime=0) as gz:
-                for batch in batches:
-                    lines = []
-                    for row in batch:
-                        lines.append(_line(row))
-                        counter.add(row)
-                    data = ("\n".join(lines) + "\n").encode("utf-8")
-                    digest.update(data)
-                    gz.write(data)
-            tmp.flush()
-            if counter.count == 0:
-                raise FailedPrecondition(
-                    "the dataset has no finished inputs to freeze (an upload may still be running)",
-                    reason="DATASET_EMPTY",
-                )
-            sha256 = digest.hexdigest()
-            key = snapshot_key(sha256)
-            size = Path(tmp.name).stat().st_size
-            with self._lock:
-                if not self.objects.exists(key):
-                    self.objects.put_file(key, tmp.name)
+        try:
+            with tempfile.NamedTemporaryFile(
+                dir=self.scratch, prefix="snapshot-", suffix=".jsonl.gz"
+            ) as tmp:
+                # mtime=0 keeps the compressed bytes a function of the content alone.
+                with gzip.GzipFile(fileobj=tmp, mode="wb", compresslevel=6, mtime=0) as gz:
+                    for batch in batches:
+                        lines = []
+                        for row in batch:
+                            lines.append(_line(row))
+                            counter.add(row)
+                        data = ("\n".join(lines) + "\n").encode("utf-8")
+                        digest.update(data)
+                        gz.write(data)
+                tmp.flush()
+                if counter.count == 0:
+                    raise FailedPrecondition(
+                        "the dataset has no finished inputs to freeze (an upload may still be "
+                        "running)",
+                        reason="DATASET_EMPTY",
+                    )
+                sha256 = digest.hexdigest()
+                key = snapshot_key(sha256)
+                size = Path(tmp.name).stat().st_size
+                self._publish(key, tmp.name)
+        except OSError as exc:  # the object store's are turned into Unavailable by _publish
+            log.warning("could not write a snapshot under %s", self.scratch, exc_info=exc)
+            raise Unavailable(
+                "the dataset service could not write the snapshot to its scratch folder "
+                f"({exc.strerror or 'input/output error'}); free space there or fix its "
+                "permissions, then create the version again",
+                reason="SNAPSHOT_SCRATCH_UNAVAILABLE",
+            ) from exc
         return sha256, key, counter.stats(size)
+
+    def _publish(self, key: str, path: str) -> None:
+        with self._lock:
+            try:
+                if not self.objects.exists(key):
+                    self.objects.put_file(key, path)
+            except OBJECT_STORE_ERRORS as exc:
+                log.warning("could not publish snapshot %s", key, exc_info=exc)
+                raise Unavailable(
+                    "the object store did not take the snapshot; check that it is reachable "
+                    "and has room, then create the version again",
+                    reason="OBJECT_STORE_UNAVAILABLE",
+                ) from exc
 
     def read(
         self, key: str, sha256: str, expected: int, batch_size: int

@@ -8,15 +8,17 @@ version recorded.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 
-from loraforge.services.common.errors import FailedPrecondition, LoraforgeError
+from loraforge.services.common.errors import FailedPrecondition, Unavailable
 from loraforge.services.common.resources import new_id
 from loraforge.services.dataset.domain import InputRecord, VersionRecord, VersionState
 from loraforge.services.dataset.store import DatasetStore
 
-log = logging.getLogger("loraforge.dataset.versions")
+INTERNAL_FAILURE = (
+    "an internal error stopped writing this version (the server log has the details); "
+    "delete it and create the version again"
+)
 
 
 class Versions:
@@ -30,7 +32,12 @@ class Versions:
     def create(
         self, app_id: str, dataset_id: str, version_id: str, description: str
     ) -> VersionRecord:
-        """Freezes the dataset's inputs now; returns the version READY, or FAILED with a reason."""
+        """Freezes the dataset's inputs now; returns the version READY, or FAILED with a reason.
+
+        A version fails for what a user can act on: no finished inputs yet, or storage that
+        is full or unreachable (the reason says which, and what to do). Any other error
+        marks the version FAILED too, so it can be deleted, and then reaches the caller.
+        """
         version_id = version_id or new_id("v")
         version_pk, dataset_pk = self.rows.create_version_row(
             app_id, dataset_id, version_id, description
@@ -45,16 +52,13 @@ class Versions:
                 content_sha256=sha256,
                 snapshot_key=key,
             )
-        except Exception as exc:
-            if isinstance(exc, LoraforgeError):
-                reason = exc.message
-            else:
-                log.exception("writing version %s of %s/%s failed", version_id, app_id, dataset_id)
-                reason = (
-                    f"writing the snapshot failed ({type(exc).__name__}: {exc}); check the object "
-                    "store and create the version again"
-                )
-            self.rows.set_version_state(version_pk, VersionState.FAILED, failure_reason=reason)
+        except (FailedPrecondition, Unavailable) as exc:
+            self.rows.set_version_state(version_pk, VersionState.FAILED, failure_reason=exc.message)
+        except Exception:
+            self.rows.set_version_state(
+                version_pk, VersionState.FAILED, failure_reason=INTERNAL_FAILURE
+            )
+            raise
         return self.rows.get_version(app_id, dataset_id, version_id)
 
     def read(
