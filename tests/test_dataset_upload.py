@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -13,6 +16,7 @@ from grpc_status import rpc_status
 
 from loraforge.dataset.v1 import dataset_service_pb2 as pb
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as pb_grpc
+from loraforge.services.dataset.pages import parse_page
 from tests.support import ServiceProcess, channel, start_service
 
 FORMATS = Path("/work/shared/formats")
@@ -550,33 +554,126 @@ def test_bad_headers_are_refused(
         assert bad_request(caught.value)[1] == [field]
 
 
-def test_a_cancelled_upload_stores_nothing(
+def wait_until(condition: Callable[[], bool], timeout: float = 30) -> bool:
+    """Polls `condition` until it holds; False if it still does not after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def input_count(stub: pb_grpc.DatasetServiceStub, dataset: str) -> int:
+    return stub.GetDataset(pb.GetDatasetRequest(name=dataset)).dataset.input_count
+
+
+def test_a_cancelled_upload_removes_what_it_had_stored(
     stub: pb_grpc.DatasetServiceStub, dataset: str, service: ServiceProcess
 ) -> None:
-    import threading
-
-    sent = threading.Event()
+    release = threading.Event()
 
     def requests() -> Iterator[pb.UploadInputsRequest]:
         yield pb.UploadInputsRequest(header=pb.UploadHeader(dataset=dataset, file_name="c.jsonl"))
-        block = jsonl(*({"prompt": f"p{i}", "completion": "c"} for i in range(20000)))
-        yield pb.UploadInputsRequest(chunk=block)
-        sent.set()
-        threading.Event().wait(30)  # the client never finishes; it cancels instead
+        # More rows than one transaction holds, so some are committed before the cancel.
+        rows = jsonl(*({"prompt": f"p{i}", "completion": "c"} for i in range(120_000)))
+        for i in range(0, len(rows), 1 << 20):
+            yield pb.UploadInputsRequest(chunk=rows[i : i + (1 << 20)])
+        release.wait()  # the client never finishes the file; it cancels instead
 
     future = stub.UploadInputs.future(requests())
-    assert sent.wait(10)
-    import time
-
-    time.sleep(1.5)  # let the server store the first rows
-    future.cancel()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if f"into {dataset} failed; removed" in service.log():
-            break
-        time.sleep(0.2)
-    assert stub.GetDataset(pb.GetDatasetRequest(name=dataset)).dataset.input_count == 0
+    try:
+        assert wait_until(lambda: input_count(stub, dataset) > 0), "no rows were committed"
+        future.cancel()
+        assert wait_until(lambda: input_count(stub, dataset) == 0), "the rows were not removed"
+    finally:
+        release.set()
     assert all_inputs(stub, dataset) == []
+    assert wait_until(lambda: f"into {dataset} failed; removed" in service.log())
+
+
+def test_a_cancel_at_the_end_of_the_stream_stores_nothing(
+    stub: pb_grpc.DatasetServiceStub, dataset: str, service: ServiceProcess
+) -> None:
+    sent = threading.Event()
+    release = threading.Event()
+
+    def requests() -> Iterator[pb.UploadInputsRequest]:
+        yield pb.UploadInputsRequest(header=pb.UploadHeader(dataset=dataset, file_name="e.jsonl"))
+        yield pb.UploadInputsRequest(chunk=jsonl({"prompt": "p", "completion": "c"}))
+        sent.set()
+        release.wait()  # every row sent, but the stream is never closed: the client cancels
+
+    future = stub.UploadInputs.future(requests())
+    try:
+        assert sent.wait(30)
+        future.cancel()
+    finally:
+        release.set()
+    with pytest.raises(grpc.FutureCancelledError):
+        future.result()
+    failed, stored = f"into {dataset} failed; removed", f"into {dataset}: "
+    assert wait_until(lambda: failed in service.log() or stored in service.log())
+    assert failed in service.log() and stored not in service.log()
+    assert input_count(stub, dataset) == 0
+
+
+class _CancelledCall:
+    """The server side of a call the client cancelled right after its last chunk.
+
+    The stream ends as if the file were complete, and grpc reports the cancel itself only
+    later (here: after the handler has returned). Like any cancelled call, it refuses to
+    send anything.
+    """
+
+    def __init__(self) -> None:
+        self.done_callbacks: list[Callable[[object], None]] = []
+
+    def add_done_callback(self, callback: Callable[[object], None]) -> None:
+        self.done_callbacks.append(callback)
+
+    async def send_initial_metadata(self, metadata: object) -> None:
+        raise grpc.aio.InternalError("Failed 'execute_batch'")
+
+
+def test_a_cancel_reported_late_is_never_committed_as_a_complete_file(tmp_path: Path) -> None:
+    from loraforge.services.common.errors import Aborted
+    from loraforge.services.common.objectstore import LocalObjectStore
+    from loraforge.services.dataset.servicer import DatasetServicer
+    from loraforge.services.dataset.store import DatasetStore
+    from loraforge.services.dataset.uploads import Uploader
+    from loraforge.services.dataset.versions import Versions
+
+    store = DatasetStore(
+        f"sqlite:///{tmp_path / 'dataset.db'}",
+        LocalObjectStore(tmp_path / "objects"),
+        "datasets",
+        tmp_path / "scratch",
+    )
+    try:
+        store.catalog.create_app("a", "")
+        store.catalog.create_dataset("a", "d", "")
+        servicer = DatasetServicer(
+            store,
+            Uploader(store.inputs, max_example_chars=MAX_CHARS, batch_rows=100),
+            Versions(store),
+            max_example_chars=MAX_CHARS,
+        )
+        call = _CancelledCall()
+
+        async def messages() -> AsyncIterator[pb.UploadInputsRequest]:
+            yield pb.UploadInputsRequest(
+                header=pb.UploadHeader(dataset="apps/a/datasets/d", file_name="f.jsonl")
+            )
+            yield pb.UploadInputsRequest(chunk=jsonl({"prompt": "p", "completion": "c"}))
+
+        with pytest.raises(Aborted) as caught:
+            asyncio.run(servicer.UploadInputs(messages(), call))  # type: ignore[arg-type]
+        assert caught.value.reason == "CANCELLED"
+        assert store.catalog.get_dataset("a", "d").input_count == 0
+        assert store.inputs.list_inputs("a", "d", parse_page(10, "", "x"))[0] == []
+    finally:
+        store.close()
 
 
 # AddInputs, ListInputs, DeleteInputs

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
@@ -52,7 +51,6 @@ MAX_ADD_INPUTS = 10_000
 MAX_REFERRER_CHARS = 512
 DEFAULT_READ_BATCH = 500
 MAX_READ_BATCH = 10_000
-END_OF_STREAM_GRACE_SECONDS = 0.05
 
 T = TypeVar("T")
 
@@ -204,6 +202,75 @@ def _new_example(
     ), []
 
 
+class _ChunkStream:
+    """An upload's `chunk` messages, handed one at a time to the parsing thread.
+
+    The thread pulls each chunk from the event loop when it wants the next one, so a slow
+    parser slows the client down (flow control) instead of buffering the file.
+
+    The request stream ends both when the client has sent the whole file and when it
+    cancels, and grpc reports the cancel itself separately, in no fixed order. A cancelled
+    call refuses every later operation, so at the end of the stream the response headers
+    are sent: if the call takes them, the client finished the file; if not, it cancelled.
+    """
+
+    def __init__(
+        self,
+        messages: AsyncIterator[pb.UploadInputsRequest],
+        context: grpc.aio.ServicerContext,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._messages = messages
+        self._context = context
+        self._loop = loop
+        # Set when the call ends before we answer: the client cancelled or went away. The
+        # uploader asks once more before its final commit.
+        self.abandoned = threading.Event()
+        self._waiting: concurrent.futures.Future[bytes | None] | None = None
+        context.add_done_callback(self._on_done)
+
+    def _on_done(self, _: object) -> None:
+        self.abandoned.set()
+        waiting = self._waiting
+        if waiting is not None:
+            waiting.cancel()  # wakes the parsing thread: no chunk will come
+
+    async def _next_chunk(self) -> bytes | None:
+        message = await anext(self._messages, None)
+        if message is None:
+            try:
+                await self._context.send_initial_metadata(())
+            except grpc.aio.BaseError:  # the call is over: cancelled, or the server stopping
+                raise _cancelled() from None
+            return None
+        if message.WhichOneof("payload") == "header":
+            raise invalid_field(
+                "header",
+                "was sent again; send it once, in the first message",
+                reason="DUPLICATE_HEADER",
+            )
+        return message.chunk
+
+    def chunks(self) -> Iterator[bytes]:
+        """The file's bytes, for the parsing thread; Aborted if the call ends first."""
+        while True:
+            future = asyncio.run_coroutine_threadsafe(self._next_chunk(), self._loop)
+            self._waiting = future
+            if self.abandoned.is_set():  # ended before `_waiting` was set, so not woken
+                future.cancel()
+            try:
+                chunk = future.result()
+            except concurrent.futures.CancelledError:
+                raise _cancelled() from None
+            if chunk is None:
+                return
+            yield chunk
+
+
+def _cancelled() -> Aborted:
+    return Aborted("the upload was cancelled before it finished", reason="CANCELLED")
+
+
 class DatasetServicer(pb_grpc.DatasetServiceServicer):
     """The DatasetService RPCs."""
 
@@ -329,58 +396,13 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
                 reason="MISSING_HEADER",
             )
         options = self._upload_options(first.header)
-        loop = asyncio.get_running_loop()
-        # Set when the call ends before we answer, i.e. the client cancelled or went away.
-        # A cancelled stream may first look like a normal end of file, so the uploader
-        # checks this again before its final commit.
-        abandoned = threading.Event()
-        call_done = asyncio.Event()
-
-        def on_done(_: object) -> None:
-            abandoned.set()
-            call_done.set()
-
-        context.add_done_callback(on_done)
-
-        async def next_chunk() -> bytes | None:
-            message = await anext(messages, None)
-            if message is None:
-                # A cancel shows up as the end of the stream, then the call ending a moment
-                # later: wait that moment before taking the end of the stream as the end of file.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(call_done.wait(), END_OF_STREAM_GRACE_SECONDS)
-                if call_done.is_set():
-                    raise Aborted("the upload was cancelled before it finished", reason="CANCELLED")
-                return None
-            if message.WhichOneof("payload") == "header":
-                raise invalid_field(
-                    "header",
-                    "was sent again; send it once, in the first message",
-                    reason="DUPLICATE_HEADER",
-                )
-            return message.chunk
-
-        def chunks() -> Iterator[bytes]:
-            # The parsing thread pulls chunks from the event loop one at a time, so a slow
-            # parser slows the client down (flow control) instead of buffering the file.
-            while True:
-                future = asyncio.run_coroutine_threadsafe(next_chunk(), loop)
-                while True:
-                    try:
-                        chunk = future.result(timeout=1.0)
-                        break
-                    except concurrent.futures.TimeoutError:
-                        if abandoned.is_set():
-                            future.cancel()
-                            raise Aborted("the upload was cancelled before it finished") from None
-                if chunk is None:
-                    return
-                yield chunk
-
+        stream = _ChunkStream(messages, context, asyncio.get_running_loop())
         try:
-            report = await self._run(self.uploader.ingest, options, chunks(), abandoned.is_set)
+            report = await self._run(
+                self.uploader.ingest, options, stream.chunks(), stream.abandoned.is_set
+            )
         except asyncio.CancelledError:
-            abandoned.set()
+            stream.abandoned.set()
             raise
         return upload_report_pb(report)
 
