@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -240,3 +244,33 @@ def test_health_and_reflection_list_the_dataset_service(service: ServiceProcess)
         health_pb2.HealthCheckRequest(service="loraforge.dataset.v1.DatasetService")
     )
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (
+            ["--max-example-chars", "0"],
+            {},
+            "error: --max-example-chars (LORAFORGE_MAX_EXAMPLE_CHARS) must be at least 1 (got 0)",
+        ),
+        (
+            [],
+            {"LORAFORGE_UPLOAD_BATCH_ROWS": "-3"},
+            "error: --upload-batch-rows (LORAFORGE_UPLOAD_BATCH_ROWS) must be at least 1 (got -3)",
+        ),
+    ],
+    ids=["flag", "environment"],
+)
+def test_a_bad_setting_is_one_line_and_exit_2(
+    tmp_path: Path, args: list[str], env: dict[str, str], message: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "loraforge.services.dataset", *args],
+        env={**os.environ, "LORAFORGE_HOME": str(tmp_path), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert (done.stdout + done.stderr).strip() == message

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from loraforge.dataset.v1 import dataset_service_pb2, dataset_service_pb2_grpc
-from loraforge.services.common.config import ServerConfig, load_config, setting
+from loraforge.services.common.config import ENV_PREFIX, ServerConfig, load_config, setting
 from loraforge.services.common.errors import InvalidArgument
 from loraforge.services.common.logs import setup_logging
 from loraforge.services.common.objectstore import open_object_store
@@ -31,28 +31,21 @@ class DatasetConfig(ServerConfig):
         100_000,
         "Longest row (its original text) an upload accepts, in characters; longer rows are rejected.",
     )
-    upload_batch_rows: int = setting(5000, "Rows stored per database transaction during an upload.")
+    upload_batch_rows: int = setting(
+        5000, "Rows an upload parses before handing them to the database writer, as one batch."
+    )
 
     def __post_init__(self) -> None:
-        if self.max_example_chars < 1:
-            raise InvalidArgument(
-                f"max_example_chars must be at least 1 (got {self.max_example_chars})"
-            )
-        if self.upload_batch_rows < 1:
-            raise InvalidArgument(
-                f"upload_batch_rows must be at least 1 (got {self.upload_batch_rows})"
-            )
+        for name in ("max_example_chars", "upload_batch_rows"):
+            value = getattr(self, name)
+            if value < 1:
+                raise InvalidArgument(
+                    f"--{name.replace('_', '-')} ({ENV_PREFIX}{name.upper()}) must be at least 1 "
+                    f"(got {value})"
+                )
 
 
 async def run(config: DatasetConfig) -> None:
-    if config.max_example_chars < 1:
-        raise InvalidArgument(
-            f"--max-example-chars must be at least 1 (got {config.max_example_chars})"
-        )
-    if config.upload_batch_rows < 1:
-        raise InvalidArgument(
-            f"--upload-batch-rows must be at least 1 (got {config.upload_batch_rows})"
-        )
     objects = open_object_store(config.object_store_url_or_default()).scoped(OBJECT_PREFIX)
     store = await asyncio.to_thread(
         DatasetStore,
@@ -82,9 +75,13 @@ async def run(config: DatasetConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = load_config(DatasetConfig, argv, prog="loraforge-dataset")
-    setup_logging(config.log_level, config.log_format, service="dataset")
-    return run_main(run(config))
+    async def start() -> None:
+        # Loaded inside `run_main`, so a bad setting is one line and exit 2, not a traceback.
+        config = load_config(DatasetConfig, argv, prog="loraforge-dataset")
+        setup_logging(config.log_level, config.log_format, service="dataset")
+        await run(config)
+
+    return run_main(start())
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 the store returns. No gRPC here; the servicer maps these to and from protobuf by name.
 
 Enum values equal the protobuf numbers of the same names (`SourceFormat.PORTAL_CSV` is
-`SOURCE_FORMAT_PORTAL_CSV = 1`), and they are what the metadata store and the snapshots
-hold, so they never change meaning.
+`SOURCE_FORMAT_PORTAL_CSV = 1`, `Markup.NONE` is `TEXT_MARKUP_NONE = 1`). The metadata
+store holds the numbers, snapshots and version stats hold the names, so neither may ever
+change meaning.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ parsed rows and row errors, so a file of any size is parsed in bounded memory: t
 text held at once is one chunk plus one unfinished line (and, for CSV, one record), and a
 line longer than the example limit is dropped while it streams past, not accumulated.
 
-Formats (DESIGN.md, "Data the dataset service accepts"):
+Formats (the README lists them for users):
 - CSV, portal layout (`input.data.text.raw`, `input.data.concepts[*].id`) or SDK layout
   (`input`, optionally `concepts`, `inputid`, `metadata`); comma, tab or semicolon separated.
 - JSONL: `{"prompt","completion"}`, `{"messages":[{role,content}]}`, `{"instruction",
