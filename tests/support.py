@@ -64,7 +64,13 @@ def start_service(
     ready = workdir / f"{name}.port"
     ready.unlink(missing_ok=True)
     log_path = workdir / f"{name}.log"
-    full_env = {**os.environ, "LORAFORGE_HOME": str(workdir / "home"), **(env or {})}
+    full_env = {
+        **os.environ,
+        "LORAFORGE_HOME": str(workdir / "home"),
+        # Tests never reach the hub: a model that is not on this machine is refused at once.
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        **(env or {}),
+    }
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", module, "--port", "0", "--ready-file", str(ready), *args],

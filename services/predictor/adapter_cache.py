@@ -26,8 +26,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loraforge.services.common.base_models import canonical_name
 from loraforge.services.common.errors import FailedPrecondition, NotFound, ResourceExhausted
 from loraforge.services.common.objectstore import ObjectStore
+from loraforge.services.common.prompts import PromptFormat
 from loraforge.services.predictor.engines.base import AdapterRef
 
 log = logging.getLogger("loraforge.predictor.adapters")
@@ -52,6 +54,9 @@ class AdapterSource:
     model_version: str
     base_model: str
     adapter_prefix: str
+    prompt_format: PromptFormat = field(
+        default_factory=PromptFormat
+    )  # how training rendered prompts
 
 
 @dataclass
@@ -73,8 +78,8 @@ class CacheEntry:
 
 
 def same_base_model(a: str, b: str) -> bool:
-    """Two `model_name_or_path` values name the same model (same string or same local folder)."""
-    if a.rstrip("/") == b.rstrip("/"):
+    """Two `model_name_or_path` values name the same model (same name or same local folder)."""
+    if canonical_name(a.rstrip("/")) == canonical_name(b.rstrip("/")):
         return True
     pa, pb = Path(a), Path(b)
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()

@@ -16,8 +16,8 @@ class PredictorConfig(ServerConfig):
 
     base_model: str = setting(
         "",
-        "The base model served (`model_name_or_path`: a local folder or a hub id). "
-        "Empty: a tiny local Llama built in `home`/base-models (for demos and tests).",
+        "The base model served: a catalogue name (available offline), a hub id or a local "
+        "folder. Empty: HuggingFaceTB/SmolLM2-135M-Instruct.",
     )
     trainer_address: str = setting(
         "", "host:port of the TrainerService, which resolves model and model-version names."
@@ -27,7 +27,11 @@ class PredictorConfig(ServerConfig):
         "Engine: auto (vLLM when it has a LoRA path for the base model's architecture, "
         "else transformers + PEFT), vllm, or transformers.",
     )
-    dtype: str = setting("auto", "Weights dtype: auto, float32, float16 or bfloat16.")
+    dtype: str = setting(
+        "auto",
+        "Weights dtype: auto (bfloat16 on GPUs and CPUs that compute it natively, else "
+        "float32), float32, float16 or bfloat16.",
+    )
     max_loras: int = setting(8, "Most distinct adapters in one engine batch.")
     max_cpu_loras: int = setting(32, "Most adapters the engine keeps loaded in host memory.")
     max_lora_rank: int = setting(16, "Largest LoRA rank accepted (vLLM: 8, 16, 32, 64, ...).")

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from loraforge.services.common.errors import FieldViolation, InvalidArgument
+from loraforge.services.common.prompts import PROMPT_FORMATS
 
 DEFAULT_MAX_TOKENS = 256
 MAX_MAX_TOKENS = 4096
@@ -36,6 +37,7 @@ class RequestedParams:
     seed: int | None = None
     system_prompt: str = ""
     prompt_template: str = ""
+    prompt_format: str | None = None  # "raw", "chat", or None: the model's own
 
 
 @dataclass(frozen=True)
@@ -69,11 +71,18 @@ class PromptTemplate:
         rendered = self.template.replace(SYSTEM_PLACEHOLDER, self.system_prompt)
         return rendered.replace(PROMPT_PLACEHOLDER, text)
 
+    def render_user_turn(self, text: str) -> str:
+        """The user turn of a chat: the template around the text; the system prompt has its own turn."""
+        if not self.template:
+            return text
+        return self.template.replace(SYSTEM_PLACEHOLDER, "").replace(PROMPT_PLACEHOLDER, text)
+
 
 @dataclass(frozen=True)
 class ValidatedParams:
     sampling: SamplingSettings
     template: PromptTemplate
+    prompt_format: str | None = None  # None: the model's own
 
 
 def _bad_float(value: float) -> bool:
@@ -129,15 +138,8 @@ def check_params(
             "has no `{prompt}` placeholder, so the input's text would be dropped; "
             "e.g. `### Instruction: {system_prompt}\\n### Input: {prompt}\\n### Response:`",
         )
-    if (
-        params.system_prompt
-        and params.prompt_template
-        and SYSTEM_PLACEHOLDER not in params.prompt_template
-    ):
-        violation(
-            "system_prompt",
-            "is set but `prompt_template` has no `{system_prompt}` placeholder to put it in",
-        )
+    if params.prompt_format not in (None, *PROMPT_FORMATS):
+        violation("prompt_format", f"must be one of {', '.join(PROMPT_FORMATS)}")
 
     validated = ValidatedParams(
         sampling=SamplingSettings(
@@ -150,8 +152,26 @@ def check_params(
             seed=params.seed,
         ),
         template=PromptTemplate(params.prompt_template, params.system_prompt),
+        prompt_format=params.prompt_format,
     )
     return validated, bad
+
+
+def template_violations(
+    template: PromptTemplate, chat: bool, prefix: str = "params"
+) -> list[FieldViolation]:
+    """A raw prompt needs a `{system_prompt}` place for a system prompt; a chat has its own turn."""
+    if chat or not template.system_prompt or not template.template:
+        return []
+    if SYSTEM_PLACEHOLDER in template.template:
+        return []
+    return [
+        FieldViolation(
+            f"{prefix}.system_prompt",
+            "is set but `prompt_template` has no `{system_prompt}` placeholder to put it in "
+            "(or use prompt_format chat, which gives the system prompt its own turn)",
+        )
+    ]
 
 
 def raise_if_bad(violations: list[FieldViolation]) -> None:

@@ -15,12 +15,26 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from loraforge.services.common.base_models import DEFAULT_BASE_MODEL, resolve_base_model
 from loraforge.services.common.errors import FieldViolation, InvalidArgument
 from loraforge.services.common.objectstore import open_object_store
-from loraforge.services.predictor.adapter_cache import AdapterCache, CacheEntry, CacheState
+from loraforge.services.common.prompts import (
+    CHAT,
+    CHAT_ROLES,
+    PromptFormat,
+    encode_rendered,
+    has_chat_template,
+    render_messages,
+    render_prompt,
+)
+from loraforge.services.predictor.adapter_cache import (
+    AdapterCache,
+    AdapterSource,
+    CacheEntry,
+    CacheState,
+)
 from loraforge.services.predictor.config import GiB, PredictorConfig
 from loraforge.services.predictor.engines.base import (
     Engine,
@@ -28,7 +42,12 @@ from loraforge.services.predictor.engines.base import (
     FinishReason,
     GenerationRequest,
 )
-from loraforge.services.predictor.engines.selection import EngineChoice, choose_engine
+from loraforge.services.predictor.engines.selection import (
+    DtypeChoice,
+    EngineChoice,
+    choose_dtype,
+    choose_engine,
+)
 from loraforge.services.predictor.params import (
     MAX_INPUTS,
     RequestedParams,
@@ -36,6 +55,7 @@ from loraforge.services.predictor.params import (
     ValidatedParams,
     check_params,
     raise_if_bad,
+    template_violations,
 )
 from loraforge.services.predictor.resolver import TrainerResolver, classify_name
 
@@ -44,8 +64,11 @@ log = logging.getLogger("loraforge.predictor")
 
 @dataclass(frozen=True)
 class PredictInput:
+    """A prompt text, or chat messages as (role, content) pairs."""
+
     text: str
     id: str = ""
+    messages: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -92,6 +115,88 @@ class ServedModel:
     running_requests: int
     aborted_requests: int
     max_model_len: int
+    dtype: str
+    dtype_reason: str
+    source: str
+
+
+class PromptRenderer:
+    """Turns one input into the prompt string the engine gets, the way training rendered it."""
+
+    def __init__(self, tokenizer: Any, base_model: str) -> None:
+        self.tokenizer = tokenizer
+        self.base_model = base_model
+
+    def render(
+        self,
+        item: PredictInput,
+        name: str,
+        validated: ValidatedParams,
+        trained: PromptFormat,
+        bad: list[FieldViolation],
+    ) -> tuple[str, bool] | None:
+        """The prompt string for one input and whether it is a chat rendering (None if bad)."""
+        template = validated.template
+        kind = validated.prompt_format or trained.kind
+        system = template.system_prompt or (trained.system_prompt if kind == CHAT else "")
+        chat = bool(item.messages) or kind == CHAT
+        if chat and not has_chat_template(self.tokenizer):
+            where = f"{name}.messages" if item.messages else "params.prompt_format"
+            bad.append(
+                FieldViolation(
+                    where,
+                    f"needs a chat template, and the base model {self.base_model} has none; "
+                    "send a raw text prompt instead",
+                )
+            )
+            return None
+        if item.messages:
+            if item.text:
+                bad.append(FieldViolation(f"{name}.text", "must be empty when messages are given"))
+                return None
+            problems = [
+                FieldViolation(
+                    f"{name}.messages[{j}].role",
+                    f"must be one of {', '.join(CHAT_ROLES)} (got {role!r})",
+                )
+                for j, (role, _) in enumerate(item.messages)
+                if role not in CHAT_ROLES
+            ]
+            if item.messages[-1][0] == "assistant":
+                problems.append(
+                    FieldViolation(
+                        f"{name}.messages",
+                        "ends with an assistant turn; end with a user turn for the model to answer",
+                    )
+                )
+            if problems:
+                bad.extend(problems)
+                return None
+            messages = [{"role": role, "content": content} for role, content in item.messages]
+            if all(role != "system" for role, _ in item.messages) and system:
+                messages.insert(0, {"role": "system", "content": system})
+            return render_messages(self.tokenizer, messages), True
+        if not item.text:
+            bad.append(FieldViolation(f"{name}.text", "is empty; give the prompt text"))
+            return None
+        bad.extend(template_violations(template, chat))
+        if chat:
+            fmt = PromptFormat(CHAT, system)
+            return render_prompt(self.tokenizer, template.render_user_turn(item.text), fmt), True
+        return template.render(item.text), False
+
+    def encode(
+        self,
+        item: PredictInput,
+        validated: ValidatedParams,
+        trained: PromptFormat,
+        name: str = "input",
+        bad: list[FieldViolation] | None = None,
+    ) -> list[int] | None:
+        """Token ids of the rendered prompt (None, with the reasons in `bad`, if it is invalid)."""
+        problems: list[FieldViolation] = [] if bad is None else bad
+        rendered = self.render(item, name, validated, trained, problems)
+        return None if rendered is None else encode_rendered(self.tokenizer, *rendered)
 
 
 class Predictor:
@@ -104,12 +209,18 @@ class Predictor:
         tokenizer: Any,
         cache: AdapterCache,
         resolver: TrainerResolver,
+        *,
+        base_model: str = "",
+        dtype: DtypeChoice | None = None,
     ) -> None:
         self.engine = engine
         self.choice = choice
         self.tokenizer = tokenizer
         self.cache = cache
         self.resolver = resolver
+        self.base_model = base_model or engine.base_model  # the name users know it by
+        self.prompts = PromptRenderer(tokenizer, self.base_model)
+        self.dtype = dtype or DtypeChoice("auto", "the engine's default")
 
     # --- checks -----------------------------------------------------------------------
 
@@ -134,21 +245,21 @@ class Predictor:
         self,
         inputs: Sequence[PredictInput],
         validated: ValidatedParams,
+        trained: PromptFormat,
         field: str,
-        bad: list[FieldViolation],
     ) -> list[tuple[list[int], SamplingSettings]]:
         limit = self.engine.max_model_len
         prepared = []
+        bad: list[FieldViolation] = []
         for i, item in enumerate(inputs):
             name = field if len(inputs) == 1 and field == "input" else f"{field}[{i}]"
-            if not item.text:
-                bad.append(FieldViolation(f"{name}.text", "is empty; give the prompt text"))
+            ids = self.prompts.encode(item, validated, trained, name, bad)
+            if ids is None:
                 continue
-            ids = list(self.tokenizer(validated.template.render(item.text))["input_ids"])
             if len(ids) >= limit:
                 bad.append(
                     FieldViolation(
-                        f"{name}.text",
+                        f"{name}.messages" if item.messages else f"{name}.text",
                         f"is {len(ids)} tokens after the prompt template; the model takes at most "
                         f"{limit} tokens of prompt and completion together",
                     )
@@ -159,16 +270,18 @@ class Predictor:
             if sampling.max_tokens > room:  # the context window caps the completion
                 sampling = SamplingSettings(**{**sampling.__dict__, "max_tokens": room})
             prepared.append((ids, sampling))
+        raise_if_bad(bad)
         return prepared
 
-    def _prepare(
+    async def _prepare(
         self,
         model: str,
         base_model: bool,
         inputs: Sequence[PredictInput],
         params: RequestedParams,
         field: str,
-    ) -> list[tuple[list[int], SamplingSettings]]:
+    ) -> tuple[AdapterSource | None, list[tuple[list[int], SamplingSettings]]]:
+        """Checks the request, resolves the model, and renders and tokenizes every input."""
         bad: list[FieldViolation] = []
         self._check_target(model, base_model, bad)
         if field == "inputs" and not 1 <= len(inputs) <= MAX_INPUTS:
@@ -176,17 +289,16 @@ class Predictor:
                 FieldViolation("inputs", f"give 1 to {MAX_INPUTS} inputs (got {len(inputs)})")
             )
         validated, param_bad = check_params(params)
-        bad.extend(param_bad)
-        prepared = self._tokenize(inputs, validated, field, bad) if not param_bad else []
-        raise_if_bad(bad)
-        return prepared
+        raise_if_bad(bad + param_bad)
+        source = await self.resolver.resolve(model) if model else None
+        trained = source.prompt_format if source else PromptFormat()
+        return source, self._tokenize(inputs, validated, trained, field)
 
     @contextlib.asynccontextmanager
-    async def _adapter(self, model: str) -> AsyncIterator[CacheEntry | None]:
-        if not model:
+    async def _adapter(self, source: AdapterSource | None) -> AsyncIterator[CacheEntry | None]:
+        if source is None:
             yield None
             return
-        source = await self.resolver.resolve(model)
         entry = await self.cache.acquire(source)
         try:
             yield entry
@@ -198,8 +310,8 @@ class Predictor:
     async def predict(
         self, model: str, base_model: bool, inputs: Sequence[PredictInput], params: RequestedParams
     ) -> tuple[str, list[PredictOutput]]:
-        prepared = self._prepare(model, base_model, inputs, params, "inputs")
-        async with self._adapter(model) as entry:
+        source, prepared = await self._prepare(model, base_model, inputs, params, "inputs")
+        async with self._adapter(source) as entry:
             adapter = entry.ref() if entry else None
 
             async def run(
@@ -233,8 +345,8 @@ class Predictor:
     async def predict_stream(
         self, model: str, base_model: bool, item: PredictInput, params: RequestedParams
     ) -> AsyncIterator[StreamEvent]:
-        ((ids, sampling),) = self._prepare(model, base_model, [item], params, "input")
-        async with self._adapter(model) as entry:
+        source, ((ids, sampling),) = await self._prepare(model, base_model, [item], params, "input")
+        async with self._adapter(source) as entry:
             version = entry.model_version if entry else ""
             request = GenerationRequest(
                 uuid.uuid4().hex, ids, sampling, entry.ref() if entry else None
@@ -308,7 +420,7 @@ class Predictor:
         stats = self.engine.stats()
         return [
             ServedModel(
-                self.engine.base_model,
+                self.base_model,
                 self.engine.kind,
                 self.choice.reason,
                 self.engine.max_loras,
@@ -316,6 +428,9 @@ class Predictor:
                 stats.running_requests,
                 stats.aborted_requests,
                 self.engine.max_model_len,
+                self.dtype.dtype,
+                self.dtype.reason,
+                self.engine.base_model,
             )
         ]
 
@@ -328,23 +443,33 @@ def build_predictor(config: PredictorConfig) -> Predictor:
     """Chooses and starts the engine, opens the adapter cache and the trainer client."""
     from transformers import AutoTokenizer
 
-    base_model = config.base_model or str(default_base_model(config))
-    choice = choose_engine(base_model, config.engine)
-    log.info("base model %s (%s): %s", base_model, choice.architecture, choice.reason)
+    base_model = config.base_model or DEFAULT_BASE_MODEL
+    path = resolve_base_model(base_model)
+    choice = choose_engine(path, config.engine)
+    dtype = choose_dtype(config.dtype)
+    log.info(
+        "base model %s from %s (%s): %s; dtype %s: %s",
+        base_model,
+        path,
+        choice.architecture,
+        choice.reason,
+        dtype.dtype,
+        dtype.reason,
+    )
     engine: Engine
     if choice.kind is EngineKind.VLLM:
         from loraforge.services.predictor.engines.vllm_engine import VllmEngine, VllmSettings
 
         engine = VllmEngine.start(
             VllmSettings(
-                base_model=base_model,
+                base_model=path,
                 max_loras=config.max_loras,
                 max_cpu_loras=config.max_cpu_loras,
                 max_lora_rank=config.max_lora_rank,
                 max_model_len=config.max_model_len,
                 max_num_seqs=config.max_num_seqs,
                 kv_cache_bytes=int(config.kv_cache_gib * GiB),
-                dtype=config.dtype,
+                dtype=dtype.dtype,
                 enforce_eager=config.enforce_eager,
                 gpu_memory_utilization=config.gpu_memory_utilization,
             )
@@ -357,11 +482,11 @@ def build_predictor(config: PredictorConfig) -> Predictor:
 
         engine = TransformersEngine.start(
             TransformersSettings(
-                base_model=base_model,
+                base_model=path,
                 max_lora_rank=config.max_lora_rank,
                 max_cpu_loras=config.max_cpu_loras,
                 max_model_len=config.max_model_len,
-                dtype=config.dtype,
+                dtype=dtype.dtype,
             )
         )
     cache = AdapterCache(
@@ -375,11 +500,12 @@ def build_predictor(config: PredictorConfig) -> Predictor:
     resolver = TrainerResolver(
         config.trainer_address, model_ttl=config.model_resolution_ttl_seconds
     )
-    return Predictor(engine, choice, AutoTokenizer.from_pretrained(base_model), cache, resolver)
-
-
-def default_base_model(config: PredictorConfig) -> Path:
-    """With no base model configured: a tiny local Llama (demos and tests; nothing is downloaded)."""
-    from loraforge.services.common.tiny_model import build_tiny_model
-
-    return build_tiny_model(config.home_path() / "base-models" / "tiny-llama")
+    return Predictor(
+        engine,
+        choice,
+        AutoTokenizer.from_pretrained(path),
+        cache,
+        resolver,
+        base_model=base_model,
+        dtype=dtype,
+    )

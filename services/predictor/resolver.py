@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 
 from loraforge.services.common.errors import (
     FailedPrecondition,
@@ -23,6 +24,7 @@ from loraforge.services.common.errors import (
     Unavailable,
     invalid_field,
 )
+from loraforge.services.common.prompts import PromptFormat
 from loraforge.services.common.resources import ID_PATTERN
 from loraforge.services.common.server import CHANNEL_OPTIONS
 from loraforge.services.predictor.adapter_cache import AdapterSource
@@ -123,7 +125,12 @@ class TrainerResolver:
                 reason="ADAPTER_MISSING",
                 metadata={"model_version": name},
             )
-        source = AdapterSource(name, version.artifacts.base_model, version.artifacts.adapter_prefix)
+        source = AdapterSource(
+            name,
+            version.artifacts.base_model,
+            version.artifacts.adapter_prefix,
+            PromptFormat.from_params(json_format.MessageToDict(version.params)),
+        )
         self._versions[name] = source
         while len(self._versions) > _KNOWN_VERSIONS:
             self._versions.popitem(last=False)

@@ -8,6 +8,7 @@ import grpc
 
 from loraforge.predictor.v1 import predictor_service_pb2 as pb
 from loraforge.predictor.v1 import predictor_service_pb2_grpc
+from loraforge.services.common.prompts import CHAT, RAW
 from loraforge.services.common.resources import (
     decode_page_token,
     encode_page_token,
@@ -29,6 +30,7 @@ _STATE = {
     "loaded": pb.ADAPTER_STATE_LOADED,
 }
 _ENGINE = {EngineKind.VLLM: pb.ENGINE_VLLM, EngineKind.TRANSFORMERS: pb.ENGINE_TRANSFORMERS}
+_PROMPT_FORMATS = {pb.PROMPT_FORMAT_RAW: RAW, pb.PROMPT_FORMAT_CHAT: CHAT}
 
 
 def params_from_proto(p: pb.InferenceParams) -> RequestedParams:
@@ -42,7 +44,12 @@ def params_from_proto(p: pb.InferenceParams) -> RequestedParams:
         seed=p.seed if p.HasField("seed") else None,
         system_prompt=p.system_prompt,
         prompt_template=p.prompt_template,
+        prompt_format=_PROMPT_FORMATS.get(p.prompt_format),
     )
+
+
+def input_from_proto(i: pb.PredictInput) -> PredictInput:
+    return PredictInput(i.text, i.id, tuple((m.role, m.content) for m in i.messages))
 
 
 def adapter_to_proto(view: AdapterView) -> pb.Adapter:
@@ -67,7 +74,7 @@ class PredictorServicer(predictor_service_pb2_grpc.PredictorServiceServicer):
     async def Predict(
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
     ) -> pb.PredictResponse:
-        inputs = [PredictInput(i.text, i.id) for i in request.inputs]
+        inputs = [input_from_proto(i) for i in request.inputs]
         version, outputs = await self.predictor.predict(
             request.model, request.base_model, inputs, params_from_proto(request.params)
         )
@@ -88,7 +95,7 @@ class PredictorServicer(predictor_service_pb2_grpc.PredictorServiceServicer):
     async def PredictStream(
         self, request: pb.PredictStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PredictStreamResponse]:
-        item = PredictInput(request.input.text, request.input.id)
+        item = input_from_proto(request.input)
         events = self.predictor.predict_stream(
             request.model, request.base_model, item, params_from_proto(request.params)
         )
@@ -144,6 +151,9 @@ class PredictorServicer(predictor_service_pb2_grpc.PredictorServiceServicer):
                     running_requests=m.running_requests,
                     aborted_requests=m.aborted_requests,
                     max_model_len=m.max_model_len,
+                    dtype=m.dtype,
+                    dtype_reason=m.dtype_reason,
+                    source=m.source,
                 )
                 for m in self.predictor.serving_info()
             ]

@@ -14,6 +14,7 @@ from typing import Any
 
 from google.protobuf import duration_pb2, json_format, struct_pb2
 
+from loraforge.services.common import base_models
 from loraforge.services.common.errors import AlreadyExists, NotFound, invalid_field
 from loraforge.services.common.objectstore import ObjectStore
 from loraforge.services.common.resources import (
@@ -114,6 +115,23 @@ def template_to_pb(t: tpl.Template) -> pb.Template:
             )
             for p in t.parameters
         ],
+    )
+
+
+def base_model_to_pb(entry: base_models.BaseModel) -> pb.BaseModel:
+    where = base_models.availability(entry)
+    return pb.BaseModel(
+        name=entry.resource_name,
+        model_id=entry.model_id,
+        display_name=entry.display_name,
+        description=entry.description,
+        architecture=entry.architecture,
+        parameter_count=entry.parameter_count,
+        context_length=entry.context_length,
+        chat_template=entry.chat_template,
+        serving_engine=entry.serving_engine,
+        available_locally=where.present,
+        local_source=where.where,
     )
 
 
@@ -245,6 +263,15 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     ) -> pb.GetTemplateResponse:
         return pb.GetTemplateResponse(template=template_to_pb(tpl.get_template(request.name)))
 
+    async def ListBaseModels(
+        self, request: pb.ListBaseModelsRequest, context: Any
+    ) -> pb.ListBaseModelsResponse:
+        chunk, token = _offset_page(
+            list(base_models.CATALOGUE), page_size(request.page_size), request.page_token
+        )
+        items = await asyncio.to_thread(lambda: [base_model_to_pb(e) for e in chunk])
+        return pb.ListBaseModelsResponse(base_models=items, next_page_token=token)
+
     # Models.
 
     async def CreateModel(
@@ -307,6 +334,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                 f"{request.dataset_version!r} belongs to app {dataset['app']!r}, not to the model's app {parent['app']!r}",
             )
         await asyncio.to_thread(tpl.check_hardware, template, params)
+        await asyncio.to_thread(tpl.check_base_model, params)
         await asyncio.to_thread(self.store.get_model, request.parent)
         if request.request_id:
             existing = await asyncio.to_thread(

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from loraforge.services.common.base_models import check_available
 from loraforge.services.common.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -64,12 +65,15 @@ class Hardware:
     summary: str
 
 
+RECOMMENDED_WHEN = ("always", "never", "cuda", "no_cuda")
+
+
 @dataclass(frozen=True, eq=False)
 class Template:
     name: str  # the id, e.g. `HF_GPTNeo_125m_lora`; resource name is `templates/{name}`
     display_name: str
     description: str
-    recommended: bool
+    recommended_when: str  # one of RECOMMENDED_WHEN
     model_type: str
     serving_engine: str
     hardware: Hardware
@@ -78,6 +82,13 @@ class Template:
     @property
     def resource_name(self) -> str:
         return f"templates/{self.name}"
+
+    @property
+    def recommended(self) -> bool:
+        """Recommended on this machine: some templates are the pick only with (or without) CUDA."""
+        if self.recommended_when in ("cuda", "no_cuda"):
+            return _cuda_available() == (self.recommended_when == "cuda")
+        return self.recommended_when == "always"
 
     def parameter(self, path: str) -> Parameter | None:
         return next((p for p in self.parameters if p.path == path), None)
@@ -136,11 +147,18 @@ def load_template(path: Path) -> Template:
     if data["name"] != path.stem:
         raise ValueError(f"{path.name}: name {data['name']!r} differs from the file name")
     hw = data.get("hardware") or {}
+    recommended = data.get("recommended", False)
+    if isinstance(recommended, bool):
+        recommended = "always" if recommended else "never"
+    if recommended not in RECOMMENDED_WHEN:
+        raise ValueError(
+            f"{path.name}: recommended must be true, false, cuda or no_cuda (got {recommended!r})"
+        )
     return Template(
         name=data["name"],
         display_name=data.get("display_name", data["name"]),
         description=str(data.get("description", "")).strip(),
-        recommended=bool(data.get("recommended", False)),
+        recommended_when=recommended,
         model_type=MODEL_TYPE,
         serving_engine=data.get("serving_engine", "transformers"),
         hardware=Hardware(
@@ -154,10 +172,13 @@ def load_template(path: Path) -> Template:
 
 
 @functools.cache
+def _load_templates() -> tuple[Template, ...]:
+    return tuple(load_template(p) for p in sorted(TEMPLATES_DIR.glob("*.yaml")))
+
+
 def all_templates() -> tuple[Template, ...]:
-    """Every template, recommended first, then by name."""
-    found = [load_template(p) for p in sorted(TEMPLATES_DIR.glob("*.yaml"))]
-    return tuple(sorted(found, key=lambda t: (not t.recommended, t.name)))
+    """Every template, the ones recommended on this machine first, then by name."""
+    return tuple(sorted(_load_templates(), key=lambda t: (not t.recommended, t.name)))
 
 
 def get_template(resource_name: str, field_name: str = "name") -> Template:
@@ -282,6 +303,15 @@ def resolve_params(
                 violations.append(FieldViolation(sub_path, problem))
             else:
                 params[key][sub] = _normalise(param, sub_value)
+    fmt = params["tokenizer_config"].get("prompt_format", "raw")
+    if params["tokenizer_config"].get("system_prompt") and fmt != "chat":
+        violations.append(
+            FieldViolation(
+                f"{field_prefix}.tokenizer_config.system_prompt",
+                f"is only used with tokenizer_config.prompt_format chat (this run uses {fmt}); "
+                "set prompt_format to chat, or put the instruction in your prompts",
+            )
+        )
     if violations:
         summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
         raise InvalidArgument(
@@ -321,13 +351,18 @@ def missing_requirements(template: Template, params: Mapping[str, Any]) -> list[
     return missing
 
 
+def check_base_model(params: Mapping[str, Any]) -> None:
+    """FailedPrecondition naming the base model when neither this machine nor the hub has it."""
+    check_available(params["model_config"]["pretrained_model_name_or_path"])
+
+
 def check_hardware(template: Template, params: Mapping[str, Any]) -> None:
     missing = missing_requirements(template, params)
     if missing:
         raise FailedPrecondition(
             f"{template.resource_name} needs {' and '.join(missing)}. "
             f"Hardware: {template.hardware.summary} Pick a template that runs here, e.g. "
-            "templates/HF_Qwen2_5_0p5b_instruct_lora.",
+            "templates/HF_SmolLM2_135m_instruct_lora.",
             reason="HARDWARE_MISSING",
             metadata={"template": template.resource_name, "missing": "; ".join(missing)},
         )

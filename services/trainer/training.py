@@ -31,6 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from loraforge.services.common.base_models import resolve_base_model
+from loraforge.services.common.prompts import PromptFormat, has_chat_template, render_prompt
+
 IGNORE_INDEX = -100
 REAL_TOKENS = (
     "real_tokens"  # batch key with the non-padding token count; removed before the forward pass
@@ -119,12 +122,17 @@ class TrainingResult:
 # 1. Tokenize and validate.
 
 
+def base_model_path(params: Mapping[str, Any]) -> str:
+    """What `from_pretrained` loads for the run's base model (catalogue names resolve locally)."""
+    return resolve_base_model(params["model_config"]["pretrained_model_name_or_path"])
+
+
 def load_tokenizer(params: Mapping[str, Any]) -> Any:
     from transformers import AutoTokenizer
 
     mc, tc = params["model_config"], params["tokenizer_config"]
     tokenizer = AutoTokenizer.from_pretrained(
-        mc["pretrained_model_name_or_path"],
+        base_model_path(params),
         revision=mc.get("revision") or None,
         trust_remote_code=mc.get("trust_remote_code", False),
     )
@@ -149,10 +157,19 @@ def tokenize_examples(
         if tc.get("add_eos_token", True) and tokenizer.eos_token_id is not None
         else []
     )
+    fmt = PromptFormat.from_params(params)
+    if fmt.is_chat and not has_chat_template(tokenizer):
+        raise TrainingError(
+            f"tokenizer_config.prompt_format is chat, but the base model "
+            f"{params['model_config']['pretrained_model_name_or_path']} has no chat template; "
+            "use prompt_format raw and put the markup in the prompts"
+        )
+    # Plain texts are learned whole; only prompts are wrapped in the chat template.
+    rendered = [
+        e.prompt if e.is_text else render_prompt(tokenizer, e.prompt, fmt) for e in examples
+    ]
     prompts = (
-        tokenizer([e.prompt for e in examples], add_special_tokens=True)["input_ids"]
-        if examples
-        else []
+        tokenizer(rendered, add_special_tokens=not fmt.is_chat)["input_ids"] if examples else []
     )
     completions = (
         tokenizer([e.completion for e in examples], add_special_tokens=False)["input_ids"]
@@ -367,8 +384,9 @@ def load_model(params: Mapping[str, Any], *, gradient_checkpointing: bool) -> An
         # Half precision on a CPU is slow and loses precision; train the LoRA in float32 there.
         dtype = "float32"
     kwargs["dtype"] = _dtype(dtype)
+    path = base_model_path(params)
     try:
-        model = AutoModelForCausalLM.from_pretrained(mc["pretrained_model_name_or_path"], **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except ValueError as exc:
         if kwargs["attn_implementation"] != "sdpa" or "scaled_dot_product_attention" not in str(
             exc
@@ -376,7 +394,7 @@ def load_model(params: Mapping[str, Any], *, gradient_checkpointing: bool) -> An
             raise
         # Some architectures (GPT-Neo among them) have no SDPA path; eager attention is exact too.
         kwargs["attn_implementation"] = "eager"
-        model = AutoModelForCausalLM.from_pretrained(mc["pretrained_model_name_or_path"], **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
     if quantized:
         model = prepare_model_for_kbit_training(

@@ -18,6 +18,9 @@ from loraforge.services.predictor.engines.base import EngineKind
 log = logging.getLogger("loraforge.predictor.engines")
 
 ENGINE_CHOICES = ("auto", "vllm", "transformers")
+DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
+# CPU flags (as /proc/cpuinfo spells them) of native half-precision arithmetic.
+_NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,55 @@ class EngineChoice:
     kind: EngineKind
     reason: str
     architecture: str
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    dtype: str
+    reason: str
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def choose_dtype(
+    requested: str = "auto", *, cuda: bool | None = None, flags: set[str] | None = None
+) -> DtypeChoice:
+    """`auto`: half precision where the hardware computes it natively, float32 elsewhere.
+
+    vLLM's own `auto` downcasts a float32 checkpoint to bfloat16, which a CPU
+    without bfloat16 instructions emulates several times slower than float32.
+    """
+    if requested not in DTYPE_CHOICES:
+        raise InvalidArgument(f"dtype {requested!r}: use one of {', '.join(DTYPE_CHOICES)}")
+    if requested != "auto":
+        return DtypeChoice(requested, "as configured")
+    if cuda is None:
+        import torch
+
+        cuda = bool(torch.cuda.is_available())
+    if cuda:
+        import torch
+
+        if torch.cuda.is_bf16_supported():
+            return DtypeChoice("bfloat16", "a CUDA GPU with bfloat16 support")
+        return DtypeChoice("float16", "a CUDA GPU without bfloat16 support")
+    found = sorted((cpu_flags() if flags is None else flags) & set(_NATIVE_BF16_FLAGS))
+    if found:
+        return DtypeChoice("bfloat16", f"this CPU computes bfloat16 natively ({', '.join(found)})")
+    return DtypeChoice(
+        "float32",
+        "this CPU has no native bfloat16 instructions (no avx512_bf16 or amx_bf16), "
+        "so half precision would be emulated and slower than float32",
+    )
 
 
 def model_architecture(base_model: str) -> str:

@@ -48,6 +48,38 @@ FINISH_REASON_ABORTED: FinishReason.ValueType  # 3
 """The request was aborted."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
+class _PromptFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PromptFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PromptFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PROMPT_FORMAT_UNSPECIFIED: _PromptFormat.ValueType  # 0
+    """The model's own: for a model version, the `tokenizer_config.prompt_format`
+    it was trained with; for the base model, raw.
+    """
+    PROMPT_FORMAT_RAW: _PromptFormat.ValueType  # 1
+    """The text as it is (after `prompt_template`)."""
+    PROMPT_FORMAT_CHAT: _PromptFormat.ValueType  # 2
+    """The text as the user turn of the base model's chat template, after a
+    system turn when there is a system prompt.
+    """
+
+class PromptFormat(_PromptFormat, metaclass=_PromptFormatEnumTypeWrapper):
+    """How an input's text reaches the model."""
+
+PROMPT_FORMAT_UNSPECIFIED: PromptFormat.ValueType  # 0
+"""The model's own: for a model version, the `tokenizer_config.prompt_format`
+it was trained with; for the base model, raw.
+"""
+PROMPT_FORMAT_RAW: PromptFormat.ValueType  # 1
+"""The text as it is (after `prompt_template`)."""
+PROMPT_FORMAT_CHAT: PromptFormat.ValueType  # 2
+"""The text as the user turn of the base model's chat template, after a
+system turn when there is a system prompt.
+"""
+Global___PromptFormat: _TypeAlias = PromptFormat  # noqa: Y015
+
 class _AdapterState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -117,6 +149,7 @@ class InferenceParams(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     SYSTEM_PROMPT_FIELD_NUMBER: _builtins.int
     PROMPT_TEMPLATE_FIELD_NUMBER: _builtins.int
+    PROMPT_FORMAT_FIELD_NUMBER: _builtins.int
     max_tokens: _builtins.int
     """Most tokens to generate (default 256, 1 to 4096)."""
     temperature: _builtins.float
@@ -130,11 +163,16 @@ class InferenceParams(_message.Message):
     seed: _builtins.int
     """Seed for sampling, so a sampled output can be reproduced."""
     system_prompt: _builtins.str
-    """System prompt, placed where `prompt_template` has `{system_prompt}`."""
+    """System prompt. Raw format: placed where `prompt_template` has
+    `{system_prompt}`. Chat format: the system turn (default: the system
+    prompt the model version was trained with).
+    """
     prompt_template: _builtins.str
     """Template wrapping each input: `{prompt}` is replaced by the input's text
     and `{system_prompt}` by `system_prompt`. Empty: the text as it is.
     """
+    prompt_format: Global___PromptFormat.ValueType
+    """Raw text or the base model's chat template (default: the model's own)."""
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Strings that end generation; not included in the output (at most 8)."""
@@ -151,10 +189,11 @@ class InferenceParams(_message.Message):
         seed: _builtins.int | None = ...,
         system_prompt: _builtins.str = ...,
         prompt_template: _builtins.str = ...,
+        prompt_format: Global___PromptFormat.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "prompt_template", b"prompt_template", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "stop", b"stop", "system_prompt", b"system_prompt", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "prompt_format", b"prompt_format", "prompt_template", b"prompt_template", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "stop", b"stop", "system_prompt", b"system_prompt", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
@@ -184,26 +223,61 @@ class InferenceParams(_message.Message):
 Global___InferenceParams: _TypeAlias = InferenceParams  # noqa: Y015
 
 @_typing.final
+class ChatMessage(_message.Message):
+    """One turn of a chat."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    role: _builtins.str
+    """`system`, `user` or `assistant`."""
+    content: _builtins.str
+    """The turn's text."""
+    def __init__(
+        self,
+        *,
+        role: _builtins.str = ...,
+        content: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
+
+@_typing.final
 class PredictInput(_message.Message):
-    """One input of a prediction."""
+    """One input of a prediction: a text, or chat messages."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     TEXT_FIELD_NUMBER: _builtins.int
     ID_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
     text: _builtins.str
-    """The prompt text."""
+    """The prompt text. Empty when `messages` is set."""
     id: _builtins.str
     """Optional id, echoed in the output."""
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
+        """A chat, rendered with the base model's chat template and answered as
+        the assistant's next turn. Without a system message, the model
+        version's trained system prompt (or `params.system_prompt`) comes first.
+        """
+
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
         id: _builtins.str = ...,
+        messages: _abc.Iterable[Global___ChatMessage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "messages", b"messages", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -620,6 +694,9 @@ class ServedBaseModel(_message.Message):
     RUNNING_REQUESTS_FIELD_NUMBER: _builtins.int
     ABORTED_REQUESTS_FIELD_NUMBER: _builtins.int
     MAX_MODEL_LEN_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    DTYPE_REASON_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     base_model: _builtins.str
     """The base model (`model_name_or_path`)."""
     engine: Global___Engine.ValueType
@@ -638,6 +715,12 @@ class ServedBaseModel(_message.Message):
     """
     max_model_len: _builtins.int
     """Longest prompt plus completion, in tokens."""
+    dtype: _builtins.str
+    """Data type of the weights in the engine, e.g. `float32`."""
+    dtype_reason: _builtins.str
+    """Why this data type was chosen."""
+    source: _builtins.str
+    """Where the weights were loaded from (a local folder or a hub id)."""
     def __init__(
         self,
         *,
@@ -649,10 +732,13 @@ class ServedBaseModel(_message.Message):
         running_requests: _builtins.int = ...,
         aborted_requests: _builtins.int = ...,
         max_model_len: _builtins.int = ...,
+        dtype: _builtins.str = ...,
+        dtype_reason: _builtins.str = ...,
+        source: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aborted_requests", b"aborted_requests", "base_model", b"base_model", "engine", b"engine", "engine_reason", b"engine_reason", "max_lora_rank", b"max_lora_rank", "max_loras", b"max_loras", "max_model_len", b"max_model_len", "running_requests", b"running_requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aborted_requests", b"aborted_requests", "base_model", b"base_model", "dtype", b"dtype", "dtype_reason", b"dtype_reason", "engine", b"engine", "engine_reason", b"engine_reason", "max_lora_rank", b"max_lora_rank", "max_loras", b"max_loras", "max_model_len", b"max_model_len", "running_requests", b"running_requests", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

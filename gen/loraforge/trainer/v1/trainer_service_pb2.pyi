@@ -340,7 +340,9 @@ class Template(_message.Message):
     description: _builtins.str
     """What the template is for."""
     recommended: _builtins.bool
-    """Whether this is the recommended template."""
+    """Whether this is the recommended template on this service's hardware
+    (some are recommended only with, or only without, a CUDA GPU).
+    """
     model_type: _builtins.str
     """The model type this template trains: `modelTypes/text-to-text`."""
     serving_engine: _builtins.str
@@ -377,6 +379,72 @@ class Template(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Template: _TypeAlias = Template  # noqa: Y015
+
+@_typing.final
+class BaseModel(_message.Message):
+    """A pretrained base model from the catalogue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    ARCHITECTURE_FIELD_NUMBER: _builtins.int
+    PARAMETER_COUNT_FIELD_NUMBER: _builtins.int
+    CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
+    CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
+    SERVING_ENGINE_FIELD_NUMBER: _builtins.int
+    AVAILABLE_LOCALLY_FIELD_NUMBER: _builtins.int
+    LOCAL_SOURCE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name: `baseModels/{base_model}`."""
+    model_id: _builtins.str
+    """The name to use in `model_config.pretrained_model_name_or_path`, as on
+    the Hugging Face Hub, e.g. `HuggingFaceTB/SmolLM2-135M-Instruct`.
+    """
+    display_name: _builtins.str
+    """Human-readable name."""
+    description: _builtins.str
+    """What it is, where its weights come from and how they differ from the
+    original.
+    """
+    architecture: _builtins.str
+    """The transformers architecture, e.g. `LlamaForCausalLM`."""
+    parameter_count: _builtins.int
+    """Number of parameters."""
+    context_length: _builtins.int
+    """Longest prompt plus completion, in tokens."""
+    chat_template: _builtins.bool
+    """Whether its tokenizer has a chat template (`prompt_format: chat`)."""
+    serving_engine: _builtins.str
+    """The predictor engine that serves it with adapters, e.g. `vllm`."""
+    available_locally: _builtins.bool
+    """Whether this machine can load it without the hub."""
+    local_source: _builtins.str
+    """Which local copy would be used, or why there is none."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        model_id: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        architecture: _builtins.str = ...,
+        parameter_count: _builtins.int = ...,
+        context_length: _builtins.int = ...,
+        chat_template: _builtins.bool = ...,
+        serving_engine: _builtins.str = ...,
+        available_locally: _builtins.bool = ...,
+        local_source: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "available_locally", b"available_locally", "chat_template", b"chat_template", "context_length", b"context_length", "description", b"description", "display_name", b"display_name", "local_source", b"local_source", "model_id", b"model_id", "name", b"name", "parameter_count", b"parameter_count", "serving_engine", b"serving_engine"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BaseModel: _TypeAlias = BaseModel  # noqa: Y015
 
 @_typing.final
 class Model(_message.Message):
@@ -899,6 +967,60 @@ class GetTemplateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetTemplateResponse: _TypeAlias = GetTemplateResponse  # noqa: Y015
+
+@_typing.final
+class ListBaseModelsRequest(_message.Message):
+    """Request for ListBaseModels."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum number of base models to return (default 50, at most 1000)."""
+    page_token: _builtins.str
+    """Token from a previous response's `next_page_token`."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBaseModelsRequest: _TypeAlias = ListBaseModelsRequest  # noqa: Y015
+
+@_typing.final
+class ListBaseModelsResponse(_message.Message):
+    """Response for ListBaseModels."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASE_MODELS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty when there are no more."""
+    @_builtins.property
+    def base_models(self) -> _containers.RepeatedCompositeFieldContainer[Global___BaseModel]:
+        """The base models."""
+
+    def __init__(
+        self,
+        *,
+        base_models: _abc.Iterable[Global___BaseModel] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_models", b"base_models", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBaseModelsResponse: _TypeAlias = ListBaseModelsResponse  # noqa: Y015
 
 @_typing.final
 class CreateModelRequest(_message.Message):

@@ -53,6 +53,11 @@ class TrainerServiceStub:
                 request_serializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.GetTemplateRequest.SerializeToString,
                 response_deserializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.GetTemplateResponse.FromString,
                 _registered_method=True)
+        self.ListBaseModels = channel.unary_unary(
+                '/loraforge.trainer.v1.TrainerService/ListBaseModels',
+                request_serializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ListBaseModelsRequest.SerializeToString,
+                response_deserializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ListBaseModelsResponse.FromString,
+                _registered_method=True)
         self.CreateModel = channel.unary_unary(
                 '/loraforge.trainer.v1.TrainerService/CreateModel',
                 request_serializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.CreateModelRequest.SerializeToString,
@@ -133,6 +138,15 @@ class TrainerServiceServicer:
 
     def GetTemplate(self, request, context):
         """Gets one training template with all its parameters.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBaseModels(self, request, context):
+        """Lists the base models users can name in
+        `model_config.pretrained_model_name_or_path`, and whether each is on
+        this machine.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -237,6 +251,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.GetTemplate,
                     request_deserializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.GetTemplateRequest.FromString,
                     response_serializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.GetTemplateResponse.SerializeToString,
+            ),
+            'ListBaseModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBaseModels,
+                    request_deserializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ListBaseModelsRequest.FromString,
+                    response_serializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ListBaseModelsResponse.SerializeToString,
             ),
             'CreateModel': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateModel,
@@ -379,6 +398,33 @@ class TrainerService:
             '/loraforge.trainer.v1.TrainerService/GetTemplate',
             loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.GetTemplateRequest.SerializeToString,
             loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.GetTemplateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBaseModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraforge.trainer.v1.TrainerService/ListBaseModels',
+            loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ListBaseModelsRequest.SerializeToString,
+            loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ListBaseModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

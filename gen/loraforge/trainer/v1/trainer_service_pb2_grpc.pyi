@@ -43,6 +43,11 @@ class TrainerServiceStub:
     """Lists the training templates."""
     GetTemplate: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.GetTemplateRequest, _trainer_service_pb2.GetTemplateResponse]
     """Gets one training template with all its parameters."""
+    ListBaseModels: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.ListBaseModelsRequest, _trainer_service_pb2.ListBaseModelsResponse]
+    """Lists the base models users can name in
+    `model_config.pretrained_model_name_or_path`, and whether each is on
+    this machine.
+    """
     CreateModel: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.CreateModelRequest, _trainer_service_pb2.CreateModelResponse]
     """Creates a model inside an app."""
     GetModel: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.GetModelRequest, _trainer_service_pb2.GetModelResponse]
@@ -90,6 +95,11 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     """Lists the training templates."""
     GetTemplate: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.GetTemplateRequest, _trainer_service_pb2.GetTemplateResponse]  # type: ignore[assignment]
     """Gets one training template with all its parameters."""
+    ListBaseModels: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.ListBaseModelsRequest, _trainer_service_pb2.ListBaseModelsResponse]  # type: ignore[assignment]
+    """Lists the base models users can name in
+    `model_config.pretrained_model_name_or_path`, and whether each is on
+    this machine.
+    """
     CreateModel: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.CreateModelRequest, _trainer_service_pb2.CreateModelResponse]  # type: ignore[assignment]
     """Creates a model inside an app."""
     GetModel: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.GetModelRequest, _trainer_service_pb2.GetModelResponse]  # type: ignore[assignment]
@@ -152,6 +162,17 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_service_pb2.GetTemplateResponse, _abc.Awaitable[_trainer_service_pb2.GetTemplateResponse]]:
         """Gets one training template with all its parameters."""
+
+    @_abc_1.abstractmethod
+    def ListBaseModels(
+        self,
+        request: _trainer_service_pb2.ListBaseModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_service_pb2.ListBaseModelsResponse, _abc.Awaitable[_trainer_service_pb2.ListBaseModelsResponse]]:
+        """Lists the base models users can name in
+        `model_config.pretrained_model_name_or_path`, and whether each is on
+        this machine.
+        """
 
     @_abc_1.abstractmethod
     def CreateModel(

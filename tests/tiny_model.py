@@ -3,8 +3,9 @@
 Nothing is downloaded: the tokenizer is a byte-level BPE trained with the
 `tokenizers` library on local text, and the model is a freshly initialised
 Llama-style (or GPT-Neo) network saved with `save_pretrained`, so every loader
-(`from_pretrained`, vLLM) treats the folder like any model from a hub. The demo
-uses this when no base model is configured; tests use it everywhere.
+(`from_pretrained`, vLLM) treats the folder like any model from a hub. It knows no
+language: it is for fast unit tests only; the product's default base model is the
+real one in the base-model catalogue (`services/common/base_models.py`).
 
 Attention heads are 64 wide: vLLM's CPU attention refuses smaller head sizes.
 """
