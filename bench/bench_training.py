@@ -1,6 +1,8 @@
 """Training throughput: the trainer's service path against a plain transformers + PEFT script.
 
-Run: `.venv/bin/python bench/bench_training.py` (CPU or GPU; builds a small local model).
+Run: `.venv/bin/python bench/bench_training.py` (CPU or GPU). The model is the real
+default base model, SmolLM2-135M-Instruct (`--model real`, converted once from its
+packaged GGUF), or a small random Llama (`--model tiny`).
 
 1. Service path vs plain script. The service path is the worker's training
    function (`loraforge.services.trainer.training.run_training`: tokenization and
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +31,9 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from loraforge.services.common.base_models import DEFAULT_BASE_MODEL, resolve_base_model
 from loraforge.services.trainer import templates as tpl
 from loraforge.services.trainer import training
 from loraforge.services.trainer.training import TrainingExample
@@ -161,10 +167,13 @@ def best_of(repeats: int, runs: dict[str, Any]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=256)
+    parser.add_argument(
+        "--model", choices=["real", "tiny"], default="real", help=f"real: {DEFAULT_BASE_MODEL}"
+    )
+    parser.add_argument("--examples", type=int, default=0, help="default 96 (real), 256 (tiny)")
     parser.add_argument("--epochs", type=float, default=1)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=0, help="default 2 (real), 4 (tiny)")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (0: torch default)"
     )
@@ -177,10 +186,18 @@ def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    model = build_tiny_model(
-        args.model_dir,
-        TinyModelSpec(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=512),
-    )
+    real = args.model == "real"
+    args.examples = args.examples or (96 if real else 256)
+    args.repeats = args.repeats or (2 if real else 4)
+    if real:
+        model = Path(resolve_base_model(DEFAULT_BASE_MODEL))
+        model_name = f"{DEFAULT_BASE_MODEL} (30x576)"
+    else:
+        model = build_tiny_model(
+            args.model_dir,
+            TinyModelSpec(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=512),
+        )
+        model_name = "Llama-style 4x256 (random)"
     device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
 
     mixed = make_examples(args.examples, 8, 40, seed=1)
@@ -204,7 +221,7 @@ def main() -> None:
     )
     gain = packing["packed"] / packing["unpacked"]
 
-    print(f"device: {device}; model: Llama-style 4x256, LoRA r={params['peft_config']['r']}")
+    print(f"device: {device}; model: {model_name}, LoRA r={params['peft_config']['r']}")
     print(f"{'run':<34}{'tokens/s':>12}")
     print(f"{'service path (run_training)':<34}{speeds['service']:>12.0f}")
     print(f"{'plain transformers + PEFT script':<34}{speeds['plain']:>12.0f}")
@@ -222,6 +239,7 @@ def main() -> None:
                 "packed_tokens_per_second": round(packing["packed"], 1),
                 "packing_gain": round(gain, 2),
                 "device": device,
+                "model": model_name,
             }
         )
     )

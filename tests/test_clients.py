@@ -184,6 +184,7 @@ def test_cli_covers_every_user_step(cluster: LocalCluster, small_csv: Path, tmp_
     out = ok("versions", "create", "cli/news", "--id", "v1")
     assert "apps/cli/datasets/news/versions/v1" in out and "READY" in out
     assert "HF_Llama_3_1_8b_instruct_GPTQ_lora" in ok("templates", "list")
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in ok("base-models")
     out = ok("templates", "show", "HuggingFace_AdvancedConfig", "--save-params", "params.yaml")
     assert "peft_config.r" in out
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.tiny_model import build_tiny_model
 from loraforge.services.trainer import templates as tpl
 from loraforge.services.trainer import training
 from loraforge.services.trainer.training import IGNORE_INDEX, TrainingExample
+from tests.tiny_model import build_tiny_model
 
 EXAMPLES = [
     TrainingExample(f"Question: what is {i} plus {i}? Answer:", f" {2 * i}", ref=f"line {i + 1}")
