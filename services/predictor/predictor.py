@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from jinja2 import TemplateError
+
 from loraforge.services.common.base_models import DEFAULT_BASE_MODEL, resolve_base_model
 from loraforge.services.common.errors import FieldViolation, InvalidArgument
 from loraforge.services.common.objectstore import open_object_store
@@ -175,7 +177,15 @@ class PromptRenderer:
             messages = [{"role": role, "content": content} for role, content in item.messages]
             if all(role != "system" for role, _ in item.messages) and system:
                 messages.insert(0, {"role": "system", "content": system})
-            return render_messages(self.tokenizer, messages), True
+            try:
+                return render_messages(self.tokenizer, messages), True
+            except TemplateError as exc:  # the template's own checks, e.g. turns must alternate
+                bad.append(
+                    FieldViolation(
+                        f"{name}.messages", f"the base model's chat template refused them: {exc}"
+                    )
+                )
+                return None
         if not item.text:
             bad.append(FieldViolation(f"{name}.text", "is empty; give the prompt text"))
             return None
