@@ -607,6 +607,9 @@ def test_a_cancel_at_the_end_of_the_stream_stores_nothing(
     future = stub.UploadInputs.future(requests())
     try:
         assert sent.wait(30)
+        # Cancel once the server is inside the upload (a cancel that overtakes the header
+        # never starts one, and proves nothing).
+        assert wait_until(lambda: f"into {dataset} started" in service.log())
         future.cancel()
     finally:
         release.set()

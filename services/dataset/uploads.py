@@ -124,6 +124,13 @@ class Uploader:
     ) -> UploadReport:
         """Parses and stores a whole file; `cancelled` is asked once more before the last commit."""
         upload = self.inputs.begin_upload(options.app_id, options.dataset_id, options.file_name)
+        log.info(
+            "upload %s into apps/%s/datasets/%s started (%s)",
+            upload.upload_id,
+            options.app_id,
+            options.dataset_id,
+            options.file_name,
+        )
         parser = UploadParser(
             file_name=options.file_name,
             requested=options.requested_format,
