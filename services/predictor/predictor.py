@@ -454,9 +454,9 @@ def build_predictor(config: PredictorConfig) -> Predictor:
     from transformers import AutoTokenizer
 
     base_model = config.base_model or DEFAULT_BASE_MODEL
+    dtype = choose_dtype(config.dtype)  # a bad setting fails before any model is touched
     path = resolve_base_model(base_model)
     choice = choose_engine(path, config.engine)
-    dtype = choose_dtype(config.dtype)
     log.info(
         "base model %s from %s (%s): %s; dtype %s: %s",
         base_model,
