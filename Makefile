@@ -12,14 +12,16 @@ setup:
 gen:
 	bash scripts/gen.sh
 
+# `buf breaking` compares proto/ with the contracts it replaces (scripts/buf-breaking.sh).
 lint:
-	$(PY) -m ruff check services tests bench scripts
-	$(PY) -m ruff format --check services tests bench scripts
+	$(PY) -m ruff check services clients tests bench scripts
+	$(PY) -m ruff format --check services clients tests bench scripts
 	$(BUF) lint
+	BUF=$(BUF) bash scripts/buf-breaking.sh
 
 fmt:
-	$(PY) -m ruff format services tests bench scripts
-	$(PY) -m ruff check --fix services tests bench scripts
+	$(PY) -m ruff format services clients tests bench scripts
+	$(PY) -m ruff check --fix services clients tests bench scripts
 
 test:
 	bash scripts/test.sh

@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/python -m ruff check services tests bench scripts
+.venv/bin/python -m ruff check services clients tests bench scripts
 node_modules/.bin/buf lint
+bash scripts/buf-breaking.sh
 exec .venv/bin/python -m pytest "$@"
