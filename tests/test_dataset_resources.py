@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -274,3 +275,164 @@ def test_a_bad_setting_is_one_line_and_exit_2(
     )
     assert done.returncode == 2
     assert (done.stdout + done.stderr).strip() == message
+
+
+# Updates (AIP-134) and etags (AIP-154)
+
+
+def mask(*paths: str) -> field_mask_pb2.FieldMask:
+    return field_mask_pb2.FieldMask(paths=list(paths))
+
+
+def test_update_app_changes_only_the_masked_fields_and_gives_a_new_etag(
+    stub: pb_grpc.DatasetServiceStub,
+) -> None:
+    created = stub.CreateApp(
+        pb.CreateAppRequest(app_id="upd-app", app=pb.App(description="old"))
+    ).app
+    assert created.etag
+    updated = stub.UpdateApp(
+        pb.UpdateAppRequest(
+            app=pb.App(name="apps/upd-app", description="new"), update_mask=mask("description")
+        )
+    ).app
+    assert (updated.description, updated.create_time) == ("new", created.create_time)
+    assert updated.etag != created.etag
+    assert stub.GetApp(pb.GetAppRequest(name="apps/upd-app")).app == updated
+    # Without a mask only the fields the request sets change: an empty description is no change.
+    same = stub.UpdateApp(pb.UpdateAppRequest(app=pb.App(name="apps/upd-app"))).app
+    assert same == updated
+    # `*` changes every changeable field, so an empty description clears it.
+    cleared = stub.UpdateApp(
+        pb.UpdateAppRequest(app=pb.App(name="apps/upd-app"), update_mask=mask("*"))
+    ).app
+    assert cleared.description == "" and cleared.etag not in (created.etag, updated.etag)
+
+
+def test_an_update_with_a_stale_etag_is_aborted_and_changes_nothing(
+    stub: pb_grpc.DatasetServiceStub,
+) -> None:
+    read = stub.CreateApp(pb.CreateAppRequest(app_id="etag-app", app=pb.App(description="v0"))).app
+    first = stub.UpdateApp(
+        pb.UpdateAppRequest(
+            app=pb.App(name=read.name, description="v1", etag=read.etag),
+            update_mask=mask("description"),
+        )
+    ).app
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.UpdateApp(
+            pb.UpdateAppRequest(
+                app=pb.App(name=read.name, description="v2", etag=read.etag),
+                update_mask=mask("description"),
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.ABORTED
+    assert details(caught.value)[0] == "ETAG_MISMATCH"
+    assert "get it again" in caught.value.details()
+    assert stub.GetApp(pb.GetAppRequest(name=read.name)).app.description == "v1"
+    second = stub.UpdateApp(
+        pb.UpdateAppRequest(
+            app=pb.App(name=read.name, description="v2", etag=first.etag),
+            update_mask=mask("description"),
+        )
+    ).app
+    assert second.description == "v2"
+
+
+def test_update_dataset_keeps_its_etag_across_uploads_and_refuses_a_stale_one(
+    stub: pb_grpc.DatasetServiceStub,
+) -> None:
+    stub.CreateApp(pb.CreateAppRequest(app_id="upd-ds"))
+    read = stub.CreateDataset(
+        pb.CreateDatasetRequest(
+            parent="apps/upd-ds", dataset_id="d", dataset=pb.Dataset(description="old")
+        )
+    ).dataset
+    stub.AddInputs(
+        pb.AddInputsRequest(
+            parent=read.name, inputs=[pb.NewInput(example=pb.Example(completion="t"))]
+        )
+    )
+    now = stub.GetDataset(pb.GetDatasetRequest(name=read.name)).dataset
+    assert now.input_count == 1 and now.etag == read.etag
+    updated = stub.UpdateDataset(
+        pb.UpdateDatasetRequest(
+            dataset=pb.Dataset(name=read.name, description="new", etag=read.etag),
+            update_mask=mask("description"),
+        )
+    ).dataset
+    assert (updated.description, updated.input_count) == ("new", 1)
+    assert updated.etag != read.etag
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.UpdateDataset(
+            pb.UpdateDatasetRequest(
+                dataset=pb.Dataset(name=read.name, description="newer", etag=read.etag),
+                update_mask=mask("description"),
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.ABORTED
+    assert stub.GetDataset(pb.GetDatasetRequest(name=read.name)).dataset.description == "new"
+
+
+def test_an_app_created_again_under_its_name_has_another_etag(
+    stub: pb_grpc.DatasetServiceStub,
+) -> None:
+    old = stub.CreateApp(pb.CreateAppRequest(app_id="again", app=pb.App(description="d"))).app
+    stub.DeleteApp(pb.DeleteAppRequest(name=old.name))
+    new = stub.CreateApp(pb.CreateAppRequest(app_id="again", app=pb.App(description="d"))).app
+    assert new.etag != old.etag
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.UpdateApp(
+            pb.UpdateAppRequest(
+                app=pb.App(name=new.name, description="x", etag=old.etag),
+                update_mask=mask("description"),
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.ABORTED
+
+
+@pytest.mark.parametrize(
+    "paths",
+    [["name"], ["create_time"], ["etag"], ["input_count"], ["colour"], ["*", "description"]],
+    ids=["name", "create_time", "etag", "input_count", "unknown", "star-and-more"],
+)
+def test_update_mask_paths_an_update_cannot_change_are_invalid_argument(
+    stub: pb_grpc.DatasetServiceStub, paths: list[str], request: pytest.FixtureRequest
+) -> None:
+    app = f"apps/mask-{request.node.callspec.id.replace('_', '-')}"
+    stub.CreateApp(pb.CreateAppRequest(app_id=app.removeprefix("apps/")))
+    stub.CreateDataset(pb.CreateDatasetRequest(parent=app, dataset_id="d"))
+    dataset = pb.Dataset(name=f"{app}/datasets/d", description="x")
+    for call, update in [
+        (stub.UpdateApp, pb.UpdateAppRequest(app=pb.App(name=app, description="x"))),
+        (stub.UpdateDataset, pb.UpdateDatasetRequest(dataset=dataset)),
+    ]:
+        update.update_mask.paths.extend(paths)
+        with pytest.raises(grpc.RpcError) as caught:
+            call(update)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        reason, violations = details(caught.value)
+        assert (reason, [f for f, _ in violations]) == ("INVALID_UPDATE_MASK", ["update_mask"])
+        assert "`description`" in caught.value.details()
+    assert stub.GetApp(pb.GetAppRequest(name=app)).app.description == ""
+    assert stub.GetDataset(pb.GetDatasetRequest(name=dataset.name)).dataset.description == ""
+
+
+def test_updating_a_missing_or_misnamed_resource_is_not_found_or_invalid(
+    stub: pb_grpc.DatasetServiceStub,
+) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.UpdateApp(pb.UpdateAppRequest(app=pb.App(name="apps/nobody", description="x")))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.UpdateDataset(
+            pb.UpdateDatasetRequest(dataset=pb.Dataset(name="apps/nobody", description="x"))
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in details(caught.value)[1]] == ["dataset.name"]
+    stub.CreateApp(pb.CreateAppRequest(app_id="long-desc"))
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.UpdateApp(
+            pb.UpdateAppRequest(app=pb.App(name="apps/long-desc", description="x" * 10_001))
+        )
+    assert [f for f, _ in details(caught.value)[1]] == ["app.description"]

@@ -1,7 +1,13 @@
-"""Apps and their datasets: creating, finding, listing and deleting them.
+"""Apps and their datasets: creating, finding, listing, updating and deleting them.
+
+An update changes only the fields it is given. Given the etag its caller read, it changes
+the resource only if the resource still has that etag, checked again by the UPDATE itself
+(compare-and-set on the fields the etag covers), so of two updates from one etag exactly
+one wins and the other is Aborted.
 
 Deleting a dataset deletes everything it holds (inputs, uploads, versions and their
-references) in one transaction, then the snapshot objects no other version names.
+references, request ids) in one transaction, then the snapshot objects no other version
+names.
 """
 
 from __future__ import annotations
@@ -9,10 +15,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, delete, func, insert, select
+from sqlalchemy import Connection, Engine, Row, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from loraforge.services.common.errors import AlreadyExists, FailedPrecondition, NotFound
+from loraforge.services.common.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
+from loraforge.services.dataset import requests
 from loraforge.services.dataset.domain import AppRecord, DatasetRecord
 from loraforge.services.dataset.pages import Page, next_page_token
 from loraforge.services.dataset.snapshots import Snapshots
@@ -75,6 +82,22 @@ class Catalog:
         with self.engine.connect() as conn:
             row = app_row(conn, app_id)
         return AppRecord(row.app_id, row.description, row.create_time)
+
+    def update_app(self, app_id: str, *, description: str | None, etag: str = "") -> AppRecord:
+        """Changes the fields given (None: unchanged); with `etag`, only if it is current."""
+        name = f"app `apps/{app_id}`"
+        with self.engine.begin() as conn:
+            row = app_row(conn, app_id)
+            current = AppRecord(row.app_id, row.description, row.create_time)
+            _check_etag(name, etag, current.etag)
+            if description is None or description == row.description:
+                return current
+            stmt = update(apps).where(apps.c.pk == row.pk).values(description=description)
+            if etag:
+                stmt = stmt.where(apps.c.description == row.description)
+            if not conn.execute(stmt).rowcount:
+                raise _changed_meanwhile(name)
+        return AppRecord(row.app_id, description, row.create_time)
 
     def list_apps(self, page: Page) -> tuple[list[AppRecord], str]:
         with self.engine.connect() as conn:
@@ -144,6 +167,24 @@ class Catalog:
         with self.engine.connect() as conn:
             return self._dataset_record(conn, dataset_row(conn, app_id, dataset_id))
 
+    def update_dataset(
+        self, app_id: str, dataset_id: str, *, description: str | None, etag: str = ""
+    ) -> DatasetRecord:
+        """Changes the fields given (None: unchanged); with `etag`, only if it is current."""
+        name = f"dataset `apps/{app_id}/datasets/{dataset_id}`"
+        with self.engine.begin() as conn:
+            row = dataset_row(conn, app_id, dataset_id)
+            _check_etag(name, etag, self._dataset_record(conn, row).etag)
+            if description is not None and description != row.description:
+                stmt = (
+                    update(datasets).where(datasets.c.pk == row.pk).values(description=description)
+                )
+                if etag:
+                    stmt = stmt.where(datasets.c.description == row.description)
+                if not conn.execute(stmt).rowcount:
+                    raise _changed_meanwhile(name)
+            return self._dataset_record(conn, dataset_row(conn, app_id, dataset_id))
+
     def list_datasets(self, app_id: str, page: Page) -> tuple[list[DatasetRecord], str]:
         with self.engine.connect() as conn:
             app = app_row(conn, app_id)
@@ -189,6 +230,25 @@ class Catalog:
             conn.execute(delete(version_refs).where(version_refs.c.version_pk.in_(pks)))
             conn.execute(delete(versions).where(versions.c.pk.in_(pks)))
         conn.execute(delete(inputs).where(inputs.c.dataset_pk == dataset_pk))
+        requests.delete_for_dataset(conn, dataset_pk)
         conn.execute(delete(uploads).where(uploads.c.dataset_pk == dataset_pk))
         conn.execute(delete(datasets).where(datasets.c.pk == dataset_pk))
         return self.snapshots.unshared(conn, version_rows)
+
+
+def _check_etag(name: str, given: str, current: str) -> None:
+    if given and given != current:
+        raise Aborted(
+            f"{name} has changed since etag {given!r} was read (it is now {current!r}); get it "
+            "again, reapply your change and send the new etag",
+            reason="ETAG_MISMATCH",
+            metadata={"etag": current},
+        )
+
+
+def _changed_meanwhile(name: str) -> Aborted:
+    return Aborted(
+        f"{name} was changed by another update while this one ran; get it again, reapply "
+        "your change and send the new etag",
+        reason="ETAG_MISMATCH",
+    )

@@ -10,6 +10,8 @@ change meaning.
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 from dataclasses import dataclass, field
 
 
@@ -64,11 +66,25 @@ _STATUS_CODES = {
 }
 
 
+def etag(*identity_and_fields: object) -> str:
+    """A checksum of a resource's changeable fields (AIP-154).
+
+    Given the resource's identity too (its ids and create time), so the etag of a deleted
+    resource never matches one created again under the same name.
+    """
+    key = json.dumps(identity_and_fields, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
+
+
 @dataclass(frozen=True)
 class AppRecord:
     app_id: str
     description: str
     create_time: float
+
+    @property
+    def etag(self) -> str:
+        return etag("app", self.app_id, self.create_time, self.description)
 
 
 @dataclass(frozen=True)
@@ -79,6 +95,11 @@ class DatasetRecord:
     create_time: float
     input_count: int
     version_count: int
+
+    @property
+    def etag(self) -> str:
+        """Over what UpdateDataset can change: uploads and versions leave it as it is."""
+        return etag("dataset", self.app_id, self.dataset_id, self.create_time, self.description)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,9 @@ An upload is a row in `uploads`: RUNNING while its inputs are written (through
 `input_writer.py`), then DONE, or FAILED once what it stored is removed again. Inputs of
 a running upload are never frozen into a version. After a restart, uploads still RUNNING
 were cut off mid-way and are undone (`recover_uploads`).
+
+AddInputs and uploads may carry a request id (`requests.py`): a retry answers with what
+the first call stored instead of storing it again.
 """
 
 from __future__ import annotations
@@ -16,8 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Row, delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
+from loraforge.services.common.errors import Aborted
 from loraforge.services.common.resources import new_id
+from loraforge.services.dataset import requests
 from loraforge.services.dataset.catalog import dataset_row
 from loraforge.services.dataset.domain import (
     ExampleKind,
@@ -51,6 +57,7 @@ class UploadHandle:
     upload_pk: int
     upload_id: str
     dataset_pk: int
+    request_id: str = ""
 
 
 def _input_record(row: Any) -> InputRecord:
@@ -71,6 +78,7 @@ def _input_record(row: Any) -> InputRecord:
 
 
 def _abort_upload(conn: Connection, upload_pk: int, dataset_pk: int) -> int:
+    requests.release_upload(conn, upload_pk)
     deleted = conn.execute(
         delete(inputs).where(inputs.c.dataset_pk == dataset_pk, inputs.c.upload_pk == upload_pk)
     ).rowcount
@@ -108,7 +116,50 @@ class Inputs:
         self._statements = BulkStatements(engine.dialect)
 
     def add_inputs(
-        self, app_id: str, dataset_id: str, examples: Sequence[NewExample]
+        self,
+        app_id: str,
+        dataset_id: str,
+        examples: Sequence[NewExample],
+        request_id: str = "",
+    ) -> list[InputRecord]:
+        """Stores the examples in one transaction; with a request id, once per id."""
+        try:
+            return self._add_inputs(app_id, dataset_id, examples, request_id)
+        except IntegrityError:
+            if not request_id:
+                raise
+            # A concurrent call with the same request id claimed it first: answer as it did.
+            with self.engine.connect() as conn:
+                key = self._request_key(conn, app_id, dataset_id, request_id, requests.ADD_INPUTS)
+                claimed = requests.find(conn, key)
+                if claimed is None:
+                    raise
+                return self._replay_added(conn, claimed)
+
+    @staticmethod
+    def _request_key(
+        conn: Connection, app_id: str, dataset_id: str, request_id: str, method: str
+    ) -> requests.RequestKey:
+        ds = dataset_row(conn, app_id, dataset_id)
+        field = "header.request_id" if method == requests.UPLOAD_INPUTS else "request_id"
+        return requests.RequestKey(request_id, method, ds.app_pk, ds.pk, field)
+
+    @staticmethod
+    def _replay_added(conn: Connection, claimed: requests.Claim) -> list[InputRecord]:
+        """The inputs a first AddInputs call stored, in its order, less those deleted since."""
+        ids: list[int] = (claimed.result or {}).get("input_ids", [])
+        found: dict[int, InputRecord] = {}
+        for i in range(0, len(ids), IN_LIST_CHUNK):
+            rows = conn.execute(
+                select(inputs, uploads.c.upload_id)
+                .outerjoin(uploads, uploads.c.pk == inputs.c.upload_pk)
+                .where(inputs.c.pk.in_(ids[i : i + IN_LIST_CHUNK]))
+            ).all()
+            found.update((r.pk, _input_record(r)) for r in rows)
+        return [found[pk] for pk in ids if pk in found]
+
+    def _add_inputs(
+        self, app_id: str, dataset_id: str, examples: Sequence[NewExample], request_id: str
     ) -> list[InputRecord]:
         now = time.time()
         params = [
@@ -130,6 +181,12 @@ class Inputs:
         ]
         with self.engine.begin() as conn:
             ds = dataset_row(conn, app_id, dataset_id)
+            key = None
+            if request_id:
+                key = requests.RequestKey(request_id, requests.ADD_INPUTS, ds.app_pk, ds.pk)
+                claimed = requests.find(conn, key)
+                if claimed is not None:
+                    return self._replay_added(conn, claimed)
             for p in params:
                 p["dataset_pk"] = ds.pk
             result = conn.execute(
@@ -141,6 +198,8 @@ class Inputs:
                 .where(datasets.c.pk == ds.pk)
                 .values(input_count=datasets.c.input_count + len(ids))
             )
+            if key is not None:
+                requests.claim(conn, key, now=now, result={"input_ids": ids})
         return [
             InputRecord(
                 input_id=pk,
@@ -226,22 +285,67 @@ class Inputs:
 
     # Uploads
 
-    def begin_upload(self, app_id: str, dataset_id: str, file_name: str) -> UploadHandle:
+    def begin_upload(
+        self, app_id: str, dataset_id: str, file_name: str, request_id: str = ""
+    ) -> UploadHandle | UploadReport:
+        """Starts an upload; with a request id a first upload already finished, its report.
+
+        Aborted while the first upload with the request id is still running.
+        """
+        try:
+            return self._begin_upload(app_id, dataset_id, file_name, request_id)
+        except IntegrityError:
+            if not request_id:
+                raise
+            # A concurrent upload with the same request id claimed it first.
+            with self.engine.connect() as conn:
+                key = self._request_key(
+                    conn, app_id, dataset_id, request_id, requests.UPLOAD_INPUTS
+                )
+                claimed = requests.find(conn, key)
+            if claimed is None:
+                raise
+            return self._replay_upload(claimed, request_id)
+
+    @staticmethod
+    def _replay_upload(claimed: requests.Claim, request_id: str) -> UploadReport:
+        if claimed.result is None:
+            raise Aborted(
+                f"an upload with request_id {request_id!r} is still running; wait for it to "
+                "finish, then retry to get its report",
+                reason="REQUEST_IN_PROGRESS",
+            )
+        return requests.report_from_json(claimed.result)
+
+    def _begin_upload(
+        self, app_id: str, dataset_id: str, file_name: str, request_id: str
+    ) -> UploadHandle | UploadReport:
         upload_id = new_id("u")
+        now = time.time()
         with self.engine.begin() as conn:
             ds = dataset_row(conn, app_id, dataset_id)
+            key = None
+            if request_id:
+                key = requests.RequestKey(
+                    request_id, requests.UPLOAD_INPUTS, ds.app_pk, ds.pk, "header.request_id"
+                )
+                claimed = requests.find(conn, key)
+                if claimed is not None:
+                    return self._replay_upload(claimed, request_id)
             result = conn.execute(
                 insert(uploads).values(
                     upload_id=upload_id,
                     dataset_pk=ds.pk,
                     file_name=file_name,
                     state=UPLOAD_RUNNING,
-                    start_time=time.time(),
+                    start_time=now,
                 )
             )
             (upload_pk,) = result.inserted_primary_key or (None,)
-        assert upload_pk is not None
-        return UploadHandle(int(upload_pk), upload_id, ds.pk)
+            assert upload_pk is not None
+            if key is not None:
+                requests.claim(conn, key, now=now, upload_pk=int(upload_pk))
+        return UploadHandle(int(upload_pk), upload_id, ds.pk, request_id)
 
     def input_writer(
         self, upload: UploadHandle, source_format: SourceFormat, skip_duplicates: bool
@@ -264,6 +368,8 @@ class Inputs:
                 .where(uploads.c.pk == upload.upload_pk)
                 .values(state=UPLOAD_DONE, end_time=time.time(), report=json.dumps(summary))
             )
+            if upload.request_id:
+                requests.record_upload_result(conn, upload.upload_pk, report)
 
     def abort_upload(self, upload: UploadHandle) -> int:
         """Removes what a failed or cancelled upload stored; returns how many inputs."""

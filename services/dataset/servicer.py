@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from functools import partial
 from typing import Any, TypeVar
 
 import grpc
@@ -47,6 +48,7 @@ INPUT = "apps/{app}/datasets/{dataset}/inputs/{input}"
 VERSION = "apps/{app}/datasets/{dataset}/versions/{version}"
 
 MAX_DESCRIPTION_CHARS = 10_000
+MAX_REQUEST_ID_CHARS = 200
 MAX_ADD_INPUTS = 10_000
 MAX_REFERRER_CHARS = 512
 DEFAULT_READ_BATCH = 500
@@ -63,11 +65,54 @@ def _description(value: str, field: str) -> str:
     return value
 
 
+def _request_id(value: str, field: str) -> str:
+    if len(value) > MAX_REQUEST_ID_CHARS or any(c.isspace() or not c.isprintable() for c in value):
+        raise invalid_field(
+            field,
+            f"must be at most {MAX_REQUEST_ID_CHARS} printable characters without spaces "
+            "(a UUID is a good choice)",
+            reason="INVALID_REQUEST_ID",
+        )
+    return value
+
+
+# The fields an update may change, by resource; the others are output only or the name.
+_UPDATABLE = {"App": ("description",), "Dataset": ("description",)}
+
+
+def _update_paths(resource: pb.App | pb.Dataset, mask_set: bool, paths: list[str]) -> set[str]:
+    """The fields an update changes (AIP-134), or InvalidArgument naming a path it cannot."""
+    kind = type(resource).DESCRIPTOR.name
+    updatable = _UPDATABLE[kind]
+    if not mask_set or not paths:  # no mask: the updatable fields the request sets
+        return {f for f in updatable if getattr(resource, f)}
+    if paths == ["*"]:
+        return set(updatable)
+    known = {f.name for f in type(resource).DESCRIPTOR.fields}
+    changeable = ", ".join(f"`{f}`" for f in updatable)
+    for path in paths:
+        if path == "*":
+            problem = (
+                f"`*` must be the only path when it is given; or name the fields ({changeable})"
+            )
+        elif path in updatable:
+            continue
+        elif path in known:
+            problem = f"`{path}` cannot be changed; the fields an update changes are {changeable}"
+        else:
+            problem = (
+                f"`{path}` is not a field of {kind}; the fields an update changes are {changeable}"
+            )
+        raise invalid_field("update_mask", problem, reason="INVALID_UPDATE_MASK")
+    return set(paths)
+
+
 def app_pb(app: AppRecord) -> pb.App:
     return pb.App(
         name=f"apps/{app.app_id}",
         description=app.description,
         create_time=timestamp(app.create_time),
+        etag=app.etag,
     )
 
 
@@ -78,6 +123,7 @@ def dataset_pb(ds: DatasetRecord) -> pb.Dataset:
         create_time=timestamp(ds.create_time),
         input_count=ds.input_count,
         version_count=ds.version_count,
+        etag=ds.etag,
     )
 
 
@@ -305,6 +351,28 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
             app=app_pb(await self._run(self.store.catalog.get_app, name["app"]))
         )
 
+    async def UpdateApp(
+        self, request: pb.UpdateAppRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateAppResponse:
+        name = parse_name(request.app.name, APP, "app.name")
+        paths = _update_paths(
+            request.app, request.HasField("update_mask"), list(request.update_mask.paths)
+        )
+        description = (
+            _description(request.app.description, "app.description")
+            if "description" in paths
+            else None
+        )
+        record = await self._run(
+            partial(
+                self.store.catalog.update_app,
+                name["app"],
+                description=description,
+                etag=request.app.etag,
+            )
+        )
+        return pb.UpdateAppResponse(app=app_pb(record))
+
     async def ListApps(
         self, request: pb.ListAppsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAppsResponse:
@@ -338,6 +406,29 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         name = parse_name(request.name, DATASET)
         record = await self._run(self.store.catalog.get_dataset, name["app"], name["dataset"])
         return pb.GetDatasetResponse(dataset=dataset_pb(record))
+
+    async def UpdateDataset(
+        self, request: pb.UpdateDatasetRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateDatasetResponse:
+        name = parse_name(request.dataset.name, DATASET, "dataset.name")
+        paths = _update_paths(
+            request.dataset, request.HasField("update_mask"), list(request.update_mask.paths)
+        )
+        description = (
+            _description(request.dataset.description, "dataset.description")
+            if "description" in paths
+            else None
+        )
+        record = await self._run(
+            partial(
+                self.store.catalog.update_dataset,
+                name["app"],
+                name["dataset"],
+                description=description,
+                etag=request.dataset.etag,
+            )
+        )
+        return pb.UpdateDatasetResponse(dataset=dataset_pb(record))
 
     async def ListDatasets(
         self, request: pb.ListDatasetsRequest, context: grpc.aio.ServicerContext
@@ -379,6 +470,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
             requested_format=SourceFormat(header.format) if header.format else None,
             max_row_errors=min(header.max_row_errors or DEFAULT_MAX_ROW_ERRORS, MAX_ROW_ERRORS),
             skip_duplicates=header.skip_duplicates,
+            request_id=_request_id(header.request_id, "header.request_id"),
         )
 
     async def UploadInputs(
@@ -410,6 +502,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         self, request: pb.AddInputsRequest, context: grpc.aio.ServicerContext
     ) -> pb.AddInputsResponse:
         parent = parse_name(request.parent, DATASET, "parent")
+        request_id = _request_id(request.request_id, "request_id")
         if not request.inputs:
             raise invalid_field("inputs", "is empty; send at least one input")
         if len(request.inputs) > MAX_ADD_INPUTS:
@@ -432,7 +525,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
                 field_violations=violations,
             )
         records = await self._run(
-            self.store.inputs.add_inputs, parent["app"], parent["dataset"], examples
+            self.store.inputs.add_inputs, parent["app"], parent["dataset"], examples, request_id
         )
         return pb.AddInputsResponse(inputs=[input_pb(request.parent, r) for r in records])
 
@@ -482,8 +575,14 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         parent = parse_name(request.parent, DATASET, "parent")
         version_id = validate_id(request.version_id, "version_id") if request.version_id else ""
         description = _description(request.description, "description")
+        request_id = _request_id(request.request_id, "request_id")
         record = await self._run(
-            self.versions.create, parent["app"], parent["dataset"], version_id, description
+            self.versions.create,
+            parent["app"],
+            parent["dataset"],
+            version_id,
+            description,
+            request_id,
         )
         return pb.CreateDatasetVersionResponse(dataset_version=version_pb(record))
 

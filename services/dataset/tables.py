@@ -119,6 +119,23 @@ version_refs = Table(
     Column("referrer", String(512), primary_key=True),
 )
 
+# A request id claimed by the first call that carried it (`requests.py`): bound to one
+# method and dataset, with what that call returned as JSON (NULL while an upload runs).
+request_ids = Table(
+    "request_ids",
+    METADATA,
+    Column("pk", Integer, primary_key=True, autoincrement=True),
+    Column("app_pk", Integer, ForeignKey("apps.pk"), nullable=False),
+    Column("request_id", String(200), nullable=False),
+    Column("method", String(32), nullable=False),
+    Column("dataset_pk", Integer, ForeignKey("datasets.pk"), nullable=False, index=True),
+    Column("upload_pk", Integer, ForeignKey("uploads.pk"), index=True),
+    Column("result", Text),
+    Column("create_time", Float, nullable=False),
+    UniqueConstraint("app_pk", "request_id"),
+    sqlite_autoincrement=True,
+)
+
 # Longest `IN (...)` list one statement binds: under every database's bound-parameter limit.
 IN_LIST_CHUNK = 900
 

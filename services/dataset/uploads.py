@@ -38,6 +38,7 @@ class UploadOptions:
     requested_format: SourceFormat | None
     max_row_errors: int
     skip_duplicates: bool
+    request_id: str = ""
 
 
 class _Writer(threading.Thread):
@@ -122,8 +123,24 @@ class Uploader:
         chunks: Iterable[bytes],
         cancelled: Callable[[], bool] = lambda: False,
     ) -> UploadReport:
-        """Parses and stores a whole file; `cancelled` is asked once more before the last commit."""
-        upload = self.inputs.begin_upload(options.app_id, options.dataset_id, options.file_name)
+        """Parses and stores a whole file; `cancelled` is asked once more before the last commit.
+
+        With a request id that a finished upload already carried, returns that upload's
+        report and reads none of `chunks`.
+        """
+        upload = self.inputs.begin_upload(
+            options.app_id, options.dataset_id, options.file_name, options.request_id
+        )
+        if isinstance(upload, UploadReport):
+            log.info(
+                "upload with request_id %r into apps/%s/datasets/%s was done already as %s; "
+                "answering with its report",
+                options.request_id,
+                options.app_id,
+                options.dataset_id,
+                upload.upload_id,
+            )
+            return upload
         log.info(
             "upload %s into apps/%s/datasets/%s started (%s)",
             upload.upload_id,

@@ -5,7 +5,8 @@ READY (with stats and the snapshot's hash and key) or FAILED (with a reason). A 
 names what uses a READY version (a model version, say); a version is deleted only once
 nothing references it, and then its snapshot object once no other version names it.
 After a restart, versions still PENDING or IN_PROGRESS were cut off mid-way and are
-failed (`fail_interrupted_versions`).
+failed (`fail_interrupted_versions`). A version created with a request id is created once
+per id (`requests.py`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from sqlalchemy import Connection, Engine, Row, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from loraforge.services.common.errors import AlreadyExists, FailedPrecondition, NotFound
+from loraforge.services.dataset import requests
 from loraforge.services.dataset.catalog import dataset_row
 from loraforge.services.dataset.domain import VersionRecord, VersionState, VersionStats
 from loraforge.services.dataset.pages import Page, next_page_token
@@ -90,12 +92,25 @@ class VersionRows:
         )
 
     def create_version_row(
-        self, app_id: str, dataset_id: str, version_id: str, description: str
-    ) -> tuple[int, int]:
-        """Inserts a PENDING version; returns (version_pk, dataset_pk)."""
+        self, app_id: str, dataset_id: str, version_id: str, description: str, request_id: str = ""
+    ) -> tuple[int, int] | VersionRecord:
+        """Inserts a PENDING version; returns (version_pk, dataset_pk).
+
+        With a request id that an earlier call claimed, inserts nothing and returns the
+        version that call created, as it is now.
+        """
+        now = time.time()
         try:
             with self.engine.begin() as conn:
                 ds = dataset_row(conn, app_id, dataset_id)
+                key = None
+                if request_id:
+                    key = requests.RequestKey(
+                        request_id, requests.CREATE_DATASET_VERSION, ds.app_pk, ds.pk
+                    )
+                    claimed = requests.find(conn, key)
+                    if claimed is not None:
+                        return self._replayed(conn, app_id, dataset_id, ds.pk, claimed, request_id)
                 if ds.input_count <= 0:
                     raise FailedPrecondition(
                         f"dataset `apps/{app_id}/datasets/{dataset_id}` has no inputs; upload "
@@ -111,11 +126,22 @@ class VersionRows:
                         failure_reason="",
                         content_sha256="",
                         snapshot_key="",
-                        create_time=time.time(),
+                        create_time=now,
                     )
                 )
                 (version_pk,) = result.inserted_primary_key or (None,)
+                if key is not None:
+                    requests.claim(conn, key, now=now, result={"version_id": version_id})
         except IntegrityError:
+            if request_id:  # a concurrent call with the same request id may have claimed it
+                with self.engine.connect() as conn:
+                    ds = dataset_row(conn, app_id, dataset_id)
+                    key = requests.RequestKey(
+                        request_id, requests.CREATE_DATASET_VERSION, ds.app_pk, ds.pk
+                    )
+                    claimed = requests.find(conn, key)
+                    if claimed is not None:
+                        return self._replayed(conn, app_id, dataset_id, ds.pk, claimed, request_id)
             raise AlreadyExists(
                 f"version `apps/{app_id}/datasets/{dataset_id}/versions/{version_id}` already "
                 "exists; choose another id",
@@ -123,6 +149,30 @@ class VersionRows:
             ) from None
         assert version_pk is not None
         return int(version_pk), ds.pk
+
+    def _replayed(
+        self,
+        conn: Connection,
+        app_id: str,
+        dataset_id: str,
+        dataset_pk: int,
+        claimed: requests.Claim,
+        request_id: str,
+    ) -> VersionRecord:
+        version_id = (claimed.result or {})["version_id"]
+        row = conn.execute(
+            select(versions).where(
+                versions.c.dataset_pk == dataset_pk, versions.c.version_id == version_id
+            )
+        ).first()
+        if row is None:
+            raise NotFound(
+                f"request_id {request_id!r} created version "
+                f"`apps/{app_id}/datasets/{dataset_id}/versions/{version_id}`, which has been "
+                "deleted since; send a new request_id to create another version",
+                reason="DATASET_VERSION_NOT_FOUND",
+            )
+        return self._version_record(conn, app_id, dataset_id, row)
 
     def set_version_state(
         self,

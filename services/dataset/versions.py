@@ -30,18 +30,28 @@ class Versions:
         self.snapshots = store.snapshots
 
     def create(
-        self, app_id: str, dataset_id: str, version_id: str, description: str
+        self,
+        app_id: str,
+        dataset_id: str,
+        version_id: str,
+        description: str,
+        request_id: str = "",
     ) -> VersionRecord:
         """Freezes the dataset's inputs now; returns the version READY, or FAILED with a reason.
 
         A version fails for what a user can act on: no finished inputs yet, or storage that
         is full or unreachable (the reason says which, and what to do). Any other error
         marks the version FAILED too, so it can be deleted, and then reaches the caller.
+        With a request id an earlier call already carried, freezes nothing and returns the
+        version that call created, as it is now (still being written, if it is).
         """
         version_id = version_id or new_id("v")
-        version_pk, dataset_pk = self.rows.create_version_row(
-            app_id, dataset_id, version_id, description
+        created = self.rows.create_version_row(
+            app_id, dataset_id, version_id, description, request_id
         )
+        if isinstance(created, VersionRecord):
+            return created
+        version_pk, dataset_pk = created
         try:
             self.rows.set_version_state(version_pk, VersionState.IN_PROGRESS)
             sha256, key, stats = self.snapshots.write(self.inputs.frozen_inputs(dataset_pk))

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -185,10 +186,15 @@ class App(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: `apps/{app}`."""
     description: _builtins.str
     """Free-text description."""
+    etag: _builtins.str
+    """A checksum of the app's changeable fields (AIP-154). Send it back in
+    UpdateApp to change the app only if nobody changed it in between.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When the app was created."""
@@ -199,10 +205,11 @@ class App(_message.Message):
         name: _builtins.str = ...,
         description: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "etag", b"etag", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -219,6 +226,7 @@ class Dataset(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     INPUT_COUNT_FIELD_NUMBER: _builtins.int
     VERSION_COUNT_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: `apps/{app}/datasets/{dataset}`."""
     description: _builtins.str
@@ -227,6 +235,11 @@ class Dataset(_message.Message):
     """Output only. Number of current inputs."""
     version_count: _builtins.int
     """Output only. Number of versions."""
+    etag: _builtins.str
+    """A checksum of the dataset's changeable fields (AIP-154); uploads and
+    versions do not change it. Send it back in UpdateDataset to change the
+    dataset only if nobody changed it in between.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When the dataset was created."""
@@ -239,10 +252,11 @@ class Dataset(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         input_count: _builtins.int = ...,
         version_count: _builtins.int = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "input_count", b"input_count", "name", b"name", "version_count", b"version_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "etag", b"etag", "input_count", b"input_count", "name", b"name", "version_count", b"version_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -499,6 +513,65 @@ class GetAppResponse(_message.Message):
 Global___GetAppResponse: _TypeAlias = GetAppResponse  # noqa: Y015
 
 @_typing.final
+class UpdateAppRequest(_message.Message):
+    """Request for UpdateApp."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APP_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def app(self) -> Global___App:
+        """The app's new field values. `name` says which app; `etag`, when set,
+        must be the app's current etag, or the update is ABORTED.
+        """
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """The fields to change: `description` (the only changeable field). `*`
+        changes every changeable field; without a mask, the changeable fields
+        set in `app` change. Other paths are INVALID_ARGUMENT.
+        """
+
+    def __init__(
+        self,
+        *,
+        app: Global___App | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["app", b"app", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app", b"app", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateAppRequest: _TypeAlias = UpdateAppRequest  # noqa: Y015
+
+@_typing.final
+class UpdateAppResponse(_message.Message):
+    """Response for UpdateApp."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APP_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def app(self) -> Global___App:
+        """The app as it is now, with its new etag."""
+
+    def __init__(
+        self,
+        *,
+        app: Global___App | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["app", b"app"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app", b"app"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateAppResponse: _TypeAlias = UpdateAppResponse  # noqa: Y015
+
+@_typing.final
 class ListAppsRequest(_message.Message):
     """Request for ListApps."""
 
@@ -700,6 +773,65 @@ class GetDatasetResponse(_message.Message):
 Global___GetDatasetResponse: _TypeAlias = GetDatasetResponse  # noqa: Y015
 
 @_typing.final
+class UpdateDatasetRequest(_message.Message):
+    """Request for UpdateDataset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def dataset(self) -> Global___Dataset:
+        """The dataset's new field values. `name` says which dataset; `etag`, when
+        set, must be the dataset's current etag, or the update is ABORTED.
+        """
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """The fields to change: `description` (the only changeable field). `*`
+        changes every changeable field; without a mask, the changeable fields
+        set in `dataset` change. Other paths are INVALID_ARGUMENT.
+        """
+
+    def __init__(
+        self,
+        *,
+        dataset: Global___Dataset | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateDatasetRequest: _TypeAlias = UpdateDatasetRequest  # noqa: Y015
+
+@_typing.final
+class UpdateDatasetResponse(_message.Message):
+    """Response for UpdateDataset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def dataset(self) -> Global___Dataset:
+        """The dataset as it is now, with its new etag."""
+
+    def __init__(
+        self,
+        *,
+        dataset: Global___Dataset | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateDatasetResponse: _TypeAlias = UpdateDatasetResponse  # noqa: Y015
+
+@_typing.final
 class ListDatasetsRequest(_message.Message):
     """Request for ListDatasets."""
 
@@ -811,6 +943,7 @@ class UploadHeader(_message.Message):
     FORMAT_FIELD_NUMBER: _builtins.int
     MAX_ROW_ERRORS_FIELD_NUMBER: _builtins.int
     SKIP_DUPLICATES_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     dataset: _builtins.str
     """The dataset to add to: `apps/{app}/datasets/{dataset}`."""
     file_name: _builtins.str
@@ -825,6 +958,12 @@ class UploadHeader(_message.Message):
     """Do not store rows whose example is already in the dataset or earlier in
     this file; they are counted in `duplicate_rows` either way.
     """
+    request_id: _builtins.str
+    """Makes the upload idempotent: a retry with the same id (in the same app)
+    returns the first upload's report instead of storing the file again.
+    While that upload is still running, a retry is ABORTED; once it failed,
+    the id is free again. At most 200 characters; a UUID is a good choice.
+    """
     def __init__(
         self,
         *,
@@ -833,10 +972,11 @@ class UploadHeader(_message.Message):
         format: Global___SourceFormat.ValueType = ...,
         max_row_errors: _builtins.int = ...,
         skip_duplicates: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "file_name", b"file_name", "format", b"format", "max_row_errors", b"max_row_errors", "skip_duplicates", b"skip_duplicates"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "file_name", b"file_name", "format", b"format", "max_row_errors", b"max_row_errors", "request_id", b"request_id", "skip_duplicates", b"skip_duplicates"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1024,8 +1164,15 @@ class AddInputsRequest(_message.Message):
 
     PARENT_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """The dataset: `apps/{app}/datasets/{dataset}`."""
+    request_id: _builtins.str
+    """Makes the call idempotent: a retry with the same id (in the same app)
+    returns the inputs the first call stored (less any deleted since)
+    instead of adding them again. At most 200 characters; a UUID is a good
+    choice.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___NewInput]:
         """The examples to add (at most 10000 per call)."""
@@ -1035,10 +1182,11 @@ class AddInputsRequest(_message.Message):
         *,
         parent: _builtins.str = ...,
         inputs: _abc.Iterable[Global___NewInput] | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "parent", b"parent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "parent", b"parent", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1383,22 +1531,29 @@ class CreateDatasetVersionRequest(_message.Message):
     PARENT_FIELD_NUMBER: _builtins.int
     VERSION_ID_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """The dataset: `apps/{app}/datasets/{dataset}`."""
     version_id: _builtins.str
     """The version's id; generated when empty. Same rules as other ids."""
     description: _builtins.str
     """Free-text description."""
+    request_id: _builtins.str
+    """Makes the create idempotent: a retry with the same id (in the same app)
+    returns the version the first call created (as it is now) instead of
+    freezing another. At most 200 characters; a UUID is a good choice.
+    """
     def __init__(
         self,
         *,
         parent: _builtins.str = ...,
         version_id: _builtins.str = ...,
         description: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "parent", b"parent", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "parent", b"parent", "request_id", b"request_id", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

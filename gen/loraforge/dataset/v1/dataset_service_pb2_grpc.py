@@ -33,6 +33,10 @@ class DatasetServiceStub:
     Errors are gRPC status codes with `google.rpc.Status` details:
     `BadRequest.FieldViolation` for bad fields and `ErrorInfo.reason` in
     UPPER_SNAKE for machine-readable causes.
+
+    Creates that a client may retry (UploadInputs, AddInputs,
+    CreateDatasetVersion) take a `request_id`: a retry with the same id in the
+    same app returns what the first call did instead of doing it again.
     """
 
     def __init__(self, channel):
@@ -50,6 +54,11 @@ class DatasetServiceStub:
                 '/loraforge.dataset.v1.DatasetService/GetApp',
                 request_serializer=loraforge_dot_dataset_dot_v1_dot_dataset__service__pb2.GetAppRequest.SerializeToString,
                 response_deserializer=loraforge_dot_dataset_dot_v1_dot_dataset__service__pb2.GetAppResponse.FromString,
+                _registered_method=True)
+        self.UpdateApp = channel.unary_unary(
+                '/loraforge.dataset.v1.DatasetService/UpdateApp',
+                request_serializer=loraforge_dot_dataset_dot_v1_dot_dataset__service__pb2.UpdateAppRequest.SerializeToString,
+                response_deserializer=loraforge_dot_dataset_dot_v1_dot_dataset__service__pb2.UpdateAppResponse.FromString,
                 _registered_method=True)
         self.ListApps = channel.unary_unary(
                 '/loraforge.dataset.v1.DatasetService/ListApps',
@@ -70,6 +79,11 @@ class DatasetServiceStub:
                 '/loraforge.dataset.v1.DatasetService/GetDataset',
                 request_serializer=loraforge_dot_dataset_dot_v1_dot_dataset__service__pb2.GetDatasetRequest.SerializeToString,
                 response_deserializer=loraforge_dot_dataset_dot_v1_dot_dataset__service__pb2.GetDatasetResponse.FromString,
+                _registered_method=True)
+        self.UpdateDataset = channel.unary_unary(
+                '/loraforge.dataset.v1.DatasetService/UpdateDataset',
+                request_serializer=loraforge_dot_dataset_dot_v1_dot_dataset__service__pb2.UpdateDatasetRequest.SerializeToString,
+                response_deserializer=loraforge_dot_dataset_dot_v1_dot_dataset__service__pb2.UpdateDatasetResponse.FromString,
                 _registered_method=True)
         self.ListDatasets = channel.unary_unary(
                 '/loraforge.dataset.v1.DatasetService/ListDatasets',
@@ -146,6 +160,10 @@ class DatasetServiceServicer:
     Errors are gRPC status codes with `google.rpc.Status` details:
     `BadRequest.FieldViolation` for bad fields and `ErrorInfo.reason` in
     UPPER_SNAKE for machine-readable causes.
+
+    Creates that a client may retry (UploadInputs, AddInputs,
+    CreateDatasetVersion) take a `request_id`: a retry with the same id in the
+    same app returns what the first call did instead of doing it again.
     """
 
     def CreateApp(self, request, context):
@@ -157,6 +175,15 @@ class DatasetServiceServicer:
 
     def GetApp(self, request, context):
         """Gets one app by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateApp(self, request, context):
+        """Changes the fields of an app that `update_mask` names (AIP-134). With
+        `app.etag` set, the update is ABORTED if the app changed since that etag
+        was read (AIP-154).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -186,6 +213,15 @@ class DatasetServiceServicer:
 
     def GetDataset(self, request, context):
         """Gets one dataset by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateDataset(self, request, context):
+        """Changes the fields of a dataset that `update_mask` names (AIP-134). With
+        `dataset.etag` set, the update is ABORTED if the dataset changed since
+        that etag was read (AIP-154).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -305,6 +341,11 @@ def add_DatasetServiceServicer_to_server(servicer, server):
                     request_deserializer=loraforge_dot_dataset_dot_v1_dot_dataset__service__pb2.GetAppRequest.FromString,
                     response_serializer=loraforge_dot_dataset_dot_v1_dot_dataset__service__pb2.GetAppResponse.SerializeToString,
             ),
+            'UpdateApp': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateApp,
+                    request_deserializer=loraforge_dot_dataset_dot_v1_dot_dataset__service__pb2.UpdateAppRequest.FromString,
+                    response_serializer=loraforge_dot_dataset_dot_v1_dot_dataset__service__pb2.UpdateAppResponse.SerializeToString,
+            ),
             'ListApps': grpc.unary_unary_rpc_method_handler(
                     servicer.ListApps,
                     request_deserializer=loraforge_dot_dataset_dot_v1_dot_dataset__service__pb2.ListAppsRequest.FromString,
@@ -324,6 +365,11 @@ def add_DatasetServiceServicer_to_server(servicer, server):
                     servicer.GetDataset,
                     request_deserializer=loraforge_dot_dataset_dot_v1_dot_dataset__service__pb2.GetDatasetRequest.FromString,
                     response_serializer=loraforge_dot_dataset_dot_v1_dot_dataset__service__pb2.GetDatasetResponse.SerializeToString,
+            ),
+            'UpdateDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateDataset,
+                    request_deserializer=loraforge_dot_dataset_dot_v1_dot_dataset__service__pb2.UpdateDatasetRequest.FromString,
+                    response_serializer=loraforge_dot_dataset_dot_v1_dot_dataset__service__pb2.UpdateDatasetResponse.SerializeToString,
             ),
             'ListDatasets': grpc.unary_unary_rpc_method_handler(
                     servicer.ListDatasets,
@@ -406,6 +452,10 @@ class DatasetService:
     Errors are gRPC status codes with `google.rpc.Status` details:
     `BadRequest.FieldViolation` for bad fields and `ErrorInfo.reason` in
     UPPER_SNAKE for machine-readable causes.
+
+    Creates that a client may retry (UploadInputs, AddInputs,
+    CreateDatasetVersion) take a `request_id`: a retry with the same id in the
+    same app returns what the first call did instead of doing it again.
     """
 
     @staticmethod
@@ -452,6 +502,33 @@ class DatasetService:
             '/loraforge.dataset.v1.DatasetService/GetApp',
             loraforge_dot_dataset_dot_v1_dot_dataset__service__pb2.GetAppRequest.SerializeToString,
             loraforge_dot_dataset_dot_v1_dot_dataset__service__pb2.GetAppResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateApp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraforge.dataset.v1.DatasetService/UpdateApp',
+            loraforge_dot_dataset_dot_v1_dot_dataset__service__pb2.UpdateAppRequest.SerializeToString,
+            loraforge_dot_dataset_dot_v1_dot_dataset__service__pb2.UpdateAppResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -560,6 +637,33 @@ class DatasetService:
             '/loraforge.dataset.v1.DatasetService/GetDataset',
             loraforge_dot_dataset_dot_v1_dot_dataset__service__pb2.GetDatasetRequest.SerializeToString,
             loraforge_dot_dataset_dot_v1_dot_dataset__service__pb2.GetDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraforge.dataset.v1.DatasetService/UpdateDataset',
+            loraforge_dot_dataset_dot_v1_dot_dataset__service__pb2.UpdateDatasetRequest.SerializeToString,
+            loraforge_dot_dataset_dot_v1_dot_dataset__service__pb2.UpdateDatasetResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,6 +34,10 @@ class DatasetServiceStub:
     Errors are gRPC status codes with `google.rpc.Status` details:
     `BadRequest.FieldViolation` for bad fields and `ErrorInfo.reason` in
     UPPER_SNAKE for machine-readable causes.
+
+    Creates that a client may retry (UploadInputs, AddInputs,
+    CreateDatasetVersion) take a `request_id`: a retry with the same id in the
+    same app returns what the first call did instead of doing it again.
     """
 
     @_typing.overload
@@ -44,6 +48,11 @@ class DatasetServiceStub:
     """Creates an app with a user-chosen id. ALREADY_EXISTS if the id is taken."""
     GetApp: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.GetAppRequest, _dataset_service_pb2.GetAppResponse]
     """Gets one app by name."""
+    UpdateApp: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.UpdateAppRequest, _dataset_service_pb2.UpdateAppResponse]
+    """Changes the fields of an app that `update_mask` names (AIP-134). With
+    `app.etag` set, the update is ABORTED if the app changed since that etag
+    was read (AIP-154).
+    """
     ListApps: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.ListAppsRequest, _dataset_service_pb2.ListAppsResponse]
     """Lists apps, oldest first."""
     DeleteApp: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.DeleteAppRequest, _dataset_service_pb2.DeleteAppResponse]
@@ -54,6 +63,11 @@ class DatasetServiceStub:
     """Creates a dataset inside an app."""
     GetDataset: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.GetDatasetRequest, _dataset_service_pb2.GetDatasetResponse]
     """Gets one dataset by name."""
+    UpdateDataset: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.UpdateDatasetRequest, _dataset_service_pb2.UpdateDatasetResponse]
+    """Changes the fields of a dataset that `update_mask` names (AIP-134). With
+    `dataset.etag` set, the update is ABORTED if the dataset changed since
+    that etag was read (AIP-154).
+    """
     ListDatasets: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.ListDatasetsRequest, _dataset_service_pb2.ListDatasetsResponse]
     """Lists the datasets of an app, oldest first."""
     DeleteDataset: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.DeleteDatasetRequest, _dataset_service_pb2.DeleteDatasetResponse]
@@ -107,6 +121,10 @@ class DatasetServiceAsyncStub(DatasetServiceStub):
     Errors are gRPC status codes with `google.rpc.Status` details:
     `BadRequest.FieldViolation` for bad fields and `ErrorInfo.reason` in
     UPPER_SNAKE for machine-readable causes.
+
+    Creates that a client may retry (UploadInputs, AddInputs,
+    CreateDatasetVersion) take a `request_id`: a retry with the same id in the
+    same app returns what the first call did instead of doing it again.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -114,6 +132,11 @@ class DatasetServiceAsyncStub(DatasetServiceStub):
     """Creates an app with a user-chosen id. ALREADY_EXISTS if the id is taken."""
     GetApp: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.GetAppRequest, _dataset_service_pb2.GetAppResponse]  # type: ignore[assignment]
     """Gets one app by name."""
+    UpdateApp: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.UpdateAppRequest, _dataset_service_pb2.UpdateAppResponse]  # type: ignore[assignment]
+    """Changes the fields of an app that `update_mask` names (AIP-134). With
+    `app.etag` set, the update is ABORTED if the app changed since that etag
+    was read (AIP-154).
+    """
     ListApps: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.ListAppsRequest, _dataset_service_pb2.ListAppsResponse]  # type: ignore[assignment]
     """Lists apps, oldest first."""
     DeleteApp: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.DeleteAppRequest, _dataset_service_pb2.DeleteAppResponse]  # type: ignore[assignment]
@@ -124,6 +147,11 @@ class DatasetServiceAsyncStub(DatasetServiceStub):
     """Creates a dataset inside an app."""
     GetDataset: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.GetDatasetRequest, _dataset_service_pb2.GetDatasetResponse]  # type: ignore[assignment]
     """Gets one dataset by name."""
+    UpdateDataset: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.UpdateDatasetRequest, _dataset_service_pb2.UpdateDatasetResponse]  # type: ignore[assignment]
+    """Changes the fields of a dataset that `update_mask` names (AIP-134). With
+    `dataset.etag` set, the update is ABORTED if the dataset changed since
+    that etag was read (AIP-154).
+    """
     ListDatasets: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.ListDatasetsRequest, _dataset_service_pb2.ListDatasetsResponse]  # type: ignore[assignment]
     """Lists the datasets of an app, oldest first."""
     DeleteDataset: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.DeleteDatasetRequest, _dataset_service_pb2.DeleteDatasetResponse]  # type: ignore[assignment]
@@ -176,6 +204,10 @@ class DatasetServiceServicer(metaclass=_abc_1.ABCMeta):
     Errors are gRPC status codes with `google.rpc.Status` details:
     `BadRequest.FieldViolation` for bad fields and `ErrorInfo.reason` in
     UPPER_SNAKE for machine-readable causes.
+
+    Creates that a client may retry (UploadInputs, AddInputs,
+    CreateDatasetVersion) take a `request_id`: a retry with the same id in the
+    same app returns what the first call did instead of doing it again.
     """
 
     @_abc_1.abstractmethod
@@ -193,6 +225,17 @@ class DatasetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_dataset_service_pb2.GetAppResponse, _abc.Awaitable[_dataset_service_pb2.GetAppResponse]]:
         """Gets one app by name."""
+
+    @_abc_1.abstractmethod
+    def UpdateApp(
+        self,
+        request: _dataset_service_pb2.UpdateAppRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dataset_service_pb2.UpdateAppResponse, _abc.Awaitable[_dataset_service_pb2.UpdateAppResponse]]:
+        """Changes the fields of an app that `update_mask` names (AIP-134). With
+        `app.etag` set, the update is ABORTED if the app changed since that etag
+        was read (AIP-154).
+        """
 
     @_abc_1.abstractmethod
     def ListApps(
@@ -227,6 +270,17 @@ class DatasetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_dataset_service_pb2.GetDatasetResponse, _abc.Awaitable[_dataset_service_pb2.GetDatasetResponse]]:
         """Gets one dataset by name."""
+
+    @_abc_1.abstractmethod
+    def UpdateDataset(
+        self,
+        request: _dataset_service_pb2.UpdateDatasetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dataset_service_pb2.UpdateDatasetResponse, _abc.Awaitable[_dataset_service_pb2.UpdateDatasetResponse]]:
+        """Changes the fields of a dataset that `update_mask` names (AIP-134). With
+        `dataset.etag` set, the update is ABORTED if the dataset changed since
+        that etag was read (AIP-154).
+        """
 
     @_abc_1.abstractmethod
     def ListDatasets(
