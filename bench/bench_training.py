@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from loraforge.services.common.base_models import DEFAULT_BASE_MODEL, resolve_base_model
 from loraforge.services.trainer import templates as tpl
 from loraforge.services.trainer import training
+from loraforge.services.trainer.params import TrainingParams
 from loraforge.services.trainer.training import TrainingExample
 from tests.tiny_model import TinyModelSpec, build_tiny_model
 
@@ -56,7 +57,7 @@ def make_examples(n: int, min_words: int, max_words: int, seed: int) -> list[Tra
 
 def params_for(
     model: Path, max_length: int, epochs: float, batch: int, packing: bool = False
-) -> dict[str, Any]:
+) -> TrainingParams:
     template = tpl.get_template("templates/HF_Llama_3_2_1b_instruct_lora")
     return tpl.resolve_params(
         template,
@@ -86,13 +87,13 @@ class CountingReporter(training.QuietReporter):
         self.events.append(progress)
 
 
-def service_run(params: dict[str, Any], examples: list[TrainingExample]) -> float:
+def service_run(params: TrainingParams, examples: list[TrainingExample]) -> float:
     with tempfile.TemporaryDirectory() as work:
         result = training.run_training(params, examples, Path(work), CountingReporter())
     return result.tokens_per_second
 
 
-def plain_run(params: dict[str, Any], examples: list[TrainingExample]) -> float:
+def plain_run(params: TrainingParams, examples: list[TrainingExample]) -> float:
     """The same LoRA training as a user would write it directly with transformers + PEFT."""
     from peft import LoraConfig, get_peft_model
     from transformers import (
@@ -104,8 +105,8 @@ def plain_run(params: dict[str, Any], examples: list[TrainingExample]) -> float:
         set_seed,
     )
 
-    mc, pc, trc = params["model_config"], params["peft_config"], params["trainer_config"]
-    tokenizer = AutoTokenizer.from_pretrained(mc["pretrained_model_name_or_path"])
+    mc, pc, trc = params.model_config, params.peft_config, params.trainer_config
+    tokenizer = AutoTokenizer.from_pretrained(mc.pretrained_model_name_or_path)
     rows = []
     for e in examples:
         prompt = tokenizer(e.prompt)["input_ids"]
@@ -113,30 +114,30 @@ def plain_run(params: dict[str, Any], examples: list[TrainingExample]) -> float:
             tokenizer.eos_token_id
         ]
         rows.append({"input_ids": prompt + completion, "labels": [-100] * len(prompt) + completion})
-    set_seed(trc["seed"])
+    set_seed(trc.seed)
     model = AutoModelForCausalLM.from_pretrained(
-        mc["pretrained_model_name_or_path"], dtype=torch.float32
+        mc.pretrained_model_name_or_path, dtype=torch.float32
     )
     model.config.use_cache = False
     model = get_peft_model(
         model,
         LoraConfig(
-            r=pc["r"],
-            lora_alpha=pc["lora_alpha"],
-            lora_dropout=pc["lora_dropout"],
-            target_modules=list(pc["target_modules"]),
+            r=pc.r,
+            lora_alpha=pc.lora_alpha,
+            lora_dropout=pc.lora_dropout,
+            target_modules=list(pc.target_modules),
             task_type="CAUSAL_LM",
         ),
     )
     with tempfile.TemporaryDirectory() as work:
         args = TrainingArguments(
             output_dir=work,
-            num_train_epochs=trc["num_train_epochs"],
-            per_device_train_batch_size=trc["per_device_train_batch_size"],
-            learning_rate=trc["learning_rate"],
-            warmup_steps=trc["warmup_ratio"],
-            seed=trc["seed"],
-            logging_steps=trc["logging_steps"],
+            num_train_epochs=trc.num_train_epochs,
+            per_device_train_batch_size=trc.per_device_train_batch_size,
+            learning_rate=trc.learning_rate,
+            warmup_steps=trc.warmup_ratio,
+            seed=trc.seed,
+            logging_steps=trc.logging_steps,
             save_strategy="no",
             report_to=[],
             disable_tqdm=True,
@@ -147,7 +148,7 @@ def plain_run(params: dict[str, Any], examples: list[TrainingExample]) -> float:
         started = time.monotonic()
         trainer.train()
         seconds = time.monotonic() - started
-    tokens = sum(len(r["input_ids"]) for r in rows) * trc["num_train_epochs"]
+    tokens = sum(len(r["input_ids"]) for r in rows) * trc.num_train_epochs
     return tokens / seconds
 
 
@@ -221,7 +222,7 @@ def main() -> None:
     )
     gain = packing["packed"] / packing["unpacked"]
 
-    print(f"device: {device}; model: {model_name}, LoRA r={params['peft_config']['r']}")
+    print(f"device: {device}; model: {model_name}, LoRA r={params.peft_config.r}")
     print(f"{'run':<34}{'tokens/s':>12}")
     print(f"{'service path (run_training)':<34}{speeds['service']:>12.0f}")
     print(f"{'plain transformers + PEFT script':<34}{speeds['plain']:>12.0f}")

@@ -35,6 +35,7 @@ from loraforge.services.common.prompts import PromptFormat
 from loraforge.services.predictor.params import RequestedParams, check_params
 from loraforge.services.predictor.predictor import PredictInput, PromptRenderer
 from loraforge.services.trainer import templates as tpl
+from loraforge.services.trainer.params import TrainingParams
 from loraforge.services.trainer.training import (
     PaddingCollator,
     TrainingExample,
@@ -61,7 +62,7 @@ def smol() -> Path:
     return Path(base_models.resolve_base_model(SMOL))
 
 
-def _params(**groups: dict[str, Any]) -> dict[str, Any]:
+def _params(**groups: dict[str, Any]) -> TrainingParams:
     template = tpl.get_template(TEMPLATE)
     return tpl.resolve_params(template, {k: v for k, v in groups.items() if v})
 
@@ -170,7 +171,7 @@ def test_chat_prompts_are_the_same_tokens_in_training_and_in_serving(smol: Path)
     assert feature.input_ids == prompt_ids + completion + [tokenizer.eos_token_id]
 
     renderer = PromptRenderer(tokenizer, SMOL)
-    trained = PromptFormat.from_params(params)
+    trained = params.tokenizer_config.prompt()
     defaults, _ = check_params(RequestedParams())
     assert renderer.encode(PredictInput(news), defaults, trained) == prompt_ids
     as_chat = PredictInput("", messages=(("user", news),))
@@ -219,7 +220,7 @@ def test_training_on_real_data_lowers_the_held_out_eval_loss(smol: Path, tmp_pat
     # The base model's loss on exactly the split training will hold out.
     tokenizer = load_tokenizer(params)
     features, _ = tokenize_examples(tokenizer, examples, params)
-    _, held_out = split_eval(features, 15, params["trainer_config"]["seed"])
+    _, held_out = split_eval(features, 15, params.trainer_config.seed)
     batch = PaddingCollator(tokenizer.pad_token_id)(held_out)
     with torch.inference_mode():
         base_loss = float(AutoModelForCausalLM.from_pretrained(smol).eval()(**batch).loss)

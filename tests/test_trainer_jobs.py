@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 from loraforge.services.trainer.jobs import JobQueue, JobReporter
@@ -60,25 +59,42 @@ def test_concurrent_workers_claim_each_run_exactly_once(tmp_path: Path) -> None:
         assert states == ["QUEUED", "TRAINING"]
 
 
+class FakeClock:
+    """Seconds that pass only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def test_expired_lease_requeues_for_resume_then_fails_after_max_attempts(tmp_path: Path) -> None:
     store = _store(tmp_path)
     (name,) = _queue_runs(store, 1)
-    queue = JobQueue(store)
-    job = queue.claim("w1", lease_seconds=0.05)
+    clock = FakeClock()
+    queue = JobQueue(store, clock)
+    job = queue.claim("w1", lease_seconds=60)
     assert job is not None and job.attempt == 1
-    assert JobReporter(store, name, "w1").checkpoint(
-        10, "trainer/x/checkpoints/checkpoint-10", "trainer/x/checkpoints"
-    )
+    reporter = JobReporter(store, name, "w1", clock)
+    assert reporter.checkpoint(10, "trainer/x/checkpoints/checkpoint-10", "trainer/x/checkpoints")
+    clock.advance(59)
     assert queue.reap_expired(max_attempts=2) == []  # lease still valid
-    time.sleep(0.1)
+    assert reporter.heartbeat(60)  # renewed: valid for another 60 s from now
+    clock.advance(59)
+    assert queue.reap_expired(max_attempts=2) == []
+    clock.advance(2)
     assert queue.reap_expired(max_attempts=2) == [name]
     assert store.get_version(name).state == State.QUEUED
-    again = queue.claim("w2", lease_seconds=0.05)
+    again = queue.claim("w2", lease_seconds=60)
     assert again is not None and again.attempt == 2 and again.checkpoint_step == 10
     # The first worker comes back from the dead: every write it tries is refused.
-    zombie = JobReporter(store, name, "w1")
+    zombie = JobReporter(store, name, "w1", clock)
     assert not zombie.heartbeat(60) and not zombie.progress({"step": 11}) and not zombie.log("hi")
-    time.sleep(0.1)
+    clock.advance(61)
     assert queue.reap_expired(max_attempts=2) == [name]
     row = store.get_version(name)
     assert (

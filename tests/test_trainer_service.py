@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -23,6 +24,9 @@ from grpc_status import rpc_status
 from loraforge.dataset.v1 import dataset_service_pb2 as dpb
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as dpb_grpc
 from loraforge.services.common.objectstore import copy_store_to_tree, open_object_store
+from loraforge.services.trainer.dataset_client import AsyncDatasetClient
+from loraforge.services.trainer.runs import PENDING_REFERENCE_SECONDS, Runs
+from loraforge.services.trainer.store import TrainerStore
 from loraforge.trainer.v1 import trainer_service_pb2 as pb
 from loraforge.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
 from tests.support import REPO, ServiceProcess, channel, start_service
@@ -303,7 +307,11 @@ def test_train_watch_and_load_the_adapter(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     stub = stack.trainer_stub
-    created = _create(stack, "first", _overrides(stack, eval_split_percent=10), request_id="req-1")
+    chosen = _overrides(
+        stack, eval_split_percent=10, lr_scheduler_type="constant", warmup_ratio=0, logging_steps=1
+    )
+    chosen["peft_config"] = {"lora_alpha": 24, "target_modules": ["q_proj", "v_proj"]}
+    created = _create(stack, "first", chosen, request_id="req-1")
     assert created.state == S.MODEL_VERSION_STATE_QUEUED and created.status_code == 21103
     assert created.params["peft_config"]["r"] == 16  # defaults filled in
     again = _create(stack, "other-id", _overrides(stack), request_id="req-1")
@@ -330,7 +338,10 @@ def test_train_watch_and_load_the_adapter(
     progress = [e.progress for e in events if e.HasField("progress")]
     assert progress[-1].step == progress[-1].total_steps == 16
     assert progress[-1].HasField("train_loss") and progress[-1].HasField("eval_loss")
-    assert progress[-1].tokens_per_second > 0 and progress[-1].learning_rate >= 0
+    assert progress[-1].tokens_per_second > 0
+    # Every step ran at the chosen learning rate (a constant schedule keeps it there).
+    assert len(progress) >= 16
+    assert [p.learning_rate for p in progress] == [pytest.approx(5e-3)] * len(progress)
     assert any(e.HasField("log") and "checkpoint at step 8" in e.log.message for e in events)
 
     # A client that joins late gets the whole history, then the stream ends.
@@ -357,6 +368,10 @@ def test_train_watch_and_load_the_adapter(
         "adapter_model.safetensors",
         "manifest.json",
     }
+    adapter_config = json.loads((local / "adapter_config.json").read_text())
+    assert (adapter_config["r"], adapter_config["lora_alpha"]) == (16, 24)
+    assert sorted(adapter_config["target_modules"]) == ["q_proj", "v_proj"]
+    assert adapter_config["lora_dropout"] == version.params["peft_config"]["lora_dropout"]
     manifest = json.loads((local / "manifest.json").read_text())
     assert (
         manifest["base_model"] == str(stack.tiny_model)
@@ -415,16 +430,14 @@ def test_cancel_while_running(stack: Stack, shared_worker: subprocess.Popen[byte
             assert cancelled.model_version.state == S.MODEL_VERSION_STATE_CANCELLED
             assert cancelled.model_version.status_code == 0
     assert _states(events)[-1] == S.MODEL_VERSION_STATE_CANCELLED
-    # The worker stops, writes nothing more, and cleans up the run's checkpoints.
-    store = open_object_store(str(stack.workdir / "home" / "objects"))
-    deadline = time.monotonic() + 30
-    while list(store.list(f"trainer/{created.name}/")) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not list(store.list(f"trainer/{created.name}/"))
-    assert list(_watch(stack, created.name, after=events[-1].sequence)) == []
-    # It is free for the next run.
+    # It is free for the next run, which the one worker claims only once it is done with
+    # the cancelled one.
     follow = _create(stack, "after-cancel", _overrides(stack, max_steps=2))
     assert _states(list(_watch(stack, follow.name)))[-1] == S.MODEL_VERSION_STATE_TRAINED
+    # By then it had stopped, written nothing more, and cleaned up the run's checkpoints.
+    store = open_object_store(str(stack.workdir / "home" / "objects"))
+    assert not list(store.list(f"trainer/{created.name}/"))
+    assert list(_watch(stack, created.name, after=events[-1].sequence)) == []
     # A finished run can be deleted; its artifacts and dataset reference go with it.
     stack.trainer_stub.DeleteModelVersion(pb.DeleteModelVersionRequest(name=follow.name))
     assert not list(store.list(f"trainer/{follow.name}/"))
@@ -508,3 +521,82 @@ def test_two_workers_never_run_one_job_twice(stack: Stack) -> None:
         mine = [n for n, w in zip(names, claimed_by, strict=True) if w == worker]
         assert all(f"claimed {n}" in log for n in mine)
         assert not any(f"claimed {n}" in log for n in names if n not in mine)
+
+
+def _referrers(stack: Stack) -> list[str]:
+    return list(
+        stack.dataset_stub.GetDatasetVersion(
+            dpb.GetDatasetVersionRequest(name=stack.dataset_version)
+        ).dataset_version.referenced_by
+    )
+
+
+def _add_reference(stack: Stack, referrer: str) -> None:
+    stack.dataset_stub.AddDatasetVersionReference(
+        dpb.AddDatasetVersionReferenceRequest(name=stack.dataset_version, referrer=referrer)
+    )
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_sweep_removes_references_no_run_holds_and_keeps_creations_in_flight(
+    stack: Stack,
+) -> None:
+    # What a crash between adding the reference and inserting the run leaves behind.
+    ghost = f"{MODEL}/versions/ghost"
+    in_flight = f"{MODEL}/versions/in-flight"
+    foreign = "evaluations/e1"  # not named like a run: not the trainer's to remove
+    for referrer in (ghost, in_flight, foreign):
+        _add_reference(stack, referrer)
+    real = _create(stack, "held", _overrides(stack, max_steps=1))
+    # A second trainer replica on the same database; `in_flight` is being created on it.
+    store = TrainerStore(f"sqlite:///{stack.workdir / 'home' / 'trainer.db'}")
+    clock = _Clock()
+    store.begin_reference(in_flight, stack.dataset_version, clock.now)
+    objects = open_object_store(str(stack.workdir / "home" / "objects"))
+
+    async def sweep() -> list[tuple[str, str]]:
+        datasets = AsyncDatasetClient(stack.dataset.address)
+        try:
+            return await Runs(store, objects, datasets, clock=clock).sweep_references()
+        finally:
+            await datasets.close()
+
+    assert asyncio.run(sweep()) == [(stack.dataset_version, ghost)]
+    refs = _referrers(stack)
+    assert ghost not in refs and {in_flight, foreign, real.name} <= set(refs)
+    # A creation older than any creation takes has died: its reference goes too.
+    clock.now += PENDING_REFERENCE_SECONDS + 1
+    assert asyncio.run(sweep()) == [(stack.dataset_version, in_flight)]
+    assert asyncio.run(sweep()) == []
+    refs = _referrers(stack)
+    assert in_flight not in refs and {foreign, real.name} <= set(refs)
+    stack.dataset_stub.RemoveDatasetVersionReference(
+        dpb.RemoveDatasetVersionReferenceRequest(name=stack.dataset_version, referrer=foreign)
+    )
+    store.engine.dispose()
+
+
+def test_the_trainer_sweeps_orphaned_references_before_it_serves(stack: Stack) -> None:
+    orphan = f"{MODEL}/versions/orphan"
+    _add_reference(stack, orphan)
+    kept = _create(stack, "kept", _overrides(stack, max_steps=1))
+    assert orphan in _referrers(stack)
+    replica = start_service(
+        "loraforge.services.trainer",
+        stack.workdir,
+        args=["--dataset-address", stack.dataset.address],
+        name="trainer-replica",
+    )
+    try:
+        assert orphan not in _referrers(stack)
+        assert kept.name in _referrers(stack)  # a run's reference stays
+        assert "removed 1 dataset-version references no run holds" in replica.log()
+    finally:
+        replica.stop()

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
+import yaml
+from google.protobuf import json_format, struct_pb2
 
 from loraforge.services.common.errors import FailedPrecondition, InvalidArgument
 from loraforge.services.trainer import templates as tpl
+from loraforge.services.trainer.params import TrainingParams
 
 SEED_TEMPLATES = {
     "HF_GPTNeo_125m_lora",
@@ -36,12 +42,12 @@ def test_the_template_recommended_first_depends_on_cuda(
 
 def test_chat_prompt_format_is_a_choice_and_a_system_prompt_needs_it() -> None:
     smol = tpl.get_template("templates/HF_SmolLM2_135m_instruct_lora")
-    assert smol.defaults()["tokenizer_config"]["prompt_format"] == "chat"
-    assert smol.defaults()["model_config"]["pretrained_model_name_or_path"] == (
+    assert smol.defaults().tokenizer_config.prompt_format == "chat"
+    assert smol.defaults().model_config.pretrained_model_name_or_path == (
         "HuggingFaceTB/SmolLM2-135M-Instruct"
     )
     advanced = tpl.get_template("templates/HuggingFace_AdvancedConfig")
-    assert advanced.defaults()["tokenizer_config"]["prompt_format"] == "raw"
+    assert advanced.defaults().tokenizer_config.prompt_format == "raw"
     with pytest.raises(InvalidArgument) as info:
         tpl.resolve_params(advanced, {"tokenizer_config": {"system_prompt": "Be brief."}})
     assert [v.field for v in info.value.field_violations] == [
@@ -50,7 +56,8 @@ def test_chat_prompt_format_is_a_choice_and_a_system_prompt_needs_it() -> None:
     params = tpl.resolve_params(
         advanced, {"tokenizer_config": {"prompt_format": "chat", "system_prompt": "Be brief."}}
     )
-    assert params["tokenizer_config"]["system_prompt"] == "Be brief."
+    assert params.tokenizer_config.system_prompt == "Be brief."
+    assert params.tokenizer_config.prompt().is_chat
 
 
 @pytest.mark.parametrize("template", tpl.all_templates(), ids=lambda t: t.name)
@@ -77,11 +84,11 @@ def test_overrides_apply_over_defaults_with_struct_numbers_normalised() -> None:
     params = tpl.resolve_params(
         t, {"peft_config": {"r": 8.0, "target_modules": ["q_proj"]}, tpl.TOLERANCE: 20.0}
     )
-    assert params["peft_config"]["r"] == 8 and isinstance(params["peft_config"]["r"], int)
-    assert params["peft_config"]["target_modules"] == ["q_proj"]
-    assert params["peft_config"]["lora_alpha"] == 32.0  # untouched default
-    assert params[tpl.TOLERANCE] == 20.0
-    assert t.defaults()["peft_config"]["r"] == 16  # defaults are not mutated
+    assert params.peft_config.r == 8 and isinstance(params.peft_config.r, int)
+    assert params.peft_config.target_modules == ("q_proj",)
+    assert params.peft_config.lora_alpha == 32.0  # untouched default
+    assert params.invalid_data_tolerance_percent == 20.0
+    assert t.defaults().peft_config.r == 16  # defaults are not mutated
 
 
 def test_bad_overrides_name_every_field_path() -> None:
@@ -133,3 +140,60 @@ def test_gptq_templates_are_refused_without_cuda_naming_what_is_missing() -> Non
     assert tpl.missing_requirements(advanced, advanced.defaults()) == []
     params = tpl.resolve_params(advanced, {"quantization_config": {"quant_method": "gptq"}})
     assert tpl.missing_requirements(advanced, params)
+
+
+@pytest.mark.parametrize("template", tpl.all_templates(), ids=lambda t: t.name)
+def test_int_parameters_are_ints_in_defaults_bounds_and_resolved_values(
+    template: tpl.Template,
+) -> None:
+    for p in template.parameters:
+        if p.type == "int":
+            assert all(type(v) is int for v in (p.default, p.min, p.max)), p.path
+    # Overrides arrive as a Struct, whose numbers are all doubles.
+    struct = json_format.ParseDict(
+        {"peft_config": {"r": 8}, "tokenizer_config": {"model_max_length": 512}},
+        struct_pb2.Struct(),
+    )
+    overrides = json_format.MessageToDict(struct)
+    assert overrides["peft_config"]["r"] == 8.0
+    params = tpl.resolve_params(template, overrides)
+    stored = json.dumps(params.to_dict())
+    assert '"r": 8,' in stored and '"model_max_length": 512,' in stored
+    assert json.dumps(tpl.normalise_overrides(template, overrides), sort_keys=True) == (
+        '{"peft_config": {"r": 8}, "tokenizer_config": {"model_max_length": 512}}'
+    )
+    # Read back from a Struct (a model version's `params`), ints are ints again.
+    echoed = json_format.MessageToDict(json_format.ParseDict(params.to_dict(), struct_pb2.Struct()))
+    again = TrainingParams.from_dict(echoed)
+    assert again == params and type(again.tokenizer_config.model_max_length) is int
+
+
+def _write_template(tmp_path: Path, edit: object) -> Path:
+    source = tpl.TEMPLATES_DIR / "HF_SmolLM2_135m_instruct_lora.yaml"
+    data = yaml.safe_load(source.read_text())
+    edit(data["parameters"])  # type: ignore[operator]
+    path = tmp_path / source.name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_a_template_must_declare_every_training_parameter_with_its_type(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"training parameters \['peft_config.r'\]"):
+        tpl.load_template(_write_template(tmp_path, lambda p: p["peft_config"].pop("r")))
+    with pytest.raises(ValueError, match=r"peft_config\.r is float, but training takes"):
+        tpl.load_template(
+            _write_template(tmp_path, lambda p: p["peft_config"]["r"].update(type="float"))
+        )
+    with pytest.raises(ValueError, match=r"peft_config\.rank is not a training parameter"):
+        tpl.load_template(
+            _write_template(tmp_path, lambda p: p["peft_config"].update(rank=p["peft_config"]["r"]))
+        )
+
+
+def test_a_run_stored_before_a_parameter_existed_reads_with_its_template_default() -> None:
+    t = tpl.get_template("templates/HF_SmolLM2_135m_instruct_lora")
+    stored = t.defaults().to_dict()
+    del stored["tokenizer_config"]["prompt_format"]
+    with pytest.raises(ValueError, match=r"tokenizer_config\.prompt_format: missing"):
+        TrainingParams.from_dict(stored)
+    assert tpl.stored_params(t.resource_name, stored) == t.defaults()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,7 @@ from safetensors.torch import load_file
 
 from loraforge.services.trainer import templates as tpl
 from loraforge.services.trainer import training
+from loraforge.services.trainer.params import TrainingParams
 from loraforge.services.trainer.training import IGNORE_INDEX, TrainingExample
 from tests.tiny_model import build_tiny_model
 
@@ -26,13 +30,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "llama")
 
 
-def params_for(model: Path, **trainer: Any) -> dict[str, Any]:
+def params_for(model: Path, peft: dict[str, Any] | None = None, **trainer: Any) -> TrainingParams:
     template = tpl.get_template("templates/HF_Llama_3_2_1b_instruct_lora")
     return tpl.resolve_params(
         template,
         {
             "model_config": {"pretrained_model_name_or_path": str(model)},
             "tokenizer_config": {"model_max_length": 64},
+            "peft_config": peft or {},
             "trainer_config": {
                 "max_steps": 12,
                 "logging_steps": 4,
@@ -59,7 +64,10 @@ def test_labels_cover_only_completions_unless_asked(tiny_model: Path) -> None:
     assert pc.labels[prompt_len:] == pc.input_ids[prompt_len:]
     assert pc.input_ids[-1] == tokenizer.eos_token_id
     assert text.labels == text.input_ids  # plain text: every token is learned
-    params["trainer_config"]["completion_only_loss"] = False
+    params = dataclasses.replace(
+        params,
+        trainer_config=dataclasses.replace(params.trainer_config, completion_only_loss=False),
+    )
     (full, _), _ = training.tokenize_examples(tokenizer, examples, params)
     assert full.labels == full.input_ids
 
@@ -180,3 +188,58 @@ def test_packing_trains_and_a_stop_request_stops(tiny_model: Path, tmp_path: Pat
         training.run_training(
             params_for(tiny_model), EXAMPLES, tmp_path / "s", StopAfterFirstStep()
         )
+
+
+class _Recorder(training.QuietReporter):
+    def __init__(self) -> None:
+        self.progress_events: list[dict[str, Any]] = []
+
+    def progress(self, progress: dict[str, Any]) -> None:
+        self.progress_events.append(progress)
+
+
+def test_the_chosen_parameters_reach_the_trainer_the_optimizer_and_the_adapter(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Values no template uses by default, so a default anywhere on the way would show."""
+    params = params_for(
+        tiny_model,
+        peft={
+            "r": 4,
+            "lora_alpha": 12,
+            "lora_dropout": 0.2,
+            "target_modules": ["q_proj", "v_proj"],
+        },
+        max_steps=-1,
+        num_train_epochs=2,
+        per_device_train_batch_size=5,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        warmup_ratio=0,
+        eval_split_percent=0,
+        logging_steps=1,
+        save_steps=1000,
+    )
+    args = training.training_arguments(params, tmp_path / "args", has_eval=False)
+    assert (args.learning_rate, args.num_train_epochs, args.per_device_train_batch_size) == (
+        3e-3,
+        2.0,
+        5,
+    )
+    assert args.max_steps == -1 and args.lr_scheduler_type == "constant"
+
+    reporter = _Recorder()
+    result = training.run_training(params, EXAMPLES, tmp_path / "run", reporter)
+    # 40 examples in batches of 5 for 2 epochs: the batch size and the epochs were used.
+    assert result.total_steps == result.global_step == 2 * math.ceil(len(EXAMPLES) / 5)
+    assert reporter.progress_events[-1]["epoch"] == pytest.approx(2.0)
+    # The optimizer stepped at the chosen rate (a constant schedule keeps it there).
+    rates = [event["learning_rate"] for event in reporter.progress_events]
+    assert len(rates) >= result.global_step and rates == [pytest.approx(3e-3)] * len(rates)
+
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 12, 0.2)
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    weights = _adapter(result)
+    assert {k.split(".")[-3] for k in weights} == {"q_proj", "v_proj"}
+    assert all(v.shape[0] == 4 for k, v in weights.items() if "lora_A" in k)

@@ -1,9 +1,13 @@
 """Configuration from command-line flags and `LORAFORGE_*` environment variables.
 
-Each service describes its settings as a dataclass whose fields carry a help
-text. Precedence: flag > environment variable > default. The variable for field
+Each process describes its settings as a dataclass whose fields carry a help
+text, and optionally the choices a value must be one of or that it is required.
+Precedence: flag > environment variable > default. The variable for field
 `object_store_url` is `LORAFORGE_OBJECT_STORE_URL`; `--help` lists every
-setting with its variable and default.
+setting with its variable and default. `load_config` refuses a value that is
+not of its setting's type, not among its choices, or missing where required,
+with an `InvalidArgument` naming the flag and the variable; entry points load
+their settings inside `server.run_main`, which makes that one line and exit 2.
 """
 
 from __future__ import annotations
@@ -20,11 +24,20 @@ from typing import Any, TypeVar
 from loraforge.services.common.errors import InvalidArgument
 
 ENV_PREFIX = "LORAFORGE_"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
 
 
-def setting(default: Any, help: str) -> Any:
-    """Declares a setting: a dataclass field with a default and a help text."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def setting(default: Any, help: str, *, choices: Sequence[str] = (), required: bool = False) -> Any:
+    """Declares a setting: a dataclass field with a default and a help text.
+
+    `choices`: the values it may take (matched ignoring case). `required`: an
+    empty value is refused.
+    """
+    return dataclasses.field(
+        default=default,
+        metadata={"help": help, "choices": tuple(choices), "required": required},
+    )
 
 
 def default_home() -> Path:
@@ -32,16 +45,16 @@ def default_home() -> Path:
 
 
 @dataclasses.dataclass
-class ServerConfig:
-    """Settings every service has."""
+class ProcessConfig:
+    """Settings every process has (services and training workers)."""
 
-    host: str = setting("127.0.0.1", "Interface to listen on (0.0.0.0 for all).")
-    port: int = setting(0, "Port to listen on; 0 picks a free one (printed at start).")
     home: str = setting(
         "", "Folder for embedded state (SQLite files, local objects). Default ~/.loraforge."
     )
     database_url: str = setting(
-        "", "SQLAlchemy URL of this service's metadata store. Default: SQLite file in `home`."
+        "",
+        "SQLAlchemy URL of the service's metadata store (a training worker's is the trainer's). "
+        "Default: SQLite file in `home`.",
     )
     object_store_url: str = setting(
         "",
@@ -49,10 +62,10 @@ class ServerConfig:
         "s3://bucket[/prefix]?endpoint=host:port&secure=false (keys from "
         "LORAFORGE_S3_ACCESS_KEY / LORAFORGE_S3_SECRET_KEY).",
     )
-    log_level: str = setting("INFO", "Log level: DEBUG, INFO, WARNING, ERROR.")
-    log_format: str = setting("text", "Log format: text or json (one JSON object per line).")
-    shutdown_grace_seconds: float = setting(10.0, "On SIGTERM/SIGINT, time given to running calls.")
-    ready_file: str = setting("", "If set, the bound port is written to this file once serving.")
+    log_level: str = setting("INFO", "Log level: DEBUG, INFO, WARNING, ERROR.", choices=LOG_LEVELS)
+    log_format: str = setting(
+        "text", "Log format: text or json (one JSON object per line).", choices=LOG_FORMATS
+    )
 
     def home_path(self) -> Path:
         path = Path(self.home) if self.home else default_home()
@@ -68,6 +81,16 @@ class ServerConfig:
         return self.object_store_url or str(self.home_path() / "objects")
 
 
+@dataclasses.dataclass
+class ServerConfig(ProcessConfig):
+    """Settings every gRPC service has."""
+
+    host: str = setting("127.0.0.1", "Interface to listen on (0.0.0.0 for all).")
+    port: int = setting(0, "Port to listen on; 0 picks a free one (printed at start).")
+    shutdown_grace_seconds: float = setting(10.0, "On SIGTERM/SIGINT, time given to running calls.")
+    ready_file: str = setting("", "If set, the bound port is written to this file once serving.")
+
+
 C = TypeVar("C")
 
 
@@ -77,6 +100,14 @@ def _field_type(cls: type, field: dataclasses.Field[Any]) -> type:
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         tp = next(a for a in typing.get_args(tp) if a is not type(None))
     return tp
+
+
+_KINDS = {int: "a whole number", float: "a number", bool: "true or false"}
+
+
+def describe(name: str) -> str:
+    """How a user sets field `name`: `--flag (LORAFORGE_VARIABLE)`."""
+    return f"--{name.replace('_', '-')} ({ENV_PREFIX}{name.upper()})"
 
 
 def _parse(tp: type, raw: str, source: str) -> Any:
@@ -90,7 +121,25 @@ def _parse(tp: type, raw: str, source: str) -> Any:
             raise ValueError(raw)
         return tp(raw)
     except ValueError:
-        raise InvalidArgument(f"{source}: {raw!r} is not a valid {tp.__name__}") from None
+        kind = _KINDS.get(tp, f"a valid {tp.__name__}")
+        raise InvalidArgument(f"{source}: {raw!r} is not {kind}") from None
+
+
+def _check(f: dataclasses.Field[Any], value: Any) -> Any:
+    """`value` for setting `f` in its canonical spelling; InvalidArgument when it is refused."""
+    choices: tuple[str, ...] = f.metadata.get("choices", ())
+    if f.metadata.get("required") and not str(value).strip():
+        raise InvalidArgument(
+            f"{describe(f.name)} is required: {f.metadata.get('help', '')}".rstrip()
+        )
+    if choices:
+        match = next((c for c in choices if c.lower() == str(value).lower()), None)
+        if match is None:
+            raise InvalidArgument(
+                f"{describe(f.name)} must be one of {', '.join(choices)} (got {value!r})"
+            )
+        return match
+    return value
 
 
 def load_config(cls: type[C], argv: Sequence[str] | None = None, *, prog: str | None = None) -> C:
@@ -116,4 +165,6 @@ def load_config(cls: type[C], argv: Sequence[str] | None = None, *, prog: str | 
             values[f.name] = _parse(tp, flag, "--" + f.name.replace("_", "-"))
         elif env in os.environ:
             values[f.name] = _parse(tp, os.environ[env], env)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        values[f.name] = _check(f, values.get(f.name, default))
     return cls(**values)

@@ -10,6 +10,7 @@ and the service's own shutdown hooks run last.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -113,12 +114,19 @@ async def serve(
     log.info("%s stopped", label)
 
 
-def run_main(coro: Awaitable[None]) -> int:
-    """Runs a service's main coroutine; turns a configuration error into one line and exit 2."""
+def run_main(main: Awaitable[None] | Callable[[], None]) -> int:
+    """Runs an entry point's body: a coroutine, or a function for a process without an event loop.
+
+    A LoraforgeError (a bad setting, a store it cannot open) becomes one line and
+    exit 2, so entry points load their settings inside `main`.
+    """
     from loraforge.services.common.errors import LoraforgeError
 
     try:
-        asyncio.run(coro)  # type: ignore[arg-type]
+        if inspect.isawaitable(main):
+            asyncio.run(main)  # type: ignore[arg-type]
+        else:
+            main()  # type: ignore[operator]
     except LoraforgeError as exc:
         print(f"error: {exc.message}", flush=True)
         return 2

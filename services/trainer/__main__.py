@@ -1,7 +1,9 @@
 """Entry point: `python -m loraforge.services.trainer` (or `loraforge-trainer`).
 
 The server stores and streams; training runs in worker processes
-(`python -m loraforge.services.trainer.worker`) that share its database.
+(`python -m loraforge.services.trainer.worker`) that share its database. In the
+background it requeues runs whose worker died and sweeps dataset-version
+references that no run holds (before it serves, then every `reference_sweep_seconds`).
 """
 
 from __future__ import annotations
@@ -13,18 +15,21 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from loraforge.services.common.config import ServerConfig, load_config, setting
+from loraforge.services.common.config import ServerConfig, describe, load_config, setting
+from loraforge.services.common.errors import InvalidArgument
 from loraforge.services.common.logs import setup_logging
 from loraforge.services.common.objectstore import open_object_store
 from loraforge.services.common.server import ServiceBinding, run_main, serve
 from loraforge.services.trainer.dataset_client import AsyncDatasetClient
 from loraforge.services.trainer.jobs import JobQueue
+from loraforge.services.trainer.runs import Runs
 from loraforge.services.trainer.servicer import TrainerServicer
 from loraforge.services.trainer.store import TrainerStore
 from loraforge.trainer.v1 import trainer_service_pb2, trainer_service_pb2_grpc
 
 SERVICE_NAME = trainer_service_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
 log = logging.getLogger("loraforge.trainer")
+START_SWEEP_SECONDS = 15.0
 
 
 @dataclass
@@ -32,7 +37,9 @@ class TrainerConfig(ServerConfig):
     """Settings of the trainer service."""
 
     dataset_address: str = setting(
-        "", "host:port of the dataset service (resolves and references dataset versions)."
+        "",
+        "host:port of the dataset service (resolves and references dataset versions).",
+        required=True,
     )
     watch_poll_seconds: float = setting(
         0.25, "How often a WatchModelVersion stream looks for new events."
@@ -41,6 +48,36 @@ class TrainerConfig(ServerConfig):
         10.0, "How often the server requeues runs whose worker stopped renewing its lease."
     )
     max_attempts: int = setting(3, "Starts of one run (crashes included) before it is failed.")
+    reference_sweep_seconds: float = setting(
+        600.0,
+        "How often the server removes dataset-version references that no run holds "
+        "(left by a creation or deletion that was interrupted).",
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("watch_poll_seconds", "reap_seconds", "reference_sweep_seconds"):
+            value = getattr(self, name)
+            if value <= 0:
+                raise InvalidArgument(f"{describe(name)} must be more than 0 (got {value})")
+        if self.max_attempts < 1:
+            raise InvalidArgument(
+                f"{describe('max_attempts')} must be at least 1 (got {self.max_attempts})"
+            )
+
+
+async def _sweep(runs: Runs, limit_seconds: float | None = None) -> None:
+    try:
+        removed = await asyncio.wait_for(runs.sweep_references(), limit_seconds)
+        if removed:
+            log.warning("removed %d dataset-version references no run holds", len(removed))
+    except Exception:
+        log.exception("sweeping dataset-version references failed; retrying later")
+
+
+async def _sweep_forever(runs: Runs, config: TrainerConfig) -> None:
+    while True:
+        await asyncio.sleep(config.reference_sweep_seconds)
+        await _sweep(runs)
 
 
 async def _reap_forever(queue: JobQueue, config: TrainerConfig) -> None:
@@ -59,18 +96,24 @@ async def run(config: TrainerConfig) -> None:
     store = TrainerStore(config.database_url_for("trainer"))
     objects = open_object_store(config.object_store_url_or_default())
     datasets = AsyncDatasetClient(config.dataset_address)
-    servicer = TrainerServicer(
-        store, objects, datasets, watch_poll_seconds=config.watch_poll_seconds
-    )
+    runs = Runs(store, objects, datasets)
+    servicer = TrainerServicer(store, runs, datasets, watch_poll_seconds=config.watch_poll_seconds)
     binding = ServiceBinding(
         SERVICE_NAME, servicer, trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server
     )
-    reaper = asyncio.create_task(_reap_forever(JobQueue(store), config))
+    # Swept once before serving (bounded, so a dataset service that is down delays nothing long).
+    await _sweep(runs, limit_seconds=START_SWEEP_SECONDS)
+    background = [
+        asyncio.create_task(_reap_forever(JobQueue(store), config)),
+        asyncio.create_task(_sweep_forever(runs, config)),
+    ]
 
     async def shutdown() -> None:
-        reaper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reaper
+        for task in background:
+            task.cancel()
+        for task in background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await datasets.close()
         store.engine.dispose()
 
@@ -78,9 +121,13 @@ async def run(config: TrainerConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = load_config(TrainerConfig, argv, prog="loraforge-trainer")
-    setup_logging(config.log_level, config.log_format, service="trainer")
-    return run_main(run(config))
+    async def start() -> None:
+        # Loaded inside `run_main`, so a bad setting is one line and exit 2, not a traceback.
+        config = load_config(TrainerConfig, argv, prog="loraforge-trainer")
+        setup_logging(config.log_level, config.log_format, service="trainer")
+        await run(config)
+
+    return run_main(start())
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -21,6 +22,7 @@ from loraforge.services.common.server import CHANNEL_OPTIONS
 from loraforge.services.trainer.training import TrainingExample
 
 READ_BATCH = 1000
+PAGE = 1000
 RPC_TIMEOUT = 30.0
 
 
@@ -111,6 +113,52 @@ class AsyncDatasetClient:
             raise _translate(
                 err, self.address, f"dataset version {name!r}", "dataset_version"
             ) from None
+
+    async def referenced_versions(self) -> AsyncIterator[tuple[str, tuple[str, ...]]]:
+        """Every dataset version that has references, with its referrers (all apps, all pages)."""
+        stub = self._stub()
+
+        def apps(token: str) -> Awaitable[Any]:
+            return stub.ListApps(
+                pb.ListAppsRequest(page_size=PAGE, page_token=token), timeout=RPC_TIMEOUT
+            )
+
+        async for app in self._pages(apps, "apps"):
+
+            def datasets(token: str, parent: str = app.name) -> Awaitable[Any]:
+                return stub.ListDatasets(
+                    pb.ListDatasetsRequest(parent=parent, page_size=PAGE, page_token=token),
+                    timeout=RPC_TIMEOUT,
+                )
+
+            async for dataset in self._pages(datasets, "datasets"):
+
+                def versions(token: str, parent: str = dataset.name) -> Awaitable[Any]:
+                    return stub.ListDatasetVersions(
+                        pb.ListDatasetVersionsRequest(
+                            parent=parent, page_size=PAGE, page_token=token
+                        ),
+                        timeout=RPC_TIMEOUT,
+                    )
+
+                async for version in self._pages(versions, "dataset_versions"):
+                    if version.referenced_by:
+                        yield version.name, tuple(version.referenced_by)
+
+    async def _pages(self, call: Callable[[str], Awaitable[Any]], items: str) -> AsyncIterator[Any]:
+        token = ""
+        while True:
+            try:
+                response = await call(token)
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                    return  # deleted while we listed it: nothing of it is referenced
+                raise _translate(err, self.address, items, items) from None
+            for item in getattr(response, items):
+                yield item
+            token = response.next_page_token
+            if not token:
+                return
 
     async def remove_reference(self, name: str, referrer: str) -> None:
         try:

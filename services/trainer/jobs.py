@@ -9,17 +9,19 @@ this run and it is still running": after a cancel, or after a lost lease was
 handed to another worker, the old worker's writes change nothing and it stops.
 
 A run whose lease expired (its worker died) is requeued to resume from its last
-checkpoint, until `max_attempts` starts; then it fails.
+checkpoint, until `max_attempts` starts; then it fails. Lease times come from
+an injectable `clock` (seconds, `time.time` by default) so lease expiry can be
+tested without waiting.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import and_, select, update
-from sqlalchemy.orm import Session
 
 from loraforge.services.trainer.store import (
     CODE_TOLERANCE_EXCEEDED,
@@ -49,9 +51,13 @@ class ClaimedJob:
     checkpoint_key: str
 
 
+Clock = Callable[[], float]
+
+
 class JobQueue:
-    def __init__(self, store: TrainerStore) -> None:
+    def __init__(self, store: TrainerStore, clock: Clock = time.time) -> None:
         self.store = store
+        self.clock = clock
 
     def claim(self, worker_id: str, lease_seconds: float) -> ClaimedJob | None:
         """Claims the oldest queued run for `worker_id`, or returns None if there is none."""
@@ -66,7 +72,7 @@ class JobQueue:
                 ).scalar_one_or_none()
                 if candidate is None:
                     return None
-                now = time.time()
+                now = self.clock()
                 won = s.execute(
                     update(VersionRow)
                     .where(VersionRow.name == candidate, VersionRow.state == State.QUEUED.value)
@@ -108,7 +114,7 @@ class JobQueue:
 
     def reap_expired(self, max_attempts: int) -> list[str]:
         """Requeues (or fails, after `max_attempts`) runs whose worker stopped renewing its lease."""
-        now = time.time()
+        now = self.clock()
         with self.store.sessions() as s:
             expired = s.execute(
                 select(
@@ -167,10 +173,13 @@ class JobQueue:
 class JobReporter:
     """Everything a worker writes about one claimed run, fenced on its ownership."""
 
-    def __init__(self, store: TrainerStore, name: str, worker_id: str) -> None:
+    def __init__(
+        self, store: TrainerStore, name: str, worker_id: str, clock: Clock = time.time
+    ) -> None:
         self.store = store
         self.name = name
         self.worker_id = worker_id
+        self.clock = clock
 
     def _fence(self, states: tuple[State, ...] = RUNNING_STATES) -> Any:
         return and_(
@@ -193,7 +202,7 @@ class JobReporter:
             renewed = s.execute(
                 update(VersionRow)
                 .where(VersionRow.name == self.name, self._fence())
-                .values(lease_expires=time.time() + lease_seconds)
+                .values(lease_expires=self.clock() + lease_seconds)
             ).rowcount  # type: ignore[attr-defined]
         return renewed == 1
 
@@ -244,7 +253,7 @@ class JobReporter:
                     base_model=base_model,
                     adapter_bytes=adapter_bytes,
                     metrics=metrics,
-                    end_time=time.time(),
+                    end_time=self.clock(),
                     lease_expires=None,
                 )
             )
@@ -297,14 +306,8 @@ class JobReporter:
                     state=State.FAILED.value,
                     status_code=code,
                     failure_reason=reason,
-                    end_time=time.time(),
+                    end_time=self.clock(),
                     lease_expires=None,
                 )
             )
         return True
-
-
-def current_state(session: Session, name: str) -> str | None:
-    return session.execute(
-        select(VersionRow.state).where(VersionRow.name == name)
-    ).scalar_one_or_none()

@@ -1,6 +1,7 @@
 """TrainerService: converts protobuf messages to domain calls and back, nothing more.
 
-Database work runs in threads (`asyncio.to_thread`) and training runs in worker
+Runs (model versions) live in `runs.py`, templates in `templates.py`. Database
+work runs in threads (`asyncio.to_thread`) and training runs in worker
 processes, so the event loop only ever waits. Watch streams poll the run's
 events table at a short interval.
 """
@@ -8,19 +9,16 @@ events table at a short interval.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from google.protobuf import duration_pb2, json_format, struct_pb2
 
 from loraforge.services.common import base_models
-from loraforge.services.common.errors import AlreadyExists, NotFound, invalid_field
-from loraforge.services.common.objectstore import ObjectStore
+from loraforge.services.common.errors import NotFound, invalid_field
 from loraforge.services.common.resources import (
     decode_page_token,
     encode_page_token,
-    new_id,
     page_size,
     parse_name,
     timestamp,
@@ -28,24 +26,18 @@ from loraforge.services.common.resources import (
 )
 from loraforge.services.trainer import templates as tpl
 from loraforge.services.trainer.dataset_client import AsyncDatasetClient
+from loraforge.services.trainer.runs import MODEL, VERSION, NewRun, Run, Runs
 from loraforge.services.trainer.store import (
     FINAL_STATES,
     Event,
     EventKind,
     ModelRow,
     TrainerStore,
-    VersionRow,
-    version_prefix,
 )
 from loraforge.trainer.v1 import trainer_service_pb2 as pb
 from loraforge.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
 
-log = logging.getLogger("loraforge.trainer")
-
 APP = "apps/{app}"
-MODEL = "apps/{app}/models/{model}"
-VERSION = "apps/{app}/models/{model}/versions/{version}"
-DATASET_VERSION = "apps/{app}/datasets/{dataset}/versions/{version}"
 MAX_LOG_PAGE = 100_000
 
 TEXT_TO_TEXT = pb.ModelType(
@@ -163,30 +155,29 @@ def progress_to_pb(p: dict[str, Any]) -> pb.TrainingProgress:
     return msg
 
 
-def version_to_pb(row: VersionRow) -> pb.ModelVersion:
+def version_to_pb(run: Run) -> pb.ModelVersion:
     return pb.ModelVersion(
-        name=row.name,
-        template=row.template,
-        dataset_version=row.dataset_version,
-        param_overrides=_struct(row.param_overrides or {}),
-        params=_struct(row.params or {}),
-        state=pb.ModelVersionState.Value(f"MODEL_VERSION_STATE_{row.state}"),
-        status_code=row.status_code,
-        failure_reason=row.failure_reason,
-        progress=progress_to_pb(row.progress or {}),
+        name=run.name,
+        template=run.template,
+        dataset_version=run.dataset_version,
+        param_overrides=_struct(run.param_overrides),
+        params=_struct(run.params.to_dict()),
+        state=pb.ModelVersionState.Value(f"MODEL_VERSION_STATE_{run.state.value}"),
+        status_code=run.status_code,
+        failure_reason=run.failure_reason,
+        progress=progress_to_pb(run.progress),
         artifacts=pb.Artifacts(
-            adapter_prefix=row.adapter_prefix,
-            base_model=row.base_model
-            or row.params["model_config"]["pretrained_model_name_or_path"],
-            checkpoint_prefix=row.checkpoint_prefix,
-            adapter_bytes=row.adapter_bytes,
+            adapter_prefix=run.adapter_prefix,
+            base_model=run.base_model,
+            checkpoint_prefix=run.checkpoint_prefix,
+            adapter_bytes=run.adapter_bytes,
         ),
-        metrics={k: float(v) for k, v in (row.metrics or {}).items()},
-        create_time=timestamp(row.create_time),
-        start_time=timestamp(row.start_time),
-        end_time=timestamp(row.end_time),
-        attempts=row.attempts,
-        description=row.description,
+        metrics=run.metrics,
+        create_time=timestamp(run.create_time),
+        start_time=timestamp(run.start_time),
+        end_time=timestamp(run.end_time),
+        attempts=run.attempts,
+        description=run.description,
     )
 
 
@@ -207,7 +198,7 @@ def event_to_pb(event: Event) -> pb.TrainingEvent:
         msg.log.CopyFrom(
             pb.LogLine(
                 level=_LOG_LEVELS.get(p.get("level", "INFO"), pb.LOG_LEVEL_INFO),
-                message=p["message"],
+                message=p.get("message", ""),
             )
         )
     return msg
@@ -224,13 +215,13 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     def __init__(
         self,
         store: TrainerStore,
-        objects: ObjectStore,
+        runs: Runs,
         datasets: AsyncDatasetClient,
         *,
         watch_poll_seconds: float = 0.25,
     ) -> None:
         self.store = store
-        self.objects = objects
+        self.runs = runs
         self.datasets = datasets
         self.watch_poll_seconds = watch_poll_seconds
 
@@ -309,10 +300,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     async def DeleteModel(
         self, request: pb.DeleteModelRequest, context: Any
     ) -> pb.DeleteModelResponse:
-        parse_name(request.name, MODEL)
-        versions = await asyncio.to_thread(self.store.delete_model, request.name, request.force)
-        for version in versions:
-            await self._release_version(version)
+        await self.runs.delete_model(request.name, request.force)
         return pb.DeleteModelResponse()
 
     # Model versions.
@@ -320,101 +308,47 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     async def CreateModelVersion(
         self, request: pb.CreateModelVersionRequest, context: Any
     ) -> pb.CreateModelVersionResponse:
-        parent = parse_name(request.parent, MODEL, "parent")
-        version_id = (
-            validate_id(request.version_id, "version_id") if request.version_id else new_id("v")
-        )
-        template = tpl.get_template(request.template, "template")
-        overrides = json_format.MessageToDict(request.param_overrides)
-        params = tpl.resolve_params(template, overrides)
-        dataset = parse_name(request.dataset_version, DATASET_VERSION, "dataset_version")
-        if dataset["app"] != parent["app"]:
-            raise invalid_field(
-                "dataset_version",
-                f"{request.dataset_version!r} belongs to app {dataset['app']!r}, not to the model's app {parent['app']!r}",
+        run = await self.runs.create(
+            NewRun(
+                parent=request.parent,
+                version_id=request.version_id,
+                template=request.template,
+                dataset_version=request.dataset_version,
+                param_overrides=json_format.MessageToDict(request.param_overrides),
+                description=request.description,
+                request_id=request.request_id,
             )
-        await asyncio.to_thread(tpl.check_hardware, template, params)
-        await asyncio.to_thread(tpl.check_base_model, params)
-        await asyncio.to_thread(self.store.get_model, request.parent)
-        if request.request_id:
-            existing = await asyncio.to_thread(
-                self.store.find_by_request_id, request.parent, request.request_id
-            )
-            if existing is not None:
-                return pb.CreateModelVersionResponse(model_version=version_to_pb(existing))
-        name = f"{request.parent}/versions/{version_id}"
-        if await asyncio.to_thread(self.store.version_exists, name):
-            raise AlreadyExists(f"model version {name!r} already exists", reason="VERSION_EXISTS")
-        await self.datasets.get_ready_version(request.dataset_version, "dataset_version")
-        # Reference first: a run can be claimed the moment it is inserted.
-        await self.datasets.add_reference(request.dataset_version, name)
-        row = VersionRow(
-            name=name,
-            model=request.parent,
-            template=template.resource_name,
-            dataset_version=request.dataset_version,
-            description=request.description,
-            param_overrides=overrides,
-            params=params,
-            failure_reason="",
-            progress={},
-            metrics={},
-            request_id=request.request_id or None,
         )
-        try:
-            created = await asyncio.to_thread(self.store.create_version, row)
-        except (AlreadyExists, NotFound):
-            if not await asyncio.to_thread(self.store.version_exists, name):
-                await self.datasets.remove_reference(request.dataset_version, name)
-            if request.request_id:  # a concurrent retry with the same request id won the race
-                existing = await asyncio.to_thread(
-                    self.store.find_by_request_id, request.parent, request.request_id
-                )
-                if existing is not None:
-                    return pb.CreateModelVersionResponse(model_version=version_to_pb(existing))
-            raise
-        log.info("queued %s (%s on %s)", name, template.name, request.dataset_version)
-        return pb.CreateModelVersionResponse(model_version=version_to_pb(created))
+        return pb.CreateModelVersionResponse(model_version=version_to_pb(run))
 
     async def GetModelVersion(
         self, request: pb.GetModelVersionRequest, context: Any
     ) -> pb.GetModelVersionResponse:
-        parse_name(request.name, VERSION)
-        row = await asyncio.to_thread(self.store.get_version, request.name)
-        return pb.GetModelVersionResponse(model_version=version_to_pb(row))
+        run = await self.runs.get(request.name)
+        return pb.GetModelVersionResponse(model_version=version_to_pb(run))
 
     async def ListModelVersions(
         self, request: pb.ListModelVersionsRequest, context: Any
     ) -> pb.ListModelVersionsResponse:
-        parse_name(request.parent, MODEL, "parent")
-        await asyncio.to_thread(self.store.get_model, request.parent)
         size = page_size(request.page_size)
         before = decode_page_token(request.page_token).get("before")
-        rows, more = await asyncio.to_thread(self.store.list_versions, request.parent, size, before)
-        token = encode_page_token({"before": rows[-1].seq}) if more else ""
+        runs, next_before = await self.runs.page(request.parent, size, before)
+        token = encode_page_token({"before": next_before}) if next_before is not None else ""
         return pb.ListModelVersionsResponse(
-            model_versions=[version_to_pb(r) for r in rows], next_page_token=token
+            model_versions=[version_to_pb(r) for r in runs], next_page_token=token
         )
 
     async def DeleteModelVersion(
         self, request: pb.DeleteModelVersionRequest, context: Any
     ) -> pb.DeleteModelVersionResponse:
-        parse_name(request.name, VERSION)
-        row = await asyncio.to_thread(self.store.delete_version, request.name)
-        await self._release_version(row)
+        await self.runs.delete(request.name)
         return pb.DeleteModelVersionResponse()
-
-    async def _release_version(self, row: VersionRow) -> None:
-        """Deletes a removed run's artifacts and its hold on the dataset version."""
-        await asyncio.to_thread(self.objects.delete_prefix, version_prefix(row.name) + "/")
-        await self.datasets.remove_reference(row.dataset_version, row.name)
 
     async def CancelModelVersion(
         self, request: pb.CancelModelVersionRequest, context: Any
     ) -> pb.CancelModelVersionResponse:
-        parse_name(request.name, VERSION)
-        row = await asyncio.to_thread(self.store.cancel_version, request.name)
-        return pb.CancelModelVersionResponse(model_version=version_to_pb(row))
+        run = await self.runs.cancel(request.name)
+        return pb.CancelModelVersionResponse(model_version=version_to_pb(run))
 
     async def WatchModelVersion(
         self, request: pb.WatchModelVersionRequest, context: Any

@@ -5,6 +5,12 @@ server creates, cancels and reads runs; workers claim them (`jobs.py`) and
 append events. Every event gets the next sequence number of its run inside the
 transaction that writes it, so a run's history has no gaps and a watcher that
 polls `events_after` sees every event exactly once.
+
+A run holds a reference on its dataset version in the dataset service. The
+reference is added before the run's row exists, so a pending-reference row
+records the intent first; the run's insert deletes it in the same transaction.
+What a crash in between leaves is a reference whose referrer is neither a run
+nor a fresh intent: `unjustified_referrers` finds those for the sweep.
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     delete,
-    func,
     select,
     update,
 )
@@ -119,7 +124,18 @@ class VersionRow(Base):
     checkpoint_step: Mapped[int] = mapped_column(Integer, default=0)
     checkpoint_key: Mapped[str] = mapped_column(Text, default="")
     last_sequence: Mapped[int] = mapped_column(Integer, default=0)
+    # Unused; kept because existing databases declare it NOT NULL.
     references_dataset: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class PendingReferenceRow(Base):
+    """A dataset-version reference being added for a run whose row is not inserted yet."""
+
+    __tablename__ = "pending_dataset_references"
+
+    referrer: Mapped[str] = mapped_column(String(400), primary_key=True)
+    dataset_version: Mapped[str] = mapped_column(String(400))
+    since: Mapped[float] = mapped_column(Float)
 
 
 class EventRow(Base):
@@ -277,7 +293,10 @@ class TrainerStore:
             )
 
     def create_version(self, row: VersionRow) -> VersionRow:
-        """Inserts a run QUEUED with its first event. AlreadyExists on a name or request_id clash."""
+        """Inserts a run QUEUED with its first event, ending its pending reference.
+
+        AlreadyExists on a name or request_id clash, NotFound when the model is gone.
+        """
         row.state = State.QUEUED.value
         row.status_code = STATUS_CODES[State.QUEUED]
         row.create_time = time.time()
@@ -292,6 +311,9 @@ class TrainerStore:
                     raise NotFound(f"model {row.model!r} not found", reason="MODEL_NOT_FOUND")
                 s.add(row)
                 s.flush()
+                s.execute(
+                    delete(PendingReferenceRow).where(PendingReferenceRow.referrer == row.name)
+                )
                 append_event(
                     s,
                     row.name,
@@ -378,6 +400,44 @@ class TrainerStore:
                 select(VersionRow.state).where(VersionRow.name == name)
             ).scalar_one_or_none()
 
+    # Dataset-version references.
+
+    def begin_reference(self, referrer: str, dataset_version: str, now: float) -> None:
+        """Records that a reference for the future run `referrer` is about to be added."""
+        with self.sessions.begin() as s:
+            s.merge(
+                PendingReferenceRow(referrer=referrer, dataset_version=dataset_version, since=now)
+            )
+
+    def end_reference(self, referrer: str) -> None:
+        """Forgets a pending reference (its run was not created and the reference is removed)."""
+        with self.sessions.begin() as s:
+            s.execute(delete(PendingReferenceRow).where(PendingReferenceRow.referrer == referrer))
+
+    def unjustified_referrers(self, referrers: Sequence[str], fresh_since: float) -> list[str]:
+        """Those of `referrers` that are no run and have no pending reference since `fresh_since`."""
+        with self.sessions() as s:
+            runs = set(
+                s.execute(select(VersionRow.name).where(VersionRow.name.in_(referrers))).scalars()
+            )
+            pending = set(
+                s.execute(
+                    select(PendingReferenceRow.referrer).where(
+                        PendingReferenceRow.referrer.in_(referrers),
+                        PendingReferenceRow.since >= fresh_since,
+                    )
+                ).scalars()
+            )
+        return [r for r in referrers if r not in runs and r not in pending]
+
+    def forget_pending_references(self, before: float) -> int:
+        """Deletes pending references older than `before` (their creation died); returns how many."""
+        with self.sessions.begin() as s:
+            result = s.execute(
+                delete(PendingReferenceRow).where(PendingReferenceRow.since < before)
+            )
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
 
 def refresh_latest_trained(session: Session, model: str) -> None:
     """Points the model at its newest TRAINED version (or none)."""
@@ -389,10 +449,4 @@ def refresh_latest_trained(session: Session, model: str) -> None:
     ).scalar_one_or_none()
     session.execute(
         update(ModelRow).where(ModelRow.name == model).values(latest_trained_version=latest or "")
-    )
-
-
-def count_versions(session: Session, state: State) -> int:
-    return int(
-        session.execute(select(func.count()).where(VersionRow.state == state.value)).scalar_one()
     )

@@ -6,11 +6,19 @@ change, grouped as `model_config`, `quantization_config`, `peft_config`,
 `invalid_data_tolerance_percent`. Each parameter has a type, a default, bounds
 and a description, so a client can render a form and a bad override is refused
 (with its field path) before anything is queued.
+
+Every template declares exactly the parameters of `params.TrainingParams`, with
+matching types; a template that does not is refused when the templates load.
+Validated parameters come back as a `TrainingParams`, so the training code reads
+typed fields and has no defaults of its own. Numbers of `int` parameters are
+ints everywhere (defaults, bounds, resolved values), even when they arrive as
+the doubles of a protobuf Struct.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import importlib.util
 import math
@@ -29,6 +37,8 @@ from loraforge.services.common.errors import (
     NotFound,
     invalid_field,
 )
+from loraforge.services.trainer import params as typed
+from loraforge.services.trainer.params import TrainingParams
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 MODEL_TYPE = "modelTypes/text-to-text"
@@ -39,7 +49,7 @@ GROUPS = (
     "tokenizer_config",
     "trainer_config",
 )
-TOLERANCE = "invalid_data_tolerance_percent"
+TOLERANCE = typed.TOLERANCE
 PARAMETER_TYPES = ("bool", "int", "float", "string", "choice", "string_list")
 
 
@@ -51,8 +61,8 @@ class Parameter:
     type: str
     default: Any
     description: str
-    min: float | None = None
-    max: float | None = None
+    min: int | float | None = None
+    max: int | float | None = None
     choices: tuple[str, ...] = ()
     nullable: bool = False
 
@@ -93,8 +103,11 @@ class Template:
     def parameter(self, path: str) -> Parameter | None:
         return next((p for p in self.parameters if p.path == path), None)
 
-    def defaults(self) -> dict[str, Any]:
-        """Every parameter at its default, as nested groups."""
+    def defaults(self) -> TrainingParams:
+        """Every parameter at its default."""
+        return TrainingParams.from_dict(self._default_tree())
+
+    def _default_tree(self) -> dict[str, Any]:
         out: dict[str, Any] = {g: {} for g in GROUPS}
         for p in self.parameters:
             _set_path(out, p.path, copy.deepcopy(p.default))
@@ -109,26 +122,60 @@ def _set_path(tree: dict[str, Any], path: str, value: Any) -> None:
         tree[head] = value
 
 
+# The Python type each template parameter type resolves to (string: `str | None` when nullable).
+_PYTHON_TYPES: dict[str, Any] = {
+    "bool": bool,
+    "int": int,
+    "float": float,
+    "string": str,
+    "choice": str,
+    "string_list": tuple[str, ...],
+}
+
+
+def _bound(ptype: str, value: Any, what: str) -> int | float | None:
+    if value is None:
+        return None
+    if not _is_number(value) or (ptype == "int" and not float(value).is_integer()):
+        raise ValueError(f"{what} must be a {'whole ' if ptype == 'int' else ''}number")
+    return int(value) if ptype == "int" else float(value)
+
+
 def _parse_parameter(path: str, spec: Mapping[str, Any], source: str) -> Parameter:
     ptype = spec.get("type")
     if ptype not in PARAMETER_TYPES:
         raise ValueError(f"{source}: parameter {path} has unknown type {ptype!r}")
+    expected = typed.schema().get(path)
+    if expected is None:
+        raise ValueError(f"{source}: {path} is not a training parameter")
+    nullable = bool(spec.get("nullable", False))
+    declared = _PYTHON_TYPES[ptype]
+    if expected not in (declared, declared | None if nullable else declared):
+        raise ValueError(f"{source}: {path} is {ptype}, but training takes {expected}")
+    if ptype in ("int", "float"):
+        bounds = (
+            _bound(ptype, spec.get("min"), f"{source}: min of {path}"),
+            _bound(ptype, spec.get("max"), f"{source}: max of {path}"),
+        )
+    else:
+        bounds = (None, None)
     param = Parameter(
         path=path,
         type=ptype,
         default=spec.get("default"),
         description=str(spec.get("description", "")).strip(),
-        min=spec.get("min"),
-        max=spec.get("max"),
+        min=bounds[0],
+        max=bounds[1],
         choices=tuple(spec.get("choices", ())),
-        nullable=bool(spec.get("nullable", False)),
+        nullable=nullable,
     )
     if not param.description:
         raise ValueError(f"{source}: parameter {path} has no description")
     problem = check_value(param, param.default)
     if problem:
         raise ValueError(f"{source}: default of {path} is invalid: {problem}")
-    return param
+    # YAML may write an int's default as 2048.0 and a float's as 2: store the parameter's own type.
+    return dataclasses.replace(param, default=_normalise(param, param.default))
 
 
 def load_template(path: Path) -> Template:
@@ -144,6 +191,9 @@ def load_template(path: Path) -> Template:
     unknown = set(raw_params) - {*GROUPS, TOLERANCE}
     if unknown:
         raise ValueError(f"{path.name}: unknown parameter groups {sorted(unknown)}")
+    missing = set(typed.schema()) - {p.path for p in params}
+    if missing:
+        raise ValueError(f"{path.name}: training parameters {sorted(missing)} are not declared")
     if data["name"] != path.stem:
         raise ValueError(f"{path.name}: name {data['name']!r} differs from the file name")
     hw = data.get("hardware") or {}
@@ -258,11 +308,27 @@ def _normalise(param: Parameter, value: Any) -> Any:
     return value
 
 
+def normalise_overrides(template: Template, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Valid `overrides` (see `resolve_params`) with every number in its parameter's type."""
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if isinstance(value, Mapping):
+            group = {}
+            for sub, sub_value in value.items():
+                param = template.parameter(f"{key}.{sub}")
+                group[sub] = _normalise(param, sub_value) if param else sub_value
+            out[key] = group
+        else:
+            param = template.parameter(key)
+            out[key] = _normalise(param, value) if param else value
+    return out
+
+
 def resolve_params(
     template: Template, overrides: Mapping[str, Any], field_prefix: str = "param_overrides"
-) -> dict[str, Any]:
+) -> TrainingParams:
     """Template defaults with `overrides` applied; InvalidArgument listing every bad field."""
-    params = template.defaults()
+    params = template._default_tree()
     violations: list[FieldViolation] = []
     for key, value in overrides.items():
         path = f"{field_prefix}.{key}"
@@ -303,8 +369,8 @@ def resolve_params(
                 violations.append(FieldViolation(sub_path, problem))
             else:
                 params[key][sub] = _normalise(param, sub_value)
-    fmt = params["tokenizer_config"].get("prompt_format", "raw")
-    if params["tokenizer_config"].get("system_prompt") and fmt != "chat":
+    fmt = params["tokenizer_config"]["prompt_format"]
+    if params["tokenizer_config"]["system_prompt"] and fmt != "chat":
         violations.append(
             FieldViolation(
                 f"{field_prefix}.tokenizer_config.system_prompt",
@@ -319,14 +385,33 @@ def resolve_params(
             reason="INVALID_PARAMETERS",
             field_violations=violations,
         )
-    return params
+    return TrainingParams.from_dict(params)
 
 
-def uses_gptq(template: Template, params: Mapping[str, Any]) -> bool:
-    return (
-        template.hardware.requires_gptq
-        or params["quantization_config"].get("quant_method") == "gptq"
-    )
+def stored_params(template_name: str, stored: Mapping[str, Any]) -> TrainingParams:
+    """A run's stored parameters, typed; ValueError when they cannot be read.
+
+    A parameter added to the templates after the run was stored takes its
+    template's default, which is what the run trained with (every such default
+    keeps the earlier behaviour).
+    """
+    try:
+        return TrainingParams.from_dict(stored)
+    except ValueError:
+        template = next((t for t in _load_templates() if t.resource_name == template_name), None)
+        if template is None:
+            raise
+    tree = template._default_tree()
+    for key, value in stored.items():
+        if isinstance(value, Mapping) and isinstance(tree.get(key), dict):
+            tree[key].update(value)
+        else:
+            tree[key] = value
+    return TrainingParams.from_dict(tree)
+
+
+def uses_gptq(template: Template, params: TrainingParams) -> bool:
+    return template.hardware.requires_gptq or params.quantization_config.quant_method == "gptq"
 
 
 @functools.cache
@@ -338,7 +423,7 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def missing_requirements(template: Template, params: Mapping[str, Any]) -> list[str]:
+def missing_requirements(template: Template, params: TrainingParams) -> list[str]:
     """What this machine lacks to train `template` with `params` (empty when it can)."""
     missing = []
     gptq = uses_gptq(template, params)
@@ -351,12 +436,12 @@ def missing_requirements(template: Template, params: Mapping[str, Any]) -> list[
     return missing
 
 
-def check_base_model(params: Mapping[str, Any]) -> None:
+def check_base_model(params: TrainingParams) -> None:
     """FailedPrecondition naming the base model when neither this machine nor the hub has it."""
-    check_available(params["model_config"]["pretrained_model_name_or_path"])
+    check_available(params.base_model)
 
 
-def check_hardware(template: Template, params: Mapping[str, Any]) -> None:
+def check_hardware(template: Template, params: TrainingParams) -> None:
     missing = missing_requirements(template, params)
     if missing:
         raise FailedPrecondition(

@@ -26,13 +26,14 @@ import importlib.metadata
 import math
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from loraforge.services.common.base_models import resolve_base_model
-from loraforge.services.common.prompts import PromptFormat, has_chat_template, render_prompt
+from loraforge.services.common.prompts import has_chat_template, render_prompt
+from loraforge.services.trainer.params import TrainingParams
 
 IGNORE_INDEX = -100
 REAL_TOKENS = (
@@ -122,46 +123,44 @@ class TrainingResult:
 # 1. Tokenize and validate.
 
 
-def base_model_path(params: Mapping[str, Any]) -> str:
+def base_model_path(params: TrainingParams) -> str:
     """What `from_pretrained` loads for the run's base model (catalogue names resolve locally)."""
-    return resolve_base_model(params["model_config"]["pretrained_model_name_or_path"])
+    return resolve_base_model(params.base_model)
 
 
-def load_tokenizer(params: Mapping[str, Any]) -> Any:
+def load_tokenizer(params: TrainingParams) -> Any:
     from transformers import AutoTokenizer
 
-    mc, tc = params["model_config"], params["tokenizer_config"]
+    mc, tc = params.model_config, params.tokenizer_config
     tokenizer = AutoTokenizer.from_pretrained(
         base_model_path(params),
-        revision=mc.get("revision") or None,
-        trust_remote_code=mc.get("trust_remote_code", False),
+        revision=mc.revision or None,
+        trust_remote_code=mc.trust_remote_code,
     )
-    tokenizer.model_max_length = tc["model_max_length"]
-    tokenizer.padding_side = tc.get("padding_side", "right")
-    if tc.get("pad_token"):
-        tokenizer.pad_token = tc["pad_token"]
+    tokenizer.model_max_length = tc.model_max_length
+    tokenizer.padding_side = tc.padding_side
+    if tc.pad_token:
+        tokenizer.pad_token = tc.pad_token
     elif tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
 def tokenize_examples(
-    tokenizer: Any, examples: Sequence[TrainingExample], params: Mapping[str, Any]
+    tokenizer: Any, examples: Sequence[TrainingExample], params: TrainingParams
 ) -> tuple[list[Feature], list[InvalidRow]]:
     """Turns examples into features; returns the valid ones and why each other one is not."""
-    tc, trc = params["tokenizer_config"], params["trainer_config"]
-    max_len = tc["model_max_length"]
-    completion_only = trc.get("completion_only_loss", True)
+    tc = params.tokenizer_config
+    max_len = tc.model_max_length
+    completion_only = params.trainer_config.completion_only_loss
     eos = (
-        [tokenizer.eos_token_id]
-        if tc.get("add_eos_token", True) and tokenizer.eos_token_id is not None
-        else []
+        [tokenizer.eos_token_id] if tc.add_eos_token and tokenizer.eos_token_id is not None else []
     )
-    fmt = PromptFormat.from_params(params)
+    fmt = tc.prompt()
     if fmt.is_chat and not has_chat_template(tokenizer):
         raise TrainingError(
             f"tokenizer_config.prompt_format is chat, but the base model "
-            f"{params['model_config']['pretrained_model_name_or_path']} has no chat template; "
+            f"{params.base_model} has no chat template; "
             "use prompt_format raw and put the markup in the prompts"
         )
     # Plain texts are learned whole; only prompts are wrapped in the chat template.
@@ -355,29 +354,28 @@ def _dtype(name: str) -> Any:
     }[name]
 
 
-def load_model(params: Mapping[str, Any], *, gradient_checkpointing: bool) -> Any:
+def load_model(params: TrainingParams) -> Any:
     """Loads the base model (hub id or local folder) and wraps it with LoRA."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    mc, qc, pc = params["model_config"], params["quantization_config"], params["peft_config"]
+    mc, qc, pc = params.model_config, params.quantization_config, params.peft_config
+    gradient_checkpointing = params.trainer_config.gradient_checkpointing
     kwargs: dict[str, Any] = {
-        "revision": mc.get("revision") or None,
-        "trust_remote_code": mc.get("trust_remote_code", False),
-        "attn_implementation": mc.get("attn_implementation", "sdpa"),
+        "revision": mc.revision or None,
+        "trust_remote_code": mc.trust_remote_code,
+        "attn_implementation": mc.attn_implementation,
     }
-    dtype = mc.get("torch_dtype", "auto")
-    quantized = qc.get("quant_method") == "gptq"
+    dtype = mc.torch_dtype
+    quantized = qc.quant_method == "gptq"
     if quantized:
         if not torch.cuda.is_available():
             raise TrainingError("GPTQ base models need a CUDA GPU; this worker has none")
         from transformers import GPTQConfig
 
         # The checkpoint carries its own quantization config; this picks a kernel that can train.
-        kwargs["quantization_config"] = GPTQConfig(
-            bits=qc.get("bits", 4), backend=qc.get("backend")
-        )
+        kwargs["quantization_config"] = GPTQConfig(bits=qc.bits, backend=qc.backend)
         kwargs["device_map"] = "auto"
         dtype = "float16" if dtype == "auto" else dtype
     elif not torch.cuda.is_available() and dtype in ("float16", "auto"):
@@ -404,12 +402,12 @@ def load_model(params: Mapping[str, Any], *, gradient_checkpointing: bool) -> An
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     lora = LoraConfig(
-        r=pc["r"],
-        lora_alpha=pc["lora_alpha"],
-        lora_dropout=pc["lora_dropout"],
-        target_modules=list(pc["target_modules"]),
-        bias=pc.get("bias", "none"),
-        use_rslora=pc.get("use_rslora", False),
+        r=pc.r,
+        lora_alpha=pc.lora_alpha,
+        lora_dropout=pc.lora_dropout,
+        target_modules=list(pc.target_modules),
+        bias=pc.bias,
+        use_rslora=pc.use_rslora,
         task_type="CAUSAL_LM",
     )
     try:
@@ -431,35 +429,35 @@ def _mixed_precision(choice: str) -> dict[str, bool]:
     return {choice: True}
 
 
-def training_arguments(params: Mapping[str, Any], output_dir: Path, has_eval: bool) -> Any:
+def training_arguments(params: TrainingParams, output_dir: Path, has_eval: bool) -> Any:
     import torch
     from transformers import TrainingArguments
 
-    trc = params["trainer_config"]
+    trc = params.trainer_config
     eval_strategy = "no"
     eval_steps = None
     if has_eval:
-        eval_strategy = "steps" if trc.get("eval_steps") else "epoch"
-        eval_steps = trc.get("eval_steps") or None
+        eval_strategy = "steps" if trc.eval_steps else "epoch"
+        eval_steps = trc.eval_steps or None
     return TrainingArguments(
         output_dir=str(output_dir),
-        num_train_epochs=trc["num_train_epochs"],
-        max_steps=trc.get("max_steps", -1),
-        per_device_train_batch_size=trc["per_device_train_batch_size"],
-        per_device_eval_batch_size=trc["per_device_train_batch_size"],
-        gradient_accumulation_steps=trc.get("gradient_accumulation_steps", 1),
-        learning_rate=trc["learning_rate"],
-        lr_scheduler_type=trc.get("lr_scheduler_type", "linear"),
-        warmup_steps=trc.get("warmup_ratio", 0.0),  # a float below 1 is a ratio of all steps
-        weight_decay=trc.get("weight_decay", 0.0),
-        max_grad_norm=trc.get("max_grad_norm", 1.0),
-        optim=trc.get("optim", "adamw_torch"),
-        seed=trc.get("seed", 42),
-        data_seed=trc.get("seed", 42),
-        logging_steps=trc.get("logging_steps", 10),
+        num_train_epochs=trc.num_train_epochs,
+        max_steps=trc.max_steps,
+        per_device_train_batch_size=trc.per_device_train_batch_size,
+        per_device_eval_batch_size=trc.per_device_train_batch_size,
+        gradient_accumulation_steps=trc.gradient_accumulation_steps,
+        learning_rate=trc.learning_rate,
+        lr_scheduler_type=trc.lr_scheduler_type,
+        warmup_steps=trc.warmup_ratio,  # a float below 1 is a ratio of all steps
+        weight_decay=trc.weight_decay,
+        max_grad_norm=trc.max_grad_norm,
+        optim=trc.optim,
+        seed=trc.seed,
+        data_seed=trc.seed,
+        logging_steps=trc.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
-        save_steps=trc.get("save_steps", 200),
+        save_steps=trc.save_steps,
         save_total_limit=1,  # local copies; the object store keeps `save_total_limit`
         eval_strategy=eval_strategy,
         eval_steps=eval_steps,
@@ -468,7 +466,7 @@ def training_arguments(params: Mapping[str, Any], output_dir: Path, has_eval: bo
         remove_unused_columns=False,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
-        **_mixed_precision(trc.get("mixed_precision", "auto")),
+        **_mixed_precision(trc.mixed_precision),
     )
 
 
@@ -554,28 +552,28 @@ def _make_callback(reporter: Reporter, counter: TokenCounter) -> Any:
 def prepare_data(
     tokenizer: Any,
     examples: Sequence[TrainingExample],
-    params: Mapping[str, Any],
+    params: TrainingParams,
     reporter: Reporter,
 ) -> tuple[list[Any], list[Any], list[InvalidRow], Any]:
     """Tokenized, validated, split and (optionally) packed data plus its collator."""
-    tc, trc = params["tokenizer_config"], params["trainer_config"]
+    tc, trc = params.tokenizer_config, params.trainer_config
     features, invalid = tokenize_examples(tokenizer, examples, params)
     for row in invalid[:20]:
         reporter.log(f"skipping {row.ref}: {row.reason}", "WARNING")
     if len(invalid) > 20:
         reporter.log(f"skipping {len(invalid) - 20} more invalid rows", "WARNING")
-    check_tolerance(len(examples), invalid, params["invalid_data_tolerance_percent"])
-    train, held_out = split_eval(features, trc.get("eval_split_percent", 0.0), trc.get("seed", 42))
-    if trc.get("packing"):
-        train_rows: list[Any] = list(pack(train, tc["model_max_length"]))
-        eval_rows: list[Any] = list(pack(held_out, tc["model_max_length"]))
+    check_tolerance(len(examples), invalid, params.invalid_data_tolerance_percent)
+    train, held_out = split_eval(features, trc.eval_split_percent, trc.seed)
+    if trc.packing:
+        train_rows: list[Any] = list(pack(train, tc.model_max_length))
+        eval_rows: list[Any] = list(pack(held_out, tc.model_max_length))
         collator: Any = PackedCollator(tokenizer.pad_token_id)
         reporter.log(
-            f"packed {len(train)} training examples into {len(train_rows)} rows of ≤{tc['model_max_length']} tokens"
+            f"packed {len(train)} training examples into {len(train_rows)} rows of ≤{tc.model_max_length} tokens"
         )
     else:
         train_rows, eval_rows = list(train), list(held_out)
-        collator = PaddingCollator(tokenizer.pad_token_id, tc.get("padding_side", "right"))
+        collator = PaddingCollator(tokenizer.pad_token_id, tc.padding_side)
     reporter.log(
         f"{len(features)} valid examples ({len(invalid)} invalid): {len(train)} for training, {len(held_out)} for evaluation"
     )
@@ -593,7 +591,7 @@ def library_versions() -> dict[str, str]:
 
 
 def run_training(
-    params: Mapping[str, Any],
+    params: TrainingParams,
     examples: Sequence[TrainingExample],
     work_dir: Path,
     reporter: Reporter | None = None,
@@ -607,17 +605,15 @@ def run_training(
     from transformers import PrinterCallback, set_seed
 
     reporter = reporter or QuietReporter()
-    trc = params["trainer_config"]
-    seed = trc.get("seed", 42)
+    trc = params.trainer_config
     tokenizer = load_tokenizer(params)
     train_rows, eval_rows, invalid, collator = prepare_data(tokenizer, examples, params, reporter)
 
-    set_seed(seed)
-    model = load_model(params, gradient_checkpointing=trc.get("gradient_checkpointing", False))
+    set_seed(trc.seed)
+    model = load_model(params)
     trainable, total = model.get_nb_trainable_parameters()
     reporter.log(
-        f"loaded {params['model_config']['pretrained_model_name_or_path']}: "
-        f"{trainable:,} trainable LoRA parameters of {total:,}"
+        f"loaded {params.base_model}: {trainable:,} trainable LoRA parameters of {total:,}"
     )
     counter = TokenCounter()
     args = training_arguments(params, work_dir / "checkpoints", has_eval=bool(eval_rows))
@@ -643,7 +639,7 @@ def run_training(
         "train_loss": float(output.training_loss),
         "global_step": float(trainer.state.global_step),
         "train_examples": float(
-            sum(len(r.examples) for r in train_rows) if trc.get("packing") else len(train_rows)
+            sum(len(r.examples) for r in train_rows) if trc.packing else len(train_rows)
         ),
         "invalid_examples": float(len(invalid)),
         "train_tokens": float(counter.tokens),

@@ -24,17 +24,18 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from loraforge.services.common.config import ServerConfig, load_config, setting
-from loraforge.services.common.errors import LoraforgeError, Unavailable
+from loraforge.services.common.config import ProcessConfig, describe, load_config, setting
+from loraforge.services.common.errors import InvalidArgument, LoraforgeError, Unavailable
 from loraforge.services.common.logs import setup_logging
 from loraforge.services.common.objectstore import ObjectStore, copy_store_to_tree, open_object_store
 from loraforge.services.common.resources import new_id
+from loraforge.services.common.server import run_main
 from loraforge.services.trainer import dataset_client
+from loraforge.services.trainer import templates as tpl
 from loraforge.services.trainer.jobs import ClaimedJob, JobQueue, JobReporter
 from loraforge.services.trainer.store import State, TrainerStore, version_prefix
 from loraforge.services.trainer.training import (
@@ -51,21 +52,11 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 @dataclasses.dataclass
-class WorkerConfig:
-    """Settings of a training worker."""
+class WorkerConfig(ProcessConfig):
+    """Settings of a training worker (its database and object store are the trainer's)."""
 
-    home: str = setting(
-        "",
-        "Folder for embedded state (the trainer's SQLite file, local objects). Default ~/.loraforge.",
-    )
-    database_url: str = setting(
-        "", "SQLAlchemy URL of the trainer's database (the same as the trainer server's)."
-    )
-    object_store_url: str = setting(
-        "", "Object store shared with the services (folder, file:// or s3:// URL)."
-    )
     dataset_address: str = setting(
-        "", "host:port of the dataset service, to read dataset versions."
+        "", "host:port of the dataset service, to read dataset versions.", required=True
     )
     worker_id: str = setting(
         "", "Name of this worker in events and logs. Default: host-pid-random."
@@ -86,13 +77,28 @@ class WorkerConfig:
         0,
         "Threads torch may use on a CPU (0: its default). Set it when several workers share one CPU host.",
     )
-    log_level: str = setting("INFO", "Log level: DEBUG, INFO, WARNING, ERROR.")
-    log_format: str = setting("text", "Log format: text or json.")
 
-    def server_config(self) -> ServerConfig:
-        return ServerConfig(
-            home=self.home, database_url=self.database_url, object_store_url=self.object_store_url
-        )
+    def __post_init__(self) -> None:
+        for name in ("poll_seconds", "lease_seconds", "heartbeat_seconds"):
+            value = getattr(self, name)
+            if value <= 0:
+                raise InvalidArgument(f"{describe(name)} must be more than 0 (got {value})")
+        if self.heartbeat_seconds >= self.lease_seconds:
+            raise InvalidArgument(
+                f"{describe('heartbeat_seconds')} must be shorter than "
+                f"{describe('lease_seconds')} (got {self.heartbeat_seconds:g} and "
+                f"{self.lease_seconds:g}), or leases expire while the worker is alive"
+            )
+        for name in ("max_attempts",):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(
+                    f"{describe(name)} must be at least 1 (got {getattr(self, name)})"
+                )
+        for name in ("max_jobs", "cpu_threads"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument(
+                    f"{describe(name)} must not be negative (got {getattr(self, name)})"
+                )
 
 
 class _RunReporter:
@@ -106,8 +112,11 @@ class _RunReporter:
         self.reporter = reporter
         self.stop = stop
         self.lost = threading.Event()
-        self.keep = int(job.params["trainer_config"].get("save_total_limit", 2))
+        self.keep = 1  # until the run's parameters are read: `keep_checkpoints`
         self.prefix = version_prefix(job.name) + "/checkpoints"
+
+    def keep_checkpoints(self, count: int) -> None:
+        self.keep = count
 
     def _check(self, written: bool) -> None:
         if not written:
@@ -145,10 +154,9 @@ class _RunReporter:
 class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
-        base = config.server_config()
-        self.store = TrainerStore(base.database_url_for("trainer"))
+        self.store = TrainerStore(config.database_url_for("trainer"))
         self.queue = JobQueue(self.store)
-        self.objects: ObjectStore = open_object_store(base.object_store_url_or_default())
+        self.objects: ObjectStore = open_object_store(config.object_store_url_or_default())
         self.worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}-{new_id()[:6]}"
         self.stop = threading.Event()
 
@@ -192,9 +200,11 @@ class Worker:
         except LoraforgeError as exc:
             reporter.failed(exc.message)
         except Exception as exc:
-            log.error("run %s failed:\n%s", job.name, traceback.format_exc())
-            reporter.log(traceback.format_exc(limit=8), "ERROR")
-            reporter.failed(f"training failed: {type(exc).__name__}: {exc}")
+            incident = new_id()[:12]
+            log.exception("run %s failed unexpectedly (incident %s)", job.name, incident)
+            reason = unexpected_failure(exc, incident, self.worker_id)
+            reporter.log(reason, "ERROR")
+            reporter.failed(reason)
         finally:
             bridge.lost.set()  # ends the heartbeat thread
             heartbeat.join(timeout=10)
@@ -231,7 +241,13 @@ class Worker:
     def _train_and_upload(
         self, job: ClaimedJob, reporter: JobReporter, bridge: _RunReporter, scratch: Path
     ) -> None:
-        params = job.params
+        try:
+            params = tpl.stored_params(job.template, job.params)
+        except ValueError as exc:
+            raise TrainingError(
+                f"the run's stored parameters cannot be read ({exc}); create the run again"
+            ) from None
+        bridge.keep_checkpoints(params.trainer_config.save_total_limit)
         examples = list(
             dataset_client.read_examples(self.config.dataset_address, job.dataset_version)
         )
@@ -252,10 +268,10 @@ class Worker:
         manifest = {
             "format": "loraforge.adapter.v1",
             "model_version": job.name,
-            "base_model": params["model_config"]["pretrained_model_name_or_path"],
+            "base_model": params.base_model,
             "template": job.template,
             "dataset_version": job.dataset_version,
-            "params": params,
+            "params": params.to_dict(),
             "metrics": result.metrics,
             "global_step": result.global_step,
             "resumed_from_step": result.resumed_from_step,
@@ -284,30 +300,43 @@ class Worker:
         log.info("%s trained: %s", job.name, result.metrics)
 
 
+def unexpected_failure(exc: BaseException, incident: str, worker_id: str) -> str:
+    """What a user reads when training stopped on an error that is not theirs to fix alone."""
+    import torch
+
+    cause = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
+    if isinstance(exc, MemoryError | getattr(torch, "OutOfMemoryError", MemoryError)):
+        return (
+            f"training ran out of memory ({cause}). Lower trainer_config.per_device_train_batch_size "
+            "or tokenizer_config.model_max_length, or turn on trainer_config.gradient_checkpointing, "
+            "then create the run again."
+        )
+    return (
+        f"training stopped on an unexpected error ({cause}). Create the run again; if it fails "
+        f"the same way, the log of worker {worker_id} has the details under incident {incident}."
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
+    def start() -> None:
+        # Loaded inside `run_main`, so a bad setting is one line and exit 2, not a traceback.
         config = load_config(WorkerConfig, argv, prog="loraforge-worker")
-    except LoraforgeError as exc:
-        print(f"error: {exc.message}", flush=True)
-        return 2
-    setup_logging(config.log_level, config.log_format, service="worker")
-    if config.heartbeat_seconds >= config.lease_seconds:
-        print("error: --heartbeat-seconds must be shorter than --lease-seconds", flush=True)
-        return 2
-    if config.cpu_threads > 0:
-        import torch
+        setup_logging(config.log_level, config.log_format, service="worker")
+        if config.cpu_threads > 0:
+            import torch
 
-        torch.set_num_threads(config.cpu_threads)
-    worker = Worker(config)
+            torch.set_num_threads(config.cpu_threads)
+        worker = Worker(config)
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        log.info("signal %d: finishing the current step, then stopping", signum)
-        worker.stop.set()
+        def on_signal(signum: int, _frame: Any) -> None:
+            log.info("signal %d: finishing the current step, then stopping", signum)
+            worker.stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    worker.run_forever()
-    return 0
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        worker.run_forever()
+
+    return run_main(start)
 
 
 if __name__ == "__main__":

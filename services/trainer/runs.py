@@ -1,0 +1,285 @@
+"""Training runs (model versions): create, read, cancel, delete, and their dataset references.
+
+This is the trainer's domain for runs; it knows nothing of gRPC and raises the
+typed errors of `common.errors`. Database work runs in threads so callers on an
+event loop only wait.
+
+Creating a run is a small saga across two services. The run holds a reference
+on its dataset version (so the dataset service refuses to delete it), and the
+reference must exist before the run's row does, because a worker may claim the
+run the moment it is inserted. So: record a pending reference in the trainer's
+database, add the reference in the dataset service, then insert the run (which
+ends the pending reference in the same transaction). If the insert fails, the
+reference is removed again. A crash between the steps leaves a reference with no
+run behind it; `sweep_references` removes those, and also the references left by
+a run deleted while the dataset service was unreachable. A referrer with a fresh
+pending reference is a creation still in flight (on this or another replica)
+and is left alone.
+
+The dataset service's references to names shaped like model versions belong to
+this trainer (one trainer database per dataset service).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from loraforge.services.common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    LoraforgeError,
+    NotFound,
+    invalid_field,
+)
+from loraforge.services.common.objectstore import ObjectStore
+from loraforge.services.common.resources import new_id, parse_name, validate_id
+from loraforge.services.trainer import templates as tpl
+from loraforge.services.trainer.params import TrainingParams
+from loraforge.services.trainer.store import State, TrainerStore, VersionRow, version_prefix
+
+log = logging.getLogger("loraforge.trainer.runs")
+
+MODEL = "apps/{app}/models/{model}"
+VERSION = "apps/{app}/models/{model}/versions/{version}"
+DATASET_VERSION = "apps/{app}/datasets/{dataset}/versions/{version}"
+# Longer than any creation takes between recording its pending reference and inserting its
+# run (two RPC timeouts and an insert); an older pending reference belongs to a creation that died.
+PENDING_REFERENCE_SECONDS = 600.0
+
+
+class DatasetReferences(Protocol):
+    """What runs need of the dataset service (`dataset_client.AsyncDatasetClient`)."""
+
+    async def get_ready_version(self, name: str, field: str) -> Any: ...
+
+    async def add_reference(self, name: str, referrer: str) -> None: ...
+
+    async def remove_reference(self, name: str, referrer: str) -> None: ...
+
+    def referenced_versions(self) -> AsyncIterator[tuple[str, tuple[str, ...]]]: ...
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run (a model version) as the domain sees it."""
+
+    name: str
+    model: str
+    template: str
+    dataset_version: str
+    description: str
+    param_overrides: dict[str, Any]
+    params: TrainingParams
+    state: State
+    status_code: int
+    failure_reason: str
+    progress: dict[str, Any]
+    metrics: dict[str, float]
+    base_model: str  # what it was trained on: the adapter's base once trained, else the parameter
+    adapter_prefix: str
+    checkpoint_prefix: str
+    adapter_bytes: int
+    create_time: float
+    start_time: float | None
+    end_time: float | None
+    attempts: int
+    request_id: str
+
+
+def run_from_row(row: VersionRow) -> Run:
+    try:
+        params = tpl.stored_params(row.template, row.params or {})
+    except ValueError as exc:
+        raise FailedPrecondition(
+            f"model version {row.name!r} has stored parameters this trainer cannot read ({exc}); "
+            "delete it and create the run again",
+            reason="VERSION_PARAMS_UNREADABLE",
+        ) from None
+    return Run(
+        name=row.name,
+        model=row.model,
+        template=row.template,
+        dataset_version=row.dataset_version,
+        description=row.description or "",
+        param_overrides=dict(row.param_overrides or {}),
+        params=params,
+        state=State(row.state),
+        status_code=row.status_code,
+        failure_reason=row.failure_reason or "",
+        progress=dict(row.progress or {}),
+        metrics={k: float(v) for k, v in (row.metrics or {}).items()},
+        base_model=row.base_model or params.base_model,
+        adapter_prefix=row.adapter_prefix or "",
+        checkpoint_prefix=row.checkpoint_prefix or "",
+        adapter_bytes=row.adapter_bytes or 0,
+        create_time=row.create_time,
+        start_time=row.start_time,
+        end_time=row.end_time,
+        attempts=row.attempts or 0,
+        request_id=row.request_id or "",
+    )
+
+
+@dataclass(frozen=True)
+class NewRun:
+    """What a client asks for when it creates a run; field names are the request's."""
+
+    parent: str  # the model
+    version_id: str  # empty: generated
+    template: str
+    dataset_version: str
+    param_overrides: dict[str, Any]
+    description: str = ""
+    request_id: str = ""
+
+
+class Runs:
+    def __init__(
+        self,
+        store: TrainerStore,
+        objects: ObjectStore,
+        datasets: DatasetReferences,
+        *,
+        clock: Callable[[], float] = time.time,
+        pending_reference_seconds: float = PENDING_REFERENCE_SECONDS,
+    ) -> None:
+        self.store = store
+        self.objects = objects
+        self.datasets = datasets
+        self.clock = clock
+        self.pending_reference_seconds = pending_reference_seconds
+
+    async def create(self, new: NewRun) -> Run:
+        """Validates, references the dataset version, queues the run. Idempotent on `request_id`."""
+        parent = parse_name(new.parent, MODEL, "parent")
+        version_id = validate_id(new.version_id, "version_id") if new.version_id else new_id("v")
+        template = tpl.get_template(new.template, "template")
+        params = tpl.resolve_params(template, new.param_overrides)
+        dataset = parse_name(new.dataset_version, DATASET_VERSION, "dataset_version")
+        if dataset["app"] != parent["app"]:
+            raise invalid_field(
+                "dataset_version",
+                f"{new.dataset_version!r} belongs to app {dataset['app']!r}, not to the model's "
+                f"app {parent['app']!r}; train on a dataset version of {parent['app']!r}",
+            )
+        await asyncio.to_thread(tpl.check_hardware, template, params)
+        await asyncio.to_thread(tpl.check_base_model, params)
+        await asyncio.to_thread(self.store.get_model, new.parent)
+        if new.request_id:
+            existing = await self._by_request_id(new.parent, new.request_id)
+            if existing is not None:
+                return existing
+        name = f"{new.parent}/versions/{version_id}"
+        if await asyncio.to_thread(self.store.version_exists, name):
+            raise AlreadyExists(
+                f"model version {name!r} already exists; pick another version_id",
+                reason="VERSION_EXISTS",
+            )
+        await self.datasets.get_ready_version(new.dataset_version, "dataset_version")
+        row = VersionRow(
+            name=name,
+            model=new.parent,
+            template=template.resource_name,
+            dataset_version=new.dataset_version,
+            description=new.description,
+            param_overrides=tpl.normalise_overrides(template, new.param_overrides),
+            params=params.to_dict(),
+            failure_reason="",
+            progress={},
+            metrics={},
+            request_id=new.request_id or None,
+        )
+        await asyncio.to_thread(self.store.begin_reference, name, new.dataset_version, self.clock())
+        try:
+            await self.datasets.add_reference(new.dataset_version, name)
+            created = await asyncio.to_thread(self.store.create_version, row)
+        except LoraforgeError as exc:
+            await self._undo_reference(name, new.dataset_version)
+            if isinstance(exc, AlreadyExists | NotFound) and new.request_id:
+                # A concurrent retry with the same request id won the race.
+                existing = await self._by_request_id(new.parent, new.request_id)
+                if existing is not None:
+                    return existing
+            raise
+        log.info("queued %s (%s on %s)", name, template.name, new.dataset_version)
+        return run_from_row(created)
+
+    async def _by_request_id(self, model: str, request_id: str) -> Run | None:
+        row = await asyncio.to_thread(self.store.find_by_request_id, model, request_id)
+        return run_from_row(row) if row is not None else None
+
+    async def _undo_reference(self, name: str, dataset_version: str) -> None:
+        """Removes the reference of a run that was not created (unless another call created it)."""
+        if await asyncio.to_thread(self.store.version_exists, name):
+            return
+        try:
+            await self.datasets.remove_reference(dataset_version, name)
+        except LoraforgeError:
+            log.warning("could not remove the reference of %s yet; the sweep will", name)
+            return
+        await asyncio.to_thread(self.store.end_reference, name)
+
+    async def get(self, name: str) -> Run:
+        parse_name(name, VERSION)
+        return run_from_row(await asyncio.to_thread(self.store.get_version, name))
+
+    async def page(self, model: str, size: int, before: int | None) -> tuple[list[Run], int | None]:
+        """A page of a model's runs, newest first, and the cursor of the next page (None: last)."""
+        parse_name(model, MODEL, "parent")
+        await asyncio.to_thread(self.store.get_model, model)
+        rows, more = await asyncio.to_thread(self.store.list_versions, model, size, before)
+        return [run_from_row(r) for r in rows], (rows[-1].seq if more else None)
+
+    async def cancel(self, name: str) -> Run:
+        parse_name(name, VERSION)
+        return run_from_row(await asyncio.to_thread(self.store.cancel_version, name))
+
+    async def delete(self, name: str) -> None:
+        parse_name(name, VERSION)
+        row = await asyncio.to_thread(self.store.delete_version, name)
+        await self._release(row)
+
+    async def delete_model(self, name: str, force: bool) -> None:
+        parse_name(name, MODEL)
+        for row in await asyncio.to_thread(self.store.delete_model, name, force):
+            await self._release(row)
+
+    async def _release(self, row: VersionRow) -> None:
+        """Deletes a removed run's artifacts and its hold on the dataset version."""
+        await asyncio.to_thread(self.objects.delete_prefix, version_prefix(row.name) + "/")
+        await self.datasets.remove_reference(row.dataset_version, row.name)
+
+    async def sweep_references(self) -> list[tuple[str, str]]:
+        """Removes dataset-version references whose run does not exist; returns (version, referrer)."""
+        fresh_since = self.clock() - self.pending_reference_seconds
+        removed: list[tuple[str, str]] = []
+        async for dataset_version, referrers in self.datasets.referenced_versions():
+            ours = [r for r in referrers if _is_run_name(r)]
+            if not ours:
+                continue
+            orphans = await asyncio.to_thread(self.store.unjustified_referrers, ours, fresh_since)
+            for referrer in orphans:
+                await self.datasets.remove_reference(dataset_version, referrer)
+                log.warning(
+                    "removed the reference of %s on %s: no such run (its creation or deletion "
+                    "was interrupted)",
+                    referrer,
+                    dataset_version,
+                )
+                removed.append((dataset_version, referrer))
+        # Each stale one's reference, if it was ever added, was removed above.
+        await asyncio.to_thread(self.store.forget_pending_references, fresh_since)
+        return removed
+
+
+def _is_run_name(name: str) -> bool:
+    try:
+        parse_name(name, VERSION)
+    except LoraforgeError:
+        return False
+    return True
