@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from loraforge.services.common.config import ServerConfig, load_config
+from loraforge.services.common.config import ServerConfig, load_config, setting
 from loraforge.services.common.errors import InvalidArgument
 from loraforge.services.common.resources import (
     decode_page_token,
@@ -27,6 +29,36 @@ def test_a_bad_environment_value_names_the_variable(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("LORAFORGE_PORT", "eighty")
     with pytest.raises(InvalidArgument, match="LORAFORGE_PORT"):
         load_config(ServerConfig, [])
+
+
+def test_choices_match_ignoring_case_and_anything_else_is_refused_naming_flag_and_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LORAFORGE_LOG_LEVEL", "debug")
+    assert load_config(ServerConfig, ["--log-format", "JSON"]).log_level == "DEBUG"
+    assert load_config(ServerConfig, ["--log-format", "JSON"]).log_format == "json"
+    with pytest.raises(InvalidArgument) as info:
+        load_config(ServerConfig, ["--log-format", "xml"])
+    assert info.value.message == (
+        "--log-format (LORAFORGE_LOG_FORMAT) must be one of text, json (got 'xml')"
+    )
+
+
+@dataclasses.dataclass
+class _NeedsPeer(ServerConfig):
+    peer_address: str = setting("", "host:port of the peer.", required=True)
+
+
+def test_a_required_setting_that_is_empty_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        load_config(_NeedsPeer, [])
+    assert info.value.message == (
+        "--peer-address (LORAFORGE_PEER_ADDRESS) is required: host:port of the peer."
+    )
+    monkeypatch.setenv("LORAFORGE_PEER_ADDRESS", "  ")
+    with pytest.raises(InvalidArgument):
+        load_config(_NeedsPeer, [])
+    assert load_config(_NeedsPeer, ["--peer-address", "p:1"]).peer_address == "p:1"
 
 
 def test_embedded_defaults_live_under_home(tmp_path: object) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -10,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.support import channel, start_service
+from tests.support import channel, free_port, start_service
 
 SERVICES = [
     ("loraforge.services.dataset", "loraforge.dataset.v1.DatasetService"),
@@ -39,6 +42,9 @@ def test_service_process_answers_health_and_reflection_and_stops_on_sigterm(
         from tests.tiny_model import build_tiny_model
 
         extra = ["--base-model", str(build_tiny_model(tmp_path / "tiny"))]
+    if module.endswith("trainer"):
+        # Required; nothing listens there, which only the trainer's reference sweep notices.
+        extra = ["--dataset-address", f"127.0.0.1:{free_port()}"]
     svc = start_service(module, tmp_path, args=extra, timeout=240)
     try:
         with channel(svc.address) as ch:
@@ -60,3 +66,78 @@ def test_service_process_answers_health_and_reflection_and_stops_on_sigterm(
         assert "stopped" in svc.log()
     finally:
         svc.stop()
+
+
+ENTRY_POINTS = ["loraforge.services.trainer", "loraforge.services.trainer.worker"]
+
+
+def _start_and_exit(module: str, tmp_path: Path, *args: str, **env: str) -> tuple[int, str]:
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        env={**os.environ, "LORAFORGE_HOME": str(tmp_path), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return done.returncode, (done.stdout + done.stderr).strip()
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS, ids=["trainer", "worker"])
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (
+            ["--dataset-address", "127.0.0.1:1"],
+            {"LORAFORGE_MAX_ATTEMPTS": "three"},
+            "error: LORAFORGE_MAX_ATTEMPTS: 'three' is not a whole number",
+        ),
+        (
+            [],
+            {},
+            "error: --dataset-address (LORAFORGE_DATASET_ADDRESS) is required: host:port of "
+            "the dataset service",
+        ),
+        (
+            ["--dataset-address", "127.0.0.1:1", "--log-format", "xml"],
+            {},
+            "error: --log-format (LORAFORGE_LOG_FORMAT) must be one of text, json (got 'xml')",
+        ),
+    ],
+    ids=["bad-number", "no-dataset-address", "bad-log-format"],
+)
+def test_a_bad_setting_is_one_line_and_exit_2(
+    module: str, tmp_path: Path, args: list[str], env: dict[str, str], message: str
+) -> None:
+    code, output = _start_and_exit(module, tmp_path, *args, **env)
+    assert code == 2, output
+    assert "\n" not in output and output.startswith(message), output
+
+
+def test_a_trainer_given_a_port_that_is_no_number_says_so_and_exits_2(tmp_path: Path) -> None:
+    code, output = _start_and_exit(
+        "loraforge.services.trainer",
+        tmp_path,
+        "--dataset-address",
+        "127.0.0.1:1",
+        LORAFORGE_PORT="eighty",
+    )
+    assert (code, output) == (2, "error: LORAFORGE_PORT: 'eighty' is not a whole number")
+
+
+def test_a_worker_whose_heartbeat_outlasts_its_lease_is_refused(tmp_path: Path) -> None:
+    code, output = _start_and_exit(
+        "loraforge.services.trainer.worker",
+        tmp_path,
+        "--dataset-address",
+        "127.0.0.1:1",
+        "--heartbeat-seconds",
+        "30",
+        "--lease-seconds",
+        "10",
+    )
+    assert code == 2
+    assert output == (
+        "error: --heartbeat-seconds (LORAFORGE_HEARTBEAT_SECONDS) must be shorter than "
+        "--lease-seconds (LORAFORGE_LEASE_SECONDS) (got 30 and 10), or leases expire while "
+        "the worker is alive"
+    )
