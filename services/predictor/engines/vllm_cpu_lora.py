@@ -23,22 +23,100 @@ from typing import Any
 log = logging.getLogger("loraforge.predictor.vllm")
 
 
+class _Grouping:
+    """How the tokens of one batch map to adapters, worked out once per batch.
+
+    vLLM calls the kernels a dozen times per layer with the same indices; the
+    grouping is reused while the indices equal the last ones seen.
+
+    A small batch (decode steps) is laid out as one padded block per adapter, so
+    that any number of adapters costs one batched matmul; a large one (prefill)
+    runs one matmul per adapter over the rows of its tokens, where the per-call
+    overhead no longer matters and padding could waste a lot.
+    """
+
+    PADDED_LIMIT = 256  # tokens
+
+    def __init__(self, indices: Any) -> None:
+        import torch
+
+        self.indices = indices.clone()
+        token_slots = indices.tolist()
+        self.adapters = sorted({i for i in token_slots if i >= 0})
+        self.has_base = len(self.adapters) < len(set(token_slots))
+        self.single = len(self.adapters) == 1 and not self.has_base
+        self.padded = not self.single and len(token_slots) <= self.PADDED_LIMIT
+        self.rows: dict[int, Any] = {}
+        if self.single or not self.adapters:
+            return
+        if not self.padded:
+            self.rows = {i: (indices == i).nonzero(as_tuple=True)[0] for i in self.adapters}
+            return
+        members: dict[int, list[int]] = {i: [] for i in self.adapters}
+        for token, slot in enumerate(token_slots):
+            if slot >= 0:
+                members[slot].append(token)
+        self.width = max(len(m) for m in members.values())
+        source = [0] * (len(self.adapters) * self.width)  # padding rows read token 0
+        position = [0] * len(token_slots)  # base-model tokens read row 0, then are zeroed
+        for block, slot in enumerate(self.adapters):
+            for k, token in enumerate(members[slot]):
+                source[block * self.width + k] = token
+                position[token] = block * self.width + k
+        self.source = torch.tensor(source)
+        self.position = torch.tensor(position)
+        # Adapters in slots 0..n-1 (the usual case) are a view of the stacked weights.
+        n = len(self.adapters)
+        self.slots = slice(0, n) if self.adapters == list(range(n)) else torch.tensor(self.adapters)
+        self.base_rows = (indices < 0).unsqueeze(1) if self.has_base else None
+
+
+_last: _Grouping | None = None
+
+
+def _grouping(indices: Any) -> _Grouping:
+    global _last
+    import torch
+
+    last = _last
+    if (
+        last is not None
+        and last.indices.shape == indices.shape
+        and last.indices.dtype == indices.dtype
+        and torch.equal(last.indices, indices)
+    ):
+        return last
+    _last = _Grouping(indices)
+    return _last
+
+
 def _lora_matmul(inputs: Any, weights: Any, indices: Any, dtype: Any) -> Any:
     """Row i: inputs[i] @ weights[indices[i]].T, or zeros where indices[i] < 0."""
     import torch
 
     stacked = weights.squeeze(dim=1) if weights.dim() == 4 else weights
     x = inputs.to(dtype=dtype)
+    group = _grouping(indices)
+    if not group.adapters:
+        return x.new_zeros((x.shape[0], stacked.shape[1]))
+    if group.single:  # the whole batch uses one adapter
+        return x @ stacked[group.adapters[0]].to(dtype=dtype).T
+    if group.padded:
+        blocks = x.index_select(0, group.source).view(len(group.adapters), group.width, -1)
+        w = (
+            stacked[group.slots]
+            if isinstance(group.slots, slice)
+            else stacked.index_select(0, group.slots)
+        ).to(dtype=dtype)
+        products = torch.bmm(blocks, w.transpose(1, 2)).view(-1, stacked.shape[1])
+        out = products.index_select(0, group.position)
+        if group.base_rows is not None:
+            out.masked_fill_(group.base_rows, 0)
+        return out
     out = x.new_zeros((x.shape[0], stacked.shape[1]))
-    present = torch.unique(indices).tolist()
-    for index in present:
-        if index < 0:
-            continue
-        w = stacked[index].to(dtype=dtype)
-        if len(present) == 1:
-            return x @ w.T  # the whole batch uses one adapter
-        rows = (indices == index).nonzero(as_tuple=True)[0]
-        out.index_copy_(0, rows, x.index_select(0, rows) @ w.T)
+    for index in group.adapters:
+        rows = group.rows[index]
+        out.index_copy_(0, rows, x.index_select(0, rows) @ stacked[index].to(dtype=dtype).T)
     return out
 
 
