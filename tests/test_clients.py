@@ -6,6 +6,7 @@ ports) serves every test in this module.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -19,9 +20,13 @@ import pytest
 import yaml
 
 from loraforge.client import Client, ClientError
+from loraforge.client.cli import LossCurve, log_line
+from loraforge.client.client import model_name, resource_name
 from loraforge.client.demo import answer_label, demo_file, load_examples
 from loraforge.client.local import LocalCluster
-from tests.support import REPO
+from loraforge.client.params import load_yaml
+from loraforge.trainer.v1 import trainer_service_pb2 as tpb
+from tests.support import REPO, ServiceProcess, start_service
 from tests.tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -69,6 +74,51 @@ def client(cluster: LocalCluster) -> Iterator[Client]:
 
 
 @pytest.fixture(scope="module")
+def dataset_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """A dataset service on its own, for the client's dataset calls."""
+    svc = start_service("loraforge.services.dataset", tmp_path_factory.mktemp("dataset"))
+    yield svc
+    svc.stop()
+
+
+class LoseFirstReply(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientInterceptor):
+    """Lets the first call of `method` reach the service and do its work, then reports
+    UNAVAILABLE, as a connection that drops before the reply arrives does."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.calls = 0
+
+    def _intercept(
+        self, continuation: object, details: grpc.ClientCallDetails, request: object
+    ) -> object:
+        call = continuation(details, request)  # type: ignore[operator]
+        if details.method.endswith(f"/{self.method}"):
+            self.calls += 1
+            if self.calls == 1:
+                call.result()  # the service did it
+                return _LostReply()
+        return call
+
+    intercept_unary_unary = _intercept  # type: ignore[assignment]
+    intercept_stream_unary = _intercept  # type: ignore[assignment]
+
+
+class _LostReply(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "the connection dropped before the reply arrived"
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
+
+    def result(self, timeout: float | None = None) -> object:
+        raise self
+
+
+@pytest.fixture(scope="module")
 def small_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The first 96 rows of the demo's training data: enough for a few training steps."""
     path = tmp_path_factory.mktemp("data") / "small.csv"
@@ -93,6 +143,8 @@ def test_python_client_runs_the_seed_workflow_and_the_fine_tuned_model_beats_the
     defaults = model.get_params(template="HuggingFace_AdvancedConfig", save_to=params_file)
     saved = yaml.safe_load(params_file.read_text())
     assert saved["template"] == "HuggingFace_AdvancedConfig"
+    # Integer parameters stay integers, though a Struct carries every number as a double.
+    assert "  r: 16\n" in params_file.read_text() and type(defaults["peft_config"]["r"]) is int
     assert saved["peft_config"] == defaults["peft_config"]
     saved["trainer_config"]["num_train_epochs"] = 2
     params_file.write_text(yaml.safe_dump(saved))
@@ -146,8 +198,43 @@ def test_python_client_errors_are_one_clear_client_error(client: Client, small_c
     with pytest.raises(ClientError) as exc:
         client.predict(["hi"], "apps/errors/models/nope")
     assert exc.value.code == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(ClientError) as exc:  # the short name reaches the predictor in full
+        client.predict(["hi"], "errors/nope")
+    assert exc.value.code == grpc.StatusCode.NOT_FOUND and "apps/errors/models/nope" in str(
+        exc.value
+    )
     with pytest.raises(ClientError, match="UNAVAILABLE"):
         Client("127.0.0.1:1", "127.0.0.1:1", "127.0.0.1:1").list_apps()
+
+
+def test_python_client_queues_one_run_per_request_id_across_its_own_retries(
+    cluster: LocalCluster, small_csv: Path
+) -> None:
+    with Client(**cluster.addresses) as client:
+        dataset = client.create_app("idem").create_dataset("d")
+        dataset.upload_from_csv(small_csv)
+        version = dataset.create_version()
+        client.app("idem").create_model("m")
+    lossy = LoseFirstReply("CreateModelVersion")
+    with Client(**cluster.addresses, interceptors=[lossy]) as client:
+        model = client.model("idem/m")
+        model.get_params(template="HuggingFace_AdvancedConfig")
+        model.update_params(dataset_version=version, **FAST_TRAINING)
+        model.update_params(
+            model_config={"pretrained_model_name_or_path": cluster.base_model},
+            trainer_config={"max_steps": 100000},
+        )
+        version_id = model.train(request_id="run-once")
+        assert lossy.calls == 2  # the lost reply was retried
+        assert model.train(request_id="run-once") == version_id  # and so is the caller's
+        listed = client.trainer.ListModelVersions(tpb.ListModelVersionsRequest(parent=model.name))
+        assert [v.name for v in listed.model_versions] == [model.version_name(version_id)]
+        assert model.train() != version_id  # a call without an id is a new run
+        for v in client.trainer.ListModelVersions(
+            tpb.ListModelVersionsRequest(parent=model.name)
+        ).model_versions:
+            cancelled = client.cancel(f"idem/m/{v.name.rsplit('/', 1)[1]}")  # a short name
+            assert cancelled.state == tpb.MODEL_VERSION_STATE_CANCELLED
 
 
 def _cli(
@@ -187,6 +274,9 @@ def test_cli_covers_every_user_step(cluster: LocalCluster, small_csv: Path, tmp_
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in ok("base-models")
     out = ok("templates", "show", "HuggingFace_AdvancedConfig", "--save-params", "params.yaml")
     assert "peft_config.r" in out
+    assert "16.0" not in out and "2048.0" not in out  # integer defaults print as integers
+    saved = (tmp_path / "params.yaml").read_text()
+    assert "  r: 16\n" in saved and "  model_max_length: 2048\n" in saved
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     params["dataset_version"] = "apps/cli/datasets/news/versions/v1"
     params["model_config"]["pretrained_model_name_or_path"] = cluster.base_model
@@ -196,12 +286,13 @@ def test_cli_covers_every_user_step(cluster: LocalCluster, small_csv: Path, tmp_
         "train", "cli/clf", "--params", "params.yaml", "--id", "run1",
         "--set", "trainer_config.max_steps=6", "--set", "trainer_config.eval_split_percent=0",
         "--set", "tokenizer_config.model_max_length=128", "--set", "model_config.torch_dtype=float32",
-        "--plot", "curve.png",
+        "--set", "trainer_config.learning_rate=2e-4", "--plot", "curve.png",
     )  # fmt: skip
     assert "TRAINED (21100)" in out, out
     assert (tmp_path / "curve.png").stat().st_size > 1000
     version = "apps/cli/models/clf/versions/run1"
-    assert "TRAINED (21100)" in ok("status", version)
+    status = ok("status", "cli/clf/run1")
+    assert "TRAINED (21100)" in status and "train loss" in status and "tokens/s" in status
     assert ok("logs", version).strip()
     streamed = ok(
         "predict", "cli/clf", "### Human: Net sales rose . ### Assistant:", "--max-tokens", "3"
@@ -216,13 +307,48 @@ def test_cli_covers_every_user_step(cluster: LocalCluster, small_csv: Path, tmp_
     )
     assert streamed.strip() == unary.strip()
 
-    missing = _cli(cluster, "status", "apps/cli/models/clf/versions/nope")
-    assert (
-        missing.returncode == 1
-        and "NOT_FOUND" in missing.stderr
-        and "Traceback" not in missing.stderr
+    def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "Traceback" not in result.stdout + result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        return lines[0]
+
+    assert "NOT_FOUND" in one_line_error(
+        _cli(cluster, "status", "apps/cli/models/clf/versions/nope")
     )
-    assert len(missing.stderr.strip().splitlines()) == 1
+    # The cause is said once, not once more as the field it concerns.
+    line = one_line_error(
+        _cli(cluster, "train", "cli/clf", "--params", "params.yaml", "--dataset-version",
+             "apps/cli/datasets/news/versions/nope", cwd=tmp_path)
+    )  # fmt: skip
+    assert "NOT_FOUND" in line and line.count("does not exist") == 1, line
+
+    # A run that fails is one line naming the cause, and a non-zero exit.
+    line = one_line_error(
+        _cli(cluster, "train", "cli/clf", "--params", "params.yaml", "--id", "toolong",
+             "--set", "tokenizer_config.model_max_length=12", "--set", "model_config.torch_dtype=float32",
+             cwd=tmp_path)
+    )  # fmt: skip
+    assert line.startswith("error: apps/cli/models/clf/versions/toolong FAILED (21119): "), line
+    assert "invalid_data_tolerance_percent" in line and "loraforge logs" in line
+    # So is one that is cancelled, followed by `watch`.
+    ok("train", "cli/clf", "--params", "params.yaml", "--id", "stopped", "--no-watch",
+       "--set", "trainer_config.max_steps=100000", "--set", "model_config.torch_dtype=float32")  # fmt: skip
+    ok("cancel", "cli/clf/stopped")
+    line = one_line_error(_cli(cluster, "watch", "cli/clf/stopped", "--plot", ""))
+    assert "apps/cli/models/clf/versions/stopped CANCELLED" in line
+
+    # Text from the services prints as it is, brackets and all.
+    text = "needs pip install 'loraforge[gptq]' and [bold]no markup[/bold]"
+    ok("datasets", "update", "cli/news", "--description", text)
+    assert text in ok("datasets", "show", "cli/news")
+    gptq = one_line_error(
+        _cli(cluster, "train", "cli/clf", "--template", "HF_Llama_3_1_8b_instruct_GPTQ_lora",
+             "--dataset-version", "apps/cli/datasets/news/versions/v1")
+    )  # fmt: skip
+    if importlib.util.find_spec("gptqmodel") is None:
+        assert "pip install 'loraforge[gptq]'" in gptq, gptq
     bad_set = _cli(cluster, "train", "cli/clf", "--template", "HuggingFace_AdvancedConfig", "--dataset-version",
                    "apps/cli/datasets/news/versions/v1", "--set", "peft_config.nonsense=1")  # fmt: skip
     assert bad_set.returncode == 1 and "param_overrides.peft_config.nonsense" in bad_set.stderr
@@ -256,3 +382,131 @@ def test_node_client_runs_the_whole_workflow_through_the_contracts(
     assert summary["predict"]["model_version"].startswith("apps/node-")
     assert summary["stream"]["text"] == summary["predict"]["text"]
     assert summary["bad_params_status"] == "INVALID_ARGUMENT"
+
+
+# The client's dataset calls against a dataset service alone
+
+
+def test_client_creates_retried_after_a_lost_reply_happen_once(
+    dataset_service: ServiceProcess, tmp_path: Path
+) -> None:
+    with Client(dataset=dataset_service.address) as client:
+        client.create_app("retry").create_dataset("d")
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "p", "completion": "c"}\n{"prompt": "q"}\n')
+    for method in ("UploadInputs", "AddInputs", "CreateDatasetVersion"):
+        lossy = LoseFirstReply(method)
+        with Client(dataset=dataset_service.address, interceptors=[lossy]) as client:
+            ds = client.dataset("retry/d")
+            if method == "UploadInputs":
+                report = ds.upload_file(path)
+                assert (report.rows_accepted, report.rows_rejected) == (1, 1)
+            elif method == "AddInputs":
+                assert len(ds.add_examples([("p2", "c2"), ("p3", "c3")])) == 2
+            else:
+                assert ds.create_version("v1").stats.example_count == 3
+        assert lossy.calls == 2, f"{method} was not retried"
+    with Client(dataset=dataset_service.address) as client:
+        ds = client.dataset("retry/d")
+        assert ds.pb.input_count == 3 and [v.name for v in ds.list_versions()] == [
+            "apps/retry/datasets/d/versions/v1"
+        ]
+        # The caller's own retry, with the request id it chose, is answered the same way.
+        first = ds.add_examples([("p4", "c4")], request_id="mine")
+        assert ds.add_examples([("p4", "c4")], request_id="mine") == first
+        assert client.dataset("retry/d").pb.input_count == 4
+
+
+def test_client_lists_follow_every_page(dataset_service: ServiceProcess) -> None:
+    with Client(dataset=dataset_service.address) as client:
+        app = client.create_app("pages")
+        for i in range(5):
+            app.create_dataset(f"d{i}")
+        names = [d.name for d in app.list_datasets(page_size=2)]
+        assert names == [f"apps/pages/datasets/d{i}" for i in range(5)]
+        ds = client.dataset("pages/d0")
+        ds.add_examples([("p", "c")])
+        for i in range(3):
+            ds.create_version(f"v{i}")
+        assert [v.name.rsplit("/", 1)[1] for v in ds.list_versions(page_size=2)] == [
+            "v0",
+            "v1",
+            "v2",
+        ]
+        assert "apps/pages" in [a.name for a in client.list_apps(page_size=1)]
+
+
+def test_client_updates_apps_and_datasets_and_refuses_a_stale_etag(
+    dataset_service: ServiceProcess,
+) -> None:
+    with Client(dataset=dataset_service.address) as client:
+        app = client.create_app("upd", description="first")
+        stale = client.app("upd")
+        app.update(description="second")
+        assert client.app("upd").pb.description == "second"
+        with pytest.raises(ClientError) as caught:
+            stale.update(description="lost update")
+        assert caught.value.code == grpc.StatusCode.ABORTED
+        assert caught.value.reason == "ETAG_MISMATCH"
+        stale.update(description="third", check_etag=False)
+        assert client.app("upd").pb.description == "third"
+        ds = app.create_dataset("d", description="x")
+        updated = client.update_dataset("upd/d", description="y", etag=ds.pb.etag)
+        assert updated.pb.description == "y" and updated.pb.etag != ds.pb.etag
+        with pytest.raises(ClientError) as caught:
+            ds.update(description="z")
+        assert caught.value.code == grpc.StatusCode.ABORTED
+
+
+def test_client_takes_short_names_and_refuses_malformed_ones() -> None:
+    assert resource_name("a/d", "app", "dataset") == "apps/a/datasets/d"
+    assert resource_name("apps/a/datasets/d", "app", "dataset") == "apps/a/datasets/d"
+    assert model_name("a/m") == "apps/a/models/m"
+    assert model_name("a/m/v") == "apps/a/models/m/versions/v"
+    assert model_name("apps/a/models/m/versions/v") == "apps/a/models/m/versions/v"
+    for bad in ("a", "a/m/v/x", "a//m", "apps/a/models"):
+        with pytest.raises(ClientError) as caught:
+            model_name(bad)
+        assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "expected a name like apps/{app}/models/{model}" in str(caught.value)
+
+
+def test_numbers_in_yaml_read_as_people_write_them() -> None:
+    assert load_yaml("a: 2e-4\nb: 1e3\nc: 5E-5\nd: .5\ne: 16\nf: 1e-4x") == {
+        "a": 2e-4,
+        "b": 1000.0,
+        "c": 5e-5,
+        "d": 0.5,
+        "e": 16,
+        "f": "1e-4x",
+    }
+    assert type(load_yaml("16")) is int
+
+
+def test_the_loss_curve_records_each_loss_once_at_the_step_it_was_measured() -> None:
+    curve = LossCurve()
+    for step, train, evaluation in [
+        (1, 2.0, None),
+        (2, 1.5, None),
+        (2, 1.5, 1.8),  # the eval log of step 2 repeats the train loss
+        (3, 1.2, 1.8),  # later steps repeat the eval loss
+        (4, 1.0, 1.8),
+        (4, 1.0, 1.1),
+    ]:
+        p = tpb.TrainingProgress(step=step, train_loss=train)
+        if evaluation is not None:
+            p.eval_loss = evaluation
+        curve.add(p)
+    assert curve.train == [(1, 2.0), (2, 1.5), (3, 1.2), (4, 1.0)]
+    assert curve.evals == [(2, 1.8), (4, 1.1)]
+
+
+def test_the_live_view_shows_a_warning_in_one_escaped_line_and_no_error_traceback() -> None:
+    def log(level: int, message: str) -> tpb.TrainingEvent:
+        return tpb.TrainingEvent(log=tpb.LogLine(level=level, message=message))
+
+    traceback = 'Traceback (most recent call last):\n  File "x.py", line 1\nValueError: boom'
+    assert log_line(log(tpb.LOG_LEVEL_ERROR, traceback)) is None
+    assert log_line(log(tpb.LOG_LEVEL_INFO, "step 3")) is None
+    shown = log_line(log(tpb.LOG_LEVEL_WARNING, "3 rows [skipped]\nline 4: too long"))
+    assert shown == "3 rows \\[skipped] …"

@@ -1,6 +1,8 @@
 """`loraforge`: run the platform and every user step from a terminal.
 
-Errors print as one line on stderr with a non-zero exit code, never a traceback.
+Errors print as one line on stderr with a non-zero exit code, never a traceback; so does a
+training run that ends FAILED or CANCELLED. Text from the services goes through rich
+escaped, so `[brackets]` in it print as they are.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import yaml
-from google.protobuf import json_format
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -28,7 +31,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from loraforge.client.client import Client, ClientError, _merge, _template_defaults
+from loraforge.client.client import Client, ClientError, model_name, resource_name
+from loraforge.client.client import version_name as full_version_name
+from loraforge.client.params import load_yaml, merge, parameter_default, template_defaults
 from loraforge.dataset.v1 import dataset_service_pb2 as dpb
 from loraforge.predictor.v1 import predictor_service_pb2 as ppb
 from loraforge.services.common.base_models import DEFAULT_BASE_MODEL
@@ -46,15 +51,21 @@ class UsageError(Exception):
     """A command-line mistake; printed as one line."""
 
 
+class RunEnded(Exception):
+    """A followed training run ended FAILED or CANCELLED; printed as one line."""
+
+
 def _name(arg: str, *kinds: str) -> str:
     """Accepts a full resource name (`apps/a/datasets/d`) or its short form (`a/d`)."""
-    if arg.startswith("apps/"):
-        return arg
-    parts = arg.split("/")
-    if len(parts) != len(kinds):
-        pattern = "/".join(f"{k}s/{{{k}}}" for k in kinds)
-        raise UsageError(f"{arg!r}: expected a name like {pattern} (or {'/'.join(kinds)})")
-    return "/".join(f"{k}s/{p}" for k, p in zip(kinds, parts, strict=True))
+    try:
+        return resource_name(arg, *kinds)
+    except ClientError as exc:
+        raise UsageError(exc.message) from None
+
+
+def _one_line(text: str) -> str:
+    """Server text for a one-line message: its lines joined, escaped for rich."""
+    return escape(" ".join(line.strip() for line in text.splitlines() if line.strip()))
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -76,15 +87,18 @@ def cmd_up(args: argparse.Namespace) -> None:
         "starting dataset, trainer, worker and predictor (the predictor's engine takes a while)..."
     ):
         cluster.start()
-    table = Table(title=f"loraforge services (home {home})")
+    table = Table(title=f"loraforge services (home {escape(str(home))})")
     for col in ("service", "address", "pid", "log"):
         table.add_column(col)
     for name, proc in cluster.procs.items():
         table.add_row(
-            name, f"127.0.0.1:{proc.port}" if proc.port else "-", str(proc.pid), str(proc.log)
+            name,
+            f"127.0.0.1:{proc.port}" if proc.port else "-",
+            str(proc.pid),
+            escape(str(proc.log)),
         )
     console.print(table)
-    console.print(f"base model: {base_model}\nstop them with `loraforge down`")
+    console.print(f"base model: {escape(base_model)}\nstop them with `loraforge down`")
 
 
 def cmd_down(args: argparse.Namespace) -> None:
@@ -101,16 +115,43 @@ def cmd_down(args: argparse.Namespace) -> None:
 # ----- apps, datasets, uploads, versions ------------------------------------------------------
 
 
+def _require(value: str, what: str) -> str:
+    if not value:
+        raise UsageError(f"name the {what}")
+    return value
+
+
+def _print_resource(pb: dpb.App | dpb.Dataset) -> None:
+    table = Table(show_header=False, title=escape(pb.name))
+    table.add_row("description", escape(pb.description) or "-")
+    table.add_row("created", f"{pb.create_time.ToDatetime():%Y-%m-%d %H:%M:%S} UTC")
+    if isinstance(pb, dpb.Dataset):
+        table.add_row("inputs", f"{pb.input_count:,}")
+        table.add_row("versions", f"{pb.version_count:,}")
+    table.add_row("etag", escape(pb.etag))
+    console.print(table)
+
+
 def cmd_apps(args: argparse.Namespace) -> None:
     client = _client(args)
     if args.action == "create":
-        console.print(f"created {client.create_app(args.id).name}")
+        app = client.create_app(_require(args.id, "app"), description=args.description or "")
+        console.print(f"created {escape(app.name)}")
     elif args.action == "delete":
-        client.delete_app(args.id, force=args.force)
-        console.print(f"deleted apps/{args.id.removeprefix('apps/')}")
+        client.delete_app(_name(_require(args.id, "app"), "app"), force=args.force)
+        console.print(f"deleted {escape(_name(args.id, 'app'))}")
+    elif args.action == "show":
+        _print_resource(client.app(_name(_require(args.id, "app"), "app")).pb)
+    elif args.action == "update":
+        if args.description is None:
+            raise UsageError("nothing to change: pass --description TEXT")
+        app = client.update_app(
+            _name(_require(args.id, "app"), "app"), description=args.description, etag=args.etag
+        )
+        console.print(f"updated {escape(app.name)} (etag {escape(app.pb.etag)})")
     else:
         for app in client.list_apps():
-            console.print(app.name)
+            console.print(escape(app.name))
 
 
 def cmd_datasets(args: argparse.Namespace) -> None:
@@ -118,17 +159,33 @@ def cmd_datasets(args: argparse.Namespace) -> None:
     if args.action == "create":
         name = _name(args.name, "app", "dataset")
         app_name, dataset_id = name.rsplit("/datasets/", 1)
-        ds = client.app(app_name).create_dataset(dataset_id)
-        console.print(f"created {ds.name}")
+        ds = client.app(app_name).create_dataset(dataset_id, description=args.description or "")
+        console.print(f"created {escape(ds.name)}")
     elif args.action == "delete":
-        client.datasets.DeleteDataset(
-            dpb.DeleteDatasetRequest(name=_name(args.name, "app", "dataset"), force=args.force)
+        name = _name(args.name, "app", "dataset")
+        try:
+            client.datasets.DeleteDataset(dpb.DeleteDatasetRequest(name=name, force=args.force))
+        except grpc.RpcError as err:
+            raise ClientError.from_rpc(err) from None
+        console.print(f"deleted {escape(name)}")
+    elif args.action == "show":
+        _print_resource(client.dataset(_name(args.name, "app", "dataset")).pb)
+    elif args.action == "update":
+        if args.description is None:
+            raise UsageError("nothing to change: pass --description TEXT")
+        ds = client.update_dataset(
+            _name(args.name, "app", "dataset"), description=args.description, etag=args.etag
         )
-        console.print("deleted")
+        console.print(f"updated {escape(ds.name)} (etag {escape(ds.pb.etag)})")
     else:
-        table = Table("dataset", "inputs", "versions")
-        for ds in client.app(args.name).list_datasets():
-            table.add_row(ds.name, str(ds.pb.input_count), str(ds.pb.version_count))
+        table = Table("dataset", "inputs", "versions", "description")
+        for ds in client.app(_name(args.name, "app")).list_datasets():
+            table.add_row(
+                escape(ds.name),
+                f"{ds.pb.input_count:,}",
+                f"{ds.pb.version_count:,}",
+                _one_line(ds.pb.description),
+            )
         console.print(table)
 
 
@@ -176,7 +233,7 @@ def _print_upload_report(report: dpb.UploadInputsResponse, elapsed: float) -> No
     if report.row_errors:
         table = Table("line", "problem", "reason", "row starts with", title="rejected rows")
         for e in report.row_errors:
-            table.add_row(str(e.line), e.code, e.reason, e.excerpt[:60])
+            table.add_row(str(e.line), escape(e.code), escape(e.reason), escape(e.excerpt[:60]))
         console.print(table)
         if report.row_errors_truncated:
             console.print(
@@ -187,8 +244,12 @@ def _print_upload_report(report: dpb.UploadInputsResponse, elapsed: float) -> No
 def cmd_versions(args: argparse.Namespace) -> None:
     client = _client(args)
     if args.action == "delete":
-        client.datasets.DeleteDatasetVersion(dpb.DeleteDatasetVersionRequest(name=args.name))
-        console.print("deleted")
+        name = _name(args.name, "app", "dataset", "version")
+        try:
+            client.datasets.DeleteDatasetVersion(dpb.DeleteDatasetVersionRequest(name=name))
+        except grpc.RpcError as err:
+            raise ClientError.from_rpc(err) from None
+        console.print(f"deleted {escape(name)}")
         return
     name = _name(args.name, "app", "dataset")
     app_name, dataset_id = name.rsplit("/datasets/", 1)
@@ -207,7 +268,7 @@ def cmd_versions(args: argparse.Namespace) -> None:
     for v in versions:
         s = v.stats
         table.add_row(
-            v.name,
+            escape(v.name),
             dpb.DatasetVersionState.Name(v.state).removeprefix("DATASET_VERSION_STATE_"),
             str(v.status_code),
             f"{s.example_count:,}",
@@ -215,6 +276,9 @@ def cmd_versions(args: argparse.Namespace) -> None:
             f"{s.completion_chars.median}/{s.completion_chars.p95}",
         )
     console.print(table)
+    for v in versions:
+        if v.failure_reason:
+            err_console.print(f"[red]{escape(v.name)}: {_one_line(v.failure_reason)}[/red]")
 
 
 # ----- templates, models, training -----------------------------------------------------------
@@ -224,12 +288,12 @@ def cmd_base_models(args: argparse.Namespace) -> None:
     table = Table("base model", "architecture", "parameters", "context", "chat", "serving", "local")
     for m in _client(args).list_base_models():
         table.add_row(
-            m.model_id,
-            m.architecture,
+            escape(m.model_id),
+            escape(m.architecture),
             f"{m.parameter_count / 1e6:.0f}M",
             str(m.context_length),
             "yes" if m.chat_template else "no",
-            m.serving_engine,
+            escape(m.serving_engine),
             escape(m.local_source),
         )
     console.print(table)
@@ -241,15 +305,17 @@ def cmd_templates(args: argparse.Namespace) -> None:
         table = Table("template", "recommended", "serving", "hardware")
         for t in client.list_templates():
             table.add_row(
-                t.name.removeprefix("templates/"),
+                escape(t.name.removeprefix("templates/")),
                 "yes" if t.recommended else "",
-                t.serving_engine,
-                t.hardware.summary,
+                escape(t.serving_engine),
+                escape(t.hardware.summary),
             )
         console.print(table)
         return
-    template = client.get_template(args.name)
-    table = Table("parameter", "type", "default", "bounds", "description", title=template.name)
+    template = client.get_template(_require(args.name, "template (see `loraforge templates list`)"))
+    table = Table(
+        "parameter", "type", "default", "bounds", "description", title=escape(template.name)
+    )
     for p in template.parameters:
         bounds = ", ".join(
             x
@@ -260,28 +326,25 @@ def cmd_templates(args: argparse.Namespace) -> None:
             )
             if x
         )
-        default = (
-            json.dumps(json_format.MessageToDict(p.default_value))
-            if p.HasField("default_value")
-            else ""
-        )
+        default = json.dumps(parameter_default(p)) if p.HasField("default_value") else ""
         table.add_row(
-            p.path,
+            escape(p.path),
             tpb.ParameterType.Name(p.type).removeprefix("PARAMETER_TYPE_").lower(),
-            default,
-            bounds,
-            p.description,
+            escape(default),
+            escape(bounds),
+            escape(p.description),
         )
     console.print(table)
     if args.save_params:
         doc = {
             "template": template.name.removeprefix("templates/"),
             "dataset_version": "",
-            **_template_defaults(template),
+            **template_defaults(template),
         }
         Path(args.save_params).write_text(yaml.safe_dump(doc, sort_keys=False))
         console.print(
-            f"parameters written to {args.save_params}; edit them and pass --params to `loraforge train`"
+            f"parameters written to {escape(args.save_params)}; edit them and pass --params to "
+            "`loraforge train`"
         )
 
 
@@ -290,16 +353,18 @@ def cmd_models(args: argparse.Namespace) -> None:
     if args.action == "create":
         name = _name(args.name, "app", "model")
         app_name, model_id = name.rsplit("/models/", 1)
-        console.print(f"created {client.app(app_name).create_model(model_id).name}")
+        console.print(f"created {escape(client.app(app_name).create_model(model_id).name)}")
     elif args.action == "delete":
-        client.trainer.DeleteModel(
-            tpb.DeleteModelRequest(name=_name(args.name, "app", "model"), force=args.force)
-        )
-        console.print("deleted")
+        name = _name(args.name, "app", "model")
+        try:
+            client.trainer.DeleteModel(tpb.DeleteModelRequest(name=name, force=args.force))
+        except grpc.RpcError as err:
+            raise ClientError.from_rpc(err) from None
+        console.print(f"deleted {escape(name)}")
     else:
         table = Table("model", "latest trained version")
-        for m in client.app(args.name).list_models():
-            table.add_row(m.name, m.pb.latest_trained_version or "-")
+        for m in client.app(_name(args.name, "app")).list_models():
+            table.add_row(escape(m.name), escape(m.pb.latest_trained_version) or "-")
         console.print(table)
 
 
@@ -313,7 +378,10 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
         *groups, leaf = path.split(".")
         for g in groups:
             node = node.setdefault(g, {})
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = load_yaml(raw)
+        except yaml.YAMLError:
+            node[leaf] = raw  # not YAML (an unbalanced quote, say): the text as it is
     return out
 
 
@@ -324,7 +392,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     model = client.app(app_name).model(model_id)
     params: dict[str, Any] = {}
     if args.params:
-        params = yaml.safe_load(Path(args.params).read_text()) or {}
+        path = Path(args.params)
+        if not path.is_file():
+            raise UsageError(f"--params {path}: no such file")
+        try:
+            params = load_yaml(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UsageError(f"--params {path}: not valid YAML ({_one_line(str(exc))})") from None
+        if not isinstance(params, dict):
+            raise UsageError(f"--params {path}: expected a YAML mapping of parameter groups")
     template = args.template or params.get("template")
     if not template:
         raise UsageError(
@@ -338,20 +414,74 @@ def cmd_train(args: argparse.Namespace) -> None:
         )
     params.pop("template", None)
     params["dataset_version"] = dataset_version
-    _merge(params, _parse_set(args.set))
+    merge(params, _parse_set(args.set))
     model.update_params(**params)
-    version_id = model.train(version_id=args.id)
+    version_id = model.train(version_id=args.id, request_id=args.request_id)
     version_name = model.version_name(version_id)
-    console.print(f"queued {version_name}")
+    console.print(f"queued {escape(version_name)}")
     if args.no_watch:
         return
     follow(client, version_name, plot=args.plot)
 
 
+@dataclass
+class LossCurve:
+    """Each loss at the step it was measured.
+
+    Every progress event carries the latest train and eval loss, so a value is new only
+    where it differs from the last one recorded: an eval loss repeated by later training
+    steps is not a measurement, and plotting it would draw stale flat points.
+    """
+
+    train: list[tuple[int, float]] = field(default_factory=list)
+    evals: list[tuple[int, float]] = field(default_factory=list)
+
+    def add(self, p: tpb.TrainingProgress) -> None:
+        if p.HasField("train_loss") and (not self.train or self.train[-1][1] != p.train_loss):
+            self.train.append((p.step, p.train_loss))
+        if p.HasField("eval_loss") and (not self.evals or self.evals[-1][1] != p.eval_loss):
+            self.evals.append((p.step, p.eval_loss))
+
+
+def log_line(event: tpb.TrainingEvent) -> str | None:
+    """What a live view shows of a log event: a warning's first line, escaped; else nothing.
+
+    Errors are left to the run's final status, which names the cause in one line (an
+    error log holds the worker's traceback; `loraforge logs` shows it).
+    """
+    if event.WhichOneof("kind") != "log" or event.log.level != tpb.LOG_LEVEL_WARNING:
+        return None
+    lines = [line for line in event.log.message.splitlines() if line.strip()]
+    if not lines:
+        return None
+    return escape(lines[0].strip()) + (" …" if len(lines) > 1 else "")
+
+
+def _full_version_name(name: str) -> str:
+    try:
+        return full_version_name(name)
+    except ClientError as exc:
+        raise UsageError(exc.message) from None
+
+
+def _duration(seconds: float) -> str:
+    hours, rest = divmod(max(round(seconds), 0), 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
+
+
+def _state_name(state: int) -> str:
+    return tpb.ModelVersionState.Name(state).removeprefix("MODEL_VERSION_STATE_")
+
+
 def follow(client: Client, version_name: str, plot: str | None = None) -> tpb.ModelVersion:
-    """Shows a run's live progress from its watch stream; saves the loss curve as a PNG."""
-    train_points: list[tuple[int, float]] = []
-    eval_points: list[tuple[int, float]] = []
+    """Shows a run's live progress from its watch stream; saves the loss curve as a PNG.
+
+    RunEnded when the run ends FAILED or CANCELLED, naming the cause in one line.
+    """
+    version_name = _full_version_name(version_name)
+    curve = LossCurve()
+    last_message = ""
     with Progress(
         TextColumn("[bold]{task.fields[state]}"),
         BarColumn(),
@@ -365,40 +495,43 @@ def follow(client: Client, version_name: str, plot: str | None = None) -> tpb.Mo
         for event in client.watch(version_name):
             kind = event.WhichOneof("kind")
             if kind == "state_change":
-                state = tpb.ModelVersionState.Name(event.state_change.state).removeprefix(
-                    "MODEL_VERSION_STATE_"
-                )
-                bar.update(task, state=f"{state} ({event.state_change.status_code})")
-                if event.state_change.message and state in ("FAILED", "CANCELLED"):
-                    bar.console.print(f"[red]{event.state_change.message}")
+                change = event.state_change
+                bar.update(task, state=f"{_state_name(change.state)} ({change.status_code})")
+                last_message = change.message or last_message
             elif kind == "progress":
                 p = event.progress
-                if p.HasField("train_loss"):
-                    train_points.append((p.step, p.train_loss))
-                if p.HasField("eval_loss"):
-                    eval_points.append((p.step, p.eval_loss))
+                curve.add(p)
                 stats = [f"{p.tokens_per_second:,.0f} tok/s"]
-                if train_points:
-                    stats.insert(0, f"loss {train_points[-1][1]:.3f}")
-                if eval_points:
-                    stats.insert(1, f"eval {eval_points[-1][1]:.3f}")
+                if curve.train:
+                    stats.insert(0, f"loss {curve.train[-1][1]:.3f}")
+                if curve.evals:
+                    stats.insert(1, f"eval {curve.evals[-1][1]:.3f}")
                 bar.update(
                     task, total=p.total_steps or None, completed=p.step, stats="  ".join(stats)
                 )
-            elif kind == "log" and event.log.level >= tpb.LOG_LEVEL_WARNING:
-                bar.console.print(f"[yellow]{event.log.message}")
+            elif (line := log_line(event)) is not None:
+                bar.console.print(f"[yellow]{line}[/yellow]")
     version = client.model_version(version_name)
-    state = tpb.ModelVersionState.Name(version.state).removeprefix("MODEL_VERSION_STATE_")
+    state = _state_name(version.state)
+    if curve.train and plot != "":
+        path = plot or f"loss-{version_name.rsplit('/', 1)[-1]}.png"
+        save_loss_curve(curve.train, curve.evals, path, version_name)
+        console.print(f"loss curve saved to {escape(path)}")
+    if version.state in (tpb.MODEL_VERSION_STATE_FAILED, tpb.MODEL_VERSION_STATE_CANCELLED):
+        cause = version.failure_reason or last_message or state.lower()
+        raise RunEnded(
+            f"{escape(version_name)} {state} ({version.status_code}): {_one_line(cause)}"
+            + (
+                f" (the whole log: `loraforge logs {escape(version_name)}`)"
+                if state == "FAILED"
+                else ""
+            )
+        )
     metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(version.metrics.items()))
     console.print(
-        f"{version_name}: {state} ({version.status_code}){' — ' + metrics if metrics else ''}"
+        f"{escape(version_name)}: {state} ({version.status_code})"
+        + (f" — {escape(metrics)}" if metrics else "")
     )
-    if version.failure_reason:
-        console.print(f"[red]{version.failure_reason}")
-    if train_points and plot != "":
-        path = plot or f"loss-{version_name.rsplit('/', 1)[-1]}.png"
-        save_loss_curve(train_points, eval_points, path, version_name)
-        console.print(f"loss curve saved to {path}")
     return version
 
 
@@ -426,22 +559,29 @@ def save_loss_curve(
 def cmd_status(args: argparse.Namespace) -> None:
     client = _client(args)
     mv = client.model_version(args.version)
-    state = tpb.ModelVersionState.Name(mv.state).removeprefix("MODEL_VERSION_STATE_")
-    table = Table(show_header=False, title=mv.name)
-    table.add_row("state", f"{state} ({mv.status_code})")
-    table.add_row("template", mv.template)
-    table.add_row("dataset version", mv.dataset_version)
-    if mv.progress.total_steps:
-        table.add_row(
-            "progress",
-            f"step {mv.progress.step}/{mv.progress.total_steps}, epoch {mv.progress.epoch:.2f}",
-        )
+    table = Table(show_header=False, title=escape(mv.name))
+    table.add_row("state", f"{_state_name(mv.state)} ({mv.status_code})")
+    table.add_row("template", escape(mv.template))
+    table.add_row("dataset version", escape(mv.dataset_version))
+    p = mv.progress
+    if p.total_steps:
+        table.add_row("progress", f"step {p.step}/{p.total_steps}, epoch {p.epoch:.2f}")
+        if p.HasField("train_loss"):
+            table.add_row("train loss", f"{p.train_loss:.4f}")
+        if p.HasField("eval_loss"):
+            table.add_row("eval loss", f"{p.eval_loss:.4f}")
+        if p.learning_rate:
+            table.add_row("learning rate", f"{p.learning_rate:.3g}")
+        if p.tokens_per_second:
+            table.add_row("throughput", f"{p.tokens_per_second:,.0f} tokens/s")
+        if mv.state == tpb.MODEL_VERSION_STATE_TRAINING and p.HasField("eta"):
+            table.add_row("time left", _duration(p.eta.ToTimedelta().total_seconds()))
     for k, v in sorted(mv.metrics.items()):
-        table.add_row(k, f"{v:.4g}")
+        table.add_row(escape(k), f"{v:.4g}")
     if mv.failure_reason:
-        table.add_row("failure", mv.failure_reason)
+        table.add_row("failure", escape(mv.failure_reason))
     if mv.artifacts.adapter_prefix:
-        table.add_row("adapter", mv.artifacts.adapter_prefix)
+        table.add_row("adapter", escape(mv.artifacts.adapter_prefix))
     console.print(table)
 
 
@@ -463,27 +603,24 @@ def cmd_watch(args: argparse.Namespace) -> None:
 
 def cmd_cancel(args: argparse.Namespace) -> None:
     mv = _client(args).cancel(args.version)
-    console.print(
-        f"{mv.name}: {tpb.ModelVersionState.Name(mv.state).removeprefix('MODEL_VERSION_STATE_')}"
-    )
+    console.print(f"{escape(mv.name)}: {_state_name(mv.state)}")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
     client = _client(args)
     if bool(args.model) == args.base:
         raise UsageError(
-            "name a model (apps/APP/models/MODEL[/versions/V]) or pass --base, not both"
+            "name a model (APP/MODEL, APP/MODEL/VERSION or a full name) or pass --base, not both"
         )
-    params: dict[str, Any] = {"maxTokens": args.max_tokens, "temperature": args.temperature}
+    # Unset parameters take the predictor's defaults, the same for every client.
+    params: dict[str, Any] = {"temperature": args.temperature}
+    if args.max_tokens is not None:
+        params["maxTokens"] = args.max_tokens
     if args.system_prompt:
         params["systemPrompt"] = args.system_prompt
     if args.prompt_template:
         params["promptTemplate"] = args.prompt_template
-    model = (
-        _name(args.model, "app", "model")
-        if args.model and "/versions/" not in args.model
-        else (args.model or "")
-    )
+    model = model_name(args.model)
     if args.no_stream:
         out = client.predict(
             [args.text], model, base_model=args.base, inference_params=params
@@ -499,9 +636,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
         last = msg
     sys.stdout.write("\n")
     if last is not None:
+        finish = ppb.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
         err_console.print(
             f"[dim]{last.prompt_tokens} prompt + {last.completion_tokens} completion tokens, "
-            f"finished: {ppb.FinishReason.Name(last.finish_reason).removeprefix('FINISH_REASON_').lower()}[/dim]"
+            f"finished: {finish}[/dim]"
         )
 
 
@@ -577,13 +715,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-running", action="store_true", help="leave the services running afterwards"
     )
 
-    p = add("apps", cmd_apps, "create, list or delete apps")
-    p.add_argument("action", choices=["create", "list", "delete"])
-    p.add_argument("id", nargs="?", default="")
+    p = add("apps", cmd_apps, "create, list, show, update or delete apps")
+    p.add_argument("action", choices=["create", "list", "show", "update", "delete"])
+    p.add_argument("id", nargs="?", default="", help="the app (all but list)")
+    p.add_argument("--description", default=None, help="description (create, update)")
+    p.add_argument(
+        "--etag",
+        default="",
+        help="update only if the app still has this etag (from `apps show`)",
+    )
     p.add_argument("--force", action="store_true", help="delete with datasets")
-    p = add("datasets", cmd_datasets, "create, list or delete datasets")
-    p.add_argument("action", choices=["create", "list", "delete"])
-    p.add_argument("name", help="APP/DATASET for create/delete, APP for list")
+    p = add("datasets", cmd_datasets, "create, list, show, update or delete datasets")
+    p.add_argument("action", choices=["create", "list", "show", "update", "delete"])
+    p.add_argument("name", help="APP/DATASET, or APP for list")
+    p.add_argument("--description", default=None, help="description (create, update)")
+    p.add_argument(
+        "--etag",
+        default="",
+        help="update only if the dataset still has this etag (from `datasets show`)",
+    )
     p.add_argument("--force", action="store_true")
     p = add("upload", cmd_upload, "upload a file of examples (CSV, JSONL or text) to a dataset")
     p.add_argument("dataset", help="APP/DATASET or apps/APP/datasets/DATASET")
@@ -592,7 +742,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-errors", type=int, default=50, help="rejected rows to list")
     p = add("versions", cmd_versions, "create or list dataset versions, or delete one")
     p.add_argument("action", choices=["create", "list", "delete"])
-    p.add_argument("name", help="APP/DATASET (create, list) or a version name (delete)")
+    p.add_argument("name", help="APP/DATASET (create, list) or APP/DATASET/VERSION (delete)")
     p.add_argument("--id", default="", help="version id (create); generated when empty")
     add("base-models", cmd_base_models, "list the base models templates can name")
     p = add("templates", cmd_templates, "list templates or show one's parameters")
@@ -616,6 +766,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="override one parameter",
     )
     p.add_argument("--id", default="", help="version id; generated when empty")
+    p.add_argument(
+        "--request-id",
+        default=None,
+        help="queue one run per id: running the command again with it returns that run",
+    )
     p.add_argument("--no-watch", action="store_true", help="return once queued")
     p.add_argument("--plot", default=None, help="loss curve PNG path (default loss-VERSION.png)")
     for name, fn, help in (
@@ -625,7 +780,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("cancel", cmd_cancel, "cancel a queued or running model version"),
     ):
         p = add(name, fn, help)
-        p.add_argument("version", help="apps/APP/models/MODEL/versions/VERSION")
+        p.add_argument(
+            "version", help="APP/MODEL/VERSION or apps/APP/models/MODEL/versions/VERSION"
+        )
         if name == "watch":
             p.add_argument("--plot", default=None)
     p = add("predict", cmd_predict, "generate text with a model, a model version or the base model")
@@ -633,11 +790,16 @@ def build_parser() -> argparse.ArgumentParser:
         "model",
         nargs="?",
         default="",
-        help="APP/MODEL, a model or model version name; omit with --base",
+        help="APP/MODEL, APP/MODEL/VERSION or a full name; omit with --base",
     )
     p.add_argument("text")
     p.add_argument("--base", action="store_true", help="use the base model without an adapter")
-    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="most tokens to generate (the predictor's default when unset)",
+    )
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--system-prompt", default="")
     p.add_argument("--prompt-template", default="")
@@ -649,8 +811,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
+    except RunEnded as exc:  # already escaped
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        return 1
     except (ClientError, UsageError, RuntimeError) as exc:
-        err_console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        err_console.print(
+            f"[red]error:[/red] {_one_line(str(exc))}", highlight=False, soft_wrap=True
+        )
         return 1
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -659,8 +826,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("LORAFORGE_DEBUG"):
             raise
         err_console.print(
-            f"[red]error:[/red] unexpected {type(exc).__name__}: {exc} (LORAFORGE_DEBUG=1 shows the traceback)",
+            f"[red]error:[/red] unexpected {type(exc).__name__}: {_one_line(str(exc))} "
+            "(LORAFORGE_DEBUG=1 shows the traceback)",
             highlight=False,
+            soft_wrap=True,
         )
         return 1
     return 0

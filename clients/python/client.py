@@ -1,4 +1,10 @@
-"""The client library: resources as objects, gRPC errors as one clear `ClientError`."""
+"""The client library: resources as objects, gRPC errors as one clear `ClientError`.
+
+Names may be given in full (`apps/a/models/m`) or short (`a/m`), as the CLI takes them.
+Lists follow every page. Creates that change state carry a request id (one the caller
+passes, or a fresh one per call) and are retried with that same id while the service is
+unavailable, so a retry never creates twice.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import copy
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,10 +20,11 @@ from typing import Any, TypeVar
 
 import grpc
 import yaml
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import field_mask_pb2, json_format, struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from loraforge.client.params import load_yaml, merge, overrides, template_defaults
 from loraforge.dataset.v1 import dataset_service_pb2 as dpb
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as dgrpc
 from loraforge.predictor.v1 import predictor_service_pb2 as ppb
@@ -31,6 +38,8 @@ DEFAULT_ADDRESSES = {
     "predictor": "127.0.0.1:50053",
 }
 UPLOAD_CHUNK = 1 << 20
+# Items a List call asks for at once (the services' maximum).
+PAGE_SIZE = 1000
 # Predictor replicas behind Envoy are picked by this header, so one model's adapter stays warm.
 MODEL_ROUTING_HEADER = "x-loraforge-model"
 FINAL_STATES = {
@@ -38,6 +47,10 @@ FINAL_STATES = {
     tpb.MODEL_VERSION_STATE_FAILED,
     tpb.MODEL_VERSION_STATE_CANCELLED,
 }
+
+# Pauses between the attempts of a call that carries a request id, while the service is
+# unavailable (restarting, or the connection dropped before the answer came).
+RETRY_DELAYS = (0.5, 1.0, 2.0)
 
 T = TypeVar("T")
 
@@ -57,7 +70,8 @@ class ClientError(Exception):
         self.reason = reason
         self.fields = fields or []
         text = f"{code.name}: {message}"
-        extra = [f"{f}: {d}" for f, d in self.fields if f"{f}: {d}" not in message]
+        # A violation the message already says (with or without its field) is not repeated.
+        extra = [f"{f}: {d}" for f, d in self.fields if d not in message]
         if extra:
             text += " (" + "; ".join(extra) + ")"
         super().__init__(text)
@@ -92,6 +106,27 @@ def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise ClientError.from_rpc(err) from None
 
 
+def _retrying(fn: Callable[[], T]) -> T:
+    """Runs a call that carries a request id, again while the service is unavailable.
+
+    `fn` sends the same request (so the same request id) every time: the service answers a
+    retry of a call it already did with that call's result.
+    """
+    for delay in (*RETRY_DELAYS, None):
+        try:
+            return fn()
+        except grpc.RpcError as err:
+            code = err.code() if hasattr(err, "code") else None
+            if delay is None or code != grpc.StatusCode.UNAVAILABLE:
+                raise ClientError.from_rpc(err) from None
+        time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _request_id(request_id: str | None) -> str:
+    return request_id or uuid.uuid4().hex
+
+
 def _stream(iterator: Iterable[T]) -> Iterator[T]:
     try:
         yield from iterator
@@ -99,25 +134,88 @@ def _stream(iterator: Iterable[T]) -> Iterator[T]:
         raise ClientError.from_rpc(err) from None
 
 
-def _channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(
+def _pages(fn: Callable[..., Any], request: Any, items: str) -> list[Any]:
+    """Every item of a List call, page after page."""
+    out: list[Any] = []
+    while True:
+        resp = _call(fn, request)
+        out += list(getattr(resp, items))
+        if not resp.next_page_token:
+            return out
+        request.page_token = resp.next_page_token
+
+
+def _channel(address: str, interceptors: Sequence[Any]) -> grpc.Channel:
+    channel = grpc.insecure_channel(
         address,
         options=[
             ("grpc.max_receive_message_length", 64 << 20),
             ("grpc.max_send_message_length", 64 << 20),
         ],
     )
+    return grpc.intercept_channel(channel, *interceptors) if interceptors else channel
+
+
+def resource_name(arg: str, *kinds: str) -> str:
+    """A full resource name from a full (`apps/a/datasets/d`) or short (`a/d`) one.
+
+    `kinds` are the name's collections in singular, e.g. `("app", "dataset")`.
+    """
+    pattern = "/".join(f"{k}s/{{{k}}}" for k in kinds)
+    if arg.startswith("apps/"):
+        if len(arg.split("/")) != 2 * len(kinds):
+            raise ClientError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{arg!r}: expected a name like {pattern}"
+            )
+        return arg
+    parts = arg.split("/")
+    if len(parts) != len(kinds) or not all(parts):
+        raise ClientError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{arg!r}: expected a name like {pattern} (or {'/'.join(kinds)})",
+        )
+    return "/".join(f"{k}s/{p}" for k, p in zip(kinds, parts, strict=True))
+
+
+def model_name(arg: str) -> str:
+    """A model or model version name from a full or short form (`a/m`, `a/m/v`); '' stays ''."""
+    if not arg:
+        return ""
+    if arg.startswith("apps/"):
+        kinds = ("app", "model", "version") if "/versions/" in arg else ("app", "model")
+    else:
+        kinds = ("app", "model", "version") if arg.count("/") == 2 else ("app", "model")
+    return resource_name(arg, *kinds)
+
+
+def version_name(arg: str) -> str:
+    """A model version name from a full or short form (`a/m/v`)."""
+    return resource_name(arg, "app", "model", "version")
 
 
 def _app_name(app_id: str) -> str:
-    return app_id if app_id.startswith("apps/") else f"apps/{app_id}"
+    return resource_name(app_id, "app")
+
+
+def _mask(**fields: Any) -> tuple[dict[str, Any], field_mask_pb2.FieldMask]:
+    """The fields an update sets (None: unchanged) and the mask that names them."""
+    chosen = {k: v for k, v in fields.items() if v is not None}
+    return chosen, field_mask_pb2.FieldMask(paths=sorted(chosen))
 
 
 class Client:
-    """Connections to the three services. Addresses default to `LORAFORGE_{DATASET,TRAINER,PREDICTOR}_ADDRESS`."""
+    """Connections to the three services. Addresses default to `LORAFORGE_{DATASET,TRAINER,PREDICTOR}_ADDRESS`.
+
+    `interceptors` (gRPC client interceptors) apply to every call: headers, tracing.
+    """
 
     def __init__(
-        self, dataset: str | None = None, trainer: str | None = None, predictor: str | None = None
+        self,
+        dataset: str | None = None,
+        trainer: str | None = None,
+        predictor: str | None = None,
+        *,
+        interceptors: Sequence[Any] = (),
     ):
         self.addresses = {
             svc: addr
@@ -125,7 +223,7 @@ class Client:
             or DEFAULT_ADDRESSES[svc]
             for svc, addr in (("dataset", dataset), ("trainer", trainer), ("predictor", predictor))
         }
-        self._channels = {svc: _channel(addr) for svc, addr in self.addresses.items()}
+        self._channels = {svc: _channel(addr, interceptors) for svc, addr in self.addresses.items()}
         self.datasets = dgrpc.DatasetServiceStub(self._channels["dataset"])
         self.trainer = tgrpc.TrainerServiceStub(self._channels["trainer"])
         self.predictor = pgrpc.PredictorServiceStub(self._channels["predictor"])
@@ -152,77 +250,113 @@ class Client:
     def app(self, app_id: str) -> App:
         return App(self, _call(self.datasets.GetApp, dpb.GetAppRequest(name=_app_name(app_id))).app)
 
-    def list_apps(self) -> list[App]:
-        out, token = [], ""
-        while True:
-            resp = _call(
-                self.datasets.ListApps, dpb.ListAppsRequest(page_size=1000, page_token=token)
-            )
-            out += [App(self, a) for a in resp.apps]
-            token = resp.next_page_token
-            if not token:
-                return out
+    def dataset(self, name: str) -> Dataset:
+        """A dataset by name: `apps/a/datasets/d` or `a/d`."""
+        resp = _call(
+            self.datasets.GetDataset,
+            dpb.GetDatasetRequest(name=resource_name(name, "app", "dataset")),
+        )
+        return Dataset(self, resp.dataset)
+
+    def model(self, name: str) -> Model:
+        """A model by name: `apps/a/models/m` or `a/m`."""
+        resp = _call(
+            self.trainer.GetModel, tpb.GetModelRequest(name=resource_name(name, "app", "model"))
+        )
+        return Model(self, resp.model)
+
+    def list_apps(self, *, page_size: int = PAGE_SIZE) -> list[App]:
+        """Every app; `page_size` is how many each call fetches."""
+        apps = _pages(self.datasets.ListApps, dpb.ListAppsRequest(page_size=page_size), "apps")
+        return [App(self, a) for a in apps]
+
+    def update_app(self, app_id: str, *, description: str | None = None, etag: str = "") -> App:
+        """Changes the fields given (None leaves a field as it is).
+
+        With `etag` (from `App.pb.etag`), ABORTED if the app changed since it was read.
+        """
+        fields, mask = _mask(description=description)
+        resp = _call(
+            self.datasets.UpdateApp,
+            dpb.UpdateAppRequest(
+                app=dpb.App(name=_app_name(app_id), etag=etag, **fields), update_mask=mask
+            ),
+        )
+        return App(self, resp.app)
 
     def delete_app(self, app_id: str, force: bool = False) -> None:
         _call(self.datasets.DeleteApp, dpb.DeleteAppRequest(name=_app_name(app_id), force=force))
 
+    def update_dataset(
+        self, name: str, *, description: str | None = None, etag: str = ""
+    ) -> Dataset:
+        """Changes the fields given (None leaves a field as it is) of `a/d` or its full name.
+
+        With `etag` (from `Dataset.pb.etag`), ABORTED if the dataset changed since it was read.
+        """
+        fields, mask = _mask(description=description)
+        resp = _call(
+            self.datasets.UpdateDataset,
+            dpb.UpdateDatasetRequest(
+                dataset=dpb.Dataset(
+                    name=resource_name(name, "app", "dataset"), etag=etag, **fields
+                ),
+                update_mask=mask,
+            ),
+        )
+        return Dataset(self, resp.dataset)
+
     # Templates and model types
 
     def list_model_types(self) -> list[tpb.ModelType]:
-        return list(_call(self.trainer.ListModelTypes, tpb.ListModelTypesRequest()).model_types)
+        return _pages(
+            self.trainer.ListModelTypes,
+            tpb.ListModelTypesRequest(page_size=PAGE_SIZE),
+            "model_types",
+        )
 
     def list_templates(self) -> list[tpb.Template]:
-        return list(
-            _call(self.trainer.ListTemplates, tpb.ListTemplatesRequest(page_size=1000)).templates
+        return _pages(
+            self.trainer.ListTemplates, tpb.ListTemplatesRequest(page_size=PAGE_SIZE), "templates"
         )
 
     def list_base_models(self) -> list[tpb.BaseModel]:
         """The base models a template's `model_config.pretrained_model_name_or_path` may name."""
-        out: list[tpb.BaseModel] = []
-        token = ""
-        while True:
-            resp = _call(
-                self.trainer.ListBaseModels,
-                tpb.ListBaseModelsRequest(page_size=1000, page_token=token),
-            )
-            out += list(resp.base_models)
-            token = resp.next_page_token
-            if not token:
-                return out
+        return _pages(
+            self.trainer.ListBaseModels,
+            tpb.ListBaseModelsRequest(page_size=PAGE_SIZE),
+            "base_models",
+        )
 
     def get_template(self, template: str) -> tpb.Template:
         name = template if template.startswith("templates/") else f"templates/{template}"
         return _call(self.trainer.GetTemplate, tpb.GetTemplateRequest(name=name)).template
 
-    # Model versions by full name (what the CLI uses)
+    # Model versions by name: `apps/a/models/m/versions/v` or `a/m/v`
 
     def model_version(self, name: str) -> tpb.ModelVersion:
         return _call(
-            self.trainer.GetModelVersion, tpb.GetModelVersionRequest(name=name)
+            self.trainer.GetModelVersion, tpb.GetModelVersionRequest(name=version_name(name))
         ).model_version
 
     def watch(self, model_version: str, after_sequence: int = 0) -> Iterator[tpb.TrainingEvent]:
-        stream = self.trainer.WatchModelVersion(
-            tpb.WatchModelVersionRequest(name=model_version, after_sequence=after_sequence)
+        request = tpb.WatchModelVersionRequest(
+            name=version_name(model_version), after_sequence=after_sequence
         )
-        for resp in _stream(stream):
+        for resp in _stream(self.trainer.WatchModelVersion(request)):
             yield resp.event
 
     def logs(self, model_version: str) -> list[tpb.TrainingEvent]:
-        events, token = [], ""
-        while True:
-            resp = _call(
-                self.trainer.GetModelVersionLogs,
-                tpb.GetModelVersionLogsRequest(name=model_version, page_token=token),
-            )
-            events += list(resp.events)
-            token = resp.next_page_token
-            if not token:
-                return events
+        return _pages(
+            self.trainer.GetModelVersionLogs,
+            tpb.GetModelVersionLogsRequest(name=version_name(model_version)),
+            "events",
+        )
 
     def cancel(self, model_version: str) -> tpb.ModelVersion:
         return _call(
-            self.trainer.CancelModelVersion, tpb.CancelModelVersionRequest(name=model_version)
+            self.trainer.CancelModelVersion,
+            tpb.CancelModelVersionRequest(name=version_name(model_version)),
         ).model_version
 
     # Prediction
@@ -235,7 +369,9 @@ class Client:
         base_model: bool = False,
         inference_params: dict[str, Any] | None = None,
     ) -> Prediction:
-        """Predicts with a model or model version name, or the base model (`base_model=True`)."""
+        """Predicts with a model or model version (`a/m`, `a/m/v` or full names), or the base
+        model (`base_model=True`). Unset inference parameters take the predictor's defaults
+        (`max_tokens` 256, greedy)."""
         inputs = [ppb.PredictInput(text=t, id=str(i)) for i, t in enumerate(texts)]
         return self._predict(inputs, model, base_model, inference_params)
 
@@ -264,6 +400,7 @@ class Client:
         base_model: bool,
         inference_params: dict[str, Any] | None,
     ) -> Prediction:
+        model = model_name(model)
         request = ppb.PredictRequest(
             model=model,
             base_model=base_model,
@@ -283,6 +420,7 @@ class Client:
         base_model: bool = False,
         inference_params: dict[str, Any] | None = None,
     ) -> Iterator[ppb.PredictStreamResponse]:
+        model = model_name(model)
         request = ppb.PredictStreamRequest(
             model=model,
             base_model=base_model,
@@ -373,12 +511,23 @@ class App:
         )
         return Dataset(self.client, resp.dataset)
 
-    def list_datasets(self) -> list[Dataset]:
-        resp = _call(
-            self.client.datasets.ListDatasets,
-            dpb.ListDatasetsRequest(parent=self.name, page_size=1000),
+    def update(self, *, description: str | None = None, check_etag: bool = True) -> App:
+        """Changes the fields given; with `check_etag`, only if nobody changed the app since
+        this object read it (ABORTED otherwise). Returns self, refreshed."""
+        updated = self.client.update_app(
+            self.name, description=description, etag=self.pb.etag if check_etag else ""
         )
-        return [Dataset(self.client, d) for d in resp.datasets]
+        self.pb = updated.pb
+        return self
+
+    def list_datasets(self, *, page_size: int = PAGE_SIZE) -> list[Dataset]:
+        """Every dataset of the app; `page_size` is how many each call fetches."""
+        datasets = _pages(
+            self.client.datasets.ListDatasets,
+            dpb.ListDatasetsRequest(parent=self.name, page_size=page_size),
+            "datasets",
+        )
+        return [Dataset(self.client, d) for d in datasets]
 
     def create_model(
         self, model_id: str, model_type_id: str = "text-to-text", description: str = ""
@@ -404,11 +553,14 @@ class App:
         )
         return Model(self.client, resp.model)
 
-    def list_models(self) -> list[Model]:
-        resp = _call(
-            self.client.trainer.ListModels, tpb.ListModelsRequest(parent=self.name, page_size=1000)
+    def list_models(self, *, page_size: int = PAGE_SIZE) -> list[Model]:
+        """Every model of the app; `page_size` is how many each call fetches."""
+        models = _pages(
+            self.client.trainer.ListModels,
+            tpb.ListModelsRequest(parent=self.name, page_size=page_size),
+            "models",
         )
-        return [Model(self.client, m) for m in resp.models]
+        return [Model(self.client, m) for m in models]
 
 
 class Dataset:
@@ -421,6 +573,15 @@ class Dataset:
     def __repr__(self) -> str:
         return f"Dataset({self.name!r})"
 
+    def update(self, *, description: str | None = None, check_etag: bool = True) -> Dataset:
+        """Changes the fields given; with `check_etag`, only if nobody changed the dataset
+        since this object read it (ABORTED otherwise). Returns self, refreshed."""
+        updated = self.client.update_dataset(
+            self.name, description=description, etag=self.pb.etag if check_etag else ""
+        )
+        self.pb = updated.pb
+        return self
+
     def upload_file(
         self,
         path: str | os.PathLike[str],
@@ -428,13 +589,17 @@ class Dataset:
         skip_duplicates: bool = False,
         max_row_errors: int = 100,
         progress: Callable[[int, int, int], None] | None = None,
+        request_id: str | None = None,
     ) -> dpb.UploadInputsResponse:
         """Streams a file (any supported format) in 1 MiB chunks.
 
-        `progress(bytes_sent, total_bytes, lines_sent)` is called after each chunk.
+        `progress(bytes_sent, total_bytes, lines_sent)` is called after each chunk. The
+        upload is stored once per `request_id` (a fresh one when None), however often it
+        is sent: a retry, ours or the caller's, gets the first upload's report.
         """
         path = Path(path)
         total = path.stat().st_size
+        request_id = _request_id(request_id)
 
         def messages() -> Iterator[dpb.UploadInputsRequest]:
             yield dpb.UploadInputsRequest(
@@ -443,6 +608,7 @@ class Dataset:
                     file_name=path.name,
                     skip_duplicates=skip_duplicates,
                     max_row_errors=max_row_errors,
+                    request_id=request_id,
                 )
             )
             sent = lines = 0
@@ -454,7 +620,7 @@ class Dataset:
                     if progress:
                         progress(sent, total, lines)
 
-        return _call(self.client.datasets.UploadInputs, messages())
+        return _retrying(lambda: self.client.datasets.UploadInputs(messages()))
 
     def upload_from_csv(
         self, csv_path: str | os.PathLike[str], **kwargs: Any
@@ -462,65 +628,35 @@ class Dataset:
         """The seed SDK's name for an upload; any supported format works."""
         return self.upload_file(csv_path, **kwargs)
 
-    def add_examples(self, examples: list[tuple[str, str]]) -> list[dpb.Input]:
-        """Adds (prompt, completion) pairs directly."""
+    def add_examples(
+        self, examples: list[tuple[str, str]], *, request_id: str | None = None
+    ) -> list[dpb.Input]:
+        """Adds (prompt, completion) pairs directly, once per `request_id` (fresh when None)."""
         inputs = [dpb.NewInput(example=dpb.Example(prompt=p, completion=c)) for p, c in examples]
-        return list(
-            _call(
-                self.client.datasets.AddInputs,
-                dpb.AddInputsRequest(parent=self.name, inputs=inputs),
-            ).inputs
+        request = dpb.AddInputsRequest(
+            parent=self.name, inputs=inputs, request_id=_request_id(request_id)
         )
+        return list(_retrying(lambda: self.client.datasets.AddInputs(request)).inputs)
 
-    def create_version(self, version_id: str = "", description: str = "") -> dpb.DatasetVersion:
-        resp = _call(
-            self.client.datasets.CreateDatasetVersion,
-            dpb.CreateDatasetVersionRequest(
-                parent=self.name, version_id=version_id, description=description
-            ),
+    def create_version(
+        self, version_id: str = "", description: str = "", *, request_id: str | None = None
+    ) -> dpb.DatasetVersion:
+        """Freezes the dataset's inputs, once per `request_id` (fresh when None)."""
+        request = dpb.CreateDatasetVersionRequest(
+            parent=self.name,
+            version_id=version_id,
+            description=description,
+            request_id=_request_id(request_id),
         )
-        return resp.dataset_version
+        return _retrying(lambda: self.client.datasets.CreateDatasetVersion(request)).dataset_version
 
-    def list_versions(self) -> list[dpb.DatasetVersion]:
-        resp = _call(
+    def list_versions(self, *, page_size: int = PAGE_SIZE) -> list[dpb.DatasetVersion]:
+        """Every version of the dataset; `page_size` is how many each call fetches."""
+        return _pages(
             self.client.datasets.ListDatasetVersions,
-            dpb.ListDatasetVersionsRequest(parent=self.name, page_size=1000),
+            dpb.ListDatasetVersionsRequest(parent=self.name, page_size=page_size),
+            "dataset_versions",
         )
-        return list(resp.dataset_versions)
-
-
-def _template_defaults(template: tpb.Template) -> dict[str, Any]:
-    params: dict[str, Any] = {}
-    for p in template.parameters:
-        node = params
-        *groups, leaf = p.path.split(".")
-        for g in groups:
-            node = node.setdefault(g, {})
-        node[leaf] = (
-            json_format.MessageToDict(p.default_value) if p.HasField("default_value") else None
-        )
-    return params
-
-
-def _diff(params: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in params.items():
-        base = defaults.get(key, object())
-        if isinstance(value, dict) and isinstance(base, dict):
-            sub = _diff(value, base)
-            if sub:
-                out[key] = sub
-        elif value != base:
-            out[key] = value
-    return out
-
-
-def _merge(into: dict[str, Any], update: dict[str, Any]) -> None:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = copy.deepcopy(value)
 
 
 @dataclass
@@ -559,7 +695,7 @@ class Model:
         """Selects `template` and returns its parameters with defaults; optionally saves them as YAML."""
         tpl = self.client.get_template(template)
         self.template = tpl.name
-        self._defaults = _template_defaults(tpl)
+        self._defaults = template_defaults(tpl)
         self.params = copy.deepcopy(self._defaults)
         if save_to:
             doc = {
@@ -580,13 +716,13 @@ class Model:
         """
         merged: dict[str, Any] = {}
         if params_file:
-            loaded = yaml.safe_load(Path(params_file).read_text()) or {}
+            loaded = load_yaml(Path(params_file).read_text()) or {}
             if not isinstance(loaded, dict):
                 raise ClientError(
                     grpc.StatusCode.INVALID_ARGUMENT, f"{params_file}: expected a YAML mapping"
                 )
             merged.update(loaded)
-        _merge(merged, updates)
+        merge(merged, updates)
         template = merged.pop("template", None)
         if template and (
             self.template is None
@@ -601,13 +737,22 @@ class Model:
         dataset_version = merged.pop("dataset_version", None)
         if dataset_version is not None:
             self.dataset_version = getattr(dataset_version, "name", dataset_version)
-        _merge(self.params, merged)
+        merge(self.params, merged)
         return copy.deepcopy(self.params)
 
     def train(
-        self, dataset_version: Any = None, version_id: str = "", description: str = ""
+        self,
+        dataset_version: Any = None,
+        version_id: str = "",
+        description: str = "",
+        *,
+        request_id: str | None = None,
     ) -> str:
-        """Starts a training run with the chosen template and parameters; returns the version id."""
+        """Starts a training run with the chosen template and parameters; returns the version id.
+
+        One run per `request_id` (a fresh one when None): calling again with the same id,
+        say after a timeout, returns the run the first call queued.
+        """
         if self.template is None:
             raise ClientError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -615,23 +760,22 @@ class Model:
             )
         if dataset_version is not None:
             self.dataset_version = getattr(dataset_version, "name", dataset_version)
-        overrides = struct_pb2.Struct()
-        overrides.update(_diff(self.params, self._defaults))
-        resp = _call(
-            self.client.trainer.CreateModelVersion,
-            tpb.CreateModelVersionRequest(
-                parent=self.name,
-                version_id=version_id,
-                template=self.template,
-                dataset_version=self.dataset_version,
-                param_overrides=overrides,
-                description=description,
-                request_id=uuid.uuid4().hex,
-            ),
+        changed = struct_pb2.Struct()
+        changed.update(overrides(self.params, self._defaults))
+        request = tpb.CreateModelVersionRequest(
+            parent=self.name,
+            version_id=version_id,
+            template=self.template,
+            dataset_version=self.dataset_version,
+            param_overrides=changed,
+            description=description,
+            request_id=_request_id(request_id),
         )
+        resp = _retrying(lambda: self.client.trainer.CreateModelVersion(request))
         return resp.model_version.name.rsplit("/", 1)[-1]
 
     def version_name(self, version_id: str) -> str:
+        """The full name of one of this model's versions, from its id or a full name."""
         return (
             version_id if version_id.startswith("apps/") else f"{self.name}/versions/{version_id}"
         )

@@ -28,7 +28,6 @@ from loraforge.client.cli import follow
 from loraforge.client.client import Client
 from loraforge.client.local import LocalCluster
 from loraforge.services.common.base_models import DEFAULT_BASE_MODEL, lookup
-from loraforge.trainer.v1 import trainer_service_pb2 as tpb
 
 console = Console()
 ASSISTANT = "### Assistant:"
@@ -152,11 +151,8 @@ def _workflow(client: Client, base_model: str, epochs: float) -> dict[str, float
     version_id = model.train()
     version_name = model.version_name(version_id)
     console.print(f"training {version_name} (template {TEMPLATE}, base {base_model})")
-    trained = follow(client, version_name, plot=str(Path.cwd() / "demo-loss.png"))
-    if trained.state != tpb.MODEL_VERSION_STATE_TRAINED:
-        raise RuntimeError(
-            f"training ended {tpb.ModelVersionState.Name(trained.state)}: {trained.failure_reason}"
-        )
+    # A run that ends FAILED or CANCELLED raises, naming the cause in one line.
+    follow(client, version_name, plot=str(Path.cwd() / "demo-loss.png"))
 
     console.rule("[bold]4. predictions on held-out news")
     held = load_pairs(demo_file("sentiment_heldout.jsonl"))
@@ -176,7 +172,9 @@ def _workflow(client: Client, base_model: str, epochs: float) -> dict[str, float
     tuned = client.predict(news, model.name, inference_params=params).outputs
     table = Table("news (held out)", "expected", "base model", "fine-tuned")
     for (text, label), b, t in list(zip(held, base, tuned, strict=True))[:12]:
-        table.add_row(text, label, _marked(b.data.text.raw, label), _marked(t.data.text.raw, label))
+        table.add_row(
+            escape(text), label, _marked(b.data.text.raw, label), _marked(t.data.text.raw, label)
+        )
     console.print(table)
     base_acc = sum(
         answer_label(o.data.text.raw) == label for o, (_, label) in zip(base, held, strict=True)

@@ -90,9 +90,11 @@ class LocalCluster:
                 if _serving(f"127.0.0.1:{proc.port}"):
                     return
             if proc.popen is not None and proc.popen.poll() is not None:
-                tail = proc.log.read_text(errors="replace")[-3000:]
+                lines = proc.log.read_text(errors="replace").strip().splitlines()
+                last = f": {lines[-1].strip()}" if lines else ""
                 raise RuntimeError(
-                    f"the {proc.name} service exited ({proc.popen.returncode}); its log ends:\n{tail}"
+                    f"the {proc.name} service exited ({proc.popen.returncode}){last} "
+                    f"(its whole log: {proc.log})"
                 )
             time.sleep(0.2)
         raise RuntimeError(
