@@ -66,14 +66,16 @@ _STATUS_CODES = {
 }
 
 
-def etag(*identity_and_fields: object) -> str:
-    """A checksum of a resource's changeable fields (AIP-154).
+def etag(*identity_and_fields: object, weak: bool = False) -> str:
+    """A checksum of a resource's fields, quoted as RFC 7232 has it (AIP-154).
 
     Given the resource's identity too (its ids and create time), so the etag of a deleted
-    resource never matches one created again under the same name.
+    resource never matches one created again under the same name. `weak` (a `W/` prefix)
+    when the checksum leaves out fields that change on their own, such as counts.
     """
     key = json.dumps(identity_and_fields, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
+    digest = hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
+    return f'W/"{digest}"' if weak else f'"{digest}"'
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,10 @@ class DatasetRecord:
 
     @property
     def etag(self) -> str:
-        """Over what UpdateDataset can change: uploads and versions leave it as it is."""
-        return etag("dataset", self.app_id, self.dataset_id, self.create_time, self.description)
+        """Weak: over what UpdateDataset can change; uploads and versions leave it as it is."""
+        return etag(
+            "dataset", self.app_id, self.dataset_id, self.create_time, self.description, weak=True
+        )
 
 
 @dataclass(frozen=True)

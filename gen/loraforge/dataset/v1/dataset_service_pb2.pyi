@@ -192,8 +192,9 @@ class App(_message.Message):
     description: _builtins.str
     """Free-text description."""
     etag: _builtins.str
-    """A checksum of the app's changeable fields (AIP-154). Send it back in
-    UpdateApp to change the app only if nobody changed it in between.
+    """Set by the service: a checksum of the app (AIP-154), quoted as in
+    RFC 7232: `"…"`. Send it back in UpdateApp to change the app only if nobody changed
+    it in between.
     """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -236,8 +237,9 @@ class Dataset(_message.Message):
     version_count: _builtins.int
     """Output only. Number of versions."""
     etag: _builtins.str
-    """A checksum of the dataset's changeable fields (AIP-154); uploads and
-    versions do not change it. Send it back in UpdateDataset to change the
+    """Set by the service: a weak checksum of the dataset (AIP-154, RFC 7232:
+    `W/"…"`): it covers the fields UpdateDataset changes, so uploads and
+    versions leave it as it is. Send it back in UpdateDataset to change the
     dataset only if nobody changed it in between.
     """
     @_builtins.property
