@@ -73,3 +73,31 @@ def test_a_batch_with_new_indices_in_the_same_buffer_is_regrouped() -> None:
     buffer.copy_(torch.tensor([3, -1, 3, 2, 2, 0]))
     kernels.bgmv_shrink(x, lora_a, out, buffer, 1.0)
     torch.testing.assert_close(out, reference(x, lora_a, buffer))
+
+
+def test_per_sequence_kernels_equal_the_per_token_reference() -> None:
+    """sgmv_*: one adapter slot per sequence (a prefill batch), expanded to its tokens."""
+    g = torch.Generator().manual_seed(2)
+    slots = torch.tensor([1, -1, 3, 1])
+    lengths = torch.tensor([30, 12, 7, 1])
+    indices = torch.repeat_interleave(slots, lengths)
+    tokens = int(lengths.sum())
+    starts = torch.cumsum(lengths, 0) - lengths
+    meta = (starts, lengths, slots, len(slots), int(lengths.max()), tokens)
+    lora_a = torch.randn(SLOTS, 1, RANK, IN, generator=g)
+    lora_b = torch.randn(SLOTS, 1, OUT, RANK, generator=g)
+    x = torch.randn(tokens, IN, generator=g)
+
+    shrunk = torch.zeros(tokens, RANK)
+    kernels.sgmv_shrink(x, lora_a, shrunk, *meta, 2.0)
+    torch.testing.assert_close(shrunk, 2.0 * reference(x, lora_a, indices))
+
+    y = torch.randn(tokens, OUT, generator=g)
+    expanded = y.clone()
+    kernels.sgmv_expand(shrunk, lora_b, expanded, *meta, add_inputs=True)
+    torch.testing.assert_close(expanded, y + reference(shrunk, lora_b, indices))
+
+    wide = torch.zeros(tokens, OUT + 8)
+    kernels.sgmv_expand_slice(shrunk, lora_b, wide, *meta, 8, OUT, add_inputs=False)
+    torch.testing.assert_close(wide[:, 8:], reference(shrunk, lora_b, indices))
+    torch.testing.assert_close(wide[:, :8], torch.zeros(tokens, 8))

@@ -8,11 +8,15 @@ adapter requests is computed with whatever adapter sits in that slot. They also
 gather a full weight matrix per token (`weights[indices]`, then an einsum),
 which costs memory and time in proportion to the tokens in the batch.
 
-These replacements compute, for each adapter present in the batch, one matmul
-over the rows of its tokens, and leave tokens with index -1 without a LoRA
-contribution, as the GPU kernels do. They are registered as a vLLM general
-plugin (entry point `vllm.general_plugins` in pyproject.toml), so they apply in
-every vLLM process, the engine core included.
+These replacements leave tokens with index -1 without a LoRA contribution, as
+the GPU kernels do, and compute the rest by adapter rather than by token: a
+batch that uses one adapter is one matmul; a small batch of several (a decode
+step) is one batched matmul over a padded block per adapter; a large one (a
+prefill) is one matmul per adapter over the rows of its tokens. How a batch's
+tokens map to adapters is worked out once per step, not on each of the
+hundreds of kernel calls of a forward pass. They are registered as a vLLM
+general plugin (entry point `vllm.general_plugins` in pyproject.toml), so they
+apply in every vLLM process, the engine core included.
 """
 
 from __future__ import annotations
@@ -72,9 +76,11 @@ class _Grouping:
 
 
 _last: _Grouping | None = None
+_last_sequences: tuple[Any, Any, _Grouping] | None = None
 
 
 def _grouping(indices: Any) -> _Grouping:
+    """The grouping of a batch by the adapter slot of each token."""
     global _last
     import torch
 
@@ -90,15 +96,33 @@ def _grouping(indices: Any) -> _Grouping:
     return _last
 
 
-def _lora_matmul(inputs: Any, weights: Any, indices: Any, dtype: Any) -> Any:
-    """Row i: inputs[i] @ weights[indices[i]].T, or zeros where indices[i] < 0."""
+def _sequence_grouping(slots: Any, lengths: Any) -> _Grouping:
+    """The grouping of a batch given as (adapter slot, token count) per sequence."""
+    global _last_sequences
+    import torch
+
+    last = _last_sequences
+    if (
+        last is not None
+        and last[0].shape == slots.shape
+        and last[1].shape == lengths.shape
+        and torch.equal(last[0], slots)
+        and torch.equal(last[1], lengths)
+    ):
+        return last[2]
+    group = _Grouping(torch.repeat_interleave(slots, lengths))
+    _last_sequences = (slots.clone(), lengths.clone(), group)
+    return group
+
+
+def _grouped_matmul(inputs: Any, weights: Any, group: _Grouping, dtype: Any) -> Any:
+    """Row i: inputs[i] @ weights[slot of token i].T; None when no token has an adapter."""
     import torch
 
     stacked = weights.squeeze(dim=1) if weights.dim() == 4 else weights
-    x = inputs.to(dtype=dtype)
-    group = _grouping(indices)
     if not group.adapters:
-        return x.new_zeros((x.shape[0], stacked.shape[1]))
+        return None  # only base-model tokens: no LoRA contribution
+    x = inputs.to(dtype=dtype)
     if group.single:  # the whole batch uses one adapter
         return x @ stacked[group.adapters[0]].to(dtype=dtype).T
     if group.padded:
@@ -120,25 +144,18 @@ def _lora_matmul(inputs: Any, weights: Any, indices: Any, dtype: Any) -> Any:
     return out
 
 
-def bgmv_shrink(
-    inputs: Any,
-    lora_b_weights: Any,
-    output_tensor: Any,
-    lora_indices_tensor: Any,
-    scaling: float = 1.0,
-) -> None:
-    outputs = _lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-    output_tensor[:, : outputs.shape[1]] = scaling * outputs
+def _shrink(outputs: Any, output_tensor: Any, scaling: float) -> None:
+    if outputs is None:
+        output_tensor.zero_()
+    else:
+        output_tensor[:, : outputs.shape[1]] = scaling * outputs
 
 
-def bgmv_expand(
-    inputs: Any,
-    lora_b_weights: Any,
-    output_tensor: Any,
-    lora_indices_tensor: Any,
-    add_inputs: bool = True,
-) -> None:
-    outputs = _lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+def _expand(outputs: Any, output_tensor: Any, add_inputs: bool) -> None:
+    if outputs is None:
+        if not add_inputs:
+            output_tensor.zero_()
+        return
     limit = output_tensor.shape[0]
     if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
         limit = 1
@@ -150,6 +167,50 @@ def bgmv_expand(
         output_tensor[:, :common] = outputs[:limit, :common]
 
 
+def _expand_slice(
+    outputs: Any, output_tensor: Any, slice_offset: int, slice_size: int, add_inputs: bool
+) -> None:
+    if outputs is None:
+        if not add_inputs:
+            output_tensor[:, slice_offset : slice_offset + slice_size] = 0
+        return
+    if add_inputs:
+        output_tensor[:, slice_offset : slice_offset + slice_size] += outputs
+    else:
+        output_tensor[:, slice_offset : slice_offset + slice_size] = outputs
+
+
+# Per-token kernels (vLLM's bgmv_*): one adapter slot per token.
+
+
+def bgmv_shrink(
+    inputs: Any,
+    lora_b_weights: Any,
+    output_tensor: Any,
+    lora_indices_tensor: Any,
+    scaling: float = 1.0,
+) -> None:
+    group = _grouping(lora_indices_tensor)
+    _shrink(
+        _grouped_matmul(inputs, lora_b_weights, group, output_tensor.dtype), output_tensor, scaling
+    )
+
+
+def bgmv_expand(
+    inputs: Any,
+    lora_b_weights: Any,
+    output_tensor: Any,
+    lora_indices_tensor: Any,
+    add_inputs: bool = True,
+) -> None:
+    group = _grouping(lora_indices_tensor)
+    _expand(
+        _grouped_matmul(inputs, lora_b_weights, group, output_tensor.dtype),
+        output_tensor,
+        add_inputs,
+    )
+
+
 def bgmv_expand_slice(
     inputs: Any,
     lora_b_weights: Any,
@@ -159,17 +220,79 @@ def bgmv_expand_slice(
     slice_size: int,
     add_inputs: bool = True,
 ) -> None:
-    outputs = _lora_matmul(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-    if add_inputs:
-        output_tensor[:, slice_offset : slice_offset + slice_size] += outputs
-    else:
-        output_tensor[:, slice_offset : slice_offset + slice_size] = outputs
+    group = _grouping(lora_indices_tensor)
+    outputs = _grouped_matmul(inputs, lora_b_weights, group, output_tensor.dtype)
+    _expand_slice(outputs, output_tensor, slice_offset, slice_size, add_inputs)
+
+
+# Per-sequence kernels (vLLM's sgmv_*): one adapter slot per sequence of tokens. vLLM's
+# torch ops expand the slots to tokens on every call; the grouping is kept instead.
+
+
+def sgmv_shrink(
+    inputs: Any,
+    lora_a_weights: Any,
+    output_tensor: Any,
+    b_seq_start_loc: Any,
+    seq_len_tensor: Any,
+    lora_indices_tensor: Any,
+    batches: int,
+    max_seq_length: int,
+    token_nums: int,
+    scaling: float,
+) -> None:
+    group = _sequence_grouping(lora_indices_tensor, seq_len_tensor)
+    _shrink(
+        _grouped_matmul(inputs, lora_a_weights, group, output_tensor.dtype), output_tensor, scaling
+    )
+
+
+def sgmv_expand(
+    inputs: Any,
+    lora_b_weights: Any,
+    output_tensor: Any,
+    b_seq_start_loc: Any,
+    seq_len_tensor: Any,
+    lora_indices_tensor: Any,
+    batches: int,
+    max_seq_length: int,
+    token_nums: int,
+    add_inputs: bool = False,
+) -> None:
+    group = _sequence_grouping(lora_indices_tensor, seq_len_tensor)
+    _expand(
+        _grouped_matmul(inputs, lora_b_weights, group, output_tensor.dtype),
+        output_tensor,
+        add_inputs,
+    )
+
+
+def sgmv_expand_slice(
+    inputs: Any,
+    lora_b_weights: Any,
+    output_tensor: Any,
+    b_seq_start_loc: Any,
+    seq_len_tensor: Any,
+    lora_indices_tensor: Any,
+    batches: int,
+    max_seq_length: int,
+    token_nums: int,
+    slice_offset: int,
+    slice_size: int,
+    add_inputs: bool = False,
+) -> None:
+    group = _sequence_grouping(lora_indices_tensor, seq_len_tensor)
+    outputs = _grouped_matmul(inputs, lora_b_weights, group, output_tensor.dtype)
+    _expand_slice(outputs, output_tensor, slice_offset, slice_size, add_inputs)
 
 
 _REPLACEMENTS = {
     "bgmv_shrink": bgmv_shrink,
     "bgmv_expand": bgmv_expand,
     "bgmv_expand_slice": bgmv_expand_slice,
+    "sgmv_shrink": sgmv_shrink,
+    "sgmv_expand": sgmv_expand,
+    "sgmv_expand_slice": sgmv_expand_slice,
 }
 
 
