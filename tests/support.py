@@ -69,6 +69,9 @@ def start_service(
         "LORAFORGE_HOME": str(workdir / "home"),
         # Tests never reach the hub: a model that is not on this machine is refused at once.
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        # Predictors choose their engine by rule, not by a measurement of this (busy) machine;
+        # the calibration tests turn it on.
+        "LORAFORGE_CALIBRATE_ENGINES": "false",
         **(env or {}),
     }
     with open(log_path, "wb") as log:

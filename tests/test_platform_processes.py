@@ -41,7 +41,13 @@ def test_service_process_answers_health_and_reflection_and_stops_on_sigterm(
         # The predictor's engine needs a base model; the smallest real one is built locally.
         from tests.tiny_model import build_tiny_model
 
-        extra = ["--base-model", str(build_tiny_model(tmp_path / "tiny"))]
+        extra = [
+            "--base-model",
+            str(build_tiny_model(tmp_path / "tiny")),
+            # Required; nothing listens there, which only a request naming a model notices.
+            "--trainer-address",
+            f"127.0.0.1:{free_port()}",
+        ]
     if module.endswith("trainer"):
         # Required; nothing listens there, which only the trainer's reference sweep notices.
         extra = ["--dataset-address", f"127.0.0.1:{free_port()}"]
@@ -122,6 +128,43 @@ def test_a_trainer_given_a_port_that_is_no_number_says_so_and_exits_2(tmp_path: 
         LORAFORGE_PORT="eighty",
     )
     assert (code, output) == (2, "error: LORAFORGE_PORT: 'eighty' is not a whole number")
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (
+            ["--trainer-address", "127.0.0.1:1"],
+            {"LORAFORGE_PORT": "eighty"},
+            "error: LORAFORGE_PORT: 'eighty' is not a whole number",
+        ),
+        (
+            [],
+            {},
+            "error: --trainer-address (LORAFORGE_TRAINER_ADDRESS) is required: host:port of "
+            "the TrainerService",
+        ),
+        (
+            ["--trainer-address", "127.0.0.1:1", "--engine", "llama.cpp"],
+            {},
+            "error: --engine (LORAFORGE_ENGINE) must be one of auto, vllm, transformers "
+            "(got 'llama.cpp')",
+        ),
+        (
+            ["--trainer-address", "127.0.0.1:1", "--dtype", "int4"],
+            {},
+            "error: --dtype (LORAFORGE_DTYPE) must be one of auto, float32, float16, bfloat16 "
+            "(got 'int4')",
+        ),
+    ],
+    ids=["bad-port", "no-trainer-address", "unknown-engine", "unknown-dtype"],
+)
+def test_a_predictor_given_a_bad_setting_says_so_in_one_line_and_exits_2(
+    tmp_path: Path, args: list[str], env: dict[str, str], message: str
+) -> None:
+    code, output = _start_and_exit("loraforge.services.predictor", tmp_path, *args, **env)
+    assert code == 2, output
+    assert "\n" not in output and output.startswith(message), output
 
 
 def test_a_worker_whose_heartbeat_outlasts_its_lease_is_refused(tmp_path: Path) -> None:

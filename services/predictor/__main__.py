@@ -20,7 +20,7 @@ __all__ = ["PredictorConfig", "main"]
 
 async def run(config: PredictorConfig) -> None:
     # The engine starts before the port opens: a predictor that answers is ready to generate.
-    predictor = build_predictor(config)
+    predictor = await build_predictor(config)
     servicer = PredictorServicer(predictor)
     binding = ServiceBinding(
         SERVICE_NAME, servicer, predictor_service_pb2_grpc.add_PredictorServiceServicer_to_server
@@ -29,9 +29,13 @@ async def run(config: PredictorConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = load_config(PredictorConfig, argv, prog="loraforge-predictor")
-    setup_logging(config.log_level, config.log_format, service="predictor")
-    return run_main(run(config))
+    async def start() -> None:
+        # Loaded inside `run_main`, so a bad setting is one line and exit 2, not a traceback.
+        config = load_config(PredictorConfig, argv, prog="loraforge-predictor")
+        setup_logging(config.log_level, config.log_format, service="predictor")
+        await run(config)
+
+    return run_main(start())
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraforge.services.common.config import ServerConfig, setting
+from loraforge.services.predictor.engines.calibration import default_calibration_file
 
 GiB = 1024**3
 
@@ -20,17 +21,33 @@ class PredictorConfig(ServerConfig):
         "folder. Empty: HuggingFaceTB/SmolLM2-135M-Instruct.",
     )
     trainer_address: str = setting(
-        "", "host:port of the TrainerService, which resolves model and model-version names."
+        "",
+        "host:port of the TrainerService, which resolves model and model-version names.",
+        required=True,
     )
     engine: str = setting(
         "auto",
-        "Engine: auto (vLLM when it has a LoRA path for the base model's architecture, "
-        "else transformers + PEFT), vllm, or transformers.",
+        "Engine: auto (on a CPU, the faster of vLLM and transformers + PEFT with adapters, "
+        "as measured on this machine; on a GPU, vLLM; transformers + PEFT where vLLM has no "
+        "LoRA path for the architecture), vllm, or transformers.",
+        choices=("auto", "vllm", "transformers"),
+    )
+    calibrate_engines: bool = setting(
+        True,
+        "With engine auto on a CPU: measure both engines once per model shape and machine "
+        "(a short LoRA workload at start) and serve with the faster; off: vLLM wherever it "
+        "can serve the model.",
+    )
+    calibration_file: str = setting(
+        "",
+        "Where engine measurements are kept, shared by the predictors of this machine. "
+        "Default ~/.cache/loraforge/engine-calibration.json.",
     )
     dtype: str = setting(
         "auto",
         "Weights dtype: auto (bfloat16 on GPUs and CPUs that compute it natively, else "
         "float32), float32, float16 or bfloat16.",
+        choices=("auto", "float32", "float16", "bfloat16"),
     )
     max_loras: int = setting(8, "Most distinct adapters in one engine batch.")
     max_cpu_loras: int = setting(32, "Most adapters the engine keeps loaded in host memory.")
@@ -54,6 +71,9 @@ class PredictorConfig(ServerConfig):
         5.0,
         "How long a model's latest TRAINED version is remembered before asking the trainer again.",
     )
+
+    def calibration_path(self) -> Path:
+        return Path(self.calibration_file) if self.calibration_file else default_calibration_file()
 
     def adapter_cache_path(self) -> Path:
         return (

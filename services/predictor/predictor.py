@@ -44,6 +44,8 @@ from loraforge.services.predictor.engines.base import (
     FinishReason,
     GenerationRequest,
 )
+from loraforge.services.predictor.engines.calibration import CalibrationStore, calibrate
+from loraforge.services.predictor.engines.calibration import signature as calibration_signature
 from loraforge.services.predictor.engines.selection import (
     DtypeChoice,
     EngineChoice,
@@ -449,14 +451,89 @@ class Predictor:
         await self.engine.shutdown()
 
 
-def build_predictor(config: PredictorConfig) -> Predictor:
+def _start_engine(kind: EngineKind, path: str, config: PredictorConfig, dtype: str) -> Engine:
+    if kind is EngineKind.VLLM:
+        from loraforge.services.predictor.engines.vllm_engine import VllmEngine, VllmSettings
+
+        return VllmEngine.start(
+            VllmSettings(
+                base_model=path,
+                max_loras=config.max_loras,
+                max_cpu_loras=config.max_cpu_loras,
+                max_lora_rank=config.max_lora_rank,
+                max_model_len=config.max_model_len,
+                max_num_seqs=config.max_num_seqs,
+                kv_cache_bytes=int(config.kv_cache_gib * GiB),
+                dtype=dtype,
+                enforce_eager=config.enforce_eager,
+                gpu_memory_utilization=config.gpu_memory_utilization,
+            )
+        )
+    from loraforge.services.predictor.engines.transformers_engine import (
+        TransformersEngine,
+        TransformersSettings,
+    )
+
+    return TransformersEngine.start(
+        TransformersSettings(
+            base_model=path,
+            max_lora_rank=config.max_lora_rank,
+            max_cpu_loras=config.max_cpu_loras,
+            max_model_len=config.max_model_len,
+            dtype=dtype,
+        )
+    )
+
+
+async def _engine_by_measurement(
+    choice: EngineChoice, path: str, config: PredictorConfig, dtype: str, tokenizer: Any
+) -> tuple[EngineChoice, Engine]:
+    """`engine: auto` on a CPU where both engines serve the model: the faster with adapters,
+    from the stored calibration of this model shape and machine, or measured now."""
+    store = CalibrationStore(config.calibration_path())
+    stored = store.get(calibration_signature(path, dtype))
+    if stored is not None:
+        chosen = EngineChoice(stored.winner(), stored.reason(), choice.architecture)
+        return chosen, _start_engine(chosen.kind, path, config, dtype)
+    log.info(
+        "measuring vLLM and transformers + PEFT with a LoRA adapter on this machine "
+        "(once per model shape; kept in %s)",
+        store.path,
+    )
+    calibration, engine = await calibrate(
+        [EngineKind.TRANSFORMERS, EngineKind.VLLM],
+        lambda kind: _start_engine(kind, path, config, dtype),
+        path,
+        dtype,
+        tokenizer,
+        config.max_lora_rank,
+        config.home_path() / "calibration",
+    )
+    store.put(calibration)
+    return EngineChoice(calibration.winner(), calibration.reason(), choice.architecture), engine
+
+
+async def build_predictor(config: PredictorConfig) -> Predictor:
     """Chooses and starts the engine, opens the adapter cache and the trainer client."""
+    import torch
     from transformers import AutoTokenizer
 
     base_model = config.base_model or DEFAULT_BASE_MODEL
     dtype = choose_dtype(config.dtype)  # a bad setting fails before any model is touched
     path = resolve_base_model(base_model)
     choice = choose_engine(path, config.engine)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    measured = (
+        config.engine == "auto"
+        and config.calibrate_engines
+        and choice.kind is EngineKind.VLLM
+        and not torch.cuda.is_available()
+    )
+    engine: Engine
+    if measured:
+        choice, engine = await _engine_by_measurement(choice, path, config, dtype.dtype, tokenizer)
+    else:
+        engine = _start_engine(choice.kind, path, config, dtype.dtype)
     log.info(
         "base model %s from %s (%s): %s; dtype %s: %s",
         base_model,
@@ -466,39 +543,6 @@ def build_predictor(config: PredictorConfig) -> Predictor:
         dtype.dtype,
         dtype.reason,
     )
-    engine: Engine
-    if choice.kind is EngineKind.VLLM:
-        from loraforge.services.predictor.engines.vllm_engine import VllmEngine, VllmSettings
-
-        engine = VllmEngine.start(
-            VllmSettings(
-                base_model=path,
-                max_loras=config.max_loras,
-                max_cpu_loras=config.max_cpu_loras,
-                max_lora_rank=config.max_lora_rank,
-                max_model_len=config.max_model_len,
-                max_num_seqs=config.max_num_seqs,
-                kv_cache_bytes=int(config.kv_cache_gib * GiB),
-                dtype=dtype.dtype,
-                enforce_eager=config.enforce_eager,
-                gpu_memory_utilization=config.gpu_memory_utilization,
-            )
-        )
-    else:
-        from loraforge.services.predictor.engines.transformers_engine import (
-            TransformersEngine,
-            TransformersSettings,
-        )
-
-        engine = TransformersEngine.start(
-            TransformersSettings(
-                base_model=path,
-                max_lora_rank=config.max_lora_rank,
-                max_cpu_loras=config.max_cpu_loras,
-                max_model_len=config.max_model_len,
-                dtype=dtype.dtype,
-            )
-        )
     cache = AdapterCache(
         open_object_store(config.object_store_url_or_default()),
         config.adapter_cache_path(),
@@ -513,7 +557,7 @@ def build_predictor(config: PredictorConfig) -> Predictor:
     return Predictor(
         engine,
         choice,
-        AutoTokenizer.from_pretrained(path),
+        tokenizer,
         cache,
         resolver,
         base_model=base_model,
