@@ -36,6 +36,11 @@ class RaisingServicer(pb_grpc.DatasetServiceServicer):
     async def ListApps(self, request: pb.ListAppsRequest, context: object) -> pb.ListAppsResponse:
         raise KeyError("secret internal detail")
 
+    async def DeleteDataset(
+        self, request: pb.DeleteDatasetRequest, context: object
+    ) -> pb.DeleteDatasetResponse:
+        raise NotImplementedError("a code path nobody finished")
+
     async def ReadDatasetVersion(
         self, request: pb.ReadDatasetVersionRequest, context: object
     ) -> AsyncIterator[pb.ReadDatasetVersionResponse]:
@@ -137,3 +142,12 @@ def test_unimplemented_method_answers_unimplemented(stub: pb_grpc.DatasetService
     with pytest.raises(grpc.RpcError) as exc:
         stub.GetDataset(pb.GetDatasetRequest(name="apps/a/datasets/d"))
     assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_a_not_implemented_error_inside_a_method_is_internal_not_unimplemented(
+    stub: pb_grpc.DatasetServiceStub,
+) -> None:
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.DeleteDataset(pb.DeleteDatasetRequest(name="apps/a/datasets/d"))
+    assert exc.value.code() == grpc.StatusCode.INTERNAL
+    assert "nobody finished" not in exc.value.details()

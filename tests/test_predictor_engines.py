@@ -259,3 +259,28 @@ def test_default_generation_stops_at_end_of_sequence(tmp_path: Path, loop) -> No
     assert ids[-1] == tokenizer.eos_token_id and len(ids) < 256
     assert "</s>" not in text
     loop.run_until_complete(engine.shutdown())
+
+
+@pytest.mark.slow
+def test_vllm_refuses_an_adapter_it_cannot_read_with_its_cause_and_keeps_serving(
+    vllm_engine: Any, llama: dict[str, Path], loop, tmp_path: Path
+) -> None:
+    from loraforge.services.common.errors import FailedPrecondition
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("adapter_config.json",):
+        (broken / name).write_bytes((llama["a1"] / name).read_bytes())
+    weights = (llama["a1"] / "adapter_model.safetensors").read_bytes()
+    (broken / "adapter_model.safetensors").write_bytes(weights[: len(weights) // 2])
+    ids = list(range(5, 15))
+    request = GenerationRequest(
+        uuid.uuid4().hex, ids, GREEDY, AdapterRef(77, "apps/a/models/m/versions/v1", broken)
+    )
+    with pytest.raises(FailedPrecondition) as err:
+        loop.run_until_complete(collect(vllm_engine, request))
+    assert err.value.reason == "ADAPTER_LOAD_FAILED"
+    assert "apps/a/models/m/versions/v1" in err.value.message
+    base = GenerationRequest(uuid.uuid4().hex, ids, GREEDY)
+    tokens, _, _ = loop.run_until_complete(collect(vllm_engine, base))
+    assert tokens == peft_greedy(llama["base"], None, ids, GREEDY.max_tokens)

@@ -33,6 +33,7 @@ _CODES: list[tuple[type[errors.LoraforgeError], grpc.StatusCode]] = [
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.Aborted, grpc.StatusCode.ABORTED),
+    (errors.DataLoss, grpc.StatusCode.DATA_LOSS),
 ]
 
 
@@ -85,8 +86,17 @@ def _internal_status(incident: str) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
+def _from_generated_base(exc: NotImplementedError) -> bool:
+    """Raised by a generated servicer base class for an RPC the service does not implement
+    (any other NotImplementedError is a bug: INTERNAL)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.endswith("_pb2_grpc.py")
+
+
 async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
-    if isinstance(exc, NotImplementedError):
+    if isinstance(exc, NotImplementedError) and _from_generated_base(exc):
         await context.abort(
             grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server"
         )

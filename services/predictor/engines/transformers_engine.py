@@ -165,6 +165,7 @@ class TransformersEngine:
         if adapter.adapter_id in self._loaded:
             self._loaded.move_to_end(adapter.adapter_id)
             return name
+        import torch
         from peft import PeftModel
 
         try:
@@ -174,7 +175,11 @@ class TransformersEngine:
                 )
             else:
                 self._peft.load_adapter(str(adapter.path), adapter_name=name)
-        except Exception as exc:
+        except torch.OutOfMemoryError:
+            raise  # not the adapter's fault
+        except (ValueError, KeyError, OSError, RuntimeError) as exc:
+            # What PEFT raises for files it cannot read, modules the model lacks or shapes
+            # that do not fit the base model.
             raise FailedPrecondition(
                 f"PEFT cannot load adapter {adapter.name}: {exc}", reason="ADAPTER_LOAD_FAILED"
             ) from exc

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,25 @@ class VllmSettings:
     seed: int = 0
 
 
+_WORKER_FAILED = re.compile(r"Worker failed with error '(.*)', please check the stack trace", re.S)
+
+
+def _utility_failure(exc: Exception, methods: tuple[str, ...]) -> str | None:
+    """The cause of a failed engine-core call to one of `methods`, or None for anything else.
+
+    vLLM reports such a failure from its engine process as a bare Exception whose text is
+    "Call to <method> method failed: <cause>", the cause often wrapping the worker's own.
+    """
+    text = str(exc)
+    for method in methods:
+        prefix = f"Call to {method} method failed: "
+        if type(exc) is Exception and text.startswith(prefix):
+            cause = text[len(prefix) :]
+            inner = _WORKER_FAILED.search(cause)
+            return inner.group(1) if inner else cause
+    return None
+
+
 class VllmEngine:
     """Serves one base model and its adapters through vLLM's AsyncLLM."""
 
@@ -57,6 +77,7 @@ class VllmEngine:
         self.max_model_len = int(llm.model_config.max_model_len)
         self._aborted = 0
         self._tokenizer: Any = None
+        self._usable: set[int] = set()  # adapters vLLM has loaded once
 
     def _decode(self, token_ids: list[int]) -> str:
         if self._tokenizer is None:
@@ -124,8 +145,13 @@ class VllmEngine:
         return LoRARequest(adapter.name, adapter.adapter_id, str(adapter.path))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        from vllm.exceptions import VLLMClientError
         from vllm.inputs import tokens_input
 
+        if request.adapter is not None and request.adapter.adapter_id not in self._usable:
+            # Loaded once ahead of its first request, so an adapter vLLM cannot use is refused
+            # with its cause; afterwards vLLM reloads it by itself if it was evicted.
+            await self.load_adapter(request.adapter)
         params = self._sampling_params(request)
         lora = self._lora_request(request.adapter)
         finished = False
@@ -154,19 +180,14 @@ class VllmEngine:
                 # vLLM's generate() has aborted the request in the engine on its way out.
                 self._aborted += 1
             raise
-        except ValueError as exc:  # vLLM's request validation (e.g. a prompt too long)
+        except VLLMClientError as exc:  # vLLM's request validation (e.g. a prompt too long)
             raise InvalidArgument(str(exc), reason="ENGINE_REJECTED_REQUEST") from exc
         except Exception as exc:
             if self._llm.errored:
                 raise Unavailable(
                     "the vLLM engine stopped; the predictor must be restarted"
                 ) from exc
-            if request.adapter is not None:
-                raise FailedPrecondition(
-                    f"adapter {request.adapter.name} could not be used by vLLM: {exc.__cause__ or exc}",
-                    reason="ADAPTER_LOAD_FAILED",
-                ) from exc
-            raise
+            raise  # unexpected: INTERNAL with an incident id
 
     def _held_back_text(self, token_ids: list[int], emitted: str) -> str:
         """What vLLM's incremental detokenizer kept back at the end (an incomplete UTF-8 sequence).
@@ -182,11 +203,20 @@ class VllmEngine:
             if pin:
                 await self._llm.pin_lora(adapter.adapter_id)
         except Exception as exc:
+            if self._llm.errored:
+                raise Unavailable(
+                    "the vLLM engine stopped; the predictor must be restarted"
+                ) from exc
+            cause = _utility_failure(exc, ("add_lora", "pin_lora"))
+            if cause is None or "out of memory" in cause.lower():
+                raise  # not the adapter's fault: INTERNAL with an incident id
             raise FailedPrecondition(
-                f"vLLM cannot load adapter {adapter.name}: {exc}", reason="ADAPTER_LOAD_FAILED"
+                f"vLLM cannot load adapter {adapter.name}: {cause}", reason="ADAPTER_LOAD_FAILED"
             ) from exc
+        self._usable.add(adapter.adapter_id)
 
     async def unload_adapter(self, adapter_id: int) -> None:
+        self._usable.discard(adapter_id)
         if adapter_id in await self._llm.list_loras():
             await self._llm.remove_lora(adapter_id)
 
