@@ -7,7 +7,6 @@ import collections
 import json
 import shutil
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,17 +115,20 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 class CountingStore(LocalObjectStore):
-    """A local store that counts reads per key and reads slowly, so concurrent misses overlap."""
+    """A local store that counts reads per key; `hold` makes reads wait until it is released,
+    so that requests arriving meanwhile find the download in flight."""
 
     def __init__(self, root: Path) -> None:
         super().__init__(root)
         self.reads: collections.Counter[str] = collections.Counter()
         self._mutex = threading.Lock()
+        self.hold = threading.Event()
+        self.hold.set()
 
     def iter_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         with self._mutex:
             self.reads[key] += 1
-        time.sleep(0.05)
+        assert self.hold.wait(60), "the test never released the held read"
         return super().iter_chunks(key, chunk_size)
 
 
@@ -164,11 +166,16 @@ def test_twenty_concurrent_cold_requests_download_once(
     async def main() -> list[int]:
         async def use() -> int:
             entry = await cache.acquire(source(models, "a1", 1))
-            await asyncio.sleep(0.01)
             cache.release(entry)
             return entry.adapter_id
 
-        return await asyncio.gather(*[use() for _ in range(20)])
+        store.hold.clear()
+        tasks = [asyncio.create_task(use()) for _ in range(20)]
+        # Each task runs up to its wait for the download before the loop runs anything else.
+        await asyncio.sleep(0)
+        assert sum(1 for t in tasks if not t.done()) == 20
+        store.hold.set()
+        return await asyncio.gather(*tasks)
 
     ids = asyncio.run(main())
     assert len(set(ids)) == 1
@@ -191,7 +198,7 @@ def test_eviction_under_a_small_byte_budget(store: CountingStore, tmp_path: Path
     async def use(key: str, n: int) -> int:
         entry = await cache.acquire(source(models, key, n))
         cache.release(entry)
-        await asyncio.sleep(0.01)
+        await cache.settled()  # the eviction the release started
         return entry.adapter_id
 
     async def main() -> None:
@@ -236,7 +243,7 @@ def test_adapter_in_use_is_not_evicted_or_removed(
             await cache.remove(version(1))
         cache.release(other)
         cache.release(held)
-        await asyncio.sleep(0.05)  # eviction after release runs in the background
+        await cache.settled()  # eviction after release runs in the background
         assert cache.used_bytes <= cache.byte_limit
         await cache.remove(cache.entries()[0].model_version)
         assert cache.entries() == []

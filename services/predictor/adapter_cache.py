@@ -269,6 +269,11 @@ class AdapterCache:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
+    async def settled(self) -> None:
+        """Returns once the evictions that releases started have finished."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
     async def _evict_locked(self) -> None:
         async with self._lock:
             await self._evict_to_fit(0, keep=None)
