@@ -141,3 +141,71 @@ def s3_server() -> Iterator[S3Server]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+# PostgreSQL the suite runs against besides SQLite (trust auth on this machine and in CI).
+POSTGRES_ADMIN_URL = os.environ.get(
+    "LORAFORGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def postgres_available() -> str:
+    """'' when PostgreSQL answers at POSTGRES_ADMIN_URL, else why not."""
+    try:
+        import sqlalchemy
+    except ImportError as exc:  # pragma: no cover - sqlalchemy is a dependency
+        return str(exc)
+    try:
+        engine = sqlalchemy.create_engine(POSTGRES_ADMIN_URL)
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT 1"))
+        engine.dispose()
+    except Exception as exc:  # no driver, no server, no access: all mean "not here"
+        return f"PostgreSQL at {POSTGRES_ADMIN_URL} is not usable: {type(exc).__name__}: {exc}"
+    return ""
+
+
+class Databases:
+    """Fresh databases of one backend, one per name, dropped at `close`.
+
+    `sqlite`: files under `folder`. `postgresql`: `loraforge_test_<random>` databases
+    created on the server at POSTGRES_ADMIN_URL.
+    """
+
+    def __init__(self, backend: str, folder: Path) -> None:
+        self.backend = backend
+        self.folder = folder
+        self._urls: dict[str, str] = {}
+        self._created: list[str] = []
+
+    def url(self, name: str) -> str:
+        if name not in self._urls:
+            self._urls[name] = self._create(name)
+        return self._urls[name]
+
+    def _create(self, name: str) -> str:
+        if self.backend == "sqlite":
+            return f"sqlite:///{self.folder / (name + '.db')}"
+        import secrets
+
+        import sqlalchemy
+
+        database = f"loraforge_test_{secrets.token_hex(6)}"
+        admin = sqlalchemy.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'CREATE DATABASE "{database}"'))
+        admin.dispose()
+        self._created.append(database)
+        return str(sqlalchemy.make_url(POSTGRES_ADMIN_URL).set(database=database))
+
+    def close(self) -> None:
+        if not self._created:
+            return
+        import sqlalchemy
+
+        admin = sqlalchemy.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            for database in self._created:
+                conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+        admin.dispose()
+        self._created.clear()

@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import yaml
+from google.protobuf import json_format
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -353,7 +354,8 @@ def cmd_models(args: argparse.Namespace) -> None:
     if args.action == "create":
         name = _name(args.name, "app", "model")
         app_name, model_id = name.rsplit("/models/", 1)
-        console.print(f"created {escape(client.app(app_name).create_model(model_id).name)}")
+        model = client.app(app_name).create_model(model_id, description=args.description or "")
+        console.print(f"created {escape(model.name)}")
     elif args.action == "delete":
         name = _name(args.name, "app", "model")
         try:
@@ -361,11 +363,71 @@ def cmd_models(args: argparse.Namespace) -> None:
         except grpc.RpcError as err:
             raise ClientError.from_rpc(err) from None
         console.print(f"deleted {escape(name)}")
+    elif args.action == "show":
+        _print_model(client.model(_name(args.name, "app", "model")).pb)
+    elif args.action == "update":
+        defaults = _parse_inference_params(args.inference_param)
+        if args.clear_inference_params:
+            if defaults:
+                raise UsageError("pass --inference-param or --clear-inference-params, not both")
+            defaults = {}
+        if args.description is None and args.notes is None and defaults is None:
+            raise UsageError(
+                "nothing to change: pass --description TEXT, --notes TEXT, "
+                "--inference-param KEY=VALUE or --clear-inference-params"
+            )
+        model = client.update_model(
+            _name(args.name, "app", "model"),
+            description=args.description,
+            notes=args.notes,
+            default_inference_params=defaults,
+            etag=args.etag,
+        )
+        console.print(f"updated {escape(model.name)} (etag {escape(model.pb.etag)})")
     else:
         table = Table("model", "latest trained version")
         for m in client.app(_name(args.name, "app")).list_models():
             table.add_row(escape(m.name), escape(m.pb.latest_trained_version) or "-")
         console.print(table)
+
+
+def _print_model(pb: tpb.Model) -> None:
+    table = Table(show_header=False, title=escape(pb.name))
+    table.add_row("description", escape(pb.description) or "-")
+    table.add_row("notes", escape(pb.notes) or "-")
+    table.add_row("latest trained version", escape(pb.latest_trained_version) or "-")
+    defaults = json_format.MessageToDict(
+        pb.default_inference_params, preserving_proto_field_name=True
+    )
+    table.add_row(
+        "default inference parameters",
+        escape(", ".join(f"{k}={v}" for k, v in sorted(defaults.items()))) or "-",
+    )
+    table.add_row("created", f"{pb.create_time.ToDatetime():%Y-%m-%d %H:%M:%S} UTC")
+    table.add_row("etag", escape(pb.etag))
+    console.print(table)
+
+
+def _parse_inference_params(items: Sequence[str]) -> dict[str, Any] | None:
+    """`--inference-param temperature=0.7 --inference-param stop=END` as a dict; None: none given."""
+    if not items:
+        return None
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UsageError(
+                f"--inference-param {item!r}: expected KEY=VALUE, e.g. temperature=0.7"
+            )
+        try:
+            value = load_yaml(raw) if raw else raw
+        except yaml.YAMLError:
+            value = raw  # not YAML (an unbalanced quote, say): the text as it is
+        if key == "stop":
+            out.setdefault("stop", []).append(str(raw))
+        else:
+            out[key] = value
+    return out
 
 
 def _parse_set(items: Sequence[str]) -> dict[str, Any]:
@@ -749,9 +811,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["list", "show"])
     p.add_argument("name", nargs="?", default="")
     p.add_argument("--save-params", default=None, help="write the parameters as YAML (show)")
-    p = add("models", cmd_models, "create, list or delete models")
-    p.add_argument("action", choices=["create", "list", "delete"])
-    p.add_argument("name", help="APP/MODEL (create, delete) or APP (list)")
+    p = add("models", cmd_models, "create, list, show, update or delete models")
+    p.add_argument("action", choices=["create", "list", "show", "update", "delete"])
+    p.add_argument("name", help="APP/MODEL, or APP for list")
+    p.add_argument("--description", default=None, help="description (create, update)")
+    p.add_argument("--notes", default=None, help="notes: longer text about the model (update)")
+    p.add_argument(
+        "--inference-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a default inference parameter, e.g. temperature=0.7 (update; replaces the "
+        "defaults; repeat it, and `stop` for each stop string)",
+    )
+    p.add_argument(
+        "--clear-inference-params",
+        action="store_true",
+        help="remove the default inference parameters (update)",
+    )
+    p.add_argument(
+        "--etag",
+        default="",
+        help="update only if the model still has this etag (from `models show`)",
+    )
     p.add_argument("--force", action="store_true")
     p = add("train", cmd_train, "train a new model version and follow its progress")
     p.add_argument("model", help="APP/MODEL or apps/APP/models/MODEL")

@@ -306,6 +306,39 @@ class Client:
         )
         return Dataset(self, resp.dataset)
 
+    def update_model(
+        self,
+        name: str,
+        *,
+        description: str | None = None,
+        notes: str | None = None,
+        default_inference_params: dict[str, Any] | None = None,
+        etag: str = "",
+    ) -> Model:
+        """Changes the fields given (None leaves a field as it is) of `a/m` or its full name.
+
+        `default_inference_params` (e.g. `{"temperature": 0.7, "max_tokens": 64}`) replaces
+        the model's defaults; `{}` removes them. With `etag` (from `Model.pb.etag`),
+        ABORTED if the model changed since it was read.
+        """
+        fields, mask = _mask(
+            description=description, notes=notes, default_inference_params=default_inference_params
+        )
+        if "default_inference_params" in fields:
+            fields["default_inference_params"] = _inference_params(
+                fields["default_inference_params"], "default_inference_params"
+            )
+            if not fields["default_inference_params"].ListFields():
+                del fields["default_inference_params"]  # in the mask, unset: cleared
+        resp = _call(
+            self.trainer.UpdateModel,
+            tpb.UpdateModelRequest(
+                model=tpb.Model(name=resource_name(name, "app", "model"), etag=etag, **fields),
+                update_mask=mask,
+            ),
+        )
+        return Model(self, resp.model)
+
     # Templates and model types
 
     def list_model_types(self) -> list[tpb.ModelType]:
@@ -434,15 +467,15 @@ class Client:
         )
 
 
-def _inference_params(params: dict[str, Any] | None) -> ppb.InferenceParams:
+def _inference_params(
+    params: dict[str, Any] | None, what: str = "inference_params"
+) -> ppb.InferenceParams:
     msg = ppb.InferenceParams()
     if params:
         try:
             json_format.ParseDict(params, msg)
         except json_format.ParseError as err:
-            raise ClientError(
-                grpc.StatusCode.INVALID_ARGUMENT, f"inference_params: {err}"
-            ) from None
+            raise ClientError(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {err}") from None
     return msg
 
 
@@ -685,6 +718,26 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model({self.name!r})"
+
+    def update(
+        self,
+        *,
+        description: str | None = None,
+        notes: str | None = None,
+        default_inference_params: dict[str, Any] | None = None,
+        check_etag: bool = True,
+    ) -> Model:
+        """Changes the fields given; with `check_etag`, only if nobody changed the model since
+        this object read it (ABORTED otherwise). Returns self, refreshed."""
+        updated = self.client.update_model(
+            self.name,
+            description=description,
+            notes=notes,
+            default_inference_params=default_inference_params,
+            etag=self.pb.etag if check_etag else "",
+        )
+        self.pb = updated.pb
+        return self
 
     def list_training_templates(self) -> list[str]:
         return [t.name.removeprefix("templates/") for t in self.client.list_templates()]

@@ -79,15 +79,21 @@ def encode_page_token(state: dict[str, Any]) -> str:
 
 
 def decode_page_token(token: str) -> dict[str, Any]:
-    """Decodes a page token made by `encode_page_token`; '' gives {}."""
+    """Decodes a page token made by `encode_page_token`; '' gives {}.
+
+    The dataset and trainer services use `common.pages`, whose tokens are bound to their
+    method and parent and whose positions are checked.
+    """
     if not token:
         return {}
     try:
+        if len(token) > 1024:  # longer than any token issued; only costs parsing time
+            raise ValueError
         value = json.loads(base64.urlsafe_b64decode(token.encode()))
         if not isinstance(value, dict):
             raise ValueError
         return value
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidArgument(
             "page_token: not a token this server issued; pass `next_page_token` from the previous page",
             reason="INVALID_PAGE_TOKEN",

@@ -18,7 +18,8 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Row, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from loraforge.services.common.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
+from loraforge.services.common.errors import AlreadyExists, FailedPrecondition, NotFound
+from loraforge.services.common.updates import changed_meanwhile, check_etag
 from loraforge.services.dataset import requests
 from loraforge.services.dataset.domain import AppRecord, DatasetRecord
 from loraforge.services.dataset.pages import Page, next_page_token
@@ -89,14 +90,14 @@ class Catalog:
         with self.engine.begin() as conn:
             row = app_row(conn, app_id)
             current = AppRecord(row.app_id, row.description, row.create_time)
-            _check_etag(name, etag, current.etag)
+            check_etag(name, etag, current.etag)
             if description is None or description == row.description:
                 return current
             stmt = update(apps).where(apps.c.pk == row.pk).values(description=description)
             if etag:
                 stmt = stmt.where(apps.c.description == row.description)
             if not conn.execute(stmt).rowcount:
-                raise _changed_meanwhile(name)
+                raise changed_meanwhile(name)
         return AppRecord(row.app_id, description, row.create_time)
 
     def list_apps(self, page: Page) -> tuple[list[AppRecord], str]:
@@ -174,7 +175,7 @@ class Catalog:
         name = f"dataset `apps/{app_id}/datasets/{dataset_id}`"
         with self.engine.begin() as conn:
             row = dataset_row(conn, app_id, dataset_id)
-            _check_etag(name, etag, self._dataset_record(conn, row).etag)
+            check_etag(name, etag, self._dataset_record(conn, row).etag)
             if description is not None and description != row.description:
                 stmt = (
                     update(datasets).where(datasets.c.pk == row.pk).values(description=description)
@@ -182,7 +183,7 @@ class Catalog:
                 if etag:
                     stmt = stmt.where(datasets.c.description == row.description)
                 if not conn.execute(stmt).rowcount:
-                    raise _changed_meanwhile(name)
+                    raise changed_meanwhile(name)
             return self._dataset_record(conn, dataset_row(conn, app_id, dataset_id))
 
     def list_datasets(self, app_id: str, page: Page) -> tuple[list[DatasetRecord], str]:
@@ -234,21 +235,3 @@ class Catalog:
         conn.execute(delete(uploads).where(uploads.c.dataset_pk == dataset_pk))
         conn.execute(delete(datasets).where(datasets.c.pk == dataset_pk))
         return self.snapshots.unshared(conn, version_rows)
-
-
-def _check_etag(name: str, given: str, current: str) -> None:
-    if given and given != current:
-        raise Aborted(
-            f"{name} has changed since etag {given!r} was read (it is now {current!r}); get it "
-            "again, reapply your change and send the new etag",
-            reason="ETAG_MISMATCH",
-            metadata={"etag": current},
-        )
-
-
-def _changed_meanwhile(name: str) -> Aborted:
-    return Aborted(
-        f"{name} was changed by another update while this one ran; get it again, reapply "
-        "your change and send the new etag",
-        reason="ETAG_MISMATCH",
-    )

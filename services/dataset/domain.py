@@ -10,9 +10,9 @@ change meaning.
 from __future__ import annotations
 
 import enum
-import hashlib
-import json
 from dataclasses import dataclass, field
+
+from loraforge.services.common.updates import etag
 
 
 class ExampleKind(enum.IntEnum):
@@ -64,18 +64,6 @@ _STATUS_CODES = {
     VersionState.READY: 64015,
     VersionState.FAILED: 64020,
 }
-
-
-def etag(*identity_and_fields: object, weak: bool = False) -> str:
-    """A checksum of a resource's fields, quoted as RFC 7232 has it (AIP-154).
-
-    Given the resource's identity too (its ids and create time), so the etag of a deleted
-    resource never matches one created again under the same name. `weak` (a `W/` prefix)
-    when the checksum leaves out fields that change on their own, such as counts.
-    """
-    key = json.dumps(identity_and_fields, ensure_ascii=False, separators=(",", ":"))
-    digest = hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
-    return f'W/"{digest}"' if weak else f'"{digest}"'
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from pathlib import PurePosixPath
 from typing import Any, NamedTuple
 
 from loraforge.services.common.errors import InvalidArgument, invalid_field
+from loraforge.services.common.values import MAX_JSON_DEPTH, nests_deeper, text_problem
 from loraforge.services.dataset.domain import ExampleKind, Markup, RowError, SourceFormat
 
 # The request field that carries the file's bytes; refusals of the whole file name it.
@@ -112,6 +113,13 @@ def _excerpt(text: str) -> str:
 
 def _row_error(line: int, err: Reject, raw: str) -> RowError:
     return RowError(line, err.code, f"row {line}: {err.reason}", _excerpt(raw))
+
+
+def _refuse_nul(text: str) -> None:
+    """Text fields cannot hold a NUL character (U+0000): a row with one is refused."""
+    problem = text_problem(text)
+    if problem is not None:
+        raise Reject("NUL_CHARACTER", f"the text {problem}")
 
 
 def _too_long(length: int | None, limit: int) -> Reject:
@@ -359,6 +367,11 @@ def _metadata(value: object, where: str) -> dict[str, str] | None:
             ) from None
     if not isinstance(value, dict):
         raise Reject("INVALID_METADATA", f"{where} must be a JSON object")
+    if nests_deeper(value, MAX_JSON_DEPTH):
+        raise Reject(
+            "INVALID_METADATA",
+            f"{where} nests deeper than {MAX_JSON_DEPTH} levels; flatten it",
+        )
     return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in value.items()} or None
 
 
@@ -544,8 +557,8 @@ def detect_format(file_name: str, requested: SourceFormat | None, sample: list[s
         for line in nonblank:
             try:
                 obj = json.loads(line)
-            except ValueError:
-                continue
+            except (ValueError, RecursionError):
+                continue  # a bad line; the row reader reports it
             if isinstance(obj, dict):
                 found_format = _jsonl_format_of(obj)
                 if found_format is not None:
@@ -641,6 +654,11 @@ class UploadParser:
                         raise _invalid_utf8(line)
                     try:
                         obj = loads(line)
+                    except RecursionError:
+                        raise Reject(
+                            "INVALID_JSON",
+                            "the line nests arrays or objects too deeply to read; flatten it",
+                        ) from None
                     except ValueError as exc:
                         detail = (
                             f"{exc.msg} at character {exc.colno}"
@@ -658,6 +676,7 @@ class UploadParser:
                             "one JSON object",
                         )
                     kind, prompt, completion, markup = reader(obj)
+                    _refuse_nul(prompt + completion)
                     concepts = _concepts(obj["concepts"], "`concepts`") if "concepts" in obj else ()
                     metadata = (
                         _metadata(obj["metadata"], "`metadata`") if "metadata" in obj else None
@@ -688,6 +707,7 @@ class UploadParser:
                         raise _too_long(len(line), limit)
                     if check_utf8 and _SURROGATE.search(line):
                         raise _invalid_utf8(line)
+                    _refuse_nul(line)
                     kind, prompt, completion, markup = split_text(line)
                 except Reject as err:
                     batch.errors.append(_row_error(number, err, line))
@@ -792,6 +812,7 @@ class UploadParser:
             raise _too_long(len(text), self.max_example_chars)
         if self._splitter.invalid_utf8_seen and any(_SURROGATE.search(v) for v in record):
             raise _invalid_utf8(text)
+        _refuse_nul(text)
         kind, prompt, completion, markup = split_text(text)
         if layout is SourceFormat.PORTAL_CSV:
             concepts = _concepts(values.get(PORTAL_CONCEPTS_COLUMN), f"`{PORTAL_CONCEPTS_COLUMN}`")

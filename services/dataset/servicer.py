@@ -20,6 +20,13 @@ from loraforge.dataset.v1 import dataset_service_pb2 as pb
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as pb_grpc
 from loraforge.services.common.errors import Aborted, FieldViolation, InvalidArgument, invalid_field
 from loraforge.services.common.resources import page_size, parse_name, timestamp, validate_id
+from loraforge.services.common.updates import update_paths
+from loraforge.services.common.values import (
+    INT32_MAX,
+    check_request_id,
+    check_text,
+    text_problem,
+)
 from loraforge.services.dataset.domain import (
     AppRecord,
     DatasetRecord,
@@ -48,9 +55,9 @@ INPUT = "apps/{app}/datasets/{dataset}/inputs/{input}"
 VERSION = "apps/{app}/datasets/{dataset}/versions/{version}"
 
 MAX_DESCRIPTION_CHARS = 10_000
-MAX_REQUEST_ID_CHARS = 200
 MAX_ADD_INPUTS = 10_000
 MAX_REFERRER_CHARS = 512
+MAX_FILE_NAME_CHARS = 1024
 DEFAULT_READ_BATCH = 500
 MAX_READ_BATCH = 10_000
 
@@ -58,22 +65,11 @@ T = TypeVar("T")
 
 
 def _description(value: str, field: str) -> str:
-    if len(value) > MAX_DESCRIPTION_CHARS:
-        raise invalid_field(
-            field, f"is {len(value):,} characters; at most {MAX_DESCRIPTION_CHARS:,}"
-        )
-    return value
+    return check_text(value, field, MAX_DESCRIPTION_CHARS)
 
 
 def _request_id(value: str, field: str) -> str:
-    if len(value) > MAX_REQUEST_ID_CHARS or any(c.isspace() or not c.isprintable() for c in value):
-        raise invalid_field(
-            field,
-            f"must be at most {MAX_REQUEST_ID_CHARS} printable characters without spaces "
-            "(a UUID is a good choice)",
-            reason="INVALID_REQUEST_ID",
-        )
-    return value
+    return check_request_id(value, field)
 
 
 # The fields an update may change, by resource; the others are output only or the name.
@@ -81,30 +77,7 @@ _UPDATABLE = {"App": ("description",), "Dataset": ("description",)}
 
 
 def _update_paths(resource: pb.App | pb.Dataset, mask_set: bool, paths: list[str]) -> set[str]:
-    """The fields an update changes (AIP-134), or InvalidArgument naming a path it cannot."""
-    kind = type(resource).DESCRIPTOR.name
-    updatable = _UPDATABLE[kind]
-    if not mask_set or not paths:  # no mask: the updatable fields the request sets
-        return {f for f in updatable if getattr(resource, f)}
-    if paths == ["*"]:
-        return set(updatable)
-    known = {f.name for f in type(resource).DESCRIPTOR.fields}
-    changeable = ", ".join(f"`{f}`" for f in updatable)
-    for path in paths:
-        if path == "*":
-            problem = (
-                f"`*` must be the only path when it is given; or name the fields ({changeable})"
-            )
-        elif path in updatable:
-            continue
-        elif path in known:
-            problem = f"`{path}` cannot be changed; the fields an update changes are {changeable}"
-        else:
-            problem = (
-                f"`{path}` is not a field of {kind}; the fields an update changes are {changeable}"
-            )
-        raise invalid_field("update_mask", problem, reason="INVALID_UPDATE_MASK")
-    return set(paths)
+    return update_paths(resource, mask_set, paths, _UPDATABLE[type(resource).DESCRIPTOR.name])
 
 
 def app_pb(app: AppRecord) -> pb.App:
@@ -231,6 +204,15 @@ def _new_example(
             FieldViolation(f"{base}.example.completion", "is empty, so there is nothing to learn")
         )
     raw = new.raw or ex.prompt + ex.completion
+    texts = [(f"{base}.example.prompt", ex.prompt), (f"{base}.example.completion", ex.completion)]
+    texts += [(f"{base}.raw", new.raw)] + [
+        (f"{base}.concepts[{j}]", c) for j, c in enumerate(new.concepts)
+    ]
+    for key, value in new.metadata.items():
+        texts += [(f"{base}.metadata", key), (f"{base}.metadata.{key}", value)]
+    for path, text in texts:
+        if (problem := text_problem(text)) is not None:
+            problems.append(FieldViolation(path, problem))
     if len(raw) > max_chars or len(ex.prompt) + len(ex.completion) > max_chars:
         problems.append(
             FieldViolation(
@@ -376,7 +358,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
     async def ListApps(
         self, request: pb.ListAppsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAppsResponse:
-        page = parse_page(page_size(request.page_size), request.page_token, "")
+        page = parse_page(page_size(request.page_size), request.page_token, "", "ListApps")
         records, token = await self._run(self.store.catalog.list_apps, page)
         return pb.ListAppsResponse(apps=[app_pb(a) for a in records], next_page_token=token)
 
@@ -434,7 +416,9 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         self, request: pb.ListDatasetsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListDatasetsResponse:
         parent = parse_name(request.parent, APP, "parent")
-        page = parse_page(page_size(request.page_size), request.page_token, request.parent)
+        page = parse_page(
+            page_size(request.page_size), request.page_token, request.parent, "ListDatasets"
+        )
         records, token = await self._run(self.store.catalog.list_datasets, parent["app"], page)
         return pb.ListDatasetsResponse(
             datasets=[dataset_pb(d) for d in records], next_page_token=token
@@ -466,7 +450,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         return UploadOptions(
             app_id=name["app"],
             dataset_id=name["dataset"],
-            file_name=header.file_name,
+            file_name=check_text(header.file_name, "header.file_name", MAX_FILE_NAME_CHARS),
             requested_format=SourceFormat(header.format) if header.format else None,
             max_row_errors=min(header.max_row_errors or DEFAULT_MAX_ROW_ERRORS, MAX_ROW_ERRORS),
             skip_duplicates=header.skip_duplicates,
@@ -533,7 +517,9 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         self, request: pb.ListInputsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListInputsResponse:
         parent = parse_name(request.parent, DATASET, "parent")
-        page = parse_page(page_size(request.page_size), request.page_token, request.parent)
+        page = parse_page(
+            page_size(request.page_size), request.page_token, request.parent, "ListInputs"
+        )
         records, token, total = await self._run(
             self.store.inputs.list_inputs, parent["app"], parent["dataset"], page
         )
@@ -560,7 +546,8 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
                     raise invalid_field(
                         f"names[{i}]", f"{name!r} is not an input of `{request.parent}`"
                     )
-                if parts["input"].isdigit():  # ids are numbers; any other id names nothing
+                # Ids are numbers a row key can hold; any other id names nothing.
+                if parts["input"].isdigit() and int(parts["input"]) <= INT32_MAX:
                     ids.append(int(parts["input"]))
         deleted = await self._run(
             self.store.inputs.delete_inputs, parent["app"], parent["dataset"], ids
@@ -599,7 +586,9 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         self, request: pb.ListDatasetVersionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListDatasetVersionsResponse:
         parent = parse_name(request.parent, DATASET, "parent")
-        page = parse_page(page_size(request.page_size), request.page_token, request.parent)
+        page = parse_page(
+            page_size(request.page_size), request.page_token, request.parent, "ListDatasetVersions"
+        )
         records, token = await self._run(
             self.store.version_rows.list_versions, parent["app"], parent["dataset"], page
         )

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from loraforge.dataset.v1 import dataset_service_pb2 as pb
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as pb_grpc
@@ -33,14 +35,31 @@ class DatasetVersionInfo:
     content_sha256: str
 
 
+def _reason(err: grpc.RpcError) -> str:
+    """The dataset service's ErrorInfo reason of `err`, or ''."""
+    try:
+        status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    except (ValueError, AttributeError):
+        return ""
+    for detail in status.details if status else []:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason
+    return ""
+
+
 def _translate(err: grpc.RpcError, address: str, what: str, field: str) -> LoraforgeError:
     code = err.code()  # type: ignore[attr-defined]
     details = err.details() or ""  # type: ignore[attr-defined]
     if code == grpc.StatusCode.NOT_FOUND:
+        # The dataset service's message names what is missing (the app, the dataset or the
+        # version), so it is the message as it is.
+        fallback = "DATASET_VERSION_NOT_FOUND" if "versions/" in what else "NOT_FOUND"
         return NotFound(
-            f"{what} not found: {details}",
-            reason="DATASET_VERSION_NOT_FOUND" if "versions/" in what else "NOT_FOUND",
-            field_violations=[FieldViolation(field, details)],
+            details or f"{what} does not exist",
+            reason=_reason(err) or fallback,
+            field_violations=[FieldViolation(field, details or "does not exist")],
         )
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidArgument(

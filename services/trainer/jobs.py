@@ -37,6 +37,9 @@ from loraforge.services.trainer.store import (
     state_payload,
 )
 
+# Losses a progress event carries only when its step measured them.
+LOSSES = ("train_loss", "eval_loss")
+
 
 @dataclass(frozen=True)
 class ClaimedJob:
@@ -210,7 +213,24 @@ class JobReporter:
         return self._write(EventKind.LOG, log_payload(message, level))
 
     def progress(self, progress: dict[str, Any]) -> bool:
-        return self._write(EventKind.PROGRESS, progress, {"progress": progress})
+        """Appends a progress event with what its step measured; the run's latest progress
+        is that event plus the last loss of each kind that the event does not carry."""
+        with self.store.sessions.begin() as s:
+            if (
+                append_event(s, self.name, EventKind.PROGRESS, progress, fence=self._fence())
+                is None
+            ):
+                return False
+            previous = s.execute(
+                select(VersionRow.progress).where(VersionRow.name == self.name)
+            ).scalar_one()
+            kept = {k: v for k, v in (previous or {}).items() if k in LOSSES and k not in progress}
+            s.execute(
+                update(VersionRow)
+                .where(VersionRow.name == self.name)
+                .values(progress={**progress, **kept})
+            )
+        return True
 
     def checkpoint(self, step: int, key: str, checkpoint_prefix: str) -> bool:
         return self._write(

@@ -38,6 +38,7 @@ from loraforge.services.common.errors import (
 )
 from loraforge.services.common.objectstore import ObjectStore
 from loraforge.services.common.resources import new_id, parse_name, validate_id
+from loraforge.services.common.values import check_json, check_request_id, check_text
 from loraforge.services.trainer import templates as tpl
 from loraforge.services.trainer.params import TrainingParams
 from loraforge.services.trainer.store import State, TrainerStore, VersionRow, version_prefix
@@ -50,6 +51,7 @@ DATASET_VERSION = "apps/{app}/datasets/{dataset}/versions/{version}"
 # Longer than any creation takes between recording its pending reference and inserting its
 # run (two RPC timeouts and an insert); an older pending reference belongs to a creation that died.
 PENDING_REFERENCE_SECONDS = 600.0
+MAX_DESCRIPTION_CHARS = 10_000
 
 
 class DatasetReferences(Protocol):
@@ -158,6 +160,9 @@ class Runs:
         """Validates, references the dataset version, queues the run. Idempotent on `request_id`."""
         parent = parse_name(new.parent, MODEL, "parent")
         version_id = validate_id(new.version_id, "version_id") if new.version_id else new_id("v")
+        check_text(new.description, "description", MAX_DESCRIPTION_CHARS)
+        check_request_id(new.request_id, "request_id")
+        check_json(new.param_overrides, "param_overrides")
         template = tpl.get_template(new.template, "template")
         params = tpl.resolve_params(template, new.param_overrides)
         dataset = parse_name(new.dataset_version, DATASET_VERSION, "dataset_version")

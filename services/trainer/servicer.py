@@ -14,31 +14,35 @@ from typing import Any
 
 from google.protobuf import duration_pb2, json_format, struct_pb2
 
+from loraforge.predictor.v1 import predictor_service_pb2 as ppb
 from loraforge.services.common import base_models
 from loraforge.services.common.errors import NotFound, invalid_field
-from loraforge.services.common.resources import (
-    decode_page_token,
-    encode_page_token,
-    page_size,
-    parse_name,
-    timestamp,
-    validate_id,
-)
+from loraforge.services.common.pages import decode_token, encode_token, offset_page
+from loraforge.services.common.prompts import CHAT, RAW
+from loraforge.services.common.resources import page_size, parse_name, timestamp, validate_id
+from loraforge.services.common.updates import update_paths
+from loraforge.services.common.values import INT32_MAX, check_int
+from loraforge.services.predictor.params import RequestedParams
 from loraforge.services.trainer import templates as tpl
 from loraforge.services.trainer.dataset_client import AsyncDatasetClient
+from loraforge.services.trainer.models import ModelChanges, Models, inference_params
 from loraforge.services.trainer.runs import MODEL, VERSION, NewRun, Run, Runs
 from loraforge.services.trainer.store import (
     FINAL_STATES,
+    MODEL_UPDATABLE,
     Event,
     EventKind,
     ModelRow,
     TrainerStore,
+    model_etag,
 )
 from loraforge.trainer.v1 import trainer_service_pb2 as pb
 from loraforge.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
 
 APP = "apps/{app}"
 MAX_LOG_PAGE = 100_000
+# Event sequence numbers are 32-bit columns: no run has a larger one.
+MAX_SEQUENCE = INT32_MAX
 
 TEXT_TO_TEXT = pb.ModelType(
     name=tpl.MODEL_TYPE,
@@ -74,6 +78,23 @@ _LOG_LEVELS = {
     "WARNING": pb.LOG_LEVEL_WARNING,
     "ERROR": pb.LOG_LEVEL_ERROR,
 }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, struct_pb2.Struct):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, struct_pb2.ListValue):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _overrides(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """`param_overrides` as a dict; numbers JSON cannot hold (NaN, Infinity) are kept, so the
+    run's check names the field that has one."""
+    try:
+        return json_format.MessageToDict(struct)
+    except ValueError:
+        return _plain(struct)
 
 
 def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
@@ -127,14 +148,73 @@ def base_model_to_pb(entry: base_models.BaseModel) -> pb.BaseModel:
     )
 
 
+_PROMPT_FORMATS = {ppb.PROMPT_FORMAT_RAW: RAW, ppb.PROMPT_FORMAT_CHAT: CHAT}
+
+
+def inference_params_from_pb(p: ppb.InferenceParams) -> RequestedParams:
+    """Unset fields stay None; an unknown prompt format is kept, so the check names it."""
+    prompt_format = _PROMPT_FORMATS.get(p.prompt_format)
+    if prompt_format is None and p.prompt_format != ppb.PROMPT_FORMAT_UNSPECIFIED:
+        prompt_format = str(p.prompt_format)
+    return RequestedParams(
+        max_tokens=p.max_tokens if p.HasField("max_tokens") else None,
+        temperature=p.temperature if p.HasField("temperature") else None,
+        top_p=p.top_p if p.HasField("top_p") else None,
+        top_k=p.top_k if p.HasField("top_k") else None,
+        repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else None,
+        stop=tuple(p.stop),
+        seed=p.seed if p.HasField("seed") else None,
+        system_prompt=p.system_prompt,
+        prompt_template=p.prompt_template,
+        prompt_format=prompt_format,
+    )
+
+
+def inference_params_to_pb(r: RequestedParams) -> ppb.InferenceParams:
+    formats = {v: k for k, v in _PROMPT_FORMATS.items()}
+    return ppb.InferenceParams(
+        max_tokens=r.max_tokens,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        repetition_penalty=r.repetition_penalty,
+        stop=list(r.stop),
+        seed=r.seed,
+        system_prompt=r.system_prompt,
+        prompt_template=r.prompt_template,
+        prompt_format=formats.get(r.prompt_format or "", ppb.PROMPT_FORMAT_UNSPECIFIED),
+    )
+
+
+def _model_fields(model: pb.Model, paths: set[str]) -> ModelChanges:
+    """The user's fields of `model` that `paths` names (an update's mask, or all at create)."""
+    has_params = model.HasField("default_inference_params")
+    return ModelChanges(
+        description=model.description if "description" in paths else None,
+        notes=model.notes if "notes" in paths else None,
+        inference_params=(
+            inference_params_from_pb(model.default_inference_params)
+            if "default_inference_params" in paths and has_params
+            else None
+        ),
+        clear_inference_params="default_inference_params" in paths and not has_params,
+    )
+
+
 def model_to_pb(row: ModelRow) -> pb.Model:
-    return pb.Model(
+    message = pb.Model(
         name=row.name,
         description=row.description,
         model_type=row.model_type,
         latest_trained_version=row.latest_trained_version,
         create_time=timestamp(row.create_time),
+        notes=row.notes or "",
+        etag=model_etag(row),
     )
+    defaults = inference_params(row)
+    if defaults is not None:
+        message.default_inference_params.CopyFrom(inference_params_to_pb(defaults))
+    return message
 
 
 def progress_to_pb(p: dict[str, Any]) -> pb.TrainingProgress:
@@ -204,13 +284,6 @@ def event_to_pb(event: Event) -> pb.TrainingEvent:
     return msg
 
 
-def _offset_page(items: list[Any], size: int, token: str) -> tuple[list[Any], str]:
-    start = int(decode_page_token(token).get("offset", 0))
-    chunk = items[start : start + size]
-    more = start + size < len(items)
-    return chunk, encode_page_token({"offset": start + size}) if more else ""
-
-
 class TrainerServicer(pb_grpc.TrainerServiceServicer):
     def __init__(
         self,
@@ -222,6 +295,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     ) -> None:
         self.store = store
         self.runs = runs
+        self.models = Models(store)
         self.datasets = datasets
         self.watch_poll_seconds = watch_poll_seconds
 
@@ -233,7 +307,9 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         model_type = pb.ModelType()
         model_type.CopyFrom(TEXT_TO_TEXT)
         model_type.templates.extend(t.resource_name for t in tpl.all_templates())
-        items, token = _offset_page([model_type], page_size(request.page_size), request.page_token)
+        items, token = offset_page(
+            [model_type], page_size(request.page_size), request.page_token, "ListModelTypes"
+        )
         return pb.ListModelTypesResponse(model_types=items, next_page_token=token)
 
     async def ListTemplates(
@@ -244,7 +320,13 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             items: list[tpl.Template] = []
         else:
             items = list(tpl.all_templates())
-        chunk, token = _offset_page(items, page_size(request.page_size), request.page_token)
+        chunk, token = offset_page(
+            items,
+            page_size(request.page_size),
+            request.page_token,
+            "ListTemplates",
+            filter=request.model_type,
+        )
         return pb.ListTemplatesResponse(
             templates=[template_to_pb(t) for t in chunk], next_page_token=token
         )
@@ -257,8 +339,11 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     async def ListBaseModels(
         self, request: pb.ListBaseModelsRequest, context: Any
     ) -> pb.ListBaseModelsResponse:
-        chunk, token = _offset_page(
-            list(base_models.CATALOGUE), page_size(request.page_size), request.page_token
+        chunk, token = offset_page(
+            list(base_models.CATALOGUE),
+            page_size(request.page_size),
+            request.page_token,
+            "ListBaseModels",
         )
         items = await asyncio.to_thread(lambda: [base_model_to_pb(e) for e in chunk])
         return pb.ListBaseModelsResponse(base_models=items, next_page_token=token)
@@ -275,10 +360,9 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             raise invalid_field(
                 "model.model_type", f"{model_type!r} is not a model type; use {tpl.MODEL_TYPE}"
             )
+        fields = _model_fields(request.model, set(MODEL_UPDATABLE))
         await self.datasets.check_app(request.parent, "parent")
-        row = await asyncio.to_thread(
-            self.store.create_model, app, request.model_id, request.model.description, model_type
-        )
+        row = await self.models.create(app, request.model_id, model_type, fields)
         return pb.CreateModelResponse(model=model_to_pb(row))
 
     async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.GetModelResponse:
@@ -287,14 +371,25 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             model=model_to_pb(await asyncio.to_thread(self.store.get_model, request.name))
         )
 
+    async def UpdateModel(
+        self, request: pb.UpdateModelRequest, context: Any
+    ) -> pb.UpdateModelResponse:
+        model = request.model
+        paths = update_paths(
+            model, request.HasField("update_mask"), request.update_mask.paths, MODEL_UPDATABLE
+        )
+        row = await self.models.update(model.name, _model_fields(model, paths), model.etag)
+        return pb.UpdateModelResponse(model=model_to_pb(row))
+
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Any
     ) -> pb.ListModelsResponse:
         app = parse_name(request.parent, APP, "parent")["app"]
         size = page_size(request.page_size)
-        after = int(decode_page_token(request.page_token).get("after", 0))
+        position = decode_token(request.page_token, "ListModels", request.parent, ("after",))
+        after = position["after"] if position else 0
         rows, more = await asyncio.to_thread(self.store.list_models, app, size, after)
-        token = encode_page_token({"after": rows[-1].seq}) if more else ""
+        token = encode_token("ListModels", request.parent, {"after": rows[-1].seq}) if more else ""
         return pb.ListModelsResponse(models=[model_to_pb(r) for r in rows], next_page_token=token)
 
     async def DeleteModel(
@@ -314,7 +409,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                 version_id=request.version_id,
                 template=request.template,
                 dataset_version=request.dataset_version,
-                param_overrides=json_format.MessageToDict(request.param_overrides),
+                param_overrides=_overrides(request.param_overrides),
                 description=request.description,
                 request_id=request.request_id,
             )
@@ -330,10 +425,17 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     async def ListModelVersions(
         self, request: pb.ListModelVersionsRequest, context: Any
     ) -> pb.ListModelVersionsResponse:
+        parse_name(request.parent, MODEL, "parent")
         size = page_size(request.page_size)
-        before = decode_page_token(request.page_token).get("before")
+        method = "ListModelVersions"
+        position = decode_token(request.page_token, method, request.parent, ("before",))
+        before = position["before"] if position else None
         runs, next_before = await self.runs.page(request.parent, size, before)
-        token = encode_page_token({"before": next_before}) if next_before is not None else ""
+        token = (
+            encode_token(method, request.parent, {"before": next_before})
+            if next_before is not None
+            else ""
+        )
         return pb.ListModelVersionsResponse(
             model_versions=[version_to_pb(r) for r in runs], next_page_token=token
         )
@@ -354,8 +456,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         self, request: pb.WatchModelVersionRequest, context: Any
     ) -> AsyncIterator[pb.WatchModelVersionResponse]:
         parse_name(request.name, VERSION)
-        if request.after_sequence < 0:
-            raise invalid_field("after_sequence", "must not be negative")
+        check_int(request.after_sequence, "after_sequence", maximum=MAX_SEQUENCE)
         await asyncio.to_thread(self.store.get_version, request.name)
         after = request.after_sequence
         while True:
@@ -382,14 +483,16 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     ) -> pb.GetModelVersionLogsResponse:
         parse_name(request.name, VERSION)
         size = page_size(request.page_size, default=MAX_LOG_PAGE, maximum=MAX_LOG_PAGE)
-        after = int(decode_page_token(request.page_token).get("after", 0))
+        method = "GetModelVersionLogs"
+        position = decode_token(request.page_token, method, request.name, ("after",))
+        after = position["after"] if position else 0
         await asyncio.to_thread(self.store.get_version, request.name)
         events = await asyncio.to_thread(
             self.store.events_after, request.name, after, size + 1, EventKind.LOG
         )
         more = len(events) > size
         events = events[:size]
-        token = encode_page_token({"after": events[-1].sequence}) if more else ""
+        token = encode_token(method, request.name, {"after": events[-1].sequence}) if more else ""
         return pb.GetModelVersionLogsResponse(
             events=[event_to_pb(e) for e in events], next_page_token=token
         )

@@ -38,6 +38,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from loraforge.services.common.errors import AlreadyExists, FailedPrecondition, NotFound
 from loraforge.services.common.metadata import open_database
+from loraforge.services.common.updates import changed_meanwhile, check_etag, etag
 
 
 class State(enum.StrEnum):
@@ -90,6 +91,9 @@ class ModelRow(Base):
     model_type: Mapped[str] = mapped_column(String(100))
     latest_trained_version: Mapped[str] = mapped_column(String(300), default="")
     create_time: Mapped[float] = mapped_column(Float)
+    notes: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The default inference parameters a user set, as canonical JSON (sorted keys); NULL: none.
+    default_inference_params: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class VersionRow(Base):
@@ -201,6 +205,23 @@ def append_event(
     return int(seq)
 
 
+def model_etag(row: ModelRow) -> str:
+    """Weak: over what UpdateModel changes; training (the latest version) leaves it as it is."""
+    return etag(
+        "model",
+        row.name,
+        row.create_time,
+        row.description or "",
+        row.notes or "",
+        row.default_inference_params or "",
+        weak=True,
+    )
+
+
+# The columns of a model UpdateModel may change.
+MODEL_UPDATABLE = ("description", "notes", "default_inference_params")
+
+
 def _page(items: Sequence[Any], size: int) -> tuple[list[Any], bool]:
     return list(items[:size]), len(items) > size
 
@@ -213,7 +234,16 @@ class TrainerStore:
 
     # Models.
 
-    def create_model(self, app: str, model_id: str, description: str, model_type: str) -> ModelRow:
+    def create_model(
+        self,
+        app: str,
+        model_id: str,
+        description: str,
+        model_type: str,
+        *,
+        notes: str | None = None,
+        default_inference_params: str | None = None,
+    ) -> ModelRow:
         name = f"apps/{app}/models/{model_id}"
         row = ModelRow(
             name=name,
@@ -222,6 +252,8 @@ class TrainerStore:
             model_type=model_type,
             latest_trained_version="",
             create_time=time.time(),
+            notes=notes or None,
+            default_inference_params=default_inference_params,
         )
         try:
             with self.sessions.begin() as s:
@@ -236,6 +268,32 @@ class TrainerStore:
         if row is None:
             raise NotFound(f"model {name!r} not found", reason="MODEL_NOT_FOUND")
         return row
+
+    def update_model(self, name: str, changes: dict[str, str | None], etag: str = "") -> ModelRow:
+        """Sets the columns in `changes` (of MODEL_UPDATABLE); with `etag`, only if it is current.
+
+        The UPDATE checks the columns the etag covers again, so of two updates from one etag
+        exactly one wins and the other is Aborted.
+        """
+        what = f"model {name!r}"
+        with self.sessions.begin() as s:
+            row = s.execute(select(ModelRow).where(ModelRow.name == name)).scalar_one_or_none()
+            if row is None:
+                raise NotFound(f"{what} not found", reason="MODEL_NOT_FOUND")
+            check_etag(what, etag, model_etag(row))
+            values = {k: v for k, v in changes.items() if v != getattr(row, k)}
+            if values:
+                stmt = update(ModelRow).where(ModelRow.seq == row.seq).values(**values)
+                if etag:
+                    stmt = stmt.where(
+                        *(
+                            getattr(ModelRow, column).is_not_distinct_from(getattr(row, column))
+                            for column in MODEL_UPDATABLE
+                        )
+                    )
+                if not s.execute(stmt).rowcount:  # type: ignore[attr-defined]
+                    raise changed_meanwhile(what)
+        return self.get_model(name)
 
     def list_models(self, app: str, size: int, after_seq: int) -> tuple[list[ModelRow], bool]:
         with self.sessions() as s:

@@ -500,9 +500,8 @@ def _make_callback(reporter: Reporter, counter: TokenCounter) -> Any:
             self.start = time.monotonic()
             self.start_step = 0
             self.start_tokens = 0
-            self.eval_loss: float | None = None
-            self.train_loss: float | None = None
             self.learning_rate = 0.0
+            self.eval_step: int | None = None  # the step of the last eval loss reported
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.start = time.monotonic()
@@ -517,10 +516,8 @@ def _make_callback(reporter: Reporter, counter: TokenCounter) -> Any:
             self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any
         ) -> None:
             logs = logs or {}
-            if "eval_loss" in logs:
-                self.eval_loss = float(logs["eval_loss"])
-            if "loss" in logs:
-                self.train_loss = float(logs["loss"])
+            if "eval_loss" in logs and "loss" not in logs and state.global_step == self.eval_step:
+                return  # the same weights evaluated again (the final evaluation): nothing new
             if "learning_rate" in logs:
                 self.learning_rate = float(logs["learning_rate"])
             if "train_runtime" in logs:
@@ -536,10 +533,13 @@ def _make_callback(reporter: Reporter, counter: TokenCounter) -> Any:
                 "tokens_per_second": (counter.tokens - self.start_tokens) / elapsed,
                 "eta_seconds": (elapsed / done * left) if done > 0 else 0.0,
             }
-            if self.train_loss is not None:
-                progress["train_loss"] = self.train_loss
-            if self.eval_loss is not None:
-                progress["eval_loss"] = self.eval_loss
+            # Each loss only in the event of the log that measured it, so a client plots each
+            # once, at its step; the run's latest progress keeps the last of each (`jobs.py`).
+            if "loss" in logs:
+                progress["train_loss"] = float(logs["loss"])
+            if "eval_loss" in logs:
+                progress["eval_loss"] = float(logs["eval_loss"])
+                self.eval_step = state.global_step
             reporter.progress(progress)
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

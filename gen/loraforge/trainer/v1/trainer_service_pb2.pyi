@@ -6,11 +6,13 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from loraforge.predictor.v1 import predictor_service_pb2 as _predictor_service_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -457,6 +459,9 @@ class Model(_message.Message):
     MODEL_TYPE_FIELD_NUMBER: _builtins.int
     LATEST_TRAINED_VERSION_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    NOTES_FIELD_NUMBER: _builtins.int
+    DEFAULT_INFERENCE_PARAMS_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: `apps/{app}/models/{model}`."""
     description: _builtins.str
@@ -465,9 +470,26 @@ class Model(_message.Message):
     """The model type: `modelTypes/text-to-text`."""
     latest_trained_version: _builtins.str
     """Output only. The newest model version that is TRAINED; empty if none."""
+    notes: _builtins.str
+    """Longer free text about the model: what it is for, what it was trained
+    on, how to prompt it (at most 100,000 characters; Markdown reads well).
+    """
+    etag: _builtins.str
+    """Output only. A checksum of the fields UpdateModel changes, quoted as in
+    RFC 7232 and weak (`W/"…"`), since training does not change it. Send it
+    back in UpdateModel to change the model only if nobody changed it in
+    between.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When the model was created."""
+
+    @_builtins.property
+    def default_inference_params(self) -> _predictor_service_pb2.InferenceParams:
+        """Inference parameters for predictions with this model, as a prediction
+        request gives them; within the same bounds. Unset fields keep the
+        predictor's defaults.
+        """
 
     def __init__(
         self,
@@ -477,10 +499,13 @@ class Model(_message.Message):
         model_type: _builtins.str = ...,
         latest_trained_version: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        notes: _builtins.str = ...,
+        default_inference_params: _predictor_service_pb2.InferenceParams | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "default_inference_params", b"default_inference_params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "latest_trained_version", b"latest_trained_version", "model_type", b"model_type", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "default_inference_params", b"default_inference_params", "description", b"description", "etag", b"etag", "latest_trained_version", b"latest_trained_version", "model_type", b"model_type", "name", b"name", "notes", b"notes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1127,6 +1152,66 @@ class GetModelResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetModelResponse: _TypeAlias = GetModelResponse  # noqa: Y015
+
+@_typing.final
+class UpdateModelRequest(_message.Message):
+    """Request for UpdateModel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> Global___Model:
+        """The model's new field values. `name` says which model; `etag`, when set,
+        must be the model's current etag, or the update is ABORTED.
+        """
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """The fields to change: `description`, `notes`,
+        `default_inference_params`. `*` changes every changeable field; without
+        a mask, the changeable fields set in `model` change. Other paths are
+        INVALID_ARGUMENT.
+        """
+
+    def __init__(
+        self,
+        *,
+        model: Global___Model | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateModelRequest: _TypeAlias = UpdateModelRequest  # noqa: Y015
+
+@_typing.final
+class UpdateModelResponse(_message.Message):
+    """Response for UpdateModel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> Global___Model:
+        """The model as it is now, with its new etag."""
+
+    def __init__(
+        self,
+        *,
+        model: Global___Model | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateModelResponse: _TypeAlias = UpdateModelResponse  # noqa: Y015
 
 @_typing.final
 class ListModelsRequest(_message.Message):

@@ -68,6 +68,11 @@ class TrainerServiceStub:
                 request_serializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.GetModelResponse.FromString,
                 _registered_method=True)
+        self.UpdateModel = channel.unary_unary(
+                '/loraforge.trainer.v1.TrainerService/UpdateModel',
+                request_serializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.UpdateModelRequest.SerializeToString,
+                response_deserializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.UpdateModelResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/loraforge.trainer.v1.TrainerService/ListModels',
                 request_serializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ListModelsRequest.SerializeToString,
@@ -161,6 +166,16 @@ class TrainerServiceServicer:
 
     def GetModel(self, request, context):
         """Gets one model by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateModel(self, request, context):
+        """Changes the fields of a model that `update_mask` names (AIP-134): its
+        description, notes and default inference parameters. With `model.etag`
+        set, the update is ABORTED if the model changed since that etag was read
+        (AIP-154).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -266,6 +281,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.GetModelRequest.FromString,
                     response_serializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.GetModelResponse.SerializeToString,
+            ),
+            'UpdateModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateModel,
+                    request_deserializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.UpdateModelRequest.FromString,
+                    response_serializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.UpdateModelResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -479,6 +499,33 @@ class TrainerService:
             '/loraforge.trainer.v1.TrainerService/GetModel',
             loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.GetModelRequest.SerializeToString,
             loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.GetModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraforge.trainer.v1.TrainerService/UpdateModel',
+            loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.UpdateModelRequest.SerializeToString,
+            loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.UpdateModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,12 @@ class TrainerServiceStub:
     """Creates a model inside an app."""
     GetModel: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.GetModelRequest, _trainer_service_pb2.GetModelResponse]
     """Gets one model by name."""
+    UpdateModel: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.UpdateModelRequest, _trainer_service_pb2.UpdateModelResponse]
+    """Changes the fields of a model that `update_mask` names (AIP-134): its
+    description, notes and default inference parameters. With `model.etag`
+    set, the update is ABORTED if the model changed since that etag was read
+    (AIP-154).
+    """
     ListModels: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.ListModelsRequest, _trainer_service_pb2.ListModelsResponse]
     """Lists the models of an app, oldest first."""
     DeleteModel: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.DeleteModelRequest, _trainer_service_pb2.DeleteModelResponse]
@@ -104,6 +110,12 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     """Creates a model inside an app."""
     GetModel: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.GetModelRequest, _trainer_service_pb2.GetModelResponse]  # type: ignore[assignment]
     """Gets one model by name."""
+    UpdateModel: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.UpdateModelRequest, _trainer_service_pb2.UpdateModelResponse]  # type: ignore[assignment]
+    """Changes the fields of a model that `update_mask` names (AIP-134): its
+    description, notes and default inference parameters. With `model.etag`
+    set, the update is ABORTED if the model changed since that etag was read
+    (AIP-154).
+    """
     ListModels: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.ListModelsRequest, _trainer_service_pb2.ListModelsResponse]  # type: ignore[assignment]
     """Lists the models of an app, oldest first."""
     DeleteModel: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.DeleteModelRequest, _trainer_service_pb2.DeleteModelResponse]  # type: ignore[assignment]
@@ -189,6 +201,18 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_service_pb2.GetModelResponse, _abc.Awaitable[_trainer_service_pb2.GetModelResponse]]:
         """Gets one model by name."""
+
+    @_abc_1.abstractmethod
+    def UpdateModel(
+        self,
+        request: _trainer_service_pb2.UpdateModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_service_pb2.UpdateModelResponse, _abc.Awaitable[_trainer_service_pb2.UpdateModelResponse]]:
+        """Changes the fields of a model that `update_mask` names (AIP-134): its
+        description, notes and default inference parameters. With `model.etag`
+        set, the update is ABORTED if the model changed since that etag was read
+        (AIP-154).
+        """
 
     @_abc_1.abstractmethod
     def ListModels(

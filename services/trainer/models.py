@@ -1,0 +1,107 @@
+"""Models (the named series of a model's runs): the fields a user writes, checked and changed.
+
+A model's description, notes and default inference parameters are the user's; everything
+else about it (its type, its latest trained version) is the trainer's. Default inference
+parameters are checked against the predictor's own bounds, so a default that a prediction
+would refuse is refused when it is set. They are stored as canonical JSON of the fields
+set, so an etag over them is stable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from loraforge.services.common.resources import parse_name
+from loraforge.services.common.values import check_text
+from loraforge.services.predictor.params import RequestedParams, check_params, raise_if_bad
+from loraforge.services.trainer.runs import MODEL
+from loraforge.services.trainer.store import ModelRow, TrainerStore
+
+MAX_DESCRIPTION_CHARS = 10_000
+MAX_NOTES_CHARS = 100_000
+INFERENCE_FIELD = "model.default_inference_params"
+
+
+@dataclass(frozen=True)
+class ModelChanges:
+    """What an update sets; a field left None is unchanged. `inference_params` None with
+    `clear_inference_params` removes the defaults."""
+
+    description: str | None = None
+    notes: str | None = None
+    inference_params: RequestedParams | None = None
+    clear_inference_params: bool = False
+
+
+def check_description(value: str, field: str = "model.description") -> str:
+    return check_text(value, field, MAX_DESCRIPTION_CHARS)
+
+
+def inference_params_json(params: RequestedParams) -> str | None:
+    """The stored form: the fields set, as canonical JSON; None when nothing is set."""
+    doc = {
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in dataclasses.asdict(params).items()
+        if v not in (None, "", ())
+    }
+    return json.dumps(doc, sort_keys=True, ensure_ascii=False) if doc else None
+
+
+def inference_params(row: ModelRow) -> RequestedParams | None:
+    """A model's default inference parameters, or None when it has none."""
+    if not row.default_inference_params:
+        return None
+    doc: dict[str, Any] = json.loads(row.default_inference_params)
+    if "stop" in doc:
+        doc["stop"] = tuple(doc["stop"])
+    return RequestedParams(**doc)
+
+
+class Models:
+    """Blocking store work runs in threads, so callers on an event loop only wait."""
+
+    def __init__(self, store: TrainerStore) -> None:
+        self.store = store
+
+    async def create(
+        self, app: str, model_id: str, model_type: str, fields: ModelChanges
+    ) -> ModelRow:
+        values = self._columns(fields)
+        return await asyncio.to_thread(
+            self.store.create_model,
+            app,
+            model_id,
+            values.pop("description", None) or "",
+            model_type,
+            **values,
+        )
+
+    async def update(self, name: str, changes: ModelChanges, etag: str = "") -> ModelRow:
+        parse_name(name, MODEL, "model.name")
+        values = self._columns(changes)
+        return await asyncio.to_thread(self.store.update_model, name, values, etag)
+
+    @staticmethod
+    def _columns(changes: ModelChanges) -> dict[str, str | None]:
+        """The stored columns of what changes, or InvalidArgument naming a bad field."""
+        values: dict[str, str | None] = {}
+        if changes.description is not None:
+            values["description"] = check_description(changes.description)
+        if changes.notes is not None:
+            values["notes"] = check_text(changes.notes, "model.notes", MAX_NOTES_CHARS)
+        if changes.inference_params is not None:
+            for text_field in ("system_prompt", "prompt_template"):
+                value = getattr(changes.inference_params, text_field)
+                check_text(value, f"{INFERENCE_FIELD}.{text_field}")
+            for i, stop in enumerate(changes.inference_params.stop):
+                check_text(stop, f"{INFERENCE_FIELD}.stop[{i}]")
+            _, bad = check_params(changes.inference_params, INFERENCE_FIELD)
+            raise_if_bad(bad)
+            values["default_inference_params"] = inference_params_json(changes.inference_params)
+        elif changes.clear_inference_params:
+            values["default_inference_params"] = None
+        return values
