@@ -1,7 +1,8 @@
 """Request ids through a real DatasetService: a retried create returns what the first did.
 
 AddInputs, UploadInputs and CreateDatasetVersion take a `request_id`; a retry with the same
-id in the same app answers with the first call's result, stored in the service's database.
+id in the same app answers with the first call's result, stored in the service's database
+(SQLite, and PostgreSQL).
 """
 
 from __future__ import annotations
@@ -16,13 +17,19 @@ import pytest
 
 from loraforge.dataset.v1 import dataset_service_pb2 as pb
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as pb_grpc
-from tests.support import ServiceProcess, channel, start_service
+from tests.support import Databases, ServiceProcess, channel, start_service
 from tests.test_dataset_upload import all_inputs, bad_request, jsonl, upload, wait_until
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    svc = start_service("loraforge.services.dataset", tmp_path_factory.mktemp("dataset"))
+def service(
+    tmp_path_factory: pytest.TempPathFactory, databases: Databases
+) -> Iterator[ServiceProcess]:
+    svc = start_service(
+        "loraforge.services.dataset",
+        tmp_path_factory.mktemp("dataset"),
+        args=["--database-url", databases.url("dataset")],
+    )
     yield svc
     svc.stop()
 

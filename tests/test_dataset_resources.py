@@ -1,4 +1,5 @@
-"""Apps and datasets through a real DatasetService: ids, names, pagination, deletion rules."""
+"""Apps and datasets through a real DatasetService: ids, names, pagination, deletion rules;
+on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -16,12 +17,18 @@ from grpc_status import rpc_status
 
 from loraforge.dataset.v1 import dataset_service_pb2 as pb
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as pb_grpc
-from tests.support import ServiceProcess, channel, start_service
+from tests.support import Databases, ServiceProcess, channel, start_service
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    svc = start_service("loraforge.services.dataset", tmp_path_factory.mktemp("dataset"))
+def service(
+    tmp_path_factory: pytest.TempPathFactory, databases: Databases
+) -> Iterator[ServiceProcess]:
+    svc = start_service(
+        "loraforge.services.dataset",
+        tmp_path_factory.mktemp("dataset"),
+        args=["--database-url", databases.url("dataset")],
+    )
     yield svc
     svc.stop()
 

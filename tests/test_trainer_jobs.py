@@ -1,16 +1,25 @@
-"""The job queue: one claim per run under concurrency, leases, fencing, gap-free events."""
+"""The job queue: one claim per run under concurrency, leases, fencing, gap-free events; on
+SQLite and on PostgreSQL (where claims use SKIP LOCKED)."""
 
 from __future__ import annotations
 
 import threading
-from pathlib import Path
+
+import pytest
 
 from loraforge.services.trainer.jobs import JobQueue, JobReporter
 from loraforge.services.trainer.store import EventKind, State, TrainerStore, VersionRow
+from tests.support import Databases
 
 
-def _store(tmp_path: Path) -> TrainerStore:
-    return TrainerStore(f"sqlite:///{tmp_path / 'trainer.db'}")
+@pytest.fixture
+def url(databases: Databases, request: pytest.FixtureRequest) -> str:
+    """A fresh trainer database for the test, on SQLite and on PostgreSQL."""
+    return databases.url(request.node.name)
+
+
+def _store(url: str) -> TrainerStore:
+    return TrainerStore(url)
 
 
 def _queue_runs(store: TrainerStore, count: int) -> list[str]:
@@ -32,13 +41,13 @@ def _queue_runs(store: TrainerStore, count: int) -> list[str]:
     return names
 
 
-def test_concurrent_workers_claim_each_run_exactly_once(tmp_path: Path) -> None:
-    names = _queue_runs(_store(tmp_path), 24)
+def test_concurrent_workers_claim_each_run_exactly_once(url: str) -> None:
+    names = _queue_runs(_store(url), 24)
     claims: list[tuple[str, str]] = []
     lock = threading.Lock()
 
     def worker(worker_id: str) -> None:
-        queue = JobQueue(_store(tmp_path))  # own engine and connections, like a separate process
+        queue = JobQueue(_store(url))  # own engine and connections, like a separate process
         while (job := queue.claim(worker_id, lease_seconds=60)) is not None:
             with lock:
                 claims.append((job.name, worker_id))
@@ -49,7 +58,7 @@ def test_concurrent_workers_claim_each_run_exactly_once(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert sorted(name for name, _ in claims) == sorted(names)
-    store = _store(tmp_path)
+    store = _store(url)
     for name in names:
         row = store.get_version(name)
         assert row.state == State.TRAINING and row.attempts == 1
@@ -72,8 +81,8 @@ class FakeClock:
         self.now += seconds
 
 
-def test_expired_lease_requeues_for_resume_then_fails_after_max_attempts(tmp_path: Path) -> None:
-    store = _store(tmp_path)
+def test_expired_lease_requeues_for_resume_then_fails_after_max_attempts(url: str) -> None:
+    store = _store(url)
     (name,) = _queue_runs(store, 1)
     clock = FakeClock()
     queue = JobQueue(store, clock)
@@ -106,8 +115,8 @@ def test_expired_lease_requeues_for_resume_then_fails_after_max_attempts(tmp_pat
     assert "resume from checkpoint step 10" in messages[2]
 
 
-def test_cancel_fences_the_worker_and_ends_the_history(tmp_path: Path) -> None:
-    store = _store(tmp_path)
+def test_cancel_fences_the_worker_and_ends_the_history(url: str) -> None:
+    store = _store(url)
     queued, running = _queue_runs(store, 2)
     queue = JobQueue(store)
     job = queue.claim("w1", lease_seconds=60)
