@@ -80,6 +80,13 @@ class ResourceExhausted(LoraforgeError):
     default_reason = "RESOURCE_EXHAUSTED"
 
 
+class DataLoss(LoraforgeError):
+    """Stored data is damaged or gone (a storage fault, not the caller's mistake); retrying
+    the same request fails again, so the message says what to do instead."""
+
+    default_reason = "DATA_LOSS"
+
+
 class Aborted(LoraforgeError):
     """A concurrent change conflicted with this one; retry the whole operation."""
 
