@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -581,11 +583,20 @@ def test_a_cancelled_upload_removes_what_it_had_stored(
             yield pb.UploadInputsRequest(chunk=rows[i : i + (1 << 20)])
         release.wait()  # the client never finishes the file; it cancels instead
 
+    database = service.log_path.parent / "home" / "dataset.db"
+
+    def committed() -> int:
+        with contextlib.closing(sqlite3.connect(database)) as db:
+            return db.execute("SELECT count(*) FROM inputs").fetchone()[0]
+
+    before = committed()
     future = stub.UploadInputs.future(requests())
     try:
-        assert wait_until(lambda: input_count(stub, dataset) > 0), "no rows were committed"
+        assert wait_until(lambda: committed() > before), "no rows were committed"
+        # Committed in parts, but no one sees them before the upload is done.
+        assert input_count(stub, dataset) == 0 and all_inputs(stub, dataset) == []
         future.cancel()
-        assert wait_until(lambda: input_count(stub, dataset) == 0), "the rows were not removed"
+        assert wait_until(lambda: committed() == before), "the rows were not removed"
     finally:
         release.set()
     assert all_inputs(stub, dataset) == []

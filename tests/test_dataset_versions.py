@@ -181,7 +181,8 @@ def test_versions_survive_a_restart_and_a_tampered_snapshot_is_caught(workdir: P
         path.write_bytes(gzip.compress(data))
         with pytest.raises(grpc.RpcError) as caught:
             read_all(stub, version.name)
-        assert caught.value.code() == grpc.StatusCode.INTERNAL
+        assert caught.value.code() == grpc.StatusCode.DATA_LOSS
+        assert "create a new version" in caught.value.details()
     finally:
         svc.stop()
 

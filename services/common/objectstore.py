@@ -7,6 +7,10 @@ or none (local: write to a temporary file, then rename; S3: a PUT or multipart
 upload becomes visible only when complete). Keys are `/`-separated relative
 paths; absolute keys, `..`, `.` and empty segments are refused, so a key can
 never escape its store or its prefix.
+
+Every S3 request has deadlines: a connect timeout, a read timeout (the longest
+wait for the next bytes of a response) and a few retries with backoff, so an
+endpoint that hangs fails a call in bounded time instead of blocking it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from typing import BinaryIO
 from loraforge.services.common.errors import InvalidArgument, NotFound, Unavailable
 
 CHUNK = 1024 * 1024
+S3_CONNECT_TIMEOUT = 5.0
+S3_READ_TIMEOUT = 30.0
+S3_RETRIES = 2
 _INCOMING = ".incoming"  # local store's temporary folder; not a valid first key segment
 MAX_KEY_BYTES = 1024
 
@@ -326,7 +333,12 @@ class S3ObjectStore(ObjectStore):
         region: str | None = None,
         prefix: str = "",
         part_size: int = 16 * 1024 * 1024,
+        connect_timeout: float = S3_CONNECT_TIMEOUT,
+        read_timeout: float = S3_READ_TIMEOUT,
+        retries: int = S3_RETRIES,
     ) -> None:
+        import certifi
+        import urllib3
         from minio import Minio
 
         self.bucket = bucket
@@ -335,8 +347,23 @@ class S3ObjectStore(ObjectStore):
         )
         self.part_size = part_size
         self.endpoint = endpoint
+        # minio's own client waits up to 5 minutes per read and retries 5 times.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
+            maxsize=10,
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+            retries=urllib3.Retry(
+                total=retries, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
+            ),
+        )
         self.client = Minio(
-            endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region
+            endpoint,
+            access_key=access_key,
+            secret_key=secret_key,
+            secure=secure,
+            region=region,
+            http_client=http,
         )
         try:
             if not self.client.bucket_exists(bucket):
@@ -408,7 +435,8 @@ def open_object_store(url: str) -> ObjectStore:
     """Opens a store from a folder path, a `file://` URL or an `s3://bucket/prefix?...` URL.
 
     S3 query parameters: `endpoint` (host:port, default s3.amazonaws.com), `secure`
-    (true/false, default true), `region`. Credentials come from
+    (true/false, default true), `region`, and deadlines: `connect_timeout` and
+    `read_timeout` in seconds (default 5 and 30), `retries` (default 2). Credentials come from
     `LORAFORGE_S3_ACCESS_KEY` / `LORAFORGE_S3_SECRET_KEY`, else `AWS_ACCESS_KEY_ID` /
     `AWS_SECRET_ACCESS_KEY`.
     """
@@ -420,6 +448,22 @@ def open_object_store(url: str) -> ObjectStore:
     if not parsed.netloc:
         raise InvalidArgument(f"object store URL {url!r} names no bucket (s3://BUCKET/prefix)")
     query = dict(urllib.parse.parse_qsl(parsed.query))
+
+    def number(name: str, default: float) -> float:
+        raw = query.get(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if value < 0:
+            raise InvalidArgument(
+                f"object store URL {url!r}: {name}={raw!r} must be a number of seconds "
+                "(or of retries) of at least 0"
+            )
+        return value
+
     access = os.environ.get("LORAFORGE_S3_ACCESS_KEY") or os.environ.get("AWS_ACCESS_KEY_ID", "")
     secret = os.environ.get("LORAFORGE_S3_SECRET_KEY") or os.environ.get(
         "AWS_SECRET_ACCESS_KEY", ""
@@ -432,6 +476,9 @@ def open_object_store(url: str) -> ObjectStore:
         secure=query.get("secure", "true").lower() not in ("0", "false", "no"),
         region=query.get("region"),
         prefix=parsed.path.lstrip("/"),
+        connect_timeout=number("connect_timeout", S3_CONNECT_TIMEOUT),
+        read_timeout=number("read_timeout", S3_READ_TIMEOUT),
+        retries=int(number("retries", S3_RETRIES)),
     )
 
 

@@ -3,16 +3,23 @@
 `create_server` builds a `grpc.aio` server with the error interceptor, the
 standard health service (one entry per service) and server reflection, binds a
 given or free port and returns it. `serve` runs one until SIGTERM/SIGINT, then
-drains: health turns NOT_SERVING, running calls get `shutdown_grace_seconds`,
-and the service's own shutdown hooks run last.
+drains within `shutdown_grace_seconds`: health turns NOT_SERVING, running calls
+get most of the grace and are then cancelled, the service's own shutdown hooks
+run (each bounding its own time), and blocking work that is still running when the grace is
+over (a thread deep in a slow call) is left behind: the process exits anyway,
+so an orchestrator's stop never hangs on it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import logging
+import os
 import signal
+import sys
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +36,9 @@ from loraforge.services.common.interceptor import ErrorMappingInterceptor
 log = logging.getLogger("loraforge.server")
 
 MiB = 1024 * 1024
+# The part of the shutdown grace kept for what runs after the calls are cancelled.
+SHUTDOWN_RESERVE = 0.25
+MAX_SHUTDOWN_RESERVE_SECONDS = 3.0
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * MiB),
     ("grpc.max_send_message_length", 64 * MiB),
@@ -82,6 +92,11 @@ async def create_server(
     return RunningServer(server, bound, health_servicer, names)
 
 
+def shutdown_reserve(grace: float) -> float:
+    """The part of a shutdown grace kept for after the running calls are cancelled."""
+    return min(max(grace, 0.0) * SHUTDOWN_RESERVE, MAX_SHUTDOWN_RESERVE_SECONDS)
+
+
 def _write_ready_file(path: str, port: int) -> None:
     # Written then renamed, so a reader never sees an empty or partial port number.
     tmp = Path(path).with_suffix(".tmp")
@@ -104,13 +119,41 @@ async def serve(
         _write_ready_file(config.ready_file, running.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Our own pool for blocking work (asyncio.to_thread), so shutdown can bound its wait.
+    work = concurrent.futures.ThreadPoolExecutor(thread_name_prefix=f"{label}-work")
+    loop.set_default_executor(work)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("%s draining (grace %.1fs)", label, config.shutdown_grace_seconds)
-    await running.stop(config.shutdown_grace_seconds)
-    for hook in on_shutdown:
+    grace = max(config.shutdown_grace_seconds, 0.0)
+    deadline = loop.time() + grace
+    reserve = shutdown_reserve(grace)
+    log.info("%s draining (grace %.1fs)", label, grace)
+    await running.stop(grace - reserve)
+    for hook in on_shutdown:  # each bounds its own time
         await hook()
+    # Threads of cancelled calls may still be inside blocking work: wait for them in the
+    # grace that is left, from a thread of its own so the wait can be given up.
+    drained = asyncio.Event()
+
+    def drain() -> None:
+        work.shutdown(wait=True)
+        loop.call_soon_threadsafe(drained.set)
+
+    threading.Thread(target=drain, name=f"{label}-drain", daemon=True).start()
+    try:
+        await asyncio.wait_for(drained.wait(), max(deadline - loop.time(), 0.1))
+    except TimeoutError:
+        log.warning(
+            "%s stopped; blocking work of cancelled calls was still running at the end of "
+            "the %.1fs grace, exiting without it",
+            label,
+            grace,
+        )
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     log.info("%s stopped", label)
 
 

@@ -12,7 +12,7 @@ from loraforge.services.common.config import ENV_PREFIX, ServerConfig, load_conf
 from loraforge.services.common.errors import InvalidArgument
 from loraforge.services.common.logs import setup_logging
 from loraforge.services.common.objectstore import open_object_store
-from loraforge.services.common.server import ServiceBinding, run_main, serve
+from loraforge.services.common.server import ServiceBinding, run_main, serve, shutdown_reserve
 from loraforge.services.dataset.servicer import DatasetServicer
 from loraforge.services.dataset.store import DatasetStore
 from loraforge.services.dataset.uploads import Uploader
@@ -34,9 +34,15 @@ class DatasetConfig(ServerConfig):
     upload_batch_rows: int = setting(
         5000, "Rows an upload parses before handing them to the database writer, as one batch."
     )
+    lease_seconds: float = setting(
+        30.0,
+        "How long an upload or a version being written stays this server's without it "
+        "renewing the lease (every third of this); after that, any replica sharing the "
+        "database undoes it. Longer than a database hiccup, shorter than you would wait.",
+    )
 
     def __post_init__(self) -> None:
-        for name in ("max_example_chars", "upload_batch_rows"):
+        for name in ("max_example_chars", "upload_batch_rows", "lease_seconds"):
             value = getattr(self, name)
             if value < 1:
                 raise InvalidArgument(
@@ -53,8 +59,9 @@ async def run(config: DatasetConfig) -> None:
         objects,
         OBJECT_PREFIX,
         config.home_path() / "tmp" / "dataset",
+        lease_seconds=config.lease_seconds,
     )
-    await asyncio.to_thread(store.recover)
+    await asyncio.to_thread(store.start)
     uploader = Uploader(
         store.inputs,
         max_example_chars=config.max_example_chars,
@@ -69,7 +76,11 @@ async def run(config: DatasetConfig) -> None:
     )
 
     async def close() -> None:
-        store.close()
+        # Uploads still running (their calls cancelled by now) stop at their next batch
+        # and undo what they stored; what is not undone in time, a later recovery undoes.
+        reserve = shutdown_reserve(config.shutdown_grace_seconds)
+        await asyncio.to_thread(uploader.stop, reserve * 0.8)
+        await asyncio.to_thread(store.close)
 
     await serve([binding], config, label="dataset", on_shutdown=[close])
 

@@ -3,6 +3,11 @@
 An upload writes millions of rows, so this path has no per-row objects and no per-call
 SQL compilation: two statements are compiled once per database (`BulkStatements`) and
 run through the driver with plain tuples, one `executemany` per batch.
+
+Every commit is fenced: it renews the upload's lease in the same transaction and fails
+if the lease is gone (another replica undid the upload after this one stopped renewing)
+or the dataset was deleted meanwhile, so nothing is ever committed for an upload that
+was undone.
 """
 
 from __future__ import annotations
@@ -12,10 +17,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Dialect, Engine, bindparam, insert, select, update
+from sqlalchemy import Connection, Dialect, Engine, bindparam, insert, select, update
 
 from loraforge.services.common.errors import Aborted
+from loraforge.services.dataset import leases
 from loraforge.services.dataset.domain import Markup, SourceFormat
+from loraforge.services.dataset.leases import Leases
 from loraforge.services.dataset.parsing import ParsedRow
 from loraforge.services.dataset.tables import (
     IN_LIST_CHUNK,
@@ -117,6 +124,7 @@ class InputWriter:
         self,
         engine: Engine,
         statements: BulkStatements,
+        leases_: Leases,
         upload: UploadHandle,
         source_format: SourceFormat,
         skip_duplicates: bool,
@@ -130,6 +138,7 @@ class InputWriter:
         self.commit_rows = commit_rows
         self.commit_seconds = commit_seconds
         self._statements = statements
+        self._leases = leases_
         self._conn = engine.connect()
         self._sqlite = engine.dialect.name == "sqlite"
         if self._sqlite:
@@ -213,27 +222,45 @@ class InputWriter:
             known.update(row[0] for row in result)
         return known
 
-    def commit(self) -> None:
-        counted = self._conn.execute(
+    def _fence(self) -> None:
+        """In the open transaction: Aborted unless the upload is still ours to write."""
+        # A no-op update of the dataset row: it exists, and (PostgreSQL) stays until we commit.
+        exists = self._conn.execute(
             update(datasets)
             .where(datasets.c.pk == self.upload.dataset_pk)
-            .values(input_count=datasets.c.input_count + self._uncommitted)
+            .values(input_count=datasets.c.input_count)
         ).rowcount
-        if counted == 0:
+        if exists == 0:
             raise Aborted(
                 "the dataset was deleted while this upload was running; nothing was stored",
                 reason="DATASET_DELETED",
             )
+        if not self._leases.renew(self._conn, leases.UPLOAD, self.upload.upload_pk):
+            raise Aborted(
+                "this upload was stopped and undone while it ran (its server stopped renewing "
+                "its lease in time); nothing was stored: send the file again",
+                reason="UPLOAD_LEASE_LOST",
+            )
+
+    def commit(self) -> None:
+        self._fence()
         self._transaction.commit()
         self._uncommitted = 0
         self._since = time.monotonic()
         self._transaction = self._conn.begin()
 
-    def close(self, *, commit: bool) -> None:
-        """Commits (or rolls back) what is pending and gives the connection back."""
+    def close(self, *, commit: bool, finish: Callable[[Connection], None] | None = None) -> None:
+        """Commits (or rolls back) what is pending and gives the connection back.
+
+        `finish` runs in the last transaction, so the upload's end commits with its last rows.
+        """
         try:
             if commit:
-                self.commit()
+                self._fence()
+                if finish is not None:
+                    finish(self._conn)
+                self._transaction.commit()
+                self._transaction = self._conn.begin()
             self._transaction.rollback()
             if self._sqlite:
                 self._conn.exec_driver_sql(f"PRAGMA cache_size=-{DEFAULT_CACHE_KIB}")

@@ -1,9 +1,12 @@
 """A dataset's inputs, and the life of the uploads that store them.
 
 An upload is a row in `uploads`: RUNNING while its inputs are written (through
-`input_writer.py`), then DONE, or FAILED once what it stored is removed again. Inputs of
-a running upload are never frozen into a version. After a restart, uploads still RUNNING
-were cut off mid-way and are undone (`recover_uploads`).
+`input_writer.py`), then DONE, or FAILED once what it stored is removed again. A running
+upload holds a lease (`leases.py`) for the replica writing it. Its inputs are seen by no
+one (listing, counting, deleting, versions) until it is DONE, although long uploads
+commit them in parts; the transaction that commits the last part marks it DONE and
+counts its inputs into the dataset. Running uploads whose lease has expired were cut off
+mid-way (their replica stopped) and are undone by `recover_uploads`.
 
 AddInputs and uploads may carry a request id (`requests.py`): a retry answers with what
 the first call stored instead of storing it again.
@@ -18,12 +21,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, delete, insert, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, Row, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from loraforge.services.common.errors import Aborted
 from loraforge.services.common.resources import new_id
-from loraforge.services.dataset import requests
+from loraforge.services.dataset import leases, requests
 from loraforge.services.dataset.catalog import dataset_row
 from loraforge.services.dataset.domain import (
     ExampleKind,
@@ -34,6 +37,7 @@ from loraforge.services.dataset.domain import (
     UploadReport,
 )
 from loraforge.services.dataset.input_writer import BulkStatements, InputWriter
+from loraforge.services.dataset.leases import Leases
 from loraforge.services.dataset.pages import Page, next_page_token
 from loraforge.services.dataset.tables import (
     IN_LIST_CHUNK,
@@ -46,6 +50,7 @@ from loraforge.services.dataset.tables import (
     json_column,
     uploads,
 )
+from loraforge.services.dataset.tables import leases as lease_rows
 
 log = logging.getLogger("loraforge.dataset.inputs")
 
@@ -77,42 +82,85 @@ def _input_record(row: Any) -> InputRecord:
     )
 
 
-def _abort_upload(conn: Connection, upload_pk: int, dataset_pk: int) -> int:
+def visible(dataset_pk: int) -> ColumnElement[bool]:
+    """Inputs anyone may see: added directly, or stored by a finished upload."""
+    running = select(uploads.c.pk).where(
+        uploads.c.dataset_pk == dataset_pk, uploads.c.state == UPLOAD_RUNNING
+    )
+    return or_(inputs.c.upload_pk.is_(None), inputs.c.upload_pk.not_in(running))
+
+
+def _abort_upload(conn: Connection, upload_pk: int, dataset_pk: int, *, counted: bool) -> int:
+    """Fails a running upload and removes its inputs; `counted`: they are in `input_count`."""
+    failed = conn.execute(
+        update(uploads)
+        .where(uploads.c.pk == upload_pk, uploads.c.state == UPLOAD_RUNNING)
+        .values(state=UPLOAD_FAILED, end_time=time.time())
+    ).rowcount
+    if not failed:  # finished, or already undone by someone else
+        return 0
     requests.release_upload(conn, upload_pk)
     deleted = conn.execute(
         delete(inputs).where(inputs.c.dataset_pk == dataset_pk, inputs.c.upload_pk == upload_pk)
     ).rowcount
-    conn.execute(
-        update(datasets)
-        .where(datasets.c.pk == dataset_pk)
-        .values(input_count=datasets.c.input_count - deleted)
-    )
-    conn.execute(
-        update(uploads)
-        .where(uploads.c.pk == upload_pk)
-        .values(state=UPLOAD_FAILED, end_time=time.time())
-    )
+    if counted:
+        conn.execute(
+            update(datasets)
+            .where(datasets.c.pk == dataset_pk)
+            .values(input_count=datasets.c.input_count - deleted)
+        )
     return deleted
 
 
-def recover_uploads(conn: Connection) -> None:
-    """After a restart: undoes the uploads that were cut off mid-way."""
-    for row in conn.execute(
-        select(uploads.c.pk, uploads.c.dataset_pk, uploads.c.upload_id).where(
-            uploads.c.state == UPLOAD_RUNNING
-        )
-    ).all():
-        removed = _abort_upload(conn, row.pk, row.dataset_pk)
+def recover_uploads(engine: Engine, owner: Leases) -> int:
+    """Undoes the running uploads whose lease has expired (any replica's); returns how many.
+
+    Each in its own transaction, which first takes the lease over, so a live owner's
+    upload is never touched.
+    """
+    now = owner.clock()
+    with engine.connect() as conn:
+        candidates = conn.execute(
+            select(uploads.c.pk, uploads.c.dataset_pk, uploads.c.upload_id, lease_rows.c.ref_pk)
+            .outerjoin(
+                lease_rows,
+                (lease_rows.c.kind == leases.UPLOAD) & (lease_rows.c.ref_pk == uploads.c.pk),
+            )
+            .where(
+                uploads.c.state == UPLOAD_RUNNING,
+                or_(lease_rows.c.ref_pk.is_(None), lease_rows.c.expires_at < now),
+            )
+        ).all()
+    undone = 0
+    for row in candidates:
+        with engine.begin() as conn:
+            if not owner.take_over(conn, leases.UPLOAD, row.pk):
+                continue  # its owner renewed the lease meanwhile
+            # An upload from before leases has none, and counted its inputs as it went.
+            removed = _abort_upload(conn, row.pk, row.dataset_pk, counted=row.ref_pk is None)
+        undone += 1
         log.warning(
-            "upload %s was cut off by a restart; removed its %d inputs", row.upload_id, removed
+            "upload %s was cut off (its server stopped before finishing it); removed its %d inputs",
+            row.upload_id,
+            removed,
         )
+    with engine.begin() as conn:  # leases of uploads deleted with their dataset
+        conn.execute(
+            delete(lease_rows).where(
+                lease_rows.c.kind == leases.UPLOAD,
+                lease_rows.c.expires_at < now,
+                lease_rows.c.ref_pk.not_in(select(uploads.c.pk)),
+            )
+        )
+    return undone
 
 
 class Inputs:
     """Blocking operations on inputs and uploads."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, leases_: Leases) -> None:
         self.engine = engine
+        self.leases = leases_
         self._statements = BulkStatements(engine.dialect)
 
     def add_inputs(
@@ -226,7 +274,7 @@ class Inputs:
             rows = conn.execute(
                 select(inputs, uploads.c.upload_id)
                 .outerjoin(uploads, uploads.c.pk == inputs.c.upload_pk)
-                .where(inputs.c.dataset_pk == ds.pk, inputs.c.pk > page.after)
+                .where(inputs.c.dataset_pk == ds.pk, inputs.c.pk > page.after, visible(ds.pk))
                 .order_by(inputs.c.pk)
                 .limit(page.size + 1)
             ).all()
@@ -239,7 +287,9 @@ class Inputs:
         with self.engine.begin() as conn:
             ds = dataset_row(conn, app_id, dataset_id)
             if input_ids is None:
-                deleted = conn.execute(delete(inputs).where(inputs.c.dataset_pk == ds.pk)).rowcount
+                deleted = conn.execute(
+                    delete(inputs).where(inputs.c.dataset_pk == ds.pk, visible(ds.pk))
+                ).rowcount
             else:
                 deleted = 0
                 unique = sorted(set(input_ids))
@@ -248,6 +298,7 @@ class Inputs:
                         delete(inputs).where(
                             inputs.c.dataset_pk == ds.pk,
                             inputs.c.pk.in_(unique[i : i + IN_LIST_CHUNK]),
+                            visible(ds.pk),
                         )
                     ).rowcount
             conn.execute(
@@ -263,18 +314,11 @@ class Inputs:
         Inputs of uploads still running are left out, so a version never holds half a file.
         """
         with self.engine.connect() as conn, conn.begin():
-            running = list(
-                conn.execute(
-                    select(uploads.c.pk).where(
-                        uploads.c.dataset_pk == dataset_pk, uploads.c.state == UPLOAD_RUNNING
-                    )
-                ).scalars()
+            stmt = (
+                select(inputs)
+                .where(inputs.c.dataset_pk == dataset_pk, visible(dataset_pk))
+                .order_by(inputs.c.pk)
             )
-            stmt = select(inputs).where(inputs.c.dataset_pk == dataset_pk).order_by(inputs.c.pk)
-            if running:
-                stmt = stmt.where(
-                    (inputs.c.upload_pk.is_(None)) | (inputs.c.upload_pk.not_in(running))
-                )
             result = conn.execution_options(yield_per=batch_rows).execute(
                 stmt.add_columns(uploads.c.upload_id).outerjoin(
                     uploads, uploads.c.pk == inputs.c.upload_pk
@@ -343,6 +387,7 @@ class Inputs:
             )
             (upload_pk,) = result.inserted_primary_key or (None,)
             assert upload_pk is not None
+            self.leases.take(conn, leases.UPLOAD, int(upload_pk))
             if key is not None:
                 requests.claim(conn, key, now=now, upload_pk=int(upload_pk))
         return UploadHandle(int(upload_pk), upload_id, ds.pk, request_id)
@@ -351,9 +396,13 @@ class Inputs:
         self, upload: UploadHandle, source_format: SourceFormat, skip_duplicates: bool
     ) -> InputWriter:
         """A writer for one upload's rows; the caller must `close()` it."""
-        return InputWriter(self.engine, self._statements, upload, source_format, skip_duplicates)
+        return InputWriter(
+            self.engine, self._statements, self.leases, upload, source_format, skip_duplicates
+        )
 
-    def finish_upload(self, upload: UploadHandle, report: UploadReport) -> None:
+    def finish_upload(self, conn: Connection, upload: UploadHandle, report: UploadReport) -> None:
+        """Marks the upload DONE and counts its inputs, in the transaction of its last rows
+        (`InputWriter.close`), which has renewed its lease."""
         summary = {
             "detected_format": report.detected_format.name if report.detected_format else "",
             "rows_read": report.rows_read,
@@ -362,16 +411,22 @@ class Inputs:
             "duplicate_rows": report.duplicate_rows,
             "bytes_read": report.bytes_read,
         }
-        with self.engine.begin() as conn:
-            conn.execute(
-                update(uploads)
-                .where(uploads.c.pk == upload.upload_pk)
-                .values(state=UPLOAD_DONE, end_time=time.time(), report=json.dumps(summary))
-            )
-            if upload.request_id:
-                requests.record_upload_result(conn, upload.upload_pk, report)
+        conn.execute(
+            update(uploads)
+            .where(uploads.c.pk == upload.upload_pk)
+            .values(state=UPLOAD_DONE, end_time=time.time(), report=json.dumps(summary))
+        )
+        conn.execute(
+            update(datasets)
+            .where(datasets.c.pk == upload.dataset_pk)
+            .values(input_count=datasets.c.input_count + report.rows_accepted)
+        )
+        if upload.request_id:
+            requests.record_upload_result(conn, upload.upload_pk, report)
+        self.leases.release(conn, leases.UPLOAD, upload.upload_pk)
 
     def abort_upload(self, upload: UploadHandle) -> int:
         """Removes what a failed or cancelled upload stored; returns how many inputs."""
         with self.engine.begin() as conn:
-            return _abort_upload(conn, upload.upload_pk, upload.dataset_pk)
+            self.leases.release(conn, leases.UPLOAD, upload.upload_pk)
+            return _abort_upload(conn, upload.upload_pk, upload.dataset_pk, counted=False)

@@ -136,6 +136,25 @@ request_ids = Table(
     sqlite_autoincrement=True,
 )
 
+# Who works on a running upload or a version being written (`leases.py`): one row per
+# piece of work, keyed by its kind and the pk of its `uploads` or `versions` row.
+leases = Table(
+    "leases",
+    METADATA,
+    Column("kind", String(16), primary_key=True),
+    Column("ref_pk", Integer, primary_key=True),
+    Column("owner", String(128), nullable=False, index=True),
+    Column("expires_at", Float, nullable=False),
+)
+
+# Named rows that transactions lock to take turns (an UPDATE of the row: a row lock on
+# PostgreSQL, the write lock on SQLite). `snapshots`: claiming and deleting snapshot objects.
+store_locks = Table(
+    "store_locks",
+    METADATA,
+    Column("name", String(32), primary_key=True),
+)
+
 # Longest `IN (...)` list one statement binds: under every database's bound-parameter limit.
 IN_LIST_CHUNK = 900
 

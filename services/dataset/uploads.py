@@ -4,7 +4,11 @@ Parsing (`parsing.py`) and storing (`inputs.py`, `input_writer.py`) run as a two
 parses while a writer thread inserts the previous batch, so the database's time (which
 releases the GIL) overlaps with parsing. The queue between them is short, so memory stays
 bounded however large the file. If anything fails, or the client goes away, the inputs
-stored so far are removed again: an upload is stored whole or not at all.
+stored so far are removed again: an upload is stored whole or not at all. Whether the
+client is still there, and whether the service is stopping, is asked for every piece of
+at most 1 MiB of the file and every batch handed to the writer, so an upload given up
+inside one large message (a client may send the whole file as one) stops within a piece,
+not at the end of the message.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ import logging
 import queue
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from loraforge.services.common.errors import Aborted, invalid_field
+from sqlalchemy import Connection
+
+from loraforge.services.common.errors import Aborted, Unavailable, invalid_field
 from loraforge.services.dataset.domain import RowError, SourceFormat, UploadReport
 from loraforge.services.dataset.input_writer import InputWriter
 from loraforge.services.dataset.inputs import Inputs, UploadHandle
@@ -28,6 +34,8 @@ DEFAULT_MAX_ROW_ERRORS = 100
 MAX_ROW_ERRORS = 10000
 _QUEUE_BATCHES = 2
 _BATCH_BYTES = 8 * 1024 * 1024
+# Messages are parsed this much at a time, so a large one never runs unchecked.
+_PIECE_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -94,11 +102,11 @@ class _Writer(threading.Thread):
         if self.error is not None:
             raise self.error
 
-    def close(self, *, commit: bool) -> None:
-        """After `drain`: commits the last rows, or rolls them back."""
+    def close(self, *, commit: bool, finish: Callable[[Connection], None] | None = None) -> None:
+        """After `drain`: commits the last rows (with `finish`), or rolls them back."""
         if self.input_writer is not None:
             writer, self.input_writer = self.input_writer, None
-            writer.close(commit=commit)
+            writer.close(commit=commit, finish=finish)
 
     def abandon(self) -> None:
         self.error = self.error or RuntimeError("upload abandoned")
@@ -116,6 +124,32 @@ class Uploader:
         self.inputs = inputs
         self.max_example_chars = max_example_chars
         self.batch_rows = batch_rows
+        # Set when the service stops: running uploads stop at their next batch and undo.
+        self.stopping = threading.Event()
+        self._active = 0
+        self._idle = threading.Condition()
+
+    def stop(self, timeout: float) -> bool:
+        """Stops running uploads; True if all of them had undone their work within `timeout`."""
+        self.stopping.set()
+        with self._idle:
+            return self._idle.wait_for(lambda: self._active == 0, timeout)
+
+    def _pieces(self, chunks: Iterable[bytes], cancelled: Callable[[], bool]) -> Iterator[bytes]:
+        for chunk in chunks:
+            for start in range(0, len(chunk), _PIECE_BYTES):
+                self._check_live(cancelled)
+                yield chunk[start : start + _PIECE_BYTES]
+
+    def _check_live(self, cancelled: Callable[[], bool]) -> None:
+        if cancelled():
+            raise Aborted("the upload was cancelled before it finished", reason="CANCELLED")
+        if self.stopping.is_set():
+            raise Unavailable(
+                "the dataset service is shutting down; nothing of this upload was stored, "
+                "send the file again",
+                reason="SHUTTING_DOWN",
+            )
 
     def ingest(
         self,
@@ -123,11 +157,25 @@ class Uploader:
         chunks: Iterable[bytes],
         cancelled: Callable[[], bool] = lambda: False,
     ) -> UploadReport:
-        """Parses and stores a whole file; `cancelled` is asked once more before the last commit.
+        """Parses and stores a whole file; `cancelled` is asked after every batch and once
+        more before the last commit.
 
         With a request id that a finished upload already carried, returns that upload's
         report and reads none of `chunks`.
         """
+        with self._idle:
+            self._active += 1
+        try:
+            return self._ingest(options, chunks, cancelled)
+        finally:
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
+
+    def _ingest(
+        self, options: UploadOptions, chunks: Iterable[bytes], cancelled: Callable[[], bool]
+    ) -> UploadReport:
+        self._check_live(cancelled)
         upload = self.inputs.begin_upload(
             options.app_id, options.dataset_id, options.file_name, options.request_id
         )
@@ -158,7 +206,8 @@ class Uploader:
         try:
             pending: list[ParsedRow] = []
             flushed_at = 0
-            for batch in parser.batches(chunks):
+            for batch in parser.batches(self._pieces(chunks, cancelled)):
+                self._check_live(cancelled)
                 if writer is None:
                     assert parser.detected_format is not None
                     writer = _Writer(
@@ -173,6 +222,7 @@ class Uploader:
                     writer.put(pending)
                     pending, flushed_at = [], parser.bytes_read
                 while len(pending) >= self.batch_rows:
+                    self._check_live(cancelled)
                     writer.put(pending[: self.batch_rows])
                     pending, flushed_at = pending[self.batch_rows :], parser.bytes_read
             if writer is None:  # no batch at all: nothing was detected
@@ -180,15 +230,23 @@ class Uploader:
             if pending:
                 writer.put(pending)
             writer.drain()
-            if cancelled():
-                raise Aborted("the upload was cancelled before it finished", reason="CANCELLED")
-            writer.close(commit=True)
             if parser.rows_read == 0:
                 raise invalid_field(
                     FILE_FIELD,
                     "the file has no rows (only a header or blank lines); add at least one example",
                     reason="EMPTY_FILE",
                 )
+            self._check_live(cancelled)
+            assert parser.detected_format is not None
+            report.detected_format = parser.detected_format
+            report.rows_read = parser.rows_read
+            report.rows_accepted = writer.accepted
+            report.duplicate_rows = writer.duplicates
+            report.rows_by_markup = dict(writer.by_markup)
+            report.bytes_read = parser.bytes_read
+            writer.close(
+                commit=True, finish=lambda conn: self.inputs.finish_upload(conn, upload, report)
+            )
         except BaseException:
             if writer is not None:
                 writer.abandon()
@@ -201,14 +259,6 @@ class Uploader:
                 removed,
             )
             raise
-        assert parser.detected_format is not None
-        report.detected_format = parser.detected_format
-        report.rows_read = parser.rows_read
-        report.rows_accepted = writer.accepted
-        report.duplicate_rows = writer.duplicates
-        report.rows_by_markup = dict(writer.by_markup)
-        report.bytes_read = parser.bytes_read
-        self.inputs.finish_upload(upload, report)
         log.info(
             "upload %s into apps/%s/datasets/%s: %s, %d rows read, %d stored, %d rejected, %d duplicates",
             upload.upload_id,

@@ -1,12 +1,15 @@
 """Version rows and the references that keep them: what a dataset version records.
 
-A version row is inserted PENDING, turns IN_PROGRESS while its snapshot is written and
-READY (with stats and the snapshot's hash and key) or FAILED (with a reason). A reference
-names what uses a READY version (a model version, say); a version is deleted only once
-nothing references it, and then its snapshot object once no other version names it.
-After a restart, versions still PENDING or IN_PROGRESS were cut off mid-way and are
-failed (`fail_interrupted_versions`). A version created with a request id is created once
-per id (`requests.py`).
+A version row is inserted PENDING, with a lease (`leases.py`) for the replica writing
+it; it turns IN_PROGRESS while its snapshot is written, claims the snapshot's hash and key
+before the object is published (`snapshots.py` says why), and ends READY (with stats) or
+FAILED (with a reason), releasing the lease. A READY version whose snapshot turns out
+missing or damaged is failed with what to do. A reference names what uses a READY
+version (a model version, say); a version is deleted only once nothing references it,
+and then its snapshot object once no other version names it. Versions still PENDING or
+IN_PROGRESS whose lease has expired were cut off mid-way and are failed
+(`recover_versions`). A version created with a request id is created once per id
+(`requests.py`).
 """
 
 from __future__ import annotations
@@ -16,42 +19,86 @@ import logging
 import time
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, delete, insert, select, update
+from sqlalchemy import Connection, Engine, Row, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from loraforge.services.common.errors import AlreadyExists, FailedPrecondition, NotFound
-from loraforge.services.dataset import requests
+from loraforge.services.common.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
+from loraforge.services.dataset import leases, requests
 from loraforge.services.dataset.catalog import dataset_row
 from loraforge.services.dataset.domain import VersionRecord, VersionState, VersionStats
+from loraforge.services.dataset.leases import Leases
 from loraforge.services.dataset.pages import Page, next_page_token
-from loraforge.services.dataset.snapshots import Snapshots
+from loraforge.services.dataset.snapshots import Snapshots, lock_snapshots
 from loraforge.services.dataset.stats import stats_from_json, stats_to_json
+from loraforge.services.dataset.tables import leases as lease_rows
 from loraforge.services.dataset.tables import version_refs, versions
 
 log = logging.getLogger("loraforge.dataset.versions")
 
 
-def fail_interrupted_versions(conn: Connection) -> None:
-    """After a restart: fails the versions that were being written when the service stopped."""
-    cut = conn.execute(
-        update(versions)
-        .where(versions.c.state.in_([VersionState.PENDING, VersionState.IN_PROGRESS]))
-        .values(
-            state=VersionState.FAILED,
-            failure_reason="the service stopped while this version was being written; "
-            "create a new version",
+BUILDING = (VersionState.PENDING, VersionState.IN_PROGRESS)
+INTERRUPTED = "the service stopped while this version was being written; create a new version"
+
+
+def recover_versions(engine: Engine, owner: Leases) -> int:
+    """Fails the versions being written whose lease has expired (any replica's); returns how many."""
+    now = owner.clock()
+    with engine.connect() as conn:
+        candidates = list(
+            conn.execute(
+                select(versions.c.pk)
+                .outerjoin(
+                    lease_rows,
+                    (lease_rows.c.kind == leases.VERSION) & (lease_rows.c.ref_pk == versions.c.pk),
+                )
+                .where(
+                    versions.c.state.in_(BUILDING),
+                    or_(lease_rows.c.ref_pk.is_(None), lease_rows.c.expires_at < now),
+                )
+            ).scalars()
         )
-    ).rowcount
+    cut = 0
+    for pk in candidates:
+        with engine.begin() as conn:
+            if not owner.take_over(conn, leases.VERSION, pk):
+                continue  # its owner renewed the lease meanwhile
+            cut += conn.execute(
+                update(versions)
+                .where(versions.c.pk == pk, versions.c.state.in_(BUILDING))
+                .values(state=VersionState.FAILED, failure_reason=INTERRUPTED)
+            ).rowcount
+    with engine.begin() as conn:  # leases of versions deleted with their dataset
+        conn.execute(
+            delete(lease_rows).where(
+                lease_rows.c.kind == leases.VERSION,
+                lease_rows.c.expires_at < now,
+                lease_rows.c.ref_pk.not_in(select(versions.c.pk)),
+            )
+        )
     if cut:
-        log.warning("%d dataset version(s) were cut off by a restart and marked failed", cut)
+        log.warning(
+            "%d dataset version(s) were cut off (their server stopped while writing them) "
+            "and marked failed",
+            cut,
+        )
+    return cut
+
+
+def _lease_lost() -> Aborted:
+    return Aborted(
+        "this version was stopped while it was being written (its server stopped renewing "
+        "its lease in time); create a new version",
+        reason="VERSION_LEASE_LOST",
+    )
 
 
 class VersionRows:
     """Blocking operations on version rows and their references."""
 
-    def __init__(self, engine: Engine, snapshots: Snapshots) -> None:
+    def __init__(self, engine: Engine, snapshots: Snapshots, leases_: Leases) -> None:
         self.engine = engine
         self.snapshots = snapshots
+        self.leases = leases_
 
     def _version_row(
         self, conn: Connection, app_id: str, dataset_id: str, version_id: str
@@ -130,6 +177,8 @@ class VersionRows:
                     )
                 )
                 (version_pk,) = result.inserted_primary_key or (None,)
+                assert version_pk is not None
+                self.leases.take(conn, leases.VERSION, int(version_pk))
                 if key is not None:
                     requests.claim(conn, key, now=now, result={"version_id": version_id})
         except IntegrityError:
@@ -174,25 +223,72 @@ class VersionRows:
             )
         return self._version_record(conn, app_id, dataset_id, row)
 
-    def set_version_state(
-        self,
-        version_pk: int,
-        state: VersionState,
-        *,
-        failure_reason: str = "",
-        stats: VersionStats | None = None,
-        content_sha256: str = "",
-        snapshot_key: str = "",
-    ) -> None:
-        values: dict[str, Any] = {"state": state, "failure_reason": failure_reason}
-        if stats is not None:
-            values.update(
-                stats=json.dumps(stats_to_json(stats)),
-                content_sha256=content_sha256,
-                snapshot_key=snapshot_key,
-            )
+    def start_build(self, version_pk: int) -> None:
+        """PENDING to IN_PROGRESS; Aborted if the version's lease was lost."""
         with self.engine.begin() as conn:
-            conn.execute(update(versions).where(versions.c.pk == version_pk).values(**values))
+            if not self.leases.renew(conn, leases.VERSION, version_pk):
+                raise _lease_lost()
+            conn.execute(
+                update(versions)
+                .where(versions.c.pk == version_pk)
+                .values(state=VersionState.IN_PROGRESS)
+            )
+
+    def claim_snapshot(self, version_pk: int, content_sha256: str, snapshot_key: str) -> None:
+        """Records the snapshot the version is about to publish, under the snapshot lock, so
+        that collection keeps (or deletes before) its object; Aborted if the lease was lost."""
+        with self.engine.begin() as conn:
+            lock_snapshots(conn)
+            if not self.leases.renew(conn, leases.VERSION, version_pk):
+                raise _lease_lost()
+            conn.execute(
+                update(versions)
+                .where(versions.c.pk == version_pk)
+                .values(content_sha256=content_sha256, snapshot_key=snapshot_key)
+            )
+
+    def mark_ready(self, version_pk: int, stats: VersionStats) -> None:
+        """IN_PROGRESS to READY once the snapshot is published; Aborted if the lease was lost."""
+        with self.engine.begin() as conn:
+            if not self.leases.release(conn, leases.VERSION, version_pk):
+                raise _lease_lost()
+            conn.execute(
+                update(versions)
+                .where(versions.c.pk == version_pk)
+                .values(
+                    state=VersionState.READY,
+                    failure_reason="",
+                    stats=json.dumps(stats_to_json(stats)),
+                )
+            )
+
+    def mark_failed(self, version_pk: int, failure_reason: str) -> None:
+        """A version this process was writing is FAILED with a reason (unless it lost it)."""
+        with self.engine.begin() as conn:
+            if not self.leases.release(conn, leases.VERSION, version_pk):
+                return  # recovered by another replica, which failed it already
+            conn.execute(
+                update(versions)
+                .where(versions.c.pk == version_pk, versions.c.state.in_(BUILDING))
+                .values(state=VersionState.FAILED, failure_reason=failure_reason)
+            )
+
+    def mark_lost(self, app_id: str, dataset_id: str, version_id: str, failure_reason: str) -> None:
+        """A READY version whose snapshot is missing or damaged is FAILED with `failure_reason`."""
+        with self.engine.begin() as conn:
+            row = self._version_row(conn, app_id, dataset_id, version_id)
+            conn.execute(
+                update(versions)
+                .where(versions.c.pk == row.pk, versions.c.state == VersionState.READY)
+                .values(state=VersionState.FAILED, failure_reason=failure_reason)
+            )
+        log.error(
+            "dataset version apps/%s/datasets/%s/versions/%s failed: %s",
+            app_id,
+            dataset_id,
+            version_id,
+            failure_reason,
+        )
 
     def get_version(self, app_id: str, dataset_id: str, version_id: str) -> VersionRecord:
         with self.engine.connect() as conn:

@@ -2,15 +2,16 @@
 
 Creating a version freezes the dataset's finished inputs into a snapshot object
 (`snapshots.py`); the version turns READY only after the snapshot is published. Reading
-a version streams the snapshot back and fails loudly if it differs from what the
-version recorded.
+a version checks the whole snapshot against what the version recorded before it streams
+any row; a missing or damaged snapshot fails the version and is DataLoss, saying to
+create a new version (which writes the snapshot again).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from loraforge.services.common.errors import FailedPrecondition, Unavailable
+from loraforge.services.common.errors import Aborted, DataLoss, FailedPrecondition, Unavailable
 from loraforge.services.common.resources import new_id
 from loraforge.services.dataset.domain import InputRecord, VersionRecord, VersionState
 from loraforge.services.dataset.store import DatasetStore
@@ -53,21 +54,17 @@ class Versions:
             return created
         version_pk, dataset_pk = created
         try:
-            self.rows.set_version_state(version_pk, VersionState.IN_PROGRESS)
-            sha256, key, stats = self.snapshots.write(self.inputs.frozen_inputs(dataset_pk))
-            self.rows.set_version_state(
-                version_pk,
-                VersionState.READY,
-                stats=stats,
-                content_sha256=sha256,
-                snapshot_key=key,
-            )
+            self.rows.start_build(version_pk)
+            with self.snapshots.freeze(self.inputs.frozen_inputs(dataset_pk)) as frozen:
+                self.rows.claim_snapshot(version_pk, frozen.sha256, frozen.key)
+                self.snapshots.publish(frozen)
+            self.rows.mark_ready(version_pk, frozen.stats)
+        except Aborted:
+            pass  # cut off and failed by recovery meanwhile: the version says so
         except (FailedPrecondition, Unavailable) as exc:
-            self.rows.set_version_state(version_pk, VersionState.FAILED, failure_reason=exc.message)
+            self.rows.mark_failed(version_pk, exc.message)
         except Exception:
-            self.rows.set_version_state(
-                version_pk, VersionState.FAILED, failure_reason=INTERNAL_FAILURE
-            )
+            self.rows.mark_failed(version_pk, INTERNAL_FAILURE)
             raise
         return self.rows.get_version(app_id, dataset_id, version_id)
 
@@ -82,9 +79,15 @@ class Versions:
                 + (version.failure_reason or "wait until it is ready"),
                 reason="DATASET_VERSION_NOT_READY",
             )
-        return self.snapshots.read(
-            self.snapshots.stored_key(version.snapshot_key),
-            version.content_sha256,
-            version.stats.example_count,
-            batch_size,
-        )
+        name = f"apps/{app_id}/datasets/{dataset_id}/versions/{version_id}"
+        try:
+            return self.snapshots.open_read(
+                name,
+                self.snapshots.stored_key(version.snapshot_key),
+                version.content_sha256,
+                version.stats.example_count,
+                batch_size,
+            )
+        except DataLoss as exc:
+            self.rows.mark_lost(app_id, dataset_id, version_id, exc.message)
+            raise
