@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import sqlalchemy
 from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -19,6 +20,7 @@ from loraforge.client.cli import main as cli_main
 from loraforge.dataset.v1 import dataset_service_pb2 as dpb
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as dpb_grpc
 from loraforge.predictor.v1 import predictor_service_pb2 as ppb
+from loraforge.services.trainer.store import TrainerStore, model_etag
 from loraforge.trainer.v1 import trainer_service_pb2 as pb
 from loraforge.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
 from tests.support import Databases, ServiceProcess, channel, start_service
@@ -235,3 +237,33 @@ def test_a_missing_dataset_version_is_named_once_in_the_not_found_error(
     assert message.count("datasets/none") == 1, message
     reason, fields = _details(info.value)
     assert reason == "DATASET_NOT_FOUND" and "dataset_version" in fields
+
+
+def test_a_trainer_database_from_before_notes_gains_the_new_columns(databases: Databases) -> None:
+    """A models table made before notes and default inference parameters existed."""
+    url = databases.url("before-notes")
+    engine = sqlalchemy.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            sqlalchemy.text(
+                "CREATE TABLE models (seq INTEGER PRIMARY KEY, name VARCHAR(300) NOT NULL UNIQUE, "
+                "app VARCHAR(80) NOT NULL, description TEXT NOT NULL, "
+                "model_type VARCHAR(100) NOT NULL, latest_trained_version VARCHAR(300) NOT NULL, "
+                "create_time FLOAT NOT NULL)"
+            )
+        )
+        conn.execute(
+            sqlalchemy.text(
+                "INSERT INTO models VALUES (1, 'apps/a/models/old', 'a', 'kept', "
+                "'modelTypes/text-to-text', '', 1.5)"
+            )
+        )
+    engine.dispose()
+    store = TrainerStore(url)
+    try:
+        old = store.get_model("apps/a/models/old")
+        assert (old.description, old.notes, old.default_inference_params) == ("kept", None, None)
+        updated = store.update_model("apps/a/models/old", {"notes": "new"}, model_etag(old))
+        assert (updated.description, updated.notes) == ("kept", "new")
+    finally:
+        store.engine.dispose()
