@@ -5,6 +5,7 @@ on PostgreSQL."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,3 +268,22 @@ def test_a_trainer_database_from_before_notes_gains_the_new_columns(databases: D
         assert (updated.description, updated.notes) == ("kept", "new")
     finally:
         store.engine.dispose()
+
+
+def test_of_concurrent_updates_from_one_etag_exactly_one_wins(services: Services) -> None:
+    created = _create(services, "race")
+
+    def attempt(i: int) -> str:
+        model = pb.Model(name=created.name, notes=f"writer {i}", etag=created.etag)
+        try:
+            return _update(services, model, "notes").notes
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.ABORTED, err.details()
+            return ""
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(attempt, range(8)))
+    winners = [r for r in results if r]
+    assert len(winners) == 1
+    got = services.stub.GetModel(pb.GetModelRequest(name=created.name)).model
+    assert got.notes == winners[0]
