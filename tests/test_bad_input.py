@@ -303,11 +303,14 @@ def test_text_a_store_cannot_hold_is_refused_naming_the_field(services: Services
             dpb.AddInputsRequest(parent=DATASET, inputs=inputs[:1], request_id=request_id),
         )
         assert "request_id" in fields
-    fields = _refused(
-        t.CreateModel,
-        tpb.CreateModelRequest(parent=APP, model_id="x", model=tpb.Model(description="\x00")),
-    )
-    assert "model.description" in fields
+    for parent in (APP, "apps/missing"):  # refused before the app is looked up
+        fields = _refused(
+            t.CreateModel,
+            tpb.CreateModelRequest(
+                parent=parent, model_id="x", model=tpb.Model(description="\x00")
+            ),
+        )
+        assert "model.description" in fields
     for request in (
         tpb.CreateModelVersionRequest(parent=MODEL, request_id="r" * 201),
         tpb.CreateModelVersionRequest(parent=MODEL, description="bad\x00"),

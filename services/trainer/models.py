@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from loraforge.services.common.resources import parse_name
 from loraforge.services.common.values import check_text
@@ -61,16 +61,25 @@ def inference_params(row: ModelRow) -> RequestedParams | None:
     return RequestedParams(**doc)
 
 
+class Apps(Protocol):
+    """What models need of the dataset service, which owns apps (`dataset_client`)."""
+
+    async def check_app(self, app: str, field: str) -> None: ...
+
+
 class Models:
     """Blocking store work runs in threads, so callers on an event loop only wait."""
 
-    def __init__(self, store: TrainerStore) -> None:
+    def __init__(self, store: TrainerStore, apps: Apps) -> None:
         self.store = store
+        self.apps = apps
 
     async def create(
         self, app: str, model_id: str, model_type: str, fields: ModelChanges
     ) -> ModelRow:
+        """Checks the fields, then that the app exists, then creates the model."""
         values = self._columns(fields)
+        await self.apps.check_app(f"apps/{app}", "parent")
         return await asyncio.to_thread(
             self.store.create_model,
             app,

@@ -94,7 +94,8 @@ def _overrides(struct: struct_pb2.Struct) -> dict[str, Any]:
     try:
         return json_format.MessageToDict(struct)
     except ValueError:
-        return _plain(struct)
+        plain: dict[str, Any] = _plain(struct)
+        return plain
 
 
 def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
@@ -295,7 +296,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     ) -> None:
         self.store = store
         self.runs = runs
-        self.models = Models(store)
+        self.models = Models(store, datasets)
         self.datasets = datasets
         self.watch_poll_seconds = watch_poll_seconds
 
@@ -361,7 +362,6 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                 "model.model_type", f"{model_type!r} is not a model type; use {tpl.MODEL_TYPE}"
             )
         fields = _model_fields(request.model, set(MODEL_UPDATABLE))
-        await self.datasets.check_app(request.parent, "parent")
         row = await self.models.create(app, request.model_id, model_type, fields)
         return pb.CreateModelResponse(model=model_to_pb(row))
 
