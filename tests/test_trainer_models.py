@@ -205,10 +205,12 @@ def test_the_client_and_the_cli_update_a_model(
         addresses = ["--trainer-address", services.trainer.address]
         argv = [*addresses, "models", "update", "notes/cli", "--description", "two"]
         argv += ["--inference-param", "max_tokens=32", "--inference-param", "stop=###"]
+        argv += ["--inference-param", "system_prompt=# Be brief: 1, 2"]
         assert cli_main([*argv, "--etag", cleared.pb.etag]) == 0
         got = client.model("notes/cli").pb
         assert got.description == "two" and got.default_inference_params.max_tokens == 32
         assert list(got.default_inference_params.stop) == ["###"]
+        assert got.default_inference_params.system_prompt == "# Be brief: 1, 2"
         assert got.etag in capsys.readouterr().out
         assert cli_main([*argv, "--etag", cleared.pb.etag]) == 1  # stale now
         assert "ABORTED" in capsys.readouterr().err

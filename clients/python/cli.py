@@ -408,6 +408,9 @@ def _print_model(pb: tpb.Model) -> None:
     console.print(table)
 
 
+_TEXT_INFERENCE_PARAMS = ("system_prompt", "prompt_template", "prompt_format")
+
+
 def _parse_inference_params(items: Sequence[str]) -> dict[str, Any] | None:
     """`--inference-param temperature=0.7 --inference-param stop=END` as a dict; None: none given."""
     if not items:
@@ -419,14 +422,15 @@ def _parse_inference_params(items: Sequence[str]) -> dict[str, Any] | None:
             raise UsageError(
                 f"--inference-param {item!r}: expected KEY=VALUE, e.g. temperature=0.7"
             )
-        try:
-            value = load_yaml(raw) if raw else raw
-        except yaml.YAMLError:
-            value = raw  # not YAML (an unbalanced quote, say): the text as it is
         if key == "stop":
-            out.setdefault("stop", []).append(str(raw))
+            out.setdefault("stop", []).append(raw)
+        elif key in _TEXT_INFERENCE_PARAMS:
+            out[key] = raw  # the text as it is: `# Title` is no YAML comment here
         else:
-            out[key] = value
+            try:
+                out[key] = load_yaml(raw) if raw else raw
+            except yaml.YAMLError:
+                out[key] = raw  # not YAML (an unbalanced quote, say): the text as it is
     return out
 
 
@@ -532,7 +536,7 @@ def _duration(seconds: float) -> str:
     return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
 
 
-def _state_name(state: int) -> str:
+def _state_name(state: tpb.ModelVersionState.ValueType) -> str:
     return tpb.ModelVersionState.Name(state).removeprefix("MODEL_VERSION_STATE_")
 
 
