@@ -16,6 +16,7 @@ gen:
 lint:
 	$(PY) -m ruff check services clients tests bench scripts
 	$(PY) -m ruff format --check services clients tests bench scripts
+	bash scripts/mypy.sh
 	$(BUF) lint
 	BUF=$(BUF) bash scripts/buf-breaking.sh
 

@@ -82,7 +82,7 @@ class ClientError(Exception):
         message = err.details() if hasattr(err, "details") else str(err)
         reason, fields = "", []
         try:
-            status = rpc_status.from_call(err)  # type: ignore[arg-type]
+            status = rpc_status.from_call(err)
         except (ValueError, AttributeError):
             status = None
         for detail in status.details if status else []:
@@ -462,7 +462,7 @@ class Client:
         )
         yield from _stream(
             self.predictor.PredictStream(
-                request, metadata=[(MODEL_ROUTING_HEADER, model or "base")]
+                request, metadata=((MODEL_ROUTING_HEADER, model or "base"),)
             )
         )
 

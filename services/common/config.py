@@ -99,7 +99,7 @@ def _field_type(cls: type, field: dataclasses.Field[Any]) -> type:
     tp = hints[field.name]
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         tp = next(a for a in typing.get_args(tp) if a is not type(None))
-    return tp
+    return typing.cast(type, tp)
 
 
 _KINDS = {int: "a whole number", float: "a number", bool: "true or false"}

@@ -12,7 +12,7 @@ import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import any_pb2
@@ -20,6 +20,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from loraforge.services.common import errors
+from loraforge.services.common.rpc import Context
 
 log = logging.getLogger("loraforge.rpc")
 
@@ -69,7 +70,7 @@ def to_rpc_status(err: errors.LoraforgeError) -> grpc.Status:
     status = status_pb2.Status(
         code=getattr(code_pb2, code.name), message=err.message, details=details
     )
-    return rpc_status.to_status(status)
+    return cast(grpc.Status, rpc_status.to_status(status))
 
 
 def _internal_status(incident: str) -> grpc.Status:
@@ -83,7 +84,7 @@ def _internal_status(incident: str) -> grpc.Status:
     packed = any_pb2.Any()
     packed.Pack(info)
     status.details.append(packed)
-    return rpc_status.to_status(status)
+    return cast(grpc.Status, rpc_status.to_status(status))
 
 
 def _from_generated_base(exc: NotImplementedError) -> bool:
@@ -95,7 +96,7 @@ def _from_generated_base(exc: NotImplementedError) -> bool:
     return tb is not None and tb.tb_frame.f_code.co_filename.endswith("_pb2_grpc.py")
 
 
-async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
+async def _abort_for(exc: BaseException, context: Context, method: str) -> None:
     if isinstance(exc, NotImplementedError) and _from_generated_base(exc):
         await context.abort(
             grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server"
@@ -116,7 +117,7 @@ def _passthrough(exc: BaseException) -> bool:
 def _wrap_unary(
     behavior: Callable[..., Awaitable[Any]], method: str
 ) -> Callable[..., Awaitable[Any]]:
-    async def wrapper(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def wrapper(request_or_iterator: Any, context: Context) -> Any:
         try:
             result = behavior(request_or_iterator, context)
             return await result if inspect.isawaitable(result) else result
@@ -129,9 +130,7 @@ def _wrap_unary(
 
 
 def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., AsyncIterator[Any]]:
-    async def wrapper(
-        request_or_iterator: Any, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[Any]:
+    async def wrapper(request_or_iterator: Any, context: Context) -> AsyncIterator[Any]:
         try:
             result = behavior(request_or_iterator, context)
             if inspect.isawaitable(result):  # a coroutine that writes with context.write
@@ -155,9 +154,11 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler

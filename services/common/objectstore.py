@@ -23,7 +23,7 @@ import urllib.parse
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from loraforge.services.common.errors import InvalidArgument, NotFound, Unavailable
 
@@ -382,7 +382,11 @@ class S3ObjectStore(ObjectStore):
     def put_stream(self, key: str, chunks: Iterable[bytes]) -> ObjectInfo:
         reader = _IterReader(chunks)
         self.client.put_object(
-            self.bucket, self._full(key), reader, length=-1, part_size=self.part_size
+            self.bucket,
+            self._full(key),
+            cast(BinaryIO, reader),  # minio only calls read() on it
+            length=-1,
+            part_size=self.part_size,
         )
         return ObjectInfo(key, reader.size)
 

@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,7 +157,7 @@ async def serve(
     log.info("%s stopped", label)
 
 
-def run_main(main: Awaitable[None] | Callable[[], None]) -> int:
+def run_main(main: Coroutine[Any, Any, None] | Callable[[], None]) -> int:
     """Runs an entry point's body: a coroutine, or a function for a process without an event loop.
 
     A LoraforgeError (a bad setting, a store it cannot open) becomes one line and
@@ -166,10 +166,11 @@ def run_main(main: Awaitable[None] | Callable[[], None]) -> int:
     from loraforge.services.common.errors import LoraforgeError
 
     try:
-        if inspect.isawaitable(main):
-            asyncio.run(main)  # type: ignore[arg-type]
+        if inspect.iscoroutine(main):
+            asyncio.run(main)
         else:
-            main()  # type: ignore[operator]
+            assert callable(main)
+            main()
     except LoraforgeError as exc:
         print(f"error: {exc.message}", flush=True)
         return 2

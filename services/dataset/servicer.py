@@ -20,6 +20,7 @@ from loraforge.dataset.v1 import dataset_service_pb2 as pb
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as pb_grpc
 from loraforge.services.common.errors import Aborted, FieldViolation, InvalidArgument, invalid_field
 from loraforge.services.common.resources import page_size, parse_name, timestamp, validate_id
+from loraforge.services.common.rpc import Context
 from loraforge.services.common.updates import update_paths
 from loraforge.services.common.values import (
     INT32_MAX,
@@ -245,7 +246,7 @@ class _ChunkStream:
     def __init__(
         self,
         messages: AsyncIterator[pb.UploadInputsRequest],
-        context: grpc.aio.ServicerContext,
+        context: Context,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self._messages = messages
@@ -255,9 +256,10 @@ class _ChunkStream:
         # uploader asks once more before its final commit.
         self.abandoned = threading.Event()
         self._waiting: concurrent.futures.Future[bytes | None] | None = None
-        context.add_done_callback(self._on_done)
+        # types-grpcio declares the callback as a class, which no function matches.
+        context.add_done_callback(self._on_done)  # type: ignore[arg-type]
 
-    def _on_done(self, _: object) -> None:
+    def _on_done(self, _: Context) -> None:
         self.abandoned.set()
         waiting = self._waiting
         if waiting is not None:
@@ -317,7 +319,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
     # Apps
 
     async def CreateApp(
-        self, request: pb.CreateAppRequest, context: grpc.aio.ServicerContext
+        self, request: pb.CreateAppRequest, context: Context
     ) -> pb.CreateAppResponse:
         app_id = validate_id(request.app_id, "app_id")
         description = _description(request.app.description, "app.description")
@@ -325,16 +327,14 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
             app=app_pb(await self._run(self.store.catalog.create_app, app_id, description))
         )
 
-    async def GetApp(
-        self, request: pb.GetAppRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetAppResponse:
+    async def GetApp(self, request: pb.GetAppRequest, context: Context) -> pb.GetAppResponse:
         name = parse_name(request.name, APP)
         return pb.GetAppResponse(
             app=app_pb(await self._run(self.store.catalog.get_app, name["app"]))
         )
 
     async def UpdateApp(
-        self, request: pb.UpdateAppRequest, context: grpc.aio.ServicerContext
+        self, request: pb.UpdateAppRequest, context: Context
     ) -> pb.UpdateAppResponse:
         name = parse_name(request.app.name, APP, "app.name")
         paths = _update_paths(
@@ -355,15 +355,13 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         )
         return pb.UpdateAppResponse(app=app_pb(record))
 
-    async def ListApps(
-        self, request: pb.ListAppsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListAppsResponse:
+    async def ListApps(self, request: pb.ListAppsRequest, context: Context) -> pb.ListAppsResponse:
         page = parse_page(page_size(request.page_size), request.page_token, "", "ListApps")
         records, token = await self._run(self.store.catalog.list_apps, page)
         return pb.ListAppsResponse(apps=[app_pb(a) for a in records], next_page_token=token)
 
     async def DeleteApp(
-        self, request: pb.DeleteAppRequest, context: grpc.aio.ServicerContext
+        self, request: pb.DeleteAppRequest, context: Context
     ) -> pb.DeleteAppResponse:
         name = parse_name(request.name, APP)
         await self._run(self.store.catalog.delete_app, name["app"], request.force)
@@ -372,7 +370,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
     # Datasets
 
     async def CreateDataset(
-        self, request: pb.CreateDatasetRequest, context: grpc.aio.ServicerContext
+        self, request: pb.CreateDatasetRequest, context: Context
     ) -> pb.CreateDatasetResponse:
         parent = parse_name(request.parent, APP, "parent")
         dataset_id = validate_id(request.dataset_id, "dataset_id")
@@ -383,14 +381,14 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         return pb.CreateDatasetResponse(dataset=dataset_pb(record))
 
     async def GetDataset(
-        self, request: pb.GetDatasetRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetDatasetRequest, context: Context
     ) -> pb.GetDatasetResponse:
         name = parse_name(request.name, DATASET)
         record = await self._run(self.store.catalog.get_dataset, name["app"], name["dataset"])
         return pb.GetDatasetResponse(dataset=dataset_pb(record))
 
     async def UpdateDataset(
-        self, request: pb.UpdateDatasetRequest, context: grpc.aio.ServicerContext
+        self, request: pb.UpdateDatasetRequest, context: Context
     ) -> pb.UpdateDatasetResponse:
         name = parse_name(request.dataset.name, DATASET, "dataset.name")
         paths = _update_paths(
@@ -413,7 +411,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         return pb.UpdateDatasetResponse(dataset=dataset_pb(record))
 
     async def ListDatasets(
-        self, request: pb.ListDatasetsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListDatasetsRequest, context: Context
     ) -> pb.ListDatasetsResponse:
         parent = parse_name(request.parent, APP, "parent")
         page = parse_page(
@@ -425,7 +423,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         )
 
     async def DeleteDataset(
-        self, request: pb.DeleteDatasetRequest, context: grpc.aio.ServicerContext
+        self, request: pb.DeleteDatasetRequest, context: Context
     ) -> pb.DeleteDatasetResponse:
         name = parse_name(request.name, DATASET)
         await self._run(
@@ -460,7 +458,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
     async def UploadInputs(
         self,
         request_iterator: AsyncIterator[pb.UploadInputsRequest],
-        context: grpc.aio.ServicerContext,
+        context: Context,
     ) -> pb.UploadInputsResponse:
         messages = request_iterator.__aiter__()
         first = await anext(messages, None)
@@ -483,7 +481,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         return upload_report_pb(report)
 
     async def AddInputs(
-        self, request: pb.AddInputsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.AddInputsRequest, context: Context
     ) -> pb.AddInputsResponse:
         parent = parse_name(request.parent, DATASET, "parent")
         request_id = _request_id(request.request_id, "request_id")
@@ -514,7 +512,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         return pb.AddInputsResponse(inputs=[input_pb(request.parent, r) for r in records])
 
     async def ListInputs(
-        self, request: pb.ListInputsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListInputsRequest, context: Context
     ) -> pb.ListInputsResponse:
         parent = parse_name(request.parent, DATASET, "parent")
         page = parse_page(
@@ -530,7 +528,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         )
 
     async def DeleteInputs(
-        self, request: pb.DeleteInputsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.DeleteInputsRequest, context: Context
     ) -> pb.DeleteInputsResponse:
         parent = parse_name(request.parent, DATASET, "parent")
         if request.all and request.names:
@@ -557,7 +555,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
     # Versions
 
     async def CreateDatasetVersion(
-        self, request: pb.CreateDatasetVersionRequest, context: grpc.aio.ServicerContext
+        self, request: pb.CreateDatasetVersionRequest, context: Context
     ) -> pb.CreateDatasetVersionResponse:
         parent = parse_name(request.parent, DATASET, "parent")
         version_id = validate_id(request.version_id, "version_id") if request.version_id else ""
@@ -574,7 +572,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         return pb.CreateDatasetVersionResponse(dataset_version=version_pb(record))
 
     async def GetDatasetVersion(
-        self, request: pb.GetDatasetVersionRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetDatasetVersionRequest, context: Context
     ) -> pb.GetDatasetVersionResponse:
         name = parse_name(request.name, VERSION)
         record = await self._run(
@@ -583,7 +581,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         return pb.GetDatasetVersionResponse(dataset_version=version_pb(record))
 
     async def ListDatasetVersions(
-        self, request: pb.ListDatasetVersionsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListDatasetVersionsRequest, context: Context
     ) -> pb.ListDatasetVersionsResponse:
         parent = parse_name(request.parent, DATASET, "parent")
         page = parse_page(
@@ -597,7 +595,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         )
 
     async def DeleteDatasetVersion(
-        self, request: pb.DeleteDatasetVersionRequest, context: grpc.aio.ServicerContext
+        self, request: pb.DeleteDatasetVersionRequest, context: Context
     ) -> pb.DeleteDatasetVersionResponse:
         name = parse_name(request.name, VERSION)
         await self._run(
@@ -606,7 +604,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         return pb.DeleteDatasetVersionResponse()
 
     async def ReadDatasetVersion(
-        self, request: pb.ReadDatasetVersionRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ReadDatasetVersionRequest, context: Context
     ) -> AsyncIterator[pb.ReadDatasetVersionResponse]:
         name = parse_name(request.name, VERSION)
         if request.batch_size < 0:
@@ -639,7 +637,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         return value
 
     async def AddDatasetVersionReference(
-        self, request: pb.AddDatasetVersionReferenceRequest, context: grpc.aio.ServicerContext
+        self, request: pb.AddDatasetVersionReferenceRequest, context: Context
     ) -> pb.AddDatasetVersionReferenceResponse:
         name = parse_name(request.name, VERSION)
         referrer = self._referrer(request.referrer)
@@ -653,7 +651,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         return pb.AddDatasetVersionReferenceResponse(dataset_version=version_pb(record))
 
     async def RemoveDatasetVersionReference(
-        self, request: pb.RemoveDatasetVersionReferenceRequest, context: grpc.aio.ServicerContext
+        self, request: pb.RemoveDatasetVersionReferenceRequest, context: Context
     ) -> pb.RemoveDatasetVersionReferenceResponse:
         name = parse_name(request.name, VERSION)
         referrer = self._referrer(request.referrer)

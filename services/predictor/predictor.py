@@ -448,6 +448,7 @@ class Predictor:
 
     async def shutdown(self) -> None:
         await self.resolver.close()
+        await self.cache.settled()
         await self.engine.shutdown()
 
 

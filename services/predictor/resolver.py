@@ -36,7 +36,7 @@ _KNOWN_VERSIONS = 4096
 _STATE = trainer_service_pb2.ModelVersionState
 
 
-def _state_name(state: int) -> str:
+def _state_name(state: trainer_service_pb2.ModelVersionState.ValueType) -> str:
     return _STATE.Name(state).removeprefix("MODEL_VERSION_STATE_")
 
 

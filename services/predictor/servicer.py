@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import grpc
-
 from loraforge.predictor.v1 import predictor_service_pb2 as pb
 from loraforge.predictor.v1 import predictor_service_pb2_grpc
 from loraforge.services.common.prompts import CHAT, RAW
@@ -15,6 +13,7 @@ from loraforge.services.common.resources import (
     page_size,
     timestamp,
 )
+from loraforge.services.common.rpc import Context
 from loraforge.services.predictor.engines.base import EngineKind, FinishReason
 from loraforge.services.predictor.params import RequestedParams
 from loraforge.services.predictor.predictor import AdapterView, PredictInput, Predictor
@@ -71,9 +70,7 @@ class PredictorServicer(predictor_service_pb2_grpc.PredictorServiceServicer):
     def __init__(self, predictor: Predictor) -> None:
         self.predictor = predictor
 
-    async def Predict(
-        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
-    ) -> pb.PredictResponse:
+    async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
         inputs = [input_from_proto(i) for i in request.inputs]
         version, outputs = await self.predictor.predict(
             request.model, request.base_model, inputs, params_from_proto(request.params)
@@ -93,7 +90,7 @@ class PredictorServicer(predictor_service_pb2_grpc.PredictorServiceServicer):
         )
 
     async def PredictStream(
-        self, request: pb.PredictStreamRequest, context: grpc.aio.ServicerContext
+        self, request: pb.PredictStreamRequest, context: Context
     ) -> AsyncIterator[pb.PredictStreamResponse]:
         item = input_from_proto(request.input)
         events = self.predictor.predict_stream(
@@ -111,19 +108,19 @@ class PredictorServicer(predictor_service_pb2_grpc.PredictorServiceServicer):
             )
 
     async def LoadAdapter(
-        self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext
+        self, request: pb.LoadAdapterRequest, context: Context
     ) -> pb.LoadAdapterResponse:
         view = await self.predictor.load_adapter(request.model, request.pin)
         return pb.LoadAdapterResponse(adapter=adapter_to_proto(view))
 
     async def UnloadAdapter(
-        self, request: pb.UnloadAdapterRequest, context: grpc.aio.ServicerContext
+        self, request: pb.UnloadAdapterRequest, context: Context
     ) -> pb.UnloadAdapterResponse:
         await self.predictor.unload_adapter(request.model)
         return pb.UnloadAdapterResponse()
 
     async def ListAdapters(
-        self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListAdaptersRequest, context: Context
     ) -> pb.ListAdaptersResponse:
         size = page_size(request.page_size)
         offset = int(decode_page_token(request.page_token).get("offset", 0))
@@ -138,7 +135,7 @@ class PredictorServicer(predictor_service_pb2_grpc.PredictorServiceServicer):
         )
 
     async def GetServingInfo(
-        self, request: pb.GetServingInfoRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetServingInfoRequest, context: Context
     ) -> pb.GetServingInfoResponse:
         return pb.GetServingInfoResponse(
             base_models=[

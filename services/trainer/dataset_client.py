@@ -39,20 +39,20 @@ class DatasetVersionInfo:
 def _reason(err: grpc.RpcError) -> str:
     """The dataset service's ErrorInfo reason of `err`, or ''."""
     try:
-        status = rpc_status.from_call(err)  # type: ignore[arg-type]
+        status = rpc_status.from_call(err)
     except (ValueError, AttributeError):
         return ""
     for detail in status.details if status else []:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
-            return info.reason
+            return str(info.reason)
     return ""
 
 
 def _translate(err: grpc.RpcError, address: str, what: str, field: str) -> LoraforgeError:
-    code = err.code()  # type: ignore[attr-defined]
-    details = err.details() or ""  # type: ignore[attr-defined]
+    code = err.code()
+    details = err.details() or ""
     if code == grpc.StatusCode.NOT_FOUND:
         # The dataset service's message names what is missing (the app, the dataset or the
         # version), so it is the message as it is.
@@ -91,7 +91,7 @@ class AsyncDatasetClient:
         self.address = address
         self._channel: grpc.aio.Channel | None = None
 
-    def _stub(self) -> pb_grpc.DatasetServiceStub:
+    def _stub(self) -> pb_grpc.DatasetServiceAsyncStub:
         _check_configured(self.address)
         if self._channel is None:
             self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
@@ -173,7 +173,7 @@ class AsyncDatasetClient:
             try:
                 response = await call(token)
             except grpc.RpcError as err:
-                if err.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                if err.code() == grpc.StatusCode.NOT_FOUND:
                     return  # deleted while we listed it: nothing of it is referenced
                 raise _translate(err, self.address, items, items) from None
             for item in getattr(response, items):
@@ -189,7 +189,7 @@ class AsyncDatasetClient:
                 timeout=RPC_TIMEOUT,
             )
         except grpc.RpcError as err:
-            if err.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+            if err.code() == grpc.StatusCode.NOT_FOUND:
                 return  # the version is gone already; nothing left to release
             raise _translate(
                 err, self.address, f"dataset version {name!r}", "dataset_version"

@@ -207,7 +207,7 @@ class JobReporter:
                 .where(VersionRow.name == self.name, self._fence())
                 .values(lease_expires=self.clock() + lease_seconds)
             ).rowcount  # type: ignore[attr-defined]
-        return renewed == 1
+        return bool(renewed == 1)
 
     def log(self, message: str, level: str = "INFO") -> bool:
         return self._write(EventKind.LOG, log_payload(message, level))

@@ -20,6 +20,7 @@ from loraforge.services.common.errors import NotFound, invalid_field
 from loraforge.services.common.pages import decode_token, encode_token, offset_page
 from loraforge.services.common.prompts import CHAT, RAW
 from loraforge.services.common.resources import page_size, parse_name, timestamp, validate_id
+from loraforge.services.common.rpc import Context
 from loraforge.services.common.updates import update_paths
 from loraforge.services.common.values import INT32_MAX, check_int
 from loraforge.services.predictor.params import RequestedParams
@@ -303,7 +304,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     # Model types and templates.
 
     async def ListModelTypes(
-        self, request: pb.ListModelTypesRequest, context: Any
+        self, request: pb.ListModelTypesRequest, context: Context
     ) -> pb.ListModelTypesResponse:
         model_type = pb.ModelType()
         model_type.CopyFrom(TEXT_TO_TEXT)
@@ -314,7 +315,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         return pb.ListModelTypesResponse(model_types=items, next_page_token=token)
 
     async def ListTemplates(
-        self, request: pb.ListTemplatesRequest, context: Any
+        self, request: pb.ListTemplatesRequest, context: Context
     ) -> pb.ListTemplatesResponse:
         if request.model_type and request.model_type != tpl.MODEL_TYPE:
             parse_name(request.model_type, "modelTypes/{model_type}", "model_type")
@@ -333,12 +334,12 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         )
 
     async def GetTemplate(
-        self, request: pb.GetTemplateRequest, context: Any
+        self, request: pb.GetTemplateRequest, context: Context
     ) -> pb.GetTemplateResponse:
         return pb.GetTemplateResponse(template=template_to_pb(tpl.get_template(request.name)))
 
     async def ListBaseModels(
-        self, request: pb.ListBaseModelsRequest, context: Any
+        self, request: pb.ListBaseModelsRequest, context: Context
     ) -> pb.ListBaseModelsResponse:
         chunk, token = offset_page(
             list(base_models.CATALOGUE),
@@ -352,7 +353,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     # Models.
 
     async def CreateModel(
-        self, request: pb.CreateModelRequest, context: Any
+        self, request: pb.CreateModelRequest, context: Context
     ) -> pb.CreateModelResponse:
         app = parse_name(request.parent, APP, "parent")["app"]
         validate_id(request.model_id, "model_id")
@@ -365,14 +366,14 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         row = await self.models.create(app, request.model_id, model_type, fields)
         return pb.CreateModelResponse(model=model_to_pb(row))
 
-    async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.GetModelResponse:
+    async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.GetModelResponse:
         parse_name(request.name, MODEL)
         return pb.GetModelResponse(
             model=model_to_pb(await asyncio.to_thread(self.store.get_model, request.name))
         )
 
     async def UpdateModel(
-        self, request: pb.UpdateModelRequest, context: Any
+        self, request: pb.UpdateModelRequest, context: Context
     ) -> pb.UpdateModelResponse:
         model = request.model
         paths = update_paths(
@@ -382,7 +383,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         return pb.UpdateModelResponse(model=model_to_pb(row))
 
     async def ListModels(
-        self, request: pb.ListModelsRequest, context: Any
+        self, request: pb.ListModelsRequest, context: Context
     ) -> pb.ListModelsResponse:
         app = parse_name(request.parent, APP, "parent")["app"]
         size = page_size(request.page_size)
@@ -393,7 +394,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         return pb.ListModelsResponse(models=[model_to_pb(r) for r in rows], next_page_token=token)
 
     async def DeleteModel(
-        self, request: pb.DeleteModelRequest, context: Any
+        self, request: pb.DeleteModelRequest, context: Context
     ) -> pb.DeleteModelResponse:
         await self.runs.delete_model(request.name, request.force)
         return pb.DeleteModelResponse()
@@ -401,7 +402,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     # Model versions.
 
     async def CreateModelVersion(
-        self, request: pb.CreateModelVersionRequest, context: Any
+        self, request: pb.CreateModelVersionRequest, context: Context
     ) -> pb.CreateModelVersionResponse:
         run = await self.runs.create(
             NewRun(
@@ -417,13 +418,13 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         return pb.CreateModelVersionResponse(model_version=version_to_pb(run))
 
     async def GetModelVersion(
-        self, request: pb.GetModelVersionRequest, context: Any
+        self, request: pb.GetModelVersionRequest, context: Context
     ) -> pb.GetModelVersionResponse:
         run = await self.runs.get(request.name)
         return pb.GetModelVersionResponse(model_version=version_to_pb(run))
 
     async def ListModelVersions(
-        self, request: pb.ListModelVersionsRequest, context: Any
+        self, request: pb.ListModelVersionsRequest, context: Context
     ) -> pb.ListModelVersionsResponse:
         parse_name(request.parent, MODEL, "parent")
         size = page_size(request.page_size)
@@ -441,19 +442,19 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         )
 
     async def DeleteModelVersion(
-        self, request: pb.DeleteModelVersionRequest, context: Any
+        self, request: pb.DeleteModelVersionRequest, context: Context
     ) -> pb.DeleteModelVersionResponse:
         await self.runs.delete(request.name)
         return pb.DeleteModelVersionResponse()
 
     async def CancelModelVersion(
-        self, request: pb.CancelModelVersionRequest, context: Any
+        self, request: pb.CancelModelVersionRequest, context: Context
     ) -> pb.CancelModelVersionResponse:
         run = await self.runs.cancel(request.name)
         return pb.CancelModelVersionResponse(model_version=version_to_pb(run))
 
     async def WatchModelVersion(
-        self, request: pb.WatchModelVersionRequest, context: Any
+        self, request: pb.WatchModelVersionRequest, context: Context
     ) -> AsyncIterator[pb.WatchModelVersionResponse]:
         parse_name(request.name, VERSION)
         check_int(request.after_sequence, "after_sequence", maximum=MAX_SEQUENCE)
@@ -479,7 +480,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                 await asyncio.sleep(self.watch_poll_seconds)
 
     async def GetModelVersionLogs(
-        self, request: pb.GetModelVersionLogsRequest, context: Any
+        self, request: pb.GetModelVersionLogsRequest, context: Context
     ) -> pb.GetModelVersionLogsResponse:
         parse_name(request.name, VERSION)
         size = page_size(request.page_size, default=MAX_LOG_PAGE, maximum=MAX_LOG_PAGE)

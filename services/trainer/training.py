@@ -29,7 +29,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, cast
 
 from loraforge.services.common.base_models import resolve_base_model
 from loraforge.services.common.prompts import has_chat_template, render_prompt
@@ -403,10 +403,11 @@ def load_model(params: TrainingParams) -> Any:
         model.enable_input_require_grads()
     lora = LoraConfig(
         r=pc.r,
-        lora_alpha=pc.lora_alpha,
+        # PEFT takes a fractional alpha too (scaling is alpha / r), though it annotates an int.
+        lora_alpha=pc.lora_alpha,  # type: ignore[arg-type]
         lora_dropout=pc.lora_dropout,
         target_modules=list(pc.target_modules),
-        bias=pc.bias,
+        bias=cast(Literal["none", "all", "lora_only"], pc.bias),  # the template allows these
         use_rslora=pc.use_rslora,
         task_type="CAUSAL_LM",
     )
@@ -419,14 +420,15 @@ def load_model(params: TrainingParams) -> Any:
 # 4. Training.
 
 
-def _mixed_precision(choice: str) -> dict[str, bool]:
+def _mixed_precision(choice: str) -> tuple[bool, bool]:
+    """(bf16, fp16) for TrainingArguments: half precision only on a CUDA GPU."""
     import torch
 
     if not torch.cuda.is_available() or choice == "no":
-        return {}
+        return False, False
     if choice == "auto":
         choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return {choice: True}
+    return choice == "bf16", choice == "fp16"
 
 
 def training_arguments(params: TrainingParams, output_dir: Path, has_eval: bool) -> Any:
@@ -434,6 +436,7 @@ def training_arguments(params: TrainingParams, output_dir: Path, has_eval: bool)
     from transformers import TrainingArguments
 
     trc = params.trainer_config
+    bf16, fp16 = _mixed_precision(trc.mixed_precision)
     eval_strategy = "no"
     eval_steps = None
     if has_eval:
@@ -466,7 +469,8 @@ def training_arguments(params: TrainingParams, output_dir: Path, has_eval: bool)
         remove_unused_columns=False,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
-        **_mixed_precision(trc.mixed_precision),
+        bf16=bf16,
+        fp16=fp16,
     )
 
 

@@ -291,7 +291,7 @@ class Worker:
         bridge.log(f"uploaded the adapter ({size:,} bytes) to {adapter_prefix}")
         if not reporter.trained(
             adapter_prefix=adapter_prefix,
-            base_model=manifest["base_model"],
+            base_model=params.base_model,
             adapter_bytes=size,
             metrics=result.metrics,
         ):

@@ -131,7 +131,7 @@ class CalibrationStore:
         return data if isinstance(data, dict) else {}
 
     def get(self, key: str) -> Calibration | None:
-        entry = self._read().get(key)
+        entry: Any = self._read().get(key)
         try:
             rates = {str(k): float(v) for k, v in entry["requests_per_second"].items()}
             for kind in rates:
@@ -167,7 +167,7 @@ def make_calibration_adapter(base_model: str, dest: Path, rank: int) -> Path:
         LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", task_type="CAUSAL_LM"),
     )
     tmp = dest.with_name(f"{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
-    peft_model.save_pretrained(tmp)
+    peft_model.save_pretrained(str(tmp))
     os.replace(tmp, dest)
     return dest
 

@@ -101,7 +101,7 @@ class _Streamer:
             self._pending_ids = []
 
     def final_text_delta(self) -> str:
-        text = self._tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = str(self._tokenizer.decode(self.ids, skip_special_tokens=True))
         if self.stopped_by_string:
             return ""
         return text[self._sent :]
