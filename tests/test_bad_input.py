@@ -23,7 +23,7 @@ from loraforge.dataset.v1 import dataset_service_pb2_grpc as dpb_grpc
 from loraforge.services.common.pages import encode_token
 from loraforge.trainer.v1 import trainer_service_pb2 as tpb
 from loraforge.trainer.v1 import trainer_service_pb2_grpc as tpb_grpc
-from tests.support import Databases, ServiceProcess, channel, start_service
+from tests.support import Databases, ServiceProcess, channel, free_port, start_service
 
 APP = "apps/probe"
 DATASET = f"{APP}/datasets/d1"
@@ -144,6 +144,46 @@ def _crafted(method: str, parent: str) -> dict[str, str]:
     other = "ListApps" if method != "ListApps" else "ListDatasets"
     tokens["another method's"] = encode_token(other, parent, {"after": 1})
     return tokens
+
+
+def test_the_predictors_adapter_list_refuses_crafted_page_tokens_as_invalid_argument(
+    tmp_path: Path,
+) -> None:
+    from loraforge.predictor.v1 import predictor_service_pb2 as ppb
+    from loraforge.predictor.v1 import predictor_service_pb2_grpc as ppb_grpc
+    from tests.test_predictor_helpers import tiny_base
+
+    methods = [
+        m.name
+        for m in ppb.DESCRIPTOR.services_by_name["PredictorService"].methods
+        if "page_token" in m.input_type.fields_by_name
+    ]
+    assert methods == ["ListAdapters"]
+    predictor = start_service(
+        "loraforge.services.predictor",
+        tmp_path,
+        args=[
+            "--base-model",
+            str(tiny_base(tmp_path)),
+            "--engine",
+            "transformers",
+            "--trainer-address",
+            f"127.0.0.1:{free_port()}",
+        ],
+    )
+    try:
+        stub = ppb_grpc.PredictorServiceStub(channel(predictor.address))
+        tokens = _crafted("ListAdapters", "")
+        tokens["ListApps' token"] = encode_token("ListApps", "", {"offset": 0})
+        for label, token in tokens.items():
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ListAdapters(ppb.ListAdaptersRequest(page_token=token))
+            code, message = info.value.code(), info.value.details() or ""
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (label, code, message)
+            assert message.startswith("page_token: not a token from a previous ListAdapters")
+        assert not stub.ListAdapters(ppb.ListAdaptersRequest()).next_page_token
+    finally:
+        predictor.stop()
 
 
 def test_every_paginated_method_refuses_crafted_page_tokens_as_invalid_argument(

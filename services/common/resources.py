@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-import json
 import re
 import secrets
-from typing import Any, overload
+from typing import overload
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from loraforge.services.common.errors import InvalidArgument, invalid_field
+from loraforge.services.common.errors import invalid_field
 
 ID_PATTERN = re.compile(r"^[a-z0-9_-]{1,63}$")
 DEFAULT_PAGE_SIZE = 50
@@ -72,32 +70,6 @@ def page_size(value: int, *, default: int = DEFAULT_PAGE_SIZE, maximum: int = MA
     if value == 0:
         return default
     return min(value, maximum)
-
-
-def encode_page_token(state: dict[str, Any]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(state, separators=(",", ":")).encode()).decode()
-
-
-def decode_page_token(token: str) -> dict[str, Any]:
-    """Decodes a page token made by `encode_page_token`; '' gives {}.
-
-    The dataset and trainer services use `common.pages`, whose tokens are bound to their
-    method and parent and whose positions are checked.
-    """
-    if not token:
-        return {}
-    try:
-        if len(token) > 1024:  # longer than any token issued; only costs parsing time
-            raise ValueError
-        value = json.loads(base64.urlsafe_b64decode(token.encode()))
-        if not isinstance(value, dict):
-            raise ValueError
-        return value
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise InvalidArgument(
-            "page_token: not a token this server issued; pass `next_page_token` from the previous page",
-            reason="INVALID_PAGE_TOKEN",
-        ) from None
 
 
 @overload

@@ -6,10 +6,9 @@ from collections.abc import AsyncIterator
 
 from loraforge.predictor.v1 import predictor_service_pb2 as pb
 from loraforge.predictor.v1 import predictor_service_pb2_grpc
+from loraforge.services.common.pages import offset_page
 from loraforge.services.common.prompts import CHAT, RAW
 from loraforge.services.common.resources import (
-    decode_page_token,
-    encode_page_token,
     page_size,
     timestamp,
 )
@@ -123,13 +122,11 @@ class PredictorServicer(predictor_service_pb2_grpc.PredictorServiceServicer):
         self, request: pb.ListAdaptersRequest, context: Context
     ) -> pb.ListAdaptersResponse:
         size = page_size(request.page_size)
-        offset = int(decode_page_token(request.page_token).get("offset", 0))
         views = await self.predictor.list_adapters()
-        page = views[offset : offset + size]
-        more = offset + size < len(views)
+        page, token = offset_page(views, size, request.page_token, "ListAdapters")
         return pb.ListAdaptersResponse(
             adapters=[adapter_to_proto(v) for v in page],
-            next_page_token=encode_page_token({"offset": offset + size}) if more else "",
+            next_page_token=token,
             cache_bytes_used=self.predictor.cache.used_bytes,
             cache_bytes_limit=self.predictor.cache.byte_limit,
         )
