@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import field_mask_pb2, json_format, struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -405,6 +405,46 @@ def test_two_adapters_and_the_base_model_at_once(stack: Stack) -> None:
     assert by_version[alpha.name].download_count == 1 and by_version[beta.name].rank == 16
     assert by_version[alpha.name].adapter_id != by_version[beta.name].adapter_id
     assert 0 < listed.cache_bytes_used <= listed.cache_bytes_limit
+
+
+def test_a_models_default_inference_params_fill_what_a_request_leaves_unset(
+    stack: Stack,
+) -> None:
+    alpha = _wait_trained(stack, stack.versions["alpha"])
+    model = f"{APP}/models/alpha"
+    defaults = pb.InferenceParams(max_tokens=3, temperature=0.0)
+    stack.trainer_stub.UpdateModel(
+        tpb.UpdateModelRequest(
+            model=tpb.Model(name=model, default_inference_params=defaults),
+            update_mask=field_mask_pb2.FieldMask(paths=["default_inference_params"]),
+        )
+    )
+    try:
+        inputs = [pb.PredictInput(text=PROMPTS[0])]
+        # The predictor remembers a model's settings for a few seconds; wait for the update.
+        deadline = time.monotonic() + 30
+        while True:
+            unset = _predict(stack.stub, model=model, inputs=inputs)
+            if unset.outputs[0].completion_tokens == 3 or time.monotonic() > deadline:
+                break
+        assert unset.outputs[0].completion_tokens == 3
+        by_version = _predict(stack.stub, model=alpha.name, inputs=inputs)
+        assert by_version.outputs[0].completion_tokens == 3, "a version has its model's defaults"
+        stated = _predict(
+            stack.stub, model=model, inputs=inputs, params=pb.InferenceParams(max_tokens=5)
+        )
+        assert stated.outputs[0].completion_tokens == 5, "what the request sets wins"
+        base = _predict(
+            stack.stub, base_model=True, inputs=inputs, params=pb.InferenceParams(max_tokens=7)
+        )
+        assert base.outputs[0].completion_tokens == 7
+    finally:
+        stack.trainer_stub.UpdateModel(
+            tpb.UpdateModelRequest(
+                model=tpb.Model(name=model),
+                update_mask=field_mask_pb2.FieldMask(paths=["default_inference_params"]),
+            )
+        )
 
 
 def test_twenty_concurrent_cold_requests_download_once(stack: Stack) -> None:

@@ -8,6 +8,7 @@ fixes its request in one round trip.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -38,6 +39,17 @@ class RequestedParams:
     system_prompt: str = ""
     prompt_template: str = ""
     prompt_format: str | None = None  # "raw", "chat", or None: the model's own
+
+    def over(self, defaults: RequestedParams) -> RequestedParams:
+        """These parameters, with what they leave unset taken from `defaults` (a model's)."""
+        return RequestedParams(
+            **{
+                f.name: getattr(self, f.name)
+                if getattr(self, f.name) not in (None, "", ())
+                else getattr(defaults, f.name)
+                for f in dataclasses.fields(self)
+            }
+        )
 
 
 @dataclass(frozen=True)

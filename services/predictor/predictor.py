@@ -60,6 +60,7 @@ from loraforge.services.predictor.params import (
     check_params,
     raise_if_bad,
     template_violations,
+    validate_params,
 )
 from loraforge.services.predictor.resolver import TrainerResolver, classify_name
 
@@ -303,6 +304,9 @@ class Predictor:
         validated, param_bad = check_params(params)
         raise_if_bad(bad + param_bad)
         source = await self.resolver.resolve(model) if model else None
+        if model:
+            # What the request leaves unset, the model's own defaults set.
+            validated = validate_params(params.over(await self.resolver.defaults(model)))
         trained = source.prompt_format if source else PromptFormat()
         return source, self._tokenize(inputs, validated, trained, field)
 

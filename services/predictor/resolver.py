@@ -4,8 +4,8 @@ A request names a Model (`apps/{app}/models/{model}`: its latest TRAINED
 version) or a ModelVersion (`apps/{app}/models/{model}/versions/{version}`).
 The trainer says which version that is, whether it is trained, its base model
 and where its adapter lies in the object store. A TRAINED version never
-changes, so its answer is kept; a model's latest version is remembered for
-`model_ttl` seconds.
+changes, so its answer is kept; a model's latest version and its default
+inference parameters are remembered for `model_ttl` seconds.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from loraforge.services.common.prompts import PromptFormat
 from loraforge.services.common.resources import ID_PATTERN
 from loraforge.services.common.server import CHANNEL_OPTIONS
 from loraforge.services.predictor.adapter_cache import AdapterSource
+from loraforge.services.predictor.params import RequestedParams
+from loraforge.services.predictor.protos import params_from_proto
 from loraforge.trainer.v1 import trainer_service_pb2, trainer_service_pb2_grpc
 
 MODEL_PATTERN = "apps/{app}/models/{model}"
@@ -72,6 +74,7 @@ class TrainerResolver:
         self._stub: trainer_service_pb2_grpc.TrainerServiceStub | None = None
         self._versions: collections.OrderedDict[str, AdapterSource] = collections.OrderedDict()
         self._latest: dict[str, tuple[float, str]] = {}
+        self._defaults: dict[str, tuple[float, RequestedParams]] = {}
 
     def _trainer(self) -> trainer_service_pb2_grpc.TrainerServiceStub:
         if not self.address:
@@ -96,13 +99,26 @@ class TrainerResolver:
         cached = self._latest.get(name)
         if cached is not None and time.monotonic() - cached[0] < self.model_ttl:
             return await self._resolve_version(cached[1])
-        model = (
-            await self._call("GetModel", trainer_service_pb2.GetModelRequest(name=name), name)
-        ).model
+        model = await self._get_model(name)
         if not model.latest_trained_version:
             raise await self._not_trained_model(name)
         self._latest[name] = (time.monotonic(), model.latest_trained_version)
         return await self._resolve_version(model.latest_trained_version)
+
+    async def defaults(self, name: str) -> RequestedParams:
+        """The default inference parameters of the model `name` is (or is a version of)."""
+        model_name = name.split("/versions/", 1)[0]
+        cached = self._defaults.get(model_name)
+        if cached is not None and time.monotonic() - cached[0] < self.model_ttl:
+            return cached[1]
+        return params_from_proto((await self._get_model(model_name)).default_inference_params)
+
+    async def _get_model(self, name: str) -> Any:
+        model = (
+            await self._call("GetModel", trainer_service_pb2.GetModelRequest(name=name), name)
+        ).model
+        self._defaults[name] = (time.monotonic(), params_from_proto(model.default_inference_params))
+        return model
 
     async def _resolve_version(self, name: str) -> AdapterSource:
         known = self._versions.get(name)

@@ -7,15 +7,14 @@ from collections.abc import AsyncIterator
 from loraforge.predictor.v1 import predictor_service_pb2 as pb
 from loraforge.predictor.v1 import predictor_service_pb2_grpc
 from loraforge.services.common.pages import offset_page
-from loraforge.services.common.prompts import CHAT, RAW
 from loraforge.services.common.resources import (
     page_size,
     timestamp,
 )
 from loraforge.services.common.rpc import Context
 from loraforge.services.predictor.engines.base import EngineKind, FinishReason
-from loraforge.services.predictor.params import RequestedParams
 from loraforge.services.predictor.predictor import AdapterView, PredictInput, Predictor
+from loraforge.services.predictor.protos import params_from_proto
 
 _FINISH = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
@@ -28,22 +27,6 @@ _STATE = {
     "loaded": pb.ADAPTER_STATE_LOADED,
 }
 _ENGINE = {EngineKind.VLLM: pb.ENGINE_VLLM, EngineKind.TRANSFORMERS: pb.ENGINE_TRANSFORMERS}
-_PROMPT_FORMATS = {pb.PROMPT_FORMAT_RAW: RAW, pb.PROMPT_FORMAT_CHAT: CHAT}
-
-
-def params_from_proto(p: pb.InferenceParams) -> RequestedParams:
-    return RequestedParams(
-        max_tokens=p.max_tokens if p.HasField("max_tokens") else None,
-        temperature=p.temperature if p.HasField("temperature") else None,
-        top_p=p.top_p if p.HasField("top_p") else None,
-        top_k=p.top_k if p.HasField("top_k") else None,
-        repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else None,
-        stop=tuple(p.stop),
-        seed=p.seed if p.HasField("seed") else None,
-        system_prompt=p.system_prompt,
-        prompt_template=p.prompt_template,
-        prompt_format=_PROMPT_FORMATS.get(p.prompt_format),
-    )
 
 
 def input_from_proto(i: pb.PredictInput) -> PredictInput:
