@@ -51,6 +51,7 @@ INPUT_COLUMNS = (
     "create_time",
 )
 WRITER_CACHE_KIB = 32 * 1024
+ANALYZE_ROWS = 10_000  # PostgreSQL: fresh statistics after this many rows committed
 DEFAULT_CACHE_KIB = 2000  # SQLite's default page cache
 
 
@@ -117,7 +118,9 @@ class InputWriter:
     A transaction ends every `commit_rows` rows or `commit_seconds`, whichever comes first.
     Long transactions matter for speed: a commit writes every index page it touched, and
     the duplicate index is touched at random, so committing every few thousand rows would
-    rewrite most of that index each time. The time bound keeps other writers' waits short.
+    rewrite most of that index each time. The time bound keeps other writers' waits short,
+    and holds while the client is slow too: the upload's writer thread commits what waits
+    once it has been idle that long (`commit_pending`).
     """
 
     def __init__(
@@ -141,6 +144,8 @@ class InputWriter:
         self._leases = leases_
         self._conn = engine.connect()
         self._sqlite = engine.dialect.name == "sqlite"
+        self._postgresql = engine.dialect.name == "postgresql"
+        self._unanalyzed = 0
         if self._sqlite:
             # Room for the duplicate index of a large dataset, so inserts do not re-read it.
             self._conn.exec_driver_sql(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
@@ -242,9 +247,22 @@ class InputWriter:
                 reason="UPLOAD_LEASE_LOST",
             )
 
+    def commit_pending(self) -> None:
+        """Commits the rows written since the last commit, if there are any."""
+        if self._uncommitted:
+            self.commit()
+
     def commit(self) -> None:
         self._fence()
         self._transaction.commit()
+        self._unanalyzed += self._uncommitted
+        if self._postgresql and self._unanalyzed >= ANALYZE_ROWS:
+            self._unanalyzed = 0
+            # The duplicate lookup is planned from the table's statistics; from before this
+            # upload they make its dataset look small, and PostgreSQL then reads every row
+            # of it for each lookup, slower with every batch. Fresh ones keep it on the index.
+            self._conn.exec_driver_sql("ANALYZE inputs")
+            self._conn.commit()
         self._uncommitted = 0
         self._since = time.monotonic()
         self._transaction = self._conn.begin()
@@ -264,5 +282,6 @@ class InputWriter:
             self._transaction.rollback()
             if self._sqlite:
                 self._conn.exec_driver_sql(f"PRAGMA cache_size=-{DEFAULT_CACHE_KIB}")
+
         finally:
             self._conn.close()

@@ -76,7 +76,17 @@ class _Writer(threading.Thread):
             self.input_writer = self.inputs.input_writer(
                 self.upload, self.source_format, self.skip_duplicates
             )
-            while (rows := self.queue.get()) is not None:
+            while True:
+                try:
+                    rows = self.queue.get(timeout=self.input_writer.commit_seconds)
+                except queue.Empty:
+                    # The client is slow or paused: commit what waits, so its open
+                    # transaction does not hold up other writers (SQLite has one at a time).
+                    if self.error is None:
+                        self.input_writer.commit_pending()
+                    continue
+                if rows is None:
+                    break
                 if self.error is not None:
                     continue  # drain, so the producer never blocks on a dead writer
                 result = self.input_writer.write(rows)
