@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 import re
 import signal
 import socket
@@ -280,12 +281,17 @@ def test_temporary_files_a_killed_server_left_are_removed_at_start(tmp_path: Pat
     leftover.write_bytes(b"half a snapshot")
     in_use = scratch / "snapshot-live.jsonl.gz"  # held by another running server
     in_use.write_bytes(b"being written")
+    fresh = scratch / "read-fresh.jsonl.gz"  # just made, about to be locked
+    fresh.write_bytes(b"")
+    an_hour_ago = time.time() - 3600
+    for path in (leftover, in_use):
+        os.utime(path, (an_hour_ago, an_hour_ago))
     with open(in_use, "rb") as held:
         fcntl.flock(held.fileno(), fcntl.LOCK_EX)
         svc = start_service(DATASET, workdir)
         try:
             assert not leftover.exists()
-            assert in_use.exists()
+            assert in_use.exists() and fresh.exists()
             assert "removed 1 temporary snapshot file" in svc.log()
         finally:
             svc.stop()

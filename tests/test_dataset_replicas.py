@@ -16,8 +16,15 @@ import sqlalchemy
 
 from loraforge.dataset.v1 import dataset_service_pb2 as pb
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as pb_grpc
+from loraforge.services.common.errors import Aborted
 from loraforge.services.common.objectstore import LocalObjectStore
-from loraforge.services.dataset.domain import ExampleKind, NewExample, VersionState
+from loraforge.services.dataset.domain import (
+    ExampleKind,
+    NewExample,
+    SourceFormat,
+    UploadReport,
+    VersionState,
+)
 from loraforge.services.dataset.store import DatasetStore
 from loraforge.services.dataset.versions import Versions
 from tests.support import Databases, ServiceProcess, channel, start_service
@@ -266,3 +273,54 @@ def test_collection_never_deletes_the_snapshot_a_new_version_on_another_replica_
     finally:
         deleting.close()
         creating.close()
+
+
+def two_stores(tmp_path: Path, url: str) -> tuple[DatasetStore, DatasetStore]:
+    def store(name: str) -> DatasetStore:
+        objects = LocalObjectStore(tmp_path / "objects").scoped("datasets")
+        return DatasetStore(url, objects, "datasets", tmp_path / name, lease_seconds=30)
+
+    return store("a"), store("b")
+
+
+def test_work_of_a_live_replica_is_left_alone_and_taken_over_only_once_its_lease_expires(
+    tmp_path: Path, databases: Databases
+) -> None:
+    a, b = two_stores(tmp_path, databases.url(f"leases{next(_names)}"))
+    try:
+        a.catalog.create_app("app", "")
+        a.catalog.create_dataset("app", "d", "")
+        a.inputs.add_inputs("app", "d", [NewExample(ExampleKind.TEXT, "", "t", "t")])
+        upload = a.inputs.begin_upload("app", "d", "f.jsonl")
+        created = a.version_rows.create_version_row("app", "d", "v1", "")
+        assert isinstance(created, tuple)
+        version_pk, _ = created
+
+        b.recover()  # A holds live leases on both
+        assert a.version_rows.get_version("app", "d", "v1").state is VersionState.PENDING
+        with a.engine.connect() as conn:
+            state = conn.execute(sqlalchemy.text("SELECT state FROM uploads")).scalar_one()
+        assert state == "RUNNING"
+
+        # A stops renewing; past the lease, by B's clock, B undoes A's work.
+        b.leases.clock = lambda: time.time() + 31
+        b.recover()
+        version = a.version_rows.get_version("app", "d", "v1")
+        assert version.state is VersionState.FAILED
+        assert "create a new version" in version.failure_reason
+        with a.engine.connect() as conn:
+            state = conn.execute(sqlalchemy.text("SELECT state FROM uploads")).scalar_one()
+        assert state == "FAILED"
+
+        # A, back, can finish neither: its next fenced write fails.
+        with pytest.raises(Aborted) as caught:
+            a.version_rows.start_build(version_pk)
+        assert caught.value.reason == "VERSION_LEASE_LOST"
+        assert not isinstance(upload, UploadReport)
+        writer = a.inputs.input_writer(upload, SourceFormat.PLAIN_TEXT, False)
+        with pytest.raises(Aborted) as caught:
+            writer.close(commit=True)
+        assert caught.value.reason == "UPLOAD_LEASE_LOST"
+    finally:
+        a.close()
+        b.close()

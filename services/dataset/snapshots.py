@@ -19,8 +19,9 @@ versions with the same content share one object.
   has committed, `release` checks again and deletes each object inside a transaction
   holding the snapshot lock, which `claim` takes too. So a version that claims a key
   either is seen by that check (and the object stays) or publishes after the deletion.
-- Temporary files are locked (flock) while in use; at start, those no process holds
-  (left by a killed server) are removed.
+- Temporary files are locked (flock) while in use; at start and every recovery, those
+  no process holds (left by a killed server) are removed, once a minute old (a file is
+  locked just after it is made).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import hashlib
 import json
 import logging
 import tempfile
+import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -67,6 +69,7 @@ MAX_BATCH_CHARS = 8_000_000
 OBJECT_STORE_ERRORS = (OSError, MinioException, HTTPError)
 SNAPSHOT_LOCK = "snapshots"
 _TEMP_PREFIXES = ("snapshot-", "read-")
+LEFTOVER_AGE_SECONDS = 60.0
 _AFTER_LOSS = (
     "; the dataset's inputs are intact: create a new version of the dataset and use it "
     "instead of this one"
@@ -173,10 +176,13 @@ class Snapshots:
     def remove_leftovers(self) -> int:
         """Removes temporary files no running process holds (a killed server's); returns how many."""
         removed = 0
+        old = time.time() - LEFTOVER_AGE_SECONDS
         for path in self.scratch.iterdir():
             if not path.name.startswith(_TEMP_PREFIXES) or not path.is_file():
                 continue
             try:
+                if path.stat().st_mtime > old:
+                    continue
                 with open(path, "rb") as fh:
                     fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                     path.unlink()
