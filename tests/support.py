@@ -112,6 +112,25 @@ def channel(address: str) -> grpc.Channel:
     )
 
 
+def error_details(err: grpc.RpcError) -> tuple[str, dict[str, str]]:
+    """An error's ErrorInfo reason and its field violations (field path -> description)."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    reason, fields = "", {}
+    for detail in status.details if status else []:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields = {v.field: v.description for v in bad.field_violations}
+    return reason, fields
+
+
 @dataclass
 class S3Server:
     """A moto S3-compatible server on 127.0.0.1 and the URL to reach a bucket on it."""

@@ -15,15 +15,20 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 from google.protobuf.descriptor import MethodDescriptor
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from loraforge.dataset.v1 import dataset_service_pb2 as dpb
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as dpb_grpc
 from loraforge.services.common.pages import encode_token
 from loraforge.trainer.v1 import trainer_service_pb2 as tpb
 from loraforge.trainer.v1 import trainer_service_pb2_grpc as tpb_grpc
-from tests.support import Databases, ServiceProcess, channel, free_port, start_service
+from tests.support import (
+    Databases,
+    ServiceProcess,
+    channel,
+    error_details,
+    free_port,
+    start_service,
+)
 
 APP = "apps/probe"
 DATASET = f"{APP}/datasets/d1"
@@ -83,21 +88,6 @@ def services(tmp_path_factory: pytest.TempPathFactory, databases: Databases) -> 
     finally:
         trainer.stop()
         dataset.stop()
-
-
-def _details(err: grpc.RpcError) -> tuple[str, dict[str, str]]:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    reason, fields = "", {}
-    for detail in status.details if status else []:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason = info.reason
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields = {v.field: v.description for v in bad.field_violations}
-    return reason, fields
 
 
 def _paginated() -> list[tuple[MethodDescriptor, Any]]:
@@ -212,7 +202,7 @@ def test_every_paginated_method_refuses_crafted_page_tokens_as_invalid_argument(
             assert code == grpc.StatusCode.INVALID_ARGUMENT, (key, label, code, message)
             assert message.startswith(f"page_token: not a token from a previous {method.name}")
             assert "start without a token" in message
-            reason, violations = _details(info.value)
+            reason, violations = error_details(info.value)
             assert reason == "INVALID_PAGE_TOKEN" and "page_token" in violations
 
 
@@ -303,7 +293,7 @@ def _refused(call: Any, request: Any) -> dict[str, str]:
     with pytest.raises(grpc.RpcError) as info:
         call(request)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
-    return _details(info.value)[1]
+    return error_details(info.value)[1]
 
 
 def test_text_a_store_cannot_hold_is_refused_naming_the_field(services: Services) -> None:

@@ -13,8 +13,6 @@ import grpc
 import pytest
 import sqlalchemy
 from google.protobuf import field_mask_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from loraforge.client import Client, ClientError
 from loraforge.client.cli import main as cli_main
@@ -24,7 +22,7 @@ from loraforge.predictor.v1 import predictor_service_pb2 as ppb
 from loraforge.services.trainer.store import TrainerStore, model_etag
 from loraforge.trainer.v1 import trainer_service_pb2 as pb
 from loraforge.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
-from tests.support import Databases, ServiceProcess, channel, start_service
+from tests.support import Databases, ServiceProcess, channel, error_details, start_service
 
 APP = "apps/notes"
 
@@ -76,22 +74,6 @@ def _update(services: Services, model: pb.Model, *paths: str) -> pb.Model:
     ).model
 
 
-def _details(err: grpc.RpcError) -> tuple[str, dict[str, str]]:
-    """The error's ErrorInfo reason and its field violations."""
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    reason, fields = "", {}
-    for detail in status.details if status else []:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason = info.reason
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields = {v.field: v.description for v in bad.field_violations}
-    return reason, fields
-
-
 def test_update_model_changes_only_the_masked_fields_and_gives_a_new_etag(
     services: Services,
 ) -> None:
@@ -130,7 +112,7 @@ def test_update_model_with_a_stale_etag_is_aborted_and_changes_nothing(
     with pytest.raises(grpc.RpcError) as info:
         _update(services, pb.Model(name=created.name, notes="lost", etag=created.etag), "notes")
     assert info.value.code() == grpc.StatusCode.ABORTED
-    assert _details(info.value)[0] == "ETAG_MISMATCH"
+    assert error_details(info.value)[0] == "ETAG_MISMATCH"
     assert fresh.etag in (info.value.details() or "")
     got = services.stub.GetModel(pb.GetModelRequest(name=created.name)).model
     assert (got.description, got.notes, got.etag) == ("v2", "", fresh.etag)
@@ -172,7 +154,7 @@ def test_update_model_refuses_bad_masks_and_values_naming_the_field(services: Se
         with pytest.raises(grpc.RpcError) as info:
             _update(services, model, *paths)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (paths, info.value.details())
-        fields = _details(info.value)[1]
+        fields = error_details(info.value)[1]
         assert field in fields and words in fields[field], (field, fields)
     with pytest.raises(grpc.RpcError) as info:
         _update(services, pb.Model(name=f"{APP}/models/missing", notes="x"), "notes")
@@ -180,7 +162,7 @@ def test_update_model_refuses_bad_masks_and_values_naming_the_field(services: Se
     with pytest.raises(grpc.RpcError) as info:
         _create(services, "nul", description="bad\x00")
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "model.description" in _details(info.value)[1]
+    assert "model.description" in error_details(info.value)[1]
     got = services.stub.GetModel(pb.GetModelRequest(name=created.name)).model
     assert got.etag == created.etag  # nothing changed
 
@@ -238,7 +220,7 @@ def test_a_missing_dataset_version_is_named_once_in_the_not_found_error(
     message = info.value.details() or ""
     assert "not found:" not in message
     assert message.count("datasets/none") == 1, message
-    reason, fields = _details(info.value)
+    reason, fields = error_details(info.value)
     assert reason == "DATASET_NOT_FOUND" and "dataset_version" in fields
 
 

@@ -14,16 +14,14 @@ from typing import Any
 
 from google.protobuf import duration_pb2, json_format, struct_pb2
 
-from loraforge.predictor.v1 import predictor_service_pb2 as ppb
 from loraforge.services.common import base_models
 from loraforge.services.common.errors import NotFound, invalid_field
 from loraforge.services.common.pages import decode_token, encode_token, offset_page
-from loraforge.services.common.prompts import CHAT, RAW
 from loraforge.services.common.resources import page_size, parse_name, timestamp, validate_id
 from loraforge.services.common.rpc import Context
 from loraforge.services.common.updates import update_paths
 from loraforge.services.common.values import INT32_MAX, check_int
-from loraforge.services.predictor.params import RequestedParams
+from loraforge.services.predictor.protos import params_from_proto, params_to_proto
 from loraforge.services.trainer import templates as tpl
 from loraforge.services.trainer.dataset_client import AsyncDatasetClient
 from loraforge.services.trainer.models import ModelChanges, Models, inference_params
@@ -150,44 +148,6 @@ def base_model_to_pb(entry: base_models.BaseModel) -> pb.BaseModel:
     )
 
 
-_PROMPT_FORMATS = {ppb.PROMPT_FORMAT_RAW: RAW, ppb.PROMPT_FORMAT_CHAT: CHAT}
-
-
-def inference_params_from_pb(p: ppb.InferenceParams) -> RequestedParams:
-    """Unset fields stay None; an unknown prompt format is kept, so the check names it."""
-    prompt_format = _PROMPT_FORMATS.get(p.prompt_format)
-    if prompt_format is None and p.prompt_format != ppb.PROMPT_FORMAT_UNSPECIFIED:
-        prompt_format = str(p.prompt_format)
-    return RequestedParams(
-        max_tokens=p.max_tokens if p.HasField("max_tokens") else None,
-        temperature=p.temperature if p.HasField("temperature") else None,
-        top_p=p.top_p if p.HasField("top_p") else None,
-        top_k=p.top_k if p.HasField("top_k") else None,
-        repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else None,
-        stop=tuple(p.stop),
-        seed=p.seed if p.HasField("seed") else None,
-        system_prompt=p.system_prompt,
-        prompt_template=p.prompt_template,
-        prompt_format=prompt_format,
-    )
-
-
-def inference_params_to_pb(r: RequestedParams) -> ppb.InferenceParams:
-    formats = {v: k for k, v in _PROMPT_FORMATS.items()}
-    return ppb.InferenceParams(
-        max_tokens=r.max_tokens,
-        temperature=r.temperature,
-        top_p=r.top_p,
-        top_k=r.top_k,
-        repetition_penalty=r.repetition_penalty,
-        stop=list(r.stop),
-        seed=r.seed,
-        system_prompt=r.system_prompt,
-        prompt_template=r.prompt_template,
-        prompt_format=formats.get(r.prompt_format or "", ppb.PROMPT_FORMAT_UNSPECIFIED),
-    )
-
-
 def _model_fields(model: pb.Model, paths: set[str]) -> ModelChanges:
     """The user's fields of `model` that `paths` names (an update's mask, or all at create)."""
     has_params = model.HasField("default_inference_params")
@@ -195,7 +155,7 @@ def _model_fields(model: pb.Model, paths: set[str]) -> ModelChanges:
         description=model.description if "description" in paths else None,
         notes=model.notes if "notes" in paths else None,
         inference_params=(
-            inference_params_from_pb(model.default_inference_params)
+            params_from_proto(model.default_inference_params)
             if "default_inference_params" in paths and has_params
             else None
         ),
@@ -215,7 +175,7 @@ def model_to_pb(row: ModelRow) -> pb.Model:
     )
     defaults = inference_params(row)
     if defaults is not None:
-        message.default_inference_params.CopyFrom(inference_params_to_pb(defaults))
+        message.default_inference_params.CopyFrom(params_to_proto(defaults))
     return message
 
 
