@@ -176,6 +176,7 @@ def test_the_trainer_reading_a_damaged_version_gets_data_loss_not_a_retry_later(
         list(read_examples(service.address, version.name))
     # A worker retries only Unavailable; this one must fail the run once, saying what to do.
     assert not isinstance(caught.value, Unavailable)
+    assert caught.value.reason == "SNAPSHOT_DAMAGED"
     assert "did not answer" not in caught.value.message
     assert version.name in caught.value.message and "create a new version" in caught.value.message
 

@@ -69,7 +69,10 @@ def _translate(err: grpc.RpcError, address: str, what: str, field: str) -> Loraf
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         return FailedPrecondition(f"{what}: {details}")
     if code == grpc.StatusCode.DATA_LOSS:  # the version's data is gone: retrying cannot help
-        return DataLoss(details or f"{what}: its data is lost", reason="DATASET_VERSION_DATA_LOSS")
+        return DataLoss(
+            details or f"{what}: its data is lost",
+            reason=_reason(err) or "DATASET_VERSION_DATA_LOSS",
+        )
     return Unavailable(
         f"the dataset service at {address} did not answer for {what} ({code.name}: {details}); retry later",
         reason="DATASET_SERVICE_UNAVAILABLE",
