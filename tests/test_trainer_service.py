@@ -604,3 +604,35 @@ def test_the_trainer_sweeps_orphaned_references_before_it_serves(stack: Stack) -
         assert "removed 1 dataset-version references no run holds" in replica.log()
     finally:
         replica.stop()
+
+
+def test_a_damaged_dataset_version_fails_the_run_once_saying_what_to_do(
+    stack: Stack, shared_worker: subprocess.Popen[bytes]
+) -> None:
+    dstub = stack.dataset_stub
+    dstub.CreateDataset(dpb.CreateDatasetRequest(parent=APP, dataset_id="damaged"))
+    header = dpb.UploadHeader(dataset=f"{APP}/datasets/damaged", file_name="qa.jsonl")
+    dstub.UploadInputs(
+        iter([dpb.UploadInputsRequest(header=header), dpb.UploadInputsRequest(chunk=_examples(20))])
+    )
+    version = dstub.CreateDatasetVersion(
+        dpb.CreateDatasetVersionRequest(parent=f"{APP}/datasets/damaged", version_id="v1")
+    ).dataset_version
+    # The object store loses part of the snapshot after the version was made.
+    path = stack.workdir / "home" / "objects" / version.snapshot_key
+    path.write_bytes(path.read_bytes()[:100])
+
+    created = _create(stack, "on-damaged", _overrides(stack), dataset_version=version.name)
+    events = list(_watch(stack, created.name))
+    # Failed on its first attempt: a damaged snapshot is not worth retrying.
+    assert _states(events) == [
+        S.MODEL_VERSION_STATE_QUEUED,
+        S.MODEL_VERSION_STATE_TRAINING,
+        S.MODEL_VERSION_STATE_FAILED,
+    ]
+    failed = stack.trainer_stub.GetModelVersion(
+        pb.GetModelVersionRequest(name=created.name)
+    ).model_version
+    assert version.name in failed.failure_reason
+    assert "create a new version" in failed.failure_reason
+    assert "did not answer" not in failed.failure_reason
