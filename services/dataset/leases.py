@@ -102,11 +102,16 @@ class Leases:
 
     def take_over(self, conn: Connection, kind: str, ref_pk: int) -> bool:
         """For recovery: ends the lease on a piece of work if it has expired or there is
-        none; False if a live owner holds it."""
+        none; False if a live owner holds it. This process's own work is never taken over:
+        it is running (its renewals may only have been held up), and its next fenced write
+        renews it."""
         now = self.clock()
         conn.execute(
             delete(leases).where(
-                leases.c.kind == kind, leases.c.ref_pk == ref_pk, leases.c.expires_at < now
+                leases.c.kind == kind,
+                leases.c.ref_pk == ref_pk,
+                leases.c.expires_at < now,
+                leases.c.owner != self.owner,
             )
         )
         live = conn.execute(
