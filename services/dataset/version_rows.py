@@ -65,7 +65,12 @@ def recover_versions(engine: Engine, owner: Leases) -> int:
             cut += conn.execute(
                 update(versions)
                 .where(versions.c.pk == pk, versions.c.state.in_(BUILDING))
-                .values(state=VersionState.FAILED, failure_reason=INTERRUPTED)
+                .values(
+                    state=VersionState.FAILED,
+                    failure_reason=INTERRUPTED,
+                    content_sha256="",
+                    snapshot_key="",
+                )
             ).rowcount
     with engine.begin() as conn:  # leases of versions deleted with their dataset
         conn.execute(
@@ -267,10 +272,16 @@ class VersionRows:
         with self.engine.begin() as conn:
             if not self.leases.release(conn, leases.VERSION, version_pk):
                 return  # recovered by another replica, which failed it already
+            # Dropping its claim on a snapshot can only leave an object no version names.
             conn.execute(
                 update(versions)
                 .where(versions.c.pk == version_pk, versions.c.state.in_(BUILDING))
-                .values(state=VersionState.FAILED, failure_reason=failure_reason)
+                .values(
+                    state=VersionState.FAILED,
+                    failure_reason=failure_reason,
+                    content_sha256="",
+                    snapshot_key="",
+                )
             )
 
     def mark_lost(self, app_id: str, dataset_id: str, version_id: str, failure_reason: str) -> None:
