@@ -97,7 +97,7 @@ def shutdown_reserve(grace: float) -> float:
     return min(max(grace, 0.0) * SHUTDOWN_RESERVE, MAX_SHUTDOWN_RESERVE_SECONDS)
 
 
-def _write_ready_file(path: str, port: int) -> None:
+def write_ready_file(path: str, port: int) -> None:
     # Written then renamed, so a reader never sees an empty or partial port number.
     tmp = Path(path).with_suffix(".tmp")
     tmp.write_text(str(port))
@@ -116,7 +116,7 @@ async def serve(
     log.info("%s serving on %s:%d", label, config.host, running.port)
     print(f"{label} listening on {config.host}:{running.port}", flush=True)
     if config.ready_file:
-        _write_ready_file(config.ready_file, running.port)
+        write_ready_file(config.ready_file, running.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # Our own pool for blocking work (asyncio.to_thread), so shutdown can bound its wait.

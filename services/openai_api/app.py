@@ -1,0 +1,168 @@
+"""The HTTP routes: OpenAI JSON in (`convert`), predictor calls (`upstream`), OpenAI JSON out.
+
+Handlers stay thin. Every error leaves in OpenAI's shape: a request's own mistake
+as 4xx naming the field, a service's refusal with the status of its gRPC code,
+and anything unexpected as 500 with an incident id (the traceback stays in this
+process's log).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from loraforge.services.openai_api import convert
+from loraforge.services.openai_api.convert import CHAT, TEXT, ApiError, CompletionRequest, Kind
+from loraforge.services.openai_api.upstream import ChoiceStreams, Metadata, Upstream, UpstreamError
+
+log = logging.getLogger("loraforge.openai")
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+def _unexpected(exc: BaseException, where: str) -> ApiError:
+    incident = uuid.uuid4().hex[:12]
+    log.error("%s failed unexpectedly (incident %s)", where, incident, exc_info=exc)
+    return ApiError(
+        500,
+        f"internal error (incident {incident}); the server log has the details",
+        type="server_error",
+        code="internal_error",
+    )
+
+
+def _as_api_error(exc: Exception, request: CompletionRequest | None, where: str) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, UpstreamError):
+        return convert.error_from_rpc(exc.error, request, exc.service)
+    return _unexpected(exc, where)
+
+
+def _metadata(request: Request) -> Metadata:
+    """What the services get from the HTTP request: its bearer token, as `authorization`
+    (the services do not check it yet)."""
+    auth = request.headers.get("authorization")
+    return (("authorization", auth),) if auth else ()
+
+
+async def _body(request: Request) -> Any:
+    try:
+        return json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(
+            400,
+            "the request body is not valid JSON; send a JSON object with "
+            "Content-Type: application/json",
+            code="invalid_json",
+        ) from None
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+class Api:
+    """The routes, over one `Upstream`."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/chat/completions", self._guard(self.chat), methods=["POST"]),
+            Route("/v1/completions", self._guard(self.completions), methods=["POST"]),
+            Route("/v1/models", self._guard(self.models), methods=["GET"]),
+            Route("/v1/models/{model:path}", self._guard(self.model), methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+        ]
+
+    def _guard(self, handler: Handler) -> Handler:
+        async def guarded(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as exc:
+                return _error_response(_as_api_error(exc, None, request.url.path))
+
+        return guarded
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def chat(self, request: Request) -> Response:
+        return await self._complete(request, CHAT)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._complete(request, TEXT)
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse(convert.model_list(await self.upstream.list_models(_metadata(request))))
+
+    async def model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        for listed in await self.upstream.list_models(_metadata(request)):
+            if listed.id == name:
+                return JSONResponse(convert.model_object(listed))
+        raise convert.model_not_found(name, await self.upstream.base_model(_metadata(request)))
+
+    async def _complete(self, http: Request, kind: Kind) -> Response:
+        request = convert.parse_request(await _body(http), kind)
+        metadata = _metadata(http)
+        base_model = await self.upstream.base_model(metadata)
+        where = convert.target(request.model, base_model)
+        try:
+            if not request.stream:
+                responses = await self.upstream.predict(
+                    convert.predict_requests(request, where), metadata
+                )
+                return JSONResponse(convert.completion_response(request, responses, base_model))
+            streams = self.upstream.predict_stream(
+                convert.stream_requests(request, where), metadata
+            )
+            await streams.start()
+        except Exception as exc:
+            raise _as_api_error(exc, request, http.url.path) from None
+        builder = convert.StreamBuilder(request, base_model)
+        return StreamingResponse(
+            self._events(streams, builder, http.url.path),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def _events(
+        self, streams: ChoiceStreams, builder: convert.StreamBuilder, path: str
+    ) -> AsyncIterator[bytes]:
+        """The SSE body. A client that disconnects cancels this generator, and with it every
+        `PredictStream` call, so the predictor aborts their engine requests."""
+        try:
+            for chunk in builder.start(streams.first[0].model_version):
+                yield _sse(chunk)
+            for index, message in enumerate(streams.first):
+                for chunk in builder.message(index, message):
+                    yield _sse(chunk)
+            async for index, message in streams.messages():
+                for chunk in builder.message(index, message):
+                    yield _sse(chunk)
+            for chunk in builder.end():
+                yield _sse(chunk)
+            yield b"data: [DONE]\n\n"
+        except Exception as exc:  # after the headers: the error is the stream's last event
+            yield _sse(_as_api_error(exc, builder.request, path).body())
+        finally:
+            streams.cancel()
+
+
+def create_app(upstream: Upstream) -> Starlette:
+    return Starlette(routes=Api(upstream).routes())

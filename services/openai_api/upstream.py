@@ -1,0 +1,298 @@
+"""The gRPC calls of the HTTP API: completions at the predictor, model lists at the trainer.
+
+The API is a client of the services' public RPCs and nothing else. Completions
+are `Predict` and `PredictStream` calls; the streams of one request are read
+together (`ChoiceStreams`) and cancelled together, so a client that goes away
+aborts every engine request it started. `/v1/models` is built from the dataset
+service's apps and the trainer's models and versions, bounded by
+`max_listed_models`, and reused for `models_cache_seconds`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, cast
+
+import grpc
+
+from loraforge.dataset.v1 import dataset_service_pb2 as dpb
+from loraforge.dataset.v1 import dataset_service_pb2_grpc as dpb_grpc
+from loraforge.predictor.v1 import predictor_service_pb2 as pb
+from loraforge.predictor.v1 import predictor_service_pb2_grpc as pb_grpc
+from loraforge.services.common.server import CHANNEL_OPTIONS
+from loraforge.services.openai_api.config import OpenAIConfig
+from loraforge.services.openai_api.convert import ListedModel
+from loraforge.services.predictor.adapter_cache import same_base_model
+from loraforge.trainer.v1 import trainer_service_pb2 as tpb
+from loraforge.trainer.v1 import trainer_service_pb2_grpc as tpb_grpc
+
+Metadata = tuple[tuple[str, str], ...]
+LIST_TIMEOUT = 10.0
+PAGE_SIZE = 1000  # the services' largest page
+LIST_CONCURRENCY = 8
+
+
+class UpstreamError(Exception):
+    """A failed call, with the service it went to (for the error message)."""
+
+    def __init__(self, error: grpc.aio.AioRpcError, service: str) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.service = service
+
+
+class ChoiceStreams:
+    """The `PredictStream` calls of one completion, read together as (choice, message)."""
+
+    def __init__(self, calls: Sequence[grpc.aio.UnaryStreamCall[Any, Any]], service: str) -> None:
+        self.calls = list(calls)
+        self.service = service
+        self.first: list[pb.PredictStreamResponse] = []
+        self._queue: asyncio.Queue[
+            tuple[int, pb.PredictStreamResponse | grpc.aio.AioRpcError | None]
+        ] = asyncio.Queue()
+        self._readers: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Waits for every call's first message, so a refused request fails before any output."""
+        try:
+            for call in self.calls:
+                message = await call.read()
+                if message is grpc.aio.EOF:
+                    raise RuntimeError("the predictor ended a stream without a message")
+                self.first.append(cast(pb.PredictStreamResponse, message))
+        except grpc.aio.AioRpcError as exc:
+            self.cancel()
+            raise UpstreamError(exc, self.service) from None
+        except BaseException:
+            self.cancel()
+            raise
+        for i, (call, first) in enumerate(zip(self.calls, self.first, strict=True)):
+            if first.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
+                self._readers.append(asyncio.create_task(self._read(i, call)))
+
+    async def _read(self, index: int, call: grpc.aio.UnaryStreamCall[Any, Any]) -> None:
+        try:
+            while True:
+                read = await call.read()
+                if read is grpc.aio.EOF:
+                    break
+                message = cast(pb.PredictStreamResponse, read)
+                self._queue.put_nowait((index, message))
+                if message.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                    break
+        except grpc.aio.AioRpcError as exc:
+            self._queue.put_nowait((index, exc))
+            return
+        self._queue.put_nowait((index, None))
+
+    async def messages(self) -> AsyncIterator[tuple[int, pb.PredictStreamResponse]]:
+        """Every message after the first ones, as it arrives; UpstreamError if a call fails."""
+        open_calls = len(self._readers)
+        while open_calls:
+            index, item = await self._queue.get()
+            if item is None:
+                open_calls -= 1
+            elif isinstance(item, grpc.aio.AioRpcError):
+                raise UpstreamError(item, self.service)
+            else:
+                yield index, item
+
+    def cancel(self) -> None:
+        """Cancels every call (the predictor aborts their engine requests) and reader."""
+        for call in self.calls:
+            call.cancel()
+        for task in self._readers:
+            task.cancel()
+
+
+class Upstream:
+    """Channels to the predictor, the trainer and the dataset service, and the calls made."""
+
+    def __init__(self, config: OpenAIConfig) -> None:
+        self.config = config
+        self.predictor_label = f"the predictor at {config.predictor_address}"
+        self._channels: list[grpc.aio.Channel] = []
+        self.predictor = pb_grpc.PredictorServiceStub(self._channel(config.predictor_address))
+        self.trainer = (
+            tpb_grpc.TrainerServiceStub(self._channel(config.trainer_address))
+            if config.trainer_address
+            else None
+        )
+        self.datasets = (
+            dpb_grpc.DatasetServiceStub(self._channel(config.dataset_address))
+            if config.dataset_address
+            else None
+        )
+        self._base_model: tuple[float, str] | None = None
+        self._models: tuple[float, list[ListedModel]] | None = None
+        self._models_lock = asyncio.Lock()
+        self._started = int(time.time())
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channels.append(channel)
+        return channel
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+
+    async def _call(self, service: str, call: Awaitable[Any]) -> Any:
+        try:
+            return await call
+        except grpc.aio.AioRpcError as exc:
+            raise UpstreamError(exc, service) from None
+
+    # --- completions --------------------------------------------------------------------
+
+    async def predict(
+        self, requests: Sequence[pb.PredictRequest], metadata: Metadata
+    ) -> list[pb.PredictResponse]:
+        """The requests' answers, all asked at once; the others are cancelled if one fails."""
+        timeout = self.config.request_timeout_seconds
+        calls = [self.predictor.Predict(r, timeout=timeout, metadata=metadata) for r in requests]
+        try:
+            return list(await asyncio.gather(*calls))
+        except grpc.aio.AioRpcError as exc:
+            raise UpstreamError(exc, self.predictor_label) from None
+        finally:
+            for call in calls:
+                call.cancel()  # a no-op for calls that finished
+
+    def predict_stream(
+        self, requests: Sequence[pb.PredictStreamRequest], metadata: Metadata
+    ) -> ChoiceStreams:
+        timeout = self.config.request_timeout_seconds
+        calls = [
+            self.predictor.PredictStream(r, timeout=timeout, metadata=metadata) for r in requests
+        ]
+        return ChoiceStreams(calls, self.predictor_label)
+
+    async def serving_info(self, metadata: Metadata = ()) -> pb.GetServingInfoResponse:
+        return cast(
+            pb.GetServingInfoResponse,
+            await self._call(
+                self.predictor_label,
+                self.predictor.GetServingInfo(
+                    pb.GetServingInfoRequest(), timeout=LIST_TIMEOUT, metadata=metadata
+                ),
+            ),
+        )
+
+    async def base_model(self, metadata: Metadata = ()) -> str:
+        """The name of the base model the predictor serves (asked again after a while, since a
+        restarted predictor may serve another)."""
+        now = time.monotonic()
+        if self._base_model and now - self._base_model[0] < self.config.models_cache_seconds:
+            return self._base_model[1]
+        info = await self.serving_info(metadata)
+        name = info.base_models[0].base_model if info.base_models else ""
+        self._base_model = (now, name)
+        return name
+
+    # --- model lists --------------------------------------------------------------------
+
+    async def list_models(self, metadata: Metadata = ()) -> list[ListedModel]:
+        """The base model, then the trained models and versions of its base model."""
+        async with self._models_lock:  # concurrent lists share one build
+            now = time.monotonic()
+            if self._models and now - self._models[0] < self.config.models_cache_seconds:
+                return self._models[1]
+            models = await self._build_list(metadata)
+            self._models = (time.monotonic(), models)
+            return models
+
+    async def _pages(
+        self,
+        service: str,
+        method: Callable[..., Awaitable[Any]],
+        make: Callable[[str], Any],
+        items: str,
+        limit: int,
+        metadata: Metadata,
+    ) -> list[Any]:
+        found: list[Any] = []
+        token = ""
+        while len(found) < limit:
+            reply = await self._call(
+                service, method(make(token), timeout=LIST_TIMEOUT, metadata=metadata)
+            )
+            found.extend(getattr(reply, items))
+            token = reply.next_page_token
+            if not token:
+                break
+        return found[:limit]
+
+    async def _build_list(self, metadata: Metadata) -> list[ListedModel]:
+        base = await self.base_model(metadata)
+        listed = [ListedModel(base, self._started, "loraforge")]
+        trainer, datasets = self.trainer, self.datasets
+        if trainer is None or datasets is None:
+            return listed
+        limit = self.config.max_listed_models
+        dataset_label = f"the dataset service at {self.config.dataset_address}"
+        trainer_label = f"the trainer at {self.config.trainer_address}"
+        apps = await self._pages(
+            dataset_label,
+            datasets.ListApps,
+            lambda t: dpb.ListAppsRequest(page_size=PAGE_SIZE, page_token=t),
+            "apps",
+            limit,
+            metadata,
+        )
+        gate = asyncio.Semaphore(LIST_CONCURRENCY)
+
+        async def models_of(app: str) -> list[Any]:
+            async with gate:
+                return await self._pages(
+                    trainer_label,
+                    trainer.ListModels,
+                    lambda t: tpb.ListModelsRequest(parent=app, page_size=PAGE_SIZE, page_token=t),
+                    "models",
+                    limit,
+                    metadata,
+                )
+
+        async def served(model: Any) -> list[ListedModel]:
+            async with gate:
+                versions = await self._pages(
+                    trainer_label,
+                    trainer.ListModelVersions,
+                    lambda t: tpb.ListModelVersionsRequest(
+                        parent=model.name, page_size=PAGE_SIZE, page_token=t
+                    ),
+                    "model_versions",
+                    limit,
+                    metadata,
+                )
+            owner = model.name.split("/models/", 1)[0]
+            trained = [
+                v
+                for v in versions
+                if v.state == tpb.MODEL_VERSION_STATE_TRAINED
+                and same_base_model(v.artifacts.base_model, base)
+            ]
+            out = []
+            if any(v.name == model.latest_trained_version for v in trained):
+                out.append(ListedModel(model.name, model.create_time.seconds, owner, base))
+            out += [ListedModel(v.name, v.create_time.seconds, owner, base) for v in trained]
+            return out
+
+        per_app = await asyncio.gather(*(models_of(a.name) for a in apps))
+        models = [m for ms in per_app for m in ms if m.latest_trained_version][:limit]
+        for entries in await asyncio.gather(*(served(m) for m in models)):
+            listed.extend(entries)
+        return listed[: limit + 1]
+
+
+@contextlib.asynccontextmanager
+async def open_upstream(config: OpenAIConfig) -> AsyncIterator[Upstream]:
+    upstream = Upstream(config)
+    try:
+        yield upstream
+    finally:
+        await upstream.close()
