@@ -374,3 +374,32 @@ def test_a_hung_object_store_fails_a_version_within_its_deadline(tmp_path: Path)
         finally:
             svc.stop()
             proxy.close()
+
+
+def test_an_upload_left_running_by_a_release_without_leases_is_undone_at_start(
+    workdir: Path,
+) -> None:
+    svc = start_service(DATASET, workdir)
+    try:
+        stub = stub_for(svc)
+        dataset = make_dataset(stub)
+        add_examples(stub, dataset, 3)
+    finally:
+        svc.stop()
+    # What such a release left: a running upload with no lease, its inputs counted as it went.
+    database = workdir / "home" / "dataset.db"
+    with contextlib.closing(sqlite3.connect(database)) as db, db:
+        db.execute(
+            "INSERT INTO uploads (pk, upload_id, dataset_pk, file_name, state, start_time) "
+            "VALUES (99, 'uold', 1, 'f.jsonl', 'RUNNING', 0)"
+        )
+        db.execute("UPDATE inputs SET upload_pk = 99 WHERE pk IN (SELECT pk FROM inputs LIMIT 2)")
+    svc = start_service(DATASET, workdir, name="restarted")
+    try:
+        stub = stub_for(svc)
+        assert upload_states(database) == ["FAILED"]
+        assert committed_rows(database) == 1
+        assert stub.GetDataset(pb.GetDatasetRequest(name=dataset)).dataset.input_count == 1
+        assert len(stub.ListInputs(pb.ListInputsRequest(parent=dataset)).inputs) == 1
+    finally:
+        svc.stop()
