@@ -75,11 +75,12 @@ def test_a_batch_with_new_indices_in_the_same_buffer_is_regrouped() -> None:
     torch.testing.assert_close(out, reference(x, lora_a, buffer))
 
 
-def test_per_sequence_kernels_equal_the_per_token_reference() -> None:
+@pytest.mark.parametrize("lengths", [[30, 12, 7, 1], [300, 12, 7, 1]], ids=["padded", "by-rows"])
+def test_per_sequence_kernels_equal_the_per_token_reference(lengths: list[int]) -> None:
     """sgmv_*: one adapter slot per sequence (a prefill batch), expanded to its tokens."""
     g = torch.Generator().manual_seed(2)
     slots = torch.tensor([1, -1, 3, 1])
-    lengths = torch.tensor([30, 12, 7, 1])
+    lengths = torch.tensor(lengths)
     indices = torch.repeat_interleave(slots, lengths)
     tokens = int(lengths.sum())
     starts = torch.cumsum(lengths, 0) - lengths
@@ -101,3 +102,7 @@ def test_per_sequence_kernels_equal_the_per_token_reference() -> None:
     kernels.sgmv_expand_slice(shrunk, lora_b, wide, *meta, 8, OUT, add_inputs=False)
     torch.testing.assert_close(wide[:, 8:], reference(shrunk, lora_b, indices))
     torch.testing.assert_close(wide[:, :8], torch.zeros(tokens, 8))
+    added = torch.ones(tokens, OUT + 8)
+    kernels.sgmv_expand_slice(shrunk, lora_b, added, *meta, 8, OUT, add_inputs=True)
+    torch.testing.assert_close(added[:, 8:], 1 + reference(shrunk, lora_b, indices))
+    torch.testing.assert_close(added[:, :8], torch.ones(tokens, 8))

@@ -144,6 +144,22 @@ def _grouped_matmul(inputs: Any, weights: Any, group: _Grouping, dtype: Any) -> 
     return out
 
 
+def _added_by_adapter(inputs: Any, weights: Any, group: _Grouping, target: Any) -> bool:
+    """target += the LoRA products, row by adapter, when the batch is grouped by rows (a prefill
+    of several adapters): adds each adapter's rows in place, without a batch-sized temporary.
+    False (nothing done) for the other layouts."""
+    if not group.rows:
+        return False
+    stacked = weights.squeeze(dim=1) if weights.dim() == 4 else weights
+    width = min(stacked.shape[1], target.shape[1])
+    x = inputs.to(dtype=target.dtype)
+    for index in group.adapters:
+        rows = group.rows[index]
+        w = stacked[index, :width].to(dtype=target.dtype)
+        target[:, :width].index_add_(0, rows, x.index_select(0, rows) @ w.T)
+    return True
+
+
 def _shrink(outputs: Any, output_tensor: Any, scaling: float) -> None:
     if outputs is None:
         output_tensor.zero_()
@@ -204,6 +220,8 @@ def bgmv_expand(
     add_inputs: bool = True,
 ) -> None:
     group = _grouping(lora_indices_tensor)
+    if add_inputs and _added_by_adapter(inputs, lora_b_weights, group, output_tensor):
+        return
     _expand(
         _grouped_matmul(inputs, lora_b_weights, group, output_tensor.dtype),
         output_tensor,
@@ -221,6 +239,9 @@ def bgmv_expand_slice(
     add_inputs: bool = True,
 ) -> None:
     group = _grouping(lora_indices_tensor)
+    target = output_tensor[:, slice_offset : slice_offset + slice_size]
+    if add_inputs and _added_by_adapter(inputs, lora_b_weights, group, target):
+        return
     outputs = _grouped_matmul(inputs, lora_b_weights, group, output_tensor.dtype)
     _expand_slice(outputs, output_tensor, slice_offset, slice_size, add_inputs)
 
@@ -260,6 +281,8 @@ def sgmv_expand(
     add_inputs: bool = False,
 ) -> None:
     group = _sequence_grouping(lora_indices_tensor, seq_len_tensor)
+    if add_inputs and _added_by_adapter(inputs, lora_b_weights, group, output_tensor):
+        return
     _expand(
         _grouped_matmul(inputs, lora_b_weights, group, output_tensor.dtype),
         output_tensor,
@@ -282,6 +305,9 @@ def sgmv_expand_slice(
     add_inputs: bool = False,
 ) -> None:
     group = _sequence_grouping(lora_indices_tensor, seq_len_tensor)
+    target = output_tensor[:, slice_offset : slice_offset + slice_size]
+    if add_inputs and _added_by_adapter(inputs, lora_b_weights, group, target):
+        return
     outputs = _grouped_matmul(inputs, lora_b_weights, group, output_tensor.dtype)
     _expand_slice(outputs, output_tensor, slice_offset, slice_size, add_inputs)
 
