@@ -85,7 +85,8 @@ def cmd_up(args: argparse.Namespace) -> None:
     base_model = args.base_model or os.environ.get("LORAFORGE_BASE_MODEL") or DEFAULT_BASE_MODEL
     cluster = LocalCluster(home=home, base_model=base_model, workers=args.workers)
     with console.status(
-        "starting dataset, trainer, worker and predictor (the predictor's engine takes a while)..."
+        "starting dataset, trainer, worker, predictor and the OpenAI-compatible API "
+        "(the predictor's engine takes a while)..."
     ):
         cluster.start()
     table = Table(title=f"loraforge services (home {escape(str(home))})")
@@ -99,7 +100,9 @@ def cmd_up(args: argparse.Namespace) -> None:
             escape(str(proc.log)),
         )
     console.print(table)
-    console.print(f"base model: {escape(base_model)}\nstop them with `loraforge down`")
+    console.print(f"base model: {escape(base_model)}")
+    console.print(f"OpenAI-compatible API: {cluster.openai_url} (`model` = a model's name)")
+    console.print("stop them with `loraforge down`")
 
 
 def cmd_down(args: argparse.Namespace) -> None:
@@ -750,7 +753,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
-    p = add("up", cmd_up, "start dataset, trainer, a worker and the predictor on this machine")
+    p = add(
+        "up",
+        cmd_up,
+        "start dataset, trainer, a worker, the predictor and the OpenAI-compatible API here",
+    )
     p.add_argument(
         "--home", default=str(default_home()), help="state folder (SQLite, objects, logs)"
     )

@@ -1,4 +1,5 @@
-"""Runs the whole platform on one machine: dataset, trainer, a worker and the predictor.
+"""Runs the whole platform on one machine: dataset, trainer, a worker, the predictor and the
+OpenAI-compatible HTTP API in front of it.
 
 Each service is its own process (as in production), started with the embedded
 defaults under one home folder: SQLite files, a local object store, logs in
@@ -18,11 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loraforge.client.client import DEFAULT_ADDRESSES
 
 STATE_FILE = "cluster.json"
+OPENAI_PORT = 8000  # the port vLLM's OpenAI-compatible server uses, which clients often assume
 
 
 @dataclass
@@ -41,7 +44,10 @@ class LocalCluster:
     home: Path
     base_model: str
     ports: dict[str, int] = field(
-        default_factory=lambda: {k: int(v.rsplit(":", 1)[1]) for k, v in DEFAULT_ADDRESSES.items()}
+        default_factory=lambda: {
+            **{k: int(v.rsplit(":", 1)[1]) for k, v in DEFAULT_ADDRESSES.items()},
+            "openai": OPENAI_PORT,
+        }
     )
     workers: int = 1
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -49,6 +55,11 @@ class LocalCluster:
 
     def address(self, service: str) -> str:
         return f"127.0.0.1:{self.procs[service].port}"
+
+    @property
+    def openai_url(self) -> str:
+        """Base URL of the OpenAI-compatible API (what `base_url` of an OpenAI client takes)."""
+        return f"http://{self.address('openai')}/v1"
 
     @property
     def addresses(self) -> dict[str, str]:
@@ -87,7 +98,8 @@ class LocalCluster:
         while time.monotonic() < deadline:
             if ready.exists() and ready.read_text().strip():
                 proc.port = int(ready.read_text())
-                if _serving(f"127.0.0.1:{proc.port}"):
+                check = _http_serving if proc.name == "openai" else _serving
+                if check(f"127.0.0.1:{proc.port}"):
                     return
             if proc.popen is not None and proc.popen.poll() is not None:
                 lines = proc.log.read_text(errors="replace").strip().splitlines()
@@ -125,6 +137,17 @@ class LocalCluster:
                     f"worker-{i + 1}", "loraforge.services.trainer.worker", dataset_flag, None
                 )
             self._wait_ready(predictor, timeout)
+            api = self._spawn(
+                "openai",
+                "loraforge.services.openai_api",
+                [
+                    *("--predictor-address", self.address("predictor")),
+                    *("--trainer-address", self.address("trainer")),
+                    *dataset_flag,
+                ],
+                self.ports.get("openai", 0),
+            )
+            self._wait_ready(api, timeout)
         except BaseException:
             self.stop()
             raise
@@ -181,6 +204,13 @@ def _serving(address: str) -> bool:
         except grpc.RpcError:
             return False
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def _http_serving(address: str) -> bool:
+    try:
+        return httpx.get(f"http://{address}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def _terminate(pid: int) -> None:

@@ -152,9 +152,12 @@ class Api:
             for index, message in enumerate(streams.first):
                 for chunk in builder.message(index, message):
                     yield _sse(chunk)
-            async for index, message in streams.messages():
-                for chunk in builder.message(index, message):
-                    yield _sse(chunk)
+            async for batch in streams.messages():
+                yield b"".join(
+                    _sse(chunk)
+                    for index, message in batch
+                    for chunk in builder.message(index, message)
+                )
             for chunk in builder.end():
                 yield _sse(chunk)
             yield b"data: [DONE]\n\n"

@@ -44,6 +44,20 @@ class UpstreamError(Exception):
         self.service = service
 
 
+def merge(messages: Sequence[pb.PredictStreamResponse]) -> pb.PredictStreamResponse:
+    """Consecutive messages of one stream as one: their text, the last one's counts and end."""
+    if len(messages) == 1:
+        return messages[0]
+    last = messages[-1]
+    return pb.PredictStreamResponse(
+        delta="".join(m.delta for m in messages),
+        finish_reason=last.finish_reason,
+        prompt_tokens=last.prompt_tokens,
+        completion_tokens=last.completion_tokens,
+        model_version=last.model_version,
+    )
+
+
 class ChoiceStreams:
     """The `PredictStream` calls of one completion, read together as (choice, message)."""
 
@@ -89,17 +103,27 @@ class ChoiceStreams:
             return
         self._queue.put_nowait((index, None))
 
-    async def messages(self) -> AsyncIterator[tuple[int, pb.PredictStreamResponse]]:
-        """Every message after the first ones, as it arrives; UpstreamError if a call fails."""
+    async def messages(self) -> AsyncIterator[list[tuple[int, pb.PredictStreamResponse]]]:
+        """The messages after the first ones, as they arrive; UpstreamError if a call fails.
+
+        Each batch holds what arrived while the previous one was being sent, a choice's
+        messages merged into one: under load a client gets fewer, longer deltas instead of
+        falling behind, and an idle stream still gets every token at once."""
         open_calls = len(self._readers)
         while open_calls:
-            index, item = await self._queue.get()
-            if item is None:
-                open_calls -= 1
-            elif isinstance(item, grpc.aio.AioRpcError):
-                raise UpstreamError(item, self.service)
-            else:
-                yield index, item
+            items = [await self._queue.get()]
+            while not self._queue.empty():
+                items.append(self._queue.get_nowait())
+            arrived: dict[int, list[pb.PredictStreamResponse]] = {}
+            for index, item in items:
+                if item is None:
+                    open_calls -= 1
+                elif isinstance(item, grpc.aio.AioRpcError):
+                    raise UpstreamError(item, self.service)
+                else:
+                    arrived.setdefault(index, []).append(item)
+            if arrived:
+                yield [(index, merge(ms)) for index, ms in arrived.items()]
 
     def cancel(self) -> None:
         """Cancels every call (the predictor aborts their engine requests) and reader."""
