@@ -135,21 +135,26 @@ async def run(
         return tokens
 
     texts = prompts(args.requests)
-    await measure(over_http, texts[:CONCURRENCY])  # warm-up: connections, engine caches
-    await measure(over_grpc, texts[:CONCURRENCY])
-    figures: dict[str, list[float]] = {"http": [], "grpc": []}
+    await measure(over_http, texts[:CONCURRENCY], api)  # warm-up: connections, engine caches
+    await measure(over_grpc, texts[:CONCURRENCY], api)
+    figures: dict[str, list[Figure]] = {"http": [], "grpc": []}
     for i in range(args.rounds):
         order = [("http", over_http), ("grpc", over_grpc)]
         for name, one in order if i % 2 == 0 else reversed(order):
-            figures[name].append(await measure(one, texts))
+            figures[name].append(await measure(one, texts, api))
         print(
-            f"round {i + 1}: HTTP {figures['http'][-1]:.0f}, gRPC {figures['grpc'][-1]:.0f} "
-            "output tokens/s",
+            f"round {i + 1}: HTTP {figures['http'][-1].tokens_per_second:.0f}, "
+            f"gRPC {figures['grpc'][-1].tokens_per_second:.0f} output tokens/s",
             flush=True,
         )
     await channel.close()
     await http.close()
-    http_tps, grpc_tps = (statistics.median(figures[k]) for k in ("http", "grpc"))
+
+    def median(name: str, key: Callable[[Figure], float]) -> float:
+        return statistics.median(key(f) for f in figures[name])
+
+    http_tps = median("http", lambda f: f.tokens_per_second)
+    grpc_tps = median("grpc", lambda f: f.tokens_per_second)
     ratio = http_tps / grpc_tps
     verdict = "ok" if ratio >= TARGET else "BELOW TARGET"
     print(
@@ -158,6 +163,10 @@ async def run(
     print(f"OpenAI HTTP API, streaming (openai client): {http_tps:8.1f} output tokens/s")
     print(f"gRPC PredictStream:                         {grpc_tps:8.1f} output tokens/s")
     print(f"HTTP / gRPC: {ratio:.2f} (target >= {TARGET}: {verdict})")
+    print("CPU per 1000 output tokens (ms):")
+    print(f"  HTTP API process:         {median('http', lambda f: f.api_cpu_ms_per_1k):7.0f}")
+    print(f"  openai client (this one): {median('http', lambda f: f.client_cpu_ms_per_1k):7.0f}")
+    print(f"  gRPC client (this one):   {median('grpc', lambda f: f.client_cpu_ms_per_1k):7.0f}")
 
 
 def main() -> int:
