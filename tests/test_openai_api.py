@@ -31,7 +31,7 @@ from loraforge.predictor.v1 import predictor_service_pb2 as pb
 from loraforge.predictor.v1 import predictor_service_pb2_grpc as pb_grpc
 from loraforge.trainer.v1 import trainer_service_pb2 as tpb
 from loraforge.trainer.v1 import trainer_service_pb2_grpc as tpb_grpc
-from tests.support import REPO, ServiceProcess, channel, start_service
+from tests.support import REPO, ServiceProcess, channel, free_port, start_service
 from tests.test_predictor_helpers import tiny_base
 
 pytestmark = pytest.mark.slow
@@ -53,6 +53,8 @@ class Stack:
     version: str
     predictor: pb_grpc.PredictorServiceStub
     predictor_address: str
+    trainer_address: str
+    dataset_address: str
     api: ServiceProcess
     client: openai.OpenAI
 
@@ -207,6 +209,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             version,
             pb_grpc.PredictorServiceStub(channel(predictor.address)),
             predictor.address,
+            trainer.address,
+            dataset.address,
             api,
             client,
         )
@@ -494,3 +498,41 @@ def test_the_authorization_header_is_accepted_and_sigterm_stops_cleanly(
         assert [m["id"] for m in listed["data"]] == [stack.base], "no trainer: the base model only"
     finally:
         assert api.stop() == 0
+
+
+def test_an_unreachable_predictor_is_503_naming_it(tmp_path: Path) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    api = start_service(
+        "loraforge.services.openai_api", tmp_path, args=["--predictor-address", address]
+    )
+    try:
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{api.port}/v1", api_key="sk-test", max_retries=0
+        )
+        with pytest.raises(openai.InternalServerError) as err:
+            client.completions.create(model="anything", prompt="x")
+        assert err.value.status_code == 503
+        body = err.value.body
+        assert isinstance(body, dict) and body["type"] == "server_error", body
+        assert address in body["message"] and "not reachable" in body["message"], body
+    finally:
+        api.stop()
+
+
+def test_the_models_list_stops_at_its_bound(stack: Stack, tmp_path: Path) -> None:
+    api = start_service(
+        "loraforge.services.openai_api",
+        tmp_path,
+        args=[
+            *("--predictor-address", stack.predictor_address),
+            *("--trainer-address", stack.trainer_address),
+            *("--dataset-address", stack.dataset_address),
+            *("--max-listed-models", "1"),
+        ],
+        name="openai-bounded",
+    )
+    try:
+        listed = httpx.get(f"http://127.0.0.1:{api.port}/v1/models", timeout=30).json()["data"]
+        assert [m["id"] for m in listed] == [stack.base, MODEL], "the base model, then one"
+    finally:
+        api.stop()
