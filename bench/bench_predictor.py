@@ -56,7 +56,11 @@ from loraforge.services.common.base_models import (  # noqa: E402
 )
 from loraforge.services.common.objectstore import LocalObjectStore  # noqa: E402
 from loraforge.services.predictor.adapter_cache import AdapterCache, AdapterSource  # noqa: E402
-from loraforge.services.predictor.engines.base import AdapterRef, GenerationRequest  # noqa: E402
+from loraforge.services.predictor.engines.base import (  # noqa: E402
+    AdapterRef,
+    EngineKind,
+    GenerationRequest,
+)
 from loraforge.services.predictor.engines.selection import choose_dtype  # noqa: E402
 from loraforge.services.predictor.params import SamplingSettings  # noqa: E402
 from tests.test_predictor_helpers import make_adapter, publish_adapter  # noqa: E402
@@ -181,7 +185,11 @@ async def measure_engine(
     return results
 
 
-def start_engine(kind: str, base: Path, dtype: str) -> Any:
+def start_engine(kind: str, base: Path, requested_dtype: str) -> Any:
+    """An engine in the dtype the predictor gives it for `requested_dtype`."""
+    engine_kind = EngineKind.TRANSFORMERS if kind == "transformers" else EngineKind.VLLM
+    dtype = choose_dtype(requested_dtype, engine=engine_kind).dtype
+    print(f"{kind}: dtype {dtype}", flush=True)
     if kind == "transformers":
         from loraforge.services.predictor.engines.transformers_engine import (
             TransformersEngine,
@@ -434,7 +442,7 @@ def main() -> int:
 
     async def run_engine(kind: str) -> None:
         started = time.perf_counter()
-        engine = start_engine(kind, base, dtype.dtype)
+        engine = start_engine(kind, base, args.dtype)
         print(f"{kind}: started in {time.perf_counter() - started:.1f} s", flush=True)
         try:
             results[kind] = await measure_engine(engine, tokenizer, refs, args.rounds)

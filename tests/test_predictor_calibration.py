@@ -16,7 +16,6 @@ from loraforge.services.predictor.engines.calibration import (
     CalibrationStore,
     signature,
 )
-from loraforge.services.predictor.engines.selection import choose_dtype
 from tests.support import ServiceProcess, channel, free_port, start_service
 from tests.test_predictor_helpers import tiny_base
 
@@ -72,11 +71,10 @@ def test_a_stored_measurement_chooses_the_engine_and_the_serving_info_says_why(
     tmp_path: Path,
 ) -> None:
     base = tiny_base(tmp_path)
-    dtype = choose_dtype("auto").dtype
     calibration_file = tmp_path / "calibration.json"
     CalibrationStore(calibration_file).put(
         Calibration(
-            signature(str(base), dtype),
+            signature(str(base), "auto"),
             {"vllm": 1.5, "transformers": 4.25},
             "2026-11-30T10:00:00+00:00",
         )
@@ -95,10 +93,9 @@ def test_a_stored_measurement_chooses_the_engine_and_the_serving_info_says_why(
 
 def test_an_engine_set_by_the_operator_is_served_whatever_was_measured(tmp_path: Path) -> None:
     base = tiny_base(tmp_path)
-    dtype = choose_dtype("auto").dtype
     calibration_file = tmp_path / "calibration.json"
     CalibrationStore(calibration_file).put(
-        Calibration(signature(str(base), dtype), {"vllm": 9.0, "transformers": 1.0}, "2026-11-30")
+        Calibration(signature(str(base), "auto"), {"vllm": 9.0, "transformers": 1.0}, "2026-11-30")
     )
     predictor = _predictor(tmp_path / "forced", base, calibration_file, "--engine", "transformers")
     try:

@@ -74,6 +74,12 @@ def test_auto_dtype_is_half_precision_only_where_the_hardware_computes_it() -> N
     native = choose_dtype("auto", cuda=False, flags={"avx2", "avx512_bf16", "amx_bf16"})
     assert native.dtype == "bfloat16" and "amx_bf16" in native.reason
     assert choose_dtype("float16", cuda=False).reason == "as configured"
+    # transformers computes on a CPU through PyTorch's eager kernels: float32 there.
+    eager = choose_dtype(
+        "auto", engine=EngineKind.TRANSFORMERS, cuda=False, flags={"avx512_bf16", "amx_bf16"}
+    )
+    assert eager.dtype == "float32" and "eager" in eager.reason
+    assert choose_dtype("bfloat16", engine=EngineKind.TRANSFORMERS, cuda=False).dtype == "bfloat16"
     with pytest.raises(InvalidArgument):
         choose_dtype("fp8")
 

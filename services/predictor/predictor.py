@@ -456,7 +456,8 @@ class Predictor:
         await self.engine.shutdown()
 
 
-def _start_engine(kind: EngineKind, path: str, config: PredictorConfig, dtype: str) -> Engine:
+def _start_engine(kind: EngineKind, path: str, config: PredictorConfig) -> Engine:
+    dtype = choose_dtype(config.dtype, engine=kind).dtype
     if kind is EngineKind.VLLM:
         from loraforge.services.predictor.engines.vllm_engine import VllmEngine, VllmSettings
 
@@ -491,15 +492,16 @@ def _start_engine(kind: EngineKind, path: str, config: PredictorConfig, dtype: s
 
 
 async def _engine_by_measurement(
-    choice: EngineChoice, path: str, config: PredictorConfig, dtype: str, tokenizer: Any
+    choice: EngineChoice, path: str, config: PredictorConfig, tokenizer: Any
 ) -> tuple[EngineChoice, Engine]:
     """`engine: auto` on a CPU where both engines serve the model: the faster with adapters,
     from the stored calibration of this model shape and machine, or measured now."""
     store = CalibrationStore(config.calibration_path())
-    stored = store.get(calibration_signature(path, dtype))
+    # Keyed by the dtype setting: each engine computes in its own choice of it.
+    stored = store.get(calibration_signature(path, config.dtype))
     if stored is not None:
         chosen = EngineChoice(stored.winner(), stored.reason(), choice.architecture)
-        return chosen, _start_engine(chosen.kind, path, config, dtype)
+        return chosen, _start_engine(chosen.kind, path, config)
     log.info(
         "measuring vLLM and transformers + PEFT with a LoRA adapter on this machine "
         "(once per model shape; kept in %s)",
@@ -507,9 +509,9 @@ async def _engine_by_measurement(
     )
     calibration, engine = await calibrate(
         [EngineKind.TRANSFORMERS, EngineKind.VLLM],
-        lambda kind: _start_engine(kind, path, config, dtype),
+        lambda kind: _start_engine(kind, path, config),
         path,
-        dtype,
+        config.dtype,
         tokenizer,
         config.max_lora_rank,
         config.home_path() / "calibration",
@@ -524,7 +526,7 @@ async def build_predictor(config: PredictorConfig) -> Predictor:
     from transformers import AutoTokenizer
 
     base_model = config.base_model or DEFAULT_BASE_MODEL
-    dtype = choose_dtype(config.dtype)  # a bad setting fails before any model is touched
+    choose_dtype(config.dtype)  # a bad setting fails before any model is touched
     path = resolve_base_model(base_model)
     choice = choose_engine(path, config.engine)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -536,9 +538,10 @@ async def build_predictor(config: PredictorConfig) -> Predictor:
     )
     engine: Engine
     if measured:
-        choice, engine = await _engine_by_measurement(choice, path, config, dtype.dtype, tokenizer)
+        choice, engine = await _engine_by_measurement(choice, path, config, tokenizer)
     else:
-        engine = _start_engine(choice.kind, path, config, dtype.dtype)
+        engine = _start_engine(choice.kind, path, config)
+    dtype = choose_dtype(config.dtype, engine=engine.kind)
     log.info(
         "base model %s from %s (%s): %s; dtype %s: %s",
         base_model,

@@ -48,12 +48,18 @@ def cpu_flags() -> set[str]:
 
 
 def choose_dtype(
-    requested: str = "auto", *, cuda: bool | None = None, flags: set[str] | None = None
+    requested: str = "auto",
+    *,
+    engine: EngineKind = EngineKind.VLLM,
+    cuda: bool | None = None,
+    flags: set[str] | None = None,
 ) -> DtypeChoice:
-    """`auto`: half precision where the hardware computes it natively, float32 elsewhere.
+    """`auto`: half precision where the engine computes it natively, float32 elsewhere.
 
     vLLM's own `auto` downcasts a float32 checkpoint to bfloat16, which a CPU
     without bfloat16 instructions emulates several times slower than float32.
+    transformers runs on a CPU through PyTorch's eager kernels, which compute
+    bfloat16 slower than float32 there even with bfloat16 instructions.
     """
     if requested not in DTYPE_CHOICES:
         raise InvalidArgument(f"dtype {requested!r}: use one of {', '.join(DTYPE_CHOICES)}")
@@ -69,6 +75,12 @@ def choose_dtype(
         if torch.cuda.is_bf16_supported():
             return DtypeChoice("bfloat16", "a CUDA GPU with bfloat16 support")
         return DtypeChoice("float16", "a CUDA GPU without bfloat16 support")
+    if engine is EngineKind.TRANSFORMERS:
+        return DtypeChoice(
+            "float32",
+            "transformers + PEFT on a CPU: PyTorch's eager kernels compute half precision "
+            "slower than float32",
+        )
     found = sorted((cpu_flags() if flags is None else flags) & set(_NATIVE_BF16_FLAGS))
     if found:
         return DtypeChoice("bfloat16", f"this CPU computes bfloat16 natively ({', '.join(found)})")
