@@ -536,3 +536,20 @@ def test_the_models_list_stops_at_its_bound(stack: Stack, tmp_path: Path) -> Non
         assert [m["id"] for m in listed] == [stack.base, MODEL], "the base model, then one"
     finally:
         api.stop()
+
+
+def test_a_client_that_gives_up_on_a_completion_aborts_the_engine_request(stack: Stack) -> None:
+    before = _served(stack).aborted_requests
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{stack.url}/completions",
+            json={"model": stack.base, "prompt": "Once upon a time", "max_tokens": 400},
+            timeout=httpx.Timeout(60, read=1.0),
+        )
+    wait_until(
+        lambda: (
+            _served(stack).aborted_requests == before + 1 and _served(stack).running_requests == 0
+        ),
+        30,
+        "the engine request's abort",
+    )

@@ -8,11 +8,12 @@ process's log).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -26,6 +27,7 @@ from loraforge.services.openai_api.upstream import ChoiceStreams, Metadata, Upst
 log = logging.getLogger("loraforge.openai")
 
 Handler = Callable[[Request], Awaitable[Response]]
+T = TypeVar("T")
 
 
 def _error_response(error: ApiError) -> JSONResponse:
@@ -68,6 +70,26 @@ async def _body(request: Request) -> Any:
             "Content-Type: application/json",
             code="invalid_json",
         ) from None
+
+
+async def _unless_disconnected(http: Request, work: Awaitable[T]) -> T | None:
+    """`work`'s result, or None once the client has gone away: then `work` is cancelled, and
+    with it its predictor calls, so the engine aborts them."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait([task, watch], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait([task])  # its calls cancelled before the handler returns
+    return None if task.cancelled() else task.result()
 
 
 def _sse(payload: dict[str, Any]) -> bytes:
@@ -124,9 +146,12 @@ class Api:
         where = convert.target(request.model, base_model)
         try:
             if not request.stream:
-                responses = await self.upstream.predict(
-                    convert.predict_requests(request, where), metadata
+                responses = await _unless_disconnected(
+                    http,
+                    self.upstream.predict(convert.predict_requests(request, where), metadata),
                 )
+                if responses is None:
+                    return Response(status_code=499)  # nginx's "client closed request"; unread
                 return JSONResponse(convert.completion_response(request, responses, base_model))
             streams = self.upstream.predict_stream(
                 convert.stream_requests(request, where), metadata
