@@ -343,12 +343,17 @@ def test_cli_covers_every_user_step(cluster: LocalCluster, small_csv: Path, tmp_
     text = "needs pip install 'loraforge[gptq]' and [bold]no markup[/bold]"
     ok("datasets", "update", "cli/news", "--description", text)
     assert text in ok("datasets", "show", "cli/news")
-    gptq = one_line_error(
-        _cli(cluster, "train", "cli/clf", "--template", "HF_Llama_3_1_8b_instruct_GPTQ_lora",
-             "--dataset-version", "apps/cli/datasets/news/versions/v1")
-    )  # fmt: skip
+    # A GPU template is taken whatever the trainer's own hardware; the run waits for a worker
+    # that has what it needs, and `status` says what that is and what the live worker lacks.
+    ok("train", "cli/clf", "--template", "HF_Llama_3_1_8b_instruct_GPTQ_lora", "--id", "gpu",
+       "--dataset-version", "apps/cli/datasets/news/versions/v1", "--no-watch",
+       "--set", f"model_config.pretrained_model_name_or_path={cluster.base_model}")  # fmt: skip
     if importlib.util.find_spec("gptqmodel") is None:
-        assert "pip install 'loraforge[gptq]'" in gptq, gptq
+        status = " ".join(ok("status", "cli/clf/gpu").split())
+        assert "QUEUED (21103)" in status
+        assert "waiting for a worker with a CUDA GPU" in status and "GPTQModel" in status
+        assert "the 1 live worker" in status, status
+    ok("cancel", "cli/clf/gpu")
     bad_set = _cli(cluster, "train", "cli/clf", "--template", "HuggingFace_AdvancedConfig", "--dataset-version",
                    "apps/cli/datasets/news/versions/v1", "--set", "peft_config.nonsense=1")  # fmt: skip
     assert bad_set.returncode == 1 and "param_overrides.peft_config.nonsense" in bad_set.stderr

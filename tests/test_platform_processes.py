@@ -184,3 +184,25 @@ def test_a_worker_whose_heartbeat_outlasts_its_lease_is_refused(tmp_path: Path) 
         "--lease-seconds (LORAFORGE_LEASE_SECONDS) (got 30 and 10), or leases expire while "
         "the worker is alive"
     )
+
+
+def test_a_worker_that_polls_less_often_than_its_lease_is_refused(tmp_path: Path) -> None:
+    """An idle worker renews its entry in the workers table as it polls: polling less
+    often than its lease would have it counted as gone between polls."""
+    code, output = _start_and_exit(
+        "loraforge.services.trainer.worker",
+        tmp_path,
+        "--dataset-address",
+        "127.0.0.1:1",
+        "--poll-seconds",
+        "20",
+        "--lease-seconds",
+        "10",
+        "--heartbeat-seconds",
+        "5",
+    )
+    assert code == 2
+    assert output.startswith(
+        "error: --poll-seconds (LORAFORGE_POLL_SECONDS) must be shorter than "
+        "--lease-seconds (LORAFORGE_LEASE_SECONDS) (got 20 and 10)"
+    ), output

@@ -4,11 +4,14 @@ SQLite and on PostgreSQL (where claims use SKIP LOCKED)."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 import pytest
 
+from loraforge.services.trainer.hardware import Capabilities, Requirements
 from loraforge.services.trainer.jobs import JobQueue, JobReporter
 from loraforge.services.trainer.store import EventKind, State, TrainerStore, VersionRow
+from loraforge.services.trainer.workers import Workers
 from tests.support import Databases
 
 
@@ -22,10 +25,15 @@ def _store(url: str) -> TrainerStore:
     return TrainerStore(url)
 
 
-def _queue_runs(store: TrainerStore, count: int) -> list[str]:
+def _queue_runs(
+    store: TrainerStore, count: int, needs: Sequence[Requirements | None] = ()
+) -> list[str]:
+    """Queues `count` runs; the i-th needs `needs[i]` (None or missing: stored as before
+    requirements were, NULL)."""
     store.create_model("a", "m", "", "modelTypes/text-to-text")
     names = []
     for i in range(count):
+        required = needs[i] if i < len(needs) else None
         row = VersionRow(
             name=f"apps/a/models/m/versions/v{i}",
             model="apps/a/models/m",
@@ -37,6 +45,10 @@ def _queue_runs(store: TrainerStore, count: int) -> list[str]:
             progress={},
             metrics={},
         )
+        if required is not None:
+            row.needs_cuda = required.cuda
+            row.needs_gptq = required.gptq
+            row.needs_gpu_memory_gib = required.gpu_memory_gib
         names.append(store.create_version(row).name)
     return names
 
@@ -139,3 +151,65 @@ def test_cancel_fences_the_worker_and_ends_the_history(url: str) -> None:
     # Cancelling a finished run changes nothing.
     assert store.cancel_version(running).state == State.CANCELLED
     assert len(store.events_after(running, 0)) == 2
+
+
+GPTQ_8B = Requirements(cuda=True, gptq=True, gpu_memory_gib=10)
+BIG_GPU = Requirements(cuda=True, gpu_memory_gib=16)
+CPU_OK = Requirements()
+
+
+def test_a_worker_claims_only_the_runs_its_advertised_hardware_can_train(url: str) -> None:
+    store = _store(url)
+    gptq, before, cpu, big = _queue_runs(store, 4, [GPTQ_8B, None, CPU_OK, BIG_GPU])
+    queue, workers = JobQueue(store), Workers(store)
+    workers.advertise("cpu", Capabilities(), ttl_seconds=60)
+    workers.advertise("small-gpu", Capabilities(cuda=True, gpu_memory_gib=8), ttl_seconds=60)
+    workers.advertise("gpu", Capabilities(cuda=True, gpu_memory_gib=24, gptq=True), ttl_seconds=60)
+    # The CPU worker passes over the older GPU runs; runs stored before requirements were
+    # (NULL) are anyone's.
+    claimed = [job.name for job in iter(lambda: queue.claim("cpu", 60), None)]
+    assert claimed == [before, cpu]
+    # 8 GiB is less than either GPU run needs, and it has no GPTQModel.
+    assert queue.claim("small-gpu", 60) is None
+    assert store.get_version(gptq).state == store.get_version(big).state == State.QUEUED
+    first, second = queue.claim("gpu", 60), queue.claim("gpu", 60)
+    assert first is not None and second is not None
+    assert (first.name, second.name) == (gptq, big)
+    assert queue.claim("gpu", 60) is None
+
+
+def test_workers_are_live_until_their_ttl_passes_and_gone_once_forgotten(url: str) -> None:
+    store = _store(url)
+    clock = FakeClock()
+    workers = Workers(store, clock)
+    workers.advertise("w1", Capabilities(cuda=True, gpu_memory_gib=80), ttl_seconds=10)
+    workers.advertise("w2", Capabilities(), ttl_seconds=30)
+    assert [w.worker_id for w in workers.live()] == ["w1", "w2"]
+    assert workers.live()[0].capabilities == Capabilities(cuda=True, gpu_memory_gib=80)
+    clock.advance(11)
+    assert [w.worker_id for w in workers.live()] == ["w2"]
+    workers.advertise("w1", Capabilities(cuda=True, gpu_memory_gib=80), ttl_seconds=10)
+    assert [w.worker_id for w in workers.live()] == ["w1", "w2"]  # renewed
+    workers.forget("w2")
+    assert [w.worker_id for w in workers.live()] == ["w1"]
+    clock.advance(11)
+    assert workers.forget_expired(clock()) == 1 and workers.live() == []
+
+
+def test_a_wait_reason_is_logged_once_per_change_and_cleared_by_the_claim(url: str) -> None:
+    store = _store(url)
+    (name,) = _queue_runs(store, 1, [GPTQ_8B])
+    reason = "waiting for a worker with a CUDA GPU; the 1 live worker has neither"
+    assert store.note_waiting(name, reason)
+    assert not store.note_waiting(name, reason)  # the same words again: nothing new
+    assert store.note_waiting(name, reason + " (2)")
+    logs = [e.payload for e in store.events_after(name, 0) if e.kind == EventKind.LOG]
+    assert logs == [
+        {"level": "WARNING", "message": reason},
+        {"level": "WARNING", "message": reason + " (2)"},
+    ]
+    assert store.queued_waits() == [(name, GPTQ_8B, reason + " (2)")]
+    Workers(store).advertise("gpu", Capabilities(True, 24, True), ttl_seconds=60)
+    assert JobQueue(store).claim("gpu", 60) is not None
+    assert store.get_version(name).wait_reason is None and store.queued_waits() == []
+    assert not store.note_waiting(name, reason)  # not queued any more: nothing is written

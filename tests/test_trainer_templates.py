@@ -9,8 +9,10 @@ import pytest
 import yaml
 from google.protobuf import json_format, struct_pb2
 
-from loraforge.services.common.errors import FailedPrecondition, InvalidArgument
+from loraforge.services.common.errors import InvalidArgument
+from loraforge.services.trainer import hardware
 from loraforge.services.trainer import templates as tpl
+from loraforge.services.trainer.hardware import Capabilities, LiveWorker, Requirements
 from loraforge.services.trainer.params import TrainingParams
 
 SEED_TEMPLATES = {
@@ -127,19 +129,66 @@ def test_unknown_template_is_not_found() -> None:
         tpl.get_template("NoSuchTemplate", "template")
 
 
-def test_gptq_templates_are_refused_without_cuda_naming_what_is_missing() -> None:
-    t = tpl.get_template("templates/HF_Llama_3_1_8b_instruct_GPTQ_lora")
-    missing = tpl.missing_requirements(t, t.defaults())
-    if not missing:
-        pytest.skip("this machine has CUDA and the gptq extra")
-    with pytest.raises(FailedPrecondition) as info:
-        tpl.check_hardware(t, t.defaults())
-    assert "CUDA" in info.value.message or "GPTQModel" in info.value.message
+def test_a_run_needs_what_its_template_declares_and_a_gptq_base_needs_cuda_too() -> None:
+    gptq = tpl.get_template("templates/HF_Llama_3_1_8b_instruct_GPTQ_lora")
+    needs = tpl.requirements(gptq, gptq.defaults())
+    assert needs == Requirements(
+        cuda=True, gptq=True, gpu_memory_gib=gptq.hardware.min_gpu_memory_gib
+    )
+    assert needs.gpu_memory_gib > 0
+    assert hardware.unmet(needs, Capabilities()) == [
+        f"a CUDA GPU of at least {needs.gpu_memory_gib:g} GiB",
+        "GPTQModel",
+    ]
+    assert hardware.unmet(needs, Capabilities(cuda=True, gpu_memory_gib=80, gptq=True)) == []
+    small = Capabilities(cuda=True, gpu_memory_gib=needs.gpu_memory_gib / 2, gptq=True)
+    assert hardware.unmet(needs, small) == [f"a CUDA GPU of at least {needs.gpu_memory_gib:g} GiB"]
+    # A CPU template asks for nothing, not even the GPU memory it would take on a GPU.
+    smol = tpl.get_template("templates/HF_SmolLM2_135m_instruct_lora")
+    assert tpl.requirements(smol, smol.defaults()) == Requirements()
     # A non-GPTQ template asking for a GPTQ base is held to the same requirements.
     advanced = tpl.get_template("templates/HuggingFace_AdvancedConfig")
-    assert tpl.missing_requirements(advanced, advanced.defaults()) == []
+    assert not tpl.requirements(advanced, advanced.defaults()).gptq
     params = tpl.resolve_params(advanced, {"quantization_config": {"quant_method": "gptq"}})
-    assert tpl.missing_requirements(advanced, params)
+    assert tpl.requirements(advanced, params).cuda and tpl.requirements(advanced, params).gptq
+    # This machine's own lack is the same check, against what it has.
+    assert tpl.missing_requirements(gptq, gptq.defaults()) == hardware.unmet(
+        needs, hardware.probe()
+    )
+
+
+def _live(*capabilities: Capabilities) -> list[LiveWorker]:
+    return [LiveWorker(f"w{i + 1}", c) for i, c in enumerate(capabilities)]
+
+
+def test_a_waiting_run_says_what_it_needs_and_what_the_live_workers_lack() -> None:
+    both = Requirements(cuda=True, gptq=True)
+    gpu = Capabilities(cuda=True, gpu_memory_gib=24)
+    assert hardware.waiting_reason(both, _live(Capabilities())) == (
+        "waiting for a worker with a CUDA GPU and GPTQModel; the 1 live worker has neither"
+    )
+    assert hardware.waiting_reason(both, _live(Capabilities(), Capabilities())) == (
+        "waiting for a worker with a CUDA GPU and GPTQModel; the 2 live workers have neither"
+    )
+    assert hardware.waiting_reason(both, _live(gpu)) == (
+        "waiting for a worker with a CUDA GPU and GPTQModel; the 1 live worker lacks GPTQModel"
+    )
+    assert hardware.waiting_reason(both, _live(gpu, Capabilities(), gpu)) == (
+        "waiting for a worker with a CUDA GPU and GPTQModel; none of the 3 live workers can "
+        "take it (w1, w3 lack GPTQModel; w2 lacks a CUDA GPU and GPTQModel)"
+    )
+    big = Requirements(cuda=True, gpu_memory_gib=40)
+    assert hardware.waiting_reason(big, _live(gpu)) == (
+        "waiting for a worker with a CUDA GPU of at least 40 GiB; the 1 live worker "
+        "lacks a CUDA GPU of at least 40 GiB"
+    )
+    assert "no worker is live" in hardware.waiting_reason(both, [])
+    assert hardware.waiting_reason(Requirements(), []) == (
+        "waiting for a worker; no worker is live (start one with `loraforge-worker`)"
+    )
+    # Some live worker can train it: it does not wait for want of one.
+    assert hardware.waiting_reason(both, _live(Capabilities(), Capabilities(True, 80, True))) == ""
+    assert hardware.waiting_reason(Requirements(), _live(Capabilities())) == ""
 
 
 @pytest.mark.parametrize("template", tpl.all_templates(), ids=lambda t: t.name)

@@ -630,6 +630,8 @@ def cmd_status(args: argparse.Namespace) -> None:
     mv = client.model_version(args.version)
     table = Table(show_header=False, title=escape(mv.name))
     table.add_row("state", f"{_state_name(mv.state)} ({mv.status_code})")
+    if mv.status_message:
+        table.add_row("status", escape(mv.status_message))
     table.add_row("template", escape(mv.template))
     table.add_row("dataset version", escape(mv.dataset_version))
     p = mv.progress

@@ -844,6 +844,7 @@ class Model:
             state=tpb.ModelVersionState.Name(mv.state).removeprefix("MODEL_VERSION_STATE_"),
             status_code=mv.status_code,
             description=mv.failure_reason
+            or mv.status_message
             or tpb.ModelVersionState.Name(mv.state).removeprefix("MODEL_VERSION_STATE_").lower(),
             progress=mv.progress,
             metrics=dict(mv.metrics),

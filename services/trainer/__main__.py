@@ -2,7 +2,8 @@
 
 The server stores and streams; training runs in worker processes
 (`python -m loraforge.services.trainer.worker`) that share its database. In the
-background it requeues runs whose worker died and sweeps dataset-version
+background it requeues runs whose worker died, notes why queued runs wait
+(no live worker has what they need), and sweeps dataset-version
 references that no run holds (before it serves, then every `reference_sweep_seconds`).
 """
 
@@ -45,7 +46,9 @@ class TrainerConfig(ServerConfig):
         0.25, "How often a WatchModelVersion stream looks for new events."
     )
     reap_seconds: float = setting(
-        10.0, "How often the server requeues runs whose worker stopped renewing its lease."
+        10.0,
+        "How often the server requeues runs whose worker stopped renewing its lease, and "
+        "notes in a queued run's log why no live worker can take it.",
     )
     max_attempts: int = setting(3, "Starts of one run (crashes included) before it is failed.")
     reference_sweep_seconds: float = setting(
@@ -80,7 +83,7 @@ async def _sweep_forever(runs: Runs, config: TrainerConfig) -> None:
         await _sweep(runs)
 
 
-async def _reap_forever(queue: JobQueue, config: TrainerConfig) -> None:
+async def _reap_forever(queue: JobQueue, runs: Runs, config: TrainerConfig) -> None:
     # Workers reap too; this covers a cluster where every worker is gone.
     while True:
         await asyncio.sleep(config.reap_seconds)
@@ -90,6 +93,11 @@ async def _reap_forever(queue: JobQueue, config: TrainerConfig) -> None:
                 log.warning("requeued runs whose worker stopped reporting: %s", ", ".join(reaped))
         except Exception:
             log.exception("requeueing expired runs failed")
+        try:
+            await asyncio.to_thread(runs.workers.forget_expired, runs.clock())
+            await runs.note_waiting()
+        except Exception:
+            log.exception("noting why queued runs wait failed")
 
 
 async def run(config: TrainerConfig) -> None:
@@ -104,7 +112,7 @@ async def run(config: TrainerConfig) -> None:
     # Swept once before serving (bounded, so a dataset service that is down delays nothing long).
     await _sweep(runs, limit_seconds=START_SWEEP_SECONDS)
     background = [
-        asyncio.create_task(_reap_forever(JobQueue(store), config)),
+        asyncio.create_task(_reap_forever(JobQueue(store), runs, config)),
         asyncio.create_task(_sweep_forever(runs, config)),
     ]
 

@@ -1,5 +1,9 @@
 """The job queue: workers claim queued runs, hold them with a lease, and report through it.
 
+A worker claims only runs whose requirements (stored on the run when it is
+created: CUDA, GPTQModel, GPU memory) the hardware it advertised in the workers
+table meets; the others stay queued for a worker that has it.
+
 A claim is one conditional UPDATE (`... WHERE state = 'QUEUED'`), so of several
 workers racing for a run exactly one wins; on PostgreSQL the candidate is also
 picked with `SELECT ... FOR UPDATE SKIP LOCKED` so racing workers pick
@@ -21,8 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, false, or_, select, update
 
+from loraforge.services.trainer.hardware import Capabilities
 from loraforge.services.trainer.store import (
     CODE_TOLERANCE_EXCEEDED,
     RUNNING_STATES,
@@ -36,6 +41,7 @@ from loraforge.services.trainer.store import (
     refresh_latest_trained,
     state_payload,
 )
+from loraforge.services.trainer.workers import capabilities_of
 
 # Losses a progress event carries only when its step measured them.
 LOSSES = ("train_loss", "eval_loss")
@@ -57,18 +63,46 @@ class ClaimedJob:
 Clock = Callable[[], float]
 
 
+def _not(column: Any) -> Any:
+    """`column` is false, or NULL (a run from before requirements were stored)."""
+    return or_(column.is_(None), column == false())
+
+
+def _trainable_by(has: Capabilities) -> list[Any]:
+    """WHERE clauses on the runs a worker with `has` meets the requirements of."""
+    clauses = []
+    if has.cuda:
+        clauses.append(
+            or_(
+                VersionRow.needs_gpu_memory_gib.is_(None),
+                VersionRow.needs_gpu_memory_gib <= has.gpu_memory_gib,
+            )
+        )
+    else:
+        clauses.append(_not(VersionRow.needs_cuda))
+    if not has.gptq:
+        clauses.append(_not(VersionRow.needs_gptq))
+    return clauses
+
+
 class JobQueue:
     def __init__(self, store: TrainerStore, clock: Clock = time.time) -> None:
         self.store = store
         self.clock = clock
 
     def claim(self, worker_id: str, lease_seconds: float) -> ClaimedJob | None:
-        """Claims the oldest queued run for `worker_id`, or returns None if there is none."""
+        """Claims the oldest queued run `worker_id` can train, or returns None if there is none.
+
+        What it can train is what its entry in the workers table advertises
+        (`workers.Workers.advertise`); a worker without an entry takes only runs that
+        need neither CUDA nor GPTQModel.
+        """
         for _ in range(5):  # another worker may win a candidate; try the next one
             with self.store.sessions.begin() as s:
+                has = capabilities_of(s, worker_id)
                 candidate = s.execute(
                     select(VersionRow.name)
-                    .where(VersionRow.state == State.QUEUED.value)
+                    .where(VersionRow.state == State.QUEUED.value, *_trainable_by(has))
                     .order_by(VersionRow.seq)
                     .limit(1)
                     .with_for_update(skip_locked=True)
@@ -86,6 +120,7 @@ class JobQueue:
                         lease_expires=now + lease_seconds,
                         attempts=VersionRow.attempts + 1,
                         start_time=now,
+                        wait_reason=None,
                     )
                 ).rowcount  # type: ignore[attr-defined]
                 if won != 1:

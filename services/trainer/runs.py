@@ -18,6 +18,12 @@ and is left alone.
 
 The dataset service's references to names shaped like model versions belong to
 this trainer (one trainer database per dataset service).
+
+A run records what a worker needs to train it (CUDA, GPTQModel, GPU memory,
+from its template and parameters); this process never checks its own hardware,
+since training happens on the workers. A run that no live worker can take stays
+queued: its status message says what it waits for and what the live workers
+lack, and the same words go into its log when they change (`note_waiting`).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -40,8 +46,21 @@ from loraforge.services.common.objectstore import ObjectStore
 from loraforge.services.common.resources import new_id, parse_name, validate_id
 from loraforge.services.common.values import check_json, check_request_id, check_text
 from loraforge.services.trainer import templates as tpl
+from loraforge.services.trainer.hardware import (
+    LiveWorker,
+    Requirements,
+    unmet,
+    waiting_reason,
+)
 from loraforge.services.trainer.params import TrainingParams
-from loraforge.services.trainer.store import State, TrainerStore, VersionRow, version_prefix
+from loraforge.services.trainer.store import (
+    State,
+    TrainerStore,
+    VersionRow,
+    requirements_of,
+    version_prefix,
+)
+from loraforge.services.trainer.workers import Workers
 
 log = logging.getLogger("loraforge.trainer.runs")
 
@@ -91,9 +110,13 @@ class Run:
     end_time: float | None
     attempts: int
     request_id: str
+    requirements: Requirements
+    # For a queued run, what it waits for (see `hardware.waiting_reason`); else empty.
+    status_message: str = ""
 
 
-def run_from_row(row: VersionRow) -> Run:
+def run_from_row(row: VersionRow, live: Sequence[LiveWorker] | None = None) -> Run:
+    """The run of `row`; with the live workers, a queued run's status message says what it waits for."""
     try:
         params = tpl.stored_params(row.template, row.params or {})
     except ValueError as exc:
@@ -102,6 +125,8 @@ def run_from_row(row: VersionRow) -> Run:
             "delete it and create the run again",
             reason="VERSION_PARAMS_UNREADABLE",
         ) from None
+    needs = requirements_of(row.needs_cuda, row.needs_gptq, row.needs_gpu_memory_gib)
+    waiting = status_message(needs, live) if row.state == State.QUEUED and live is not None else ""
     return Run(
         name=row.name,
         model=row.model,
@@ -124,7 +149,18 @@ def run_from_row(row: VersionRow) -> Run:
         end_time=row.end_time,
         attempts=row.attempts or 0,
         request_id=row.request_id or "",
+        requirements=needs,
+        status_message=waiting,
     )
+
+
+def status_message(needs: Requirements, live: Sequence[LiveWorker]) -> str:
+    """What a queued run waits for: a worker that can train it, or a free one."""
+    reason = waiting_reason(needs, live)
+    if reason:
+        return reason
+    able = sum(1 for w in live if not unmet(needs, w.capabilities))
+    return f"waiting for a free worker ({able} live worker{'s' if able > 1 else ''} can train it)"
 
 
 @dataclass(frozen=True)
@@ -155,6 +191,7 @@ class Runs:
         self.datasets = datasets
         self.clock = clock
         self.pending_reference_seconds = pending_reference_seconds
+        self.workers = Workers(store, clock)
 
     async def create(self, new: NewRun) -> Run:
         """Validates, references the dataset version, queues the run. Idempotent on `request_id`."""
@@ -172,7 +209,7 @@ class Runs:
                 f"{new.dataset_version!r} belongs to app {dataset['app']!r}, not to the model's "
                 f"app {parent['app']!r}; train on a dataset version of {parent['app']!r}",
             )
-        await asyncio.to_thread(tpl.check_hardware, template, params)
+        needs = tpl.requirements(template, params)
         await asyncio.to_thread(tpl.check_base_model, params)
         await asyncio.to_thread(self.store.get_model, new.parent)
         if new.request_id:
@@ -198,6 +235,9 @@ class Runs:
             progress={},
             metrics={},
             request_id=new.request_id or None,
+            needs_cuda=needs.cuda,
+            needs_gptq=needs.gptq,
+            needs_gpu_memory_gib=needs.gpu_memory_gib,
         )
         await asyncio.to_thread(self.store.begin_reference, name, new.dataset_version, self.clock())
         try:
@@ -212,11 +252,38 @@ class Runs:
                     return existing
             raise
         log.info("queued %s (%s on %s)", name, template.name, new.dataset_version)
-        return run_from_row(created)
+        live = await asyncio.to_thread(self.workers.live)
+        reason = waiting_reason(needs, live)
+        if reason:
+            await asyncio.to_thread(self.store.note_waiting, name, reason)
+        return run_from_row(created, live)
+
+    async def note_waiting(self) -> int:
+        """Records, in each queued run's log, why no live worker can take it, when that changed.
+
+        Returns how many runs' reasons changed. The trainer calls it periodically, so a
+        watcher learns when a run is stuck for want of a worker, and why.
+        """
+        live = await asyncio.to_thread(self.workers.live)
+        changed = 0
+        for name, needs, recorded in await asyncio.to_thread(self.store.queued_waits):
+            reason = waiting_reason(needs, live)
+            if reason != recorded and await asyncio.to_thread(
+                self.store.note_waiting, name, reason
+            ):
+                changed += 1
+        return changed
+
+    async def _live_if_queued(self, rows: Sequence[VersionRow]) -> list[LiveWorker] | None:
+        if not any(r.state == State.QUEUED for r in rows):
+            return None
+        return await asyncio.to_thread(self.workers.live)
 
     async def _by_request_id(self, model: str, request_id: str) -> Run | None:
         row = await asyncio.to_thread(self.store.find_by_request_id, model, request_id)
-        return run_from_row(row) if row is not None else None
+        if row is None:
+            return None
+        return run_from_row(row, await self._live_if_queued([row]))
 
     async def _undo_reference(self, name: str, dataset_version: str) -> None:
         """Removes the reference of a run that was not created (unless another call created it)."""
@@ -231,14 +298,16 @@ class Runs:
 
     async def get(self, name: str) -> Run:
         parse_name(name, VERSION)
-        return run_from_row(await asyncio.to_thread(self.store.get_version, name))
+        row = await asyncio.to_thread(self.store.get_version, name)
+        return run_from_row(row, await self._live_if_queued([row]))
 
     async def page(self, model: str, size: int, before: int | None) -> tuple[list[Run], int | None]:
         """A page of a model's runs, newest first, and the cursor of the next page (None: last)."""
         parse_name(model, MODEL, "parent")
         await asyncio.to_thread(self.store.get_model, model)
         rows, more = await asyncio.to_thread(self.store.list_versions, model, size, before)
-        return [run_from_row(r) for r in rows], (rows[-1].seq if more else None)
+        live = await self._live_if_queued(rows)
+        return [run_from_row(r, live) for r in rows], (rows[-1].seq if more else None)
 
     async def cancel(self, name: str) -> Run:
         parse_name(name, VERSION)

@@ -220,6 +220,7 @@ def version_to_pb(run: Run) -> pb.ModelVersion:
         end_time=timestamp(run.end_time),
         attempts=run.attempts,
         description=run.description,
+        status_message=run.status_message,
     )
 
 

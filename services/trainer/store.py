@@ -11,6 +11,8 @@ reference is added before the run's row exists, so a pending-reference row
 records the intent first; the run's insert deletes it in the same transaction.
 What a crash in between leaves is a reference whose referrer is neither a run
 nor a fresh intent: `unjustified_referrers` finds those for the sweep.
+
+Workers advertise their hardware in the workers table (`workers.py`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    and_,
     delete,
     select,
     update,
@@ -39,6 +42,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from loraforge.services.common.errors import AlreadyExists, FailedPrecondition, NotFound
 from loraforge.services.common.metadata import open_database
 from loraforge.services.common.updates import changed_meanwhile, check_etag, etag
+from loraforge.services.trainer.hardware import Requirements
 
 
 class State(enum.StrEnum):
@@ -130,6 +134,27 @@ class VersionRow(Base):
     last_sequence: Mapped[int] = mapped_column(Integer, default=0)
     # Unused; kept because existing databases declare it NOT NULL.
     references_dataset: Mapped[bool] = mapped_column(Boolean, default=True)
+    # What a worker needs to claim it (`hardware.Requirements`); NULL on runs from before
+    # workers advertised their hardware: any worker may claim those.
+    needs_cuda: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    needs_gptq: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    needs_gpu_memory_gib: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # While queued: why no live worker can take it, as last written to its events (NULL: none).
+    wait_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class WorkerRow(Base):
+    """A training worker and the hardware it advertised; live until `last_seen + ttl_seconds`."""
+
+    __tablename__ = "workers"
+
+    worker_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    cuda: Mapped[bool] = mapped_column(Boolean)
+    gpu_memory_gib: Mapped[float] = mapped_column(Float)
+    gptq: Mapped[bool] = mapped_column(Boolean)
+    started: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float] = mapped_column(Float, index=True)
+    ttl_seconds: Mapped[float] = mapped_column(Float)
 
 
 class PendingReferenceRow(Base):
@@ -440,6 +465,50 @@ class TrainerStore:
                 )
         return self.get_version(name)
 
+    def queued_waits(self) -> list[tuple[str, Requirements, str]]:
+        """Every queued run, oldest first, with its requirements and its recorded wait reason."""
+        with self.sessions() as s:
+            rows = s.execute(
+                select(
+                    VersionRow.name,
+                    VersionRow.needs_cuda,
+                    VersionRow.needs_gptq,
+                    VersionRow.needs_gpu_memory_gib,
+                    VersionRow.wait_reason,
+                )
+                .where(VersionRow.state == State.QUEUED.value)
+                .order_by(VersionRow.seq)
+            ).all()
+        return [
+            (name, requirements_of(cuda, gptq, memory), reason or "")
+            for name, cuda, gptq, memory, reason in rows
+        ]
+
+    def note_waiting(self, name: str, reason: str) -> bool:
+        """Records why the queued run `name` waits ('' : it no longer does).
+
+        A new reason is also a warning in its log, so watchers see it; the same reason
+        again writes nothing. False when nothing changed (same reason, or not queued).
+        """
+        changed = and_(
+            VersionRow.state == State.QUEUED.value,
+            VersionRow.wait_reason.is_distinct_from(reason or None),
+        )
+        with self.sessions.begin() as s:
+            if not reason:
+                result = s.execute(
+                    update(VersionRow)
+                    .where(VersionRow.name == name, changed)
+                    .values(wait_reason=None)
+                )
+                return bool(result.rowcount)  # type: ignore[attr-defined]
+            if append_event(s, name, EventKind.LOG, log_payload(reason, "WARNING"), fence=changed):
+                s.execute(
+                    update(VersionRow).where(VersionRow.name == name).values(wait_reason=reason)
+                )
+                return True
+        return False
+
     # Events.
 
     def events_after(
@@ -495,6 +564,13 @@ class TrainerStore:
                 delete(PendingReferenceRow).where(PendingReferenceRow.since < before)
             )
         return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def requirements_of(
+    cuda: bool | None, gptq: bool | None, gpu_memory_gib: float | None
+) -> Requirements:
+    """A run's stored requirements (NULL, on runs from before they were stored: none)."""
+    return Requirements(cuda=bool(cuda), gptq=bool(gptq), gpu_memory_gib=gpu_memory_gib or 0.0)
 
 
 def refresh_latest_trained(session: Session, model: str) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import importlib.util
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,13 +30,13 @@ import yaml
 
 from loraforge.services.common.base_models import check_available
 from loraforge.services.common.errors import (
-    FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     NotFound,
     invalid_field,
 )
 from loraforge.services.trainer import params as typed
+from loraforge.services.trainer.hardware import Requirements, probe, unmet
 from loraforge.services.trainer.params import TrainingParams
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
@@ -414,40 +413,26 @@ def uses_gptq(template: Template, params: TrainingParams) -> bool:
     return template.hardware.requires_gptq or params.quantization_config.quant_method == "gptq"
 
 
-@functools.cache
-def _cuda_available() -> bool:
-    if importlib.util.find_spec("torch") is None:
-        return False
-    import torch
+def requirements(template: Template, params: TrainingParams) -> Requirements:
+    """What a worker must have to train `template` with `params` (a GPTQ base needs CUDA too)."""
+    gptq = uses_gptq(template, params)
+    cuda = template.hardware.requires_cuda or gptq
+    return Requirements(
+        cuda=cuda,
+        gptq=gptq,
+        gpu_memory_gib=template.hardware.min_gpu_memory_gib if cuda else 0.0,
+    )
 
-    return bool(torch.cuda.is_available())
+
+def _cuda_available() -> bool:
+    return probe().cuda
 
 
 def missing_requirements(template: Template, params: TrainingParams) -> list[str]:
     """What this machine lacks to train `template` with `params` (empty when it can)."""
-    missing = []
-    gptq = uses_gptq(template, params)
-    if (template.hardware.requires_cuda or gptq) and not _cuda_available():
-        missing.append("a CUDA GPU (torch.cuda.is_available() is false on this machine)")
-    if gptq:
-        for module, what in (("gptqmodel", "GPTQModel"), ("optimum", "optimum")):
-            if importlib.util.find_spec(module) is None:
-                missing.append(f"{what} (install the `gptq` extra: pip install 'loraforge[gptq]')")
-    return missing
+    return unmet(requirements(template, params), probe())
 
 
 def check_base_model(params: TrainingParams) -> None:
     """FailedPrecondition naming the base model when neither this machine nor the hub has it."""
     check_available(params.base_model)
-
-
-def check_hardware(template: Template, params: TrainingParams) -> None:
-    missing = missing_requirements(template, params)
-    if missing:
-        raise FailedPrecondition(
-            f"{template.resource_name} needs {' and '.join(missing)}. "
-            f"Hardware: {template.hardware.summary} Pick a template that runs here, e.g. "
-            "templates/HF_SmolLM2_135m_instruct_lora.",
-            reason="HARDWARE_MISSING",
-            metadata={"template": template.resource_name, "missing": "; ".join(missing)},
-        )

@@ -1,14 +1,16 @@
 """Training worker: `python -m loraforge.services.trainer.worker` (or `loraforge-worker`).
 
 A worker is a separate process sharing the trainer's database and the object
-store. In a loop it requeues runs whose worker died (expired lease), claims the
-oldest queued run, and runs it: read the dataset version from the dataset
-service, train (resuming from the run's last checkpoint if it has one), upload
-checkpoints as they are written and the final adapter with a manifest, and
-report every state change, progress event and log line as it goes. A
-heartbeat thread renews the lease; when the run is cancelled or taken over the
-heartbeat fails and training stops at the next step. Start as many workers as
-you have accelerators; each runs one job at a time.
+store. It advertises its hardware (CUDA and GPU memory, GPTQModel) in the
+workers table, and in a loop it requeues runs whose worker died (expired
+lease), claims the oldest queued run that hardware can train, and runs it: read
+the dataset version from the dataset service, train (resuming from the run's
+last checkpoint if it has one), upload checkpoints as they are written and the
+final adapter with a manifest, and report every state change, progress event
+and log line as it goes. A heartbeat thread renews the lease and the worker's
+entry; when the run is cancelled or taken over the heartbeat fails and
+training stops at the next step. Start as many workers as you have
+accelerators; each runs one job at a time.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -34,7 +37,7 @@ from loraforge.services.common.logs import setup_logging
 from loraforge.services.common.objectstore import ObjectStore, copy_store_to_tree, open_object_store
 from loraforge.services.common.resources import new_id
 from loraforge.services.common.server import run_main
-from loraforge.services.trainer import dataset_client
+from loraforge.services.trainer import dataset_client, hardware
 from loraforge.services.trainer import templates as tpl
 from loraforge.services.trainer.jobs import ClaimedJob, JobQueue, JobReporter
 from loraforge.services.trainer.store import State, TrainerStore, version_prefix
@@ -45,6 +48,7 @@ from loraforge.services.trainer.training import (
     library_versions,
     run_training,
 )
+from loraforge.services.trainer.workers import Workers
 
 log = logging.getLogger("loraforge.worker")
 
@@ -66,7 +70,9 @@ class WorkerConfig(ProcessConfig):
     )
     poll_seconds: float = setting(1.0, "How often an idle worker looks for queued runs.")
     lease_seconds: float = setting(
-        60.0, "A run whose worker has not renewed its lease for this long is requeued."
+        60.0,
+        "A run whose worker has not renewed its lease for this long is requeued; a worker "
+        "whose entry in the workers table is this old counts as gone.",
     )
     heartbeat_seconds: float = setting(
         5.0, "How often a busy worker renews its lease and checks for cancellation."
@@ -83,6 +89,12 @@ class WorkerConfig(ProcessConfig):
             value = getattr(self, name)
             if value <= 0:
                 raise InvalidArgument(f"{describe(name)} must be more than 0 (got {value})")
+        if self.poll_seconds >= self.lease_seconds:
+            raise InvalidArgument(
+                f"{describe('poll_seconds')} must be shorter than {describe('lease_seconds')} "
+                f"(got {self.poll_seconds:g} and {self.lease_seconds:g}): an idle worker renews "
+                "its entry in the workers table as it polls, and counts as gone once it is older"
+            )
         if self.heartbeat_seconds >= self.lease_seconds:
             raise InvalidArgument(
                 f"{describe('heartbeat_seconds')} must be shorter than "
@@ -158,23 +170,48 @@ class Worker:
         self.queue = JobQueue(self.store)
         self.objects: ObjectStore = open_object_store(config.object_store_url_or_default())
         self.worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}-{new_id()[:6]}"
+        self.workers = Workers(self.store)
+        self.capabilities = hardware.probe()
+        self._advertised = -math.inf
         self.stop = threading.Event()
 
+    def advertise(self) -> None:
+        """Renews this worker's entry (what it can train, live for one lease time) once a
+        quarter of that time has passed since the last renewal."""
+        now = time.monotonic()
+        if now - self._advertised < self.config.lease_seconds / 4:
+            return
+        self.workers.advertise(self.worker_id, self.capabilities, self.config.lease_seconds)
+        self._advertised = now
+
     def run_forever(self) -> None:
-        log.info("worker %s polling for runs every %.1fs", self.worker_id, self.config.poll_seconds)
+        has = self.capabilities
+        log.info(
+            "worker %s polling for runs every %.1fs; it has %s and %s",
+            self.worker_id,
+            self.config.poll_seconds,
+            f"a CUDA GPU ({has.gpu_memory_gib:.1f} GiB)" if has.cuda else "no CUDA GPU",
+            "GPTQModel" if has.gptq else "no GPTQModel",
+        )
         done = 0
-        while not self.stop.is_set():
-            reaped = self.queue.reap_expired(self.config.max_attempts)
-            if reaped:
-                log.warning("requeued runs whose worker stopped reporting: %s", ", ".join(reaped))
-            job = self.queue.claim(self.worker_id, self.config.lease_seconds)
-            if job is None:
-                self.stop.wait(self.config.poll_seconds)
-                continue
-            self.run_job(job)
-            done += 1
-            if self.config.max_jobs and done >= self.config.max_jobs:
-                break
+        try:
+            while not self.stop.is_set():
+                self.advertise()
+                reaped = self.queue.reap_expired(self.config.max_attempts)
+                if reaped:
+                    log.warning(
+                        "requeued runs whose worker stopped reporting: %s", ", ".join(reaped)
+                    )
+                job = self.queue.claim(self.worker_id, self.config.lease_seconds)
+                if job is None:
+                    self.stop.wait(self.config.poll_seconds)
+                    continue
+                self.run_job(job)
+                done += 1
+                if self.config.max_jobs and done >= self.config.max_jobs:
+                    break
+        finally:
+            self.workers.forget(self.worker_id)
         log.info("worker %s stopped", self.worker_id)
 
     def run_job(self, job: ClaimedJob) -> None:
@@ -224,6 +261,7 @@ class Worker:
                         "%s is no longer ours (cancelled or taken over); stopping it", reporter.name
                     )
                     bridge.lost.set()
+                self.advertise()
             except Exception:  # a database hiccup: keep trying until the lease runs out
                 log.exception("heartbeat for %s failed", reporter.name)
 

@@ -648,6 +648,7 @@ class ModelVersion(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    STATUS_MESSAGE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: `apps/{app}/models/{model}/versions/{version}`."""
     template: _builtins.str
@@ -669,6 +670,13 @@ class ModelVersion(_message.Message):
     """Output only. How many times a worker started it (resumes count)."""
     description: _builtins.str
     """Free-text description."""
+    status_message: _builtins.str
+    """Output only. For a QUEUED run, what it waits for, e.g. "waiting for a
+    worker with a CUDA GPU and GPTQModel; the 1 live worker has neither" when
+    no live worker can train it (the run's log gets the same words as a
+    WARNING line when they change), or "waiting for a free worker" when one
+    can; empty in other states.
+    """
     @_builtins.property
     def param_overrides(self) -> _struct_pb2.Struct:
         """The parameter overrides the user gave, as nested groups."""
@@ -720,10 +728,11 @@ class ModelVersion(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         attempts: _builtins.int = ...,
         description: _builtins.str = ...,
+        status_message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "create_time", b"create_time", "end_time", b"end_time", "param_overrides", b"param_overrides", "params", b"params", "progress", b"progress", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "attempts", b"attempts", "create_time", b"create_time", "dataset_version", b"dataset_version", "description", b"description", "end_time", b"end_time", "failure_reason", b"failure_reason", "metrics", b"metrics", "name", b"name", "param_overrides", b"param_overrides", "params", b"params", "progress", b"progress", "start_time", b"start_time", "state", b"state", "status_code", b"status_code", "template", b"template"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "attempts", b"attempts", "create_time", b"create_time", "dataset_version", b"dataset_version", "description", b"description", "end_time", b"end_time", "failure_reason", b"failure_reason", "metrics", b"metrics", "name", b"name", "param_overrides", b"param_overrides", "params", b"params", "progress", b"progress", "start_time", b"start_time", "state", b"state", "status_code", b"status_code", "status_message", b"status_message", "template", b"template"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
