@@ -18,6 +18,7 @@ from pathlib import Path
 
 from loraforge.services.common.metadata import open_database
 from loraforge.services.common.objectstore import ObjectStore
+from loraforge.services.dataset import migrations
 from loraforge.services.dataset.catalog import Catalog
 from loraforge.services.dataset.inputs import Inputs, recover_uploads
 from loraforge.services.dataset.leases import (
@@ -27,7 +28,6 @@ from loraforge.services.dataset.leases import (
     new_owner_id,
 )
 from loraforge.services.dataset.snapshots import Snapshots
-from loraforge.services.dataset.tables import METADATA
 from loraforge.services.dataset.version_rows import VersionRows, recover_versions
 
 
@@ -45,7 +45,7 @@ class DatasetStore:
     ) -> None:
         """`objects` is the service's part of the shared store, found there under
         `object_prefix`; `scratch` is a local folder for snapshots being written."""
-        self.engine, _ = open_database(database_url, METADATA)
+        self.engine, _ = open_database(database_url, migrations.REVISIONS)
         self.leases = Leases(self.engine, new_owner_id(), lease_seconds)
         self.snapshots = Snapshots(objects, object_prefix, scratch, self.engine)
         self.catalog = Catalog(self.engine, self.snapshots)

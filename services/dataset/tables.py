@@ -4,6 +4,9 @@ Duplicates are found by `content_hash`, a 64-bit BLAKE2b of (kind, prompt, compl
 indexed per dataset. At 64 bits a false match needs billions of examples in one dataset.
 Enum columns hold the numbers of the domain enums (`domain.py`); `concepts` and
 `metadata` hold compact JSON, NULL when empty.
+
+The database gets these tables from the revisions in `migrations/`: a change here
+needs a revision there (`tests/test_metadata_migrations.py` compares the two).
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ records the intent first; the run's insert deletes it in the same transaction.
 What a crash in between leaves is a reference whose referrer is neither a run
 nor a fresh intent: `unjustified_referrers` finds those for the sweep.
 
-Workers advertise their hardware in the workers table (`workers.py`).
+Workers advertise their hardware in the workers table (`workers.py`). The
+database gets these tables from the revisions in `migrations/`: a change here
+needs a revision there (`tests/test_metadata_migrations.py` compares the two).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from loraforge.services.common.errors import AlreadyExists, FailedPrecondition, NotFound
 from loraforge.services.common.metadata import open_database
 from loraforge.services.common.updates import changed_meanwhile, check_etag, etag
+from loraforge.services.trainer import migrations
 from loraforge.services.trainer.hardware import Requirements
 
 
@@ -255,7 +258,7 @@ class TrainerStore:
     """Models, model versions and events in the trainer's own database."""
 
     def __init__(self, url: str) -> None:
-        self.engine, self.sessions = open_database(url, Base.metadata)
+        self.engine, self.sessions = open_database(url, migrations.REVISIONS)
 
     # Models.
 

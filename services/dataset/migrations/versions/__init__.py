@@ -1,0 +1,1 @@
+"""The dataset store's revisions, oldest first."""

@@ -1,0 +1,1 @@
+"""The trainer store's revisions, oldest first."""
