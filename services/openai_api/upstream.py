@@ -84,6 +84,8 @@ class ChoiceStreams:
         except BaseException:
             self.cancel()
             raise
+        if len(self.calls) == 1:
+            return  # one stream is read where it is sent, without a reader task
         for i, (call, first) in enumerate(zip(self.calls, self.first, strict=True)):
             if first.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
                 self._readers.append(asyncio.create_task(self._read(i, call)))
@@ -109,6 +111,10 @@ class ChoiceStreams:
         Each batch holds what arrived while the previous one was being sent, a choice's
         messages merged into one: under load a client gets fewer, longer deltas instead of
         falling behind, and an idle stream still gets every token at once."""
+        if len(self.calls) == 1:
+            async for message in self._single():
+                yield [(0, message)]
+            return
         open_calls = len(self._readers)
         while open_calls:
             items = [await self._queue.get()]
@@ -124,6 +130,22 @@ class ChoiceStreams:
                     arrived.setdefault(index, []).append(item)
             if arrived:
                 yield [(index, merge(ms)) for index, ms in arrived.items()]
+
+    async def _single(self) -> AsyncIterator[pb.PredictStreamResponse]:
+        if self.first[0].finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+            return
+        call = self.calls[0]
+        try:
+            while True:
+                read = await call.read()
+                if read is grpc.aio.EOF:
+                    return
+                message = cast(pb.PredictStreamResponse, read)
+                yield message
+                if message.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                    return
+        except grpc.aio.AioRpcError as exc:
+            raise UpstreamError(exc, self.service) from None
 
     def cancel(self) -> None:
         """Cancels every call (the predictor aborts their engine requests) and reader."""
