@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,15 +19,17 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loraforge.client import Client, ClientError
 from loraforge.client.cli import LossCurve, log_line
+from loraforge.client.cli import main as cli_main
 from loraforge.client.client import model_name, resource_name
 from loraforge.client.demo import answer_label, demo_file, load_examples
 from loraforge.client.local import LocalCluster
 from loraforge.client.params import load_yaml
 from loraforge.trainer.v1 import trainer_service_pb2 as tpb
-from tests.support import REPO, ServiceProcess, start_service
+from tests.support import REPO, ServiceProcess, free_port, start_service
 from tests.tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -515,3 +518,59 @@ def test_the_live_view_shows_a_warning_in_one_escaped_line_and_no_error_tracebac
     assert log_line(log(tpb.LOG_LEVEL_INFO, "step 3")) is None
     shown = log_line(log(tpb.LOG_LEVEL_WARNING, "3 rows [skipped]\nline 4: too long"))
     assert shown == "3 rows \\[skipped] …"
+
+
+def _consecutive_free_ports(count: int) -> int:
+    """A port such that it and the `count - 1` after it are free now."""
+    for _ in range(100):
+        first = free_port()
+        if first + count <= 65535 and all(_port_free(first + i) for i in range(1, count)):
+            return first
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _health(address: str) -> int:
+    with grpc.insecure_channel(address) as ch:
+        return (
+            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        )
+
+
+def test_up_serves_on_the_ports_asked_for_and_refuses_impossible_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for args, message in [
+        (["--base-port", "65535"], "--base-port must be 1 to 65533"),
+        (["--trainer-port", "70000"], "--trainer-port must be 0 (any free port) to 65535"),
+        (["--dataset-port", "6000", "--trainer-port", "6000"], "cannot share a port"),
+    ]:
+        assert cli_main(["up", "--home", str(tmp_path / "refused"), *args]) == 1
+        assert message in capsys.readouterr().err.replace("\n", "")
+    assert not (tmp_path / "refused" / "logs").exists()  # nothing was started
+
+    tiny = build_tiny_model(tmp_path / "tiny-llama")
+    monkeypatch.setenv("LORAFORGE_ENGINE", "transformers")  # serves the tiny model at once
+    base = _consecutive_free_ports(3)
+    predictor = next(p for p in iter(free_port, 0) if not base <= p < base + 3)
+    home = tmp_path / "home"
+    up = ["up", "--home", str(home), "--base-model", str(tiny), "--base-port", str(base)]
+    assert cli_main([*up, "--predictor-port", str(predictor)]) == 0
+    try:
+        out = capsys.readouterr().out
+        expected = {"dataset": base, "trainer": base + 1, "predictor": predictor}
+        for port in expected.values():
+            assert _health(f"127.0.0.1:{port}") == health_pb2.HealthCheckResponse.SERVING
+            assert f"127.0.0.1:{port}" in out
+        assert f"LORAFORGE_PREDICTOR_ADDRESS=127.0.0.1:{predictor}" in out.replace("\n", "")
+    finally:
+        assert cli_main(["down", "--home", str(home)]) == 0
+    assert LocalCluster.attach(home) is None

@@ -32,7 +32,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from loraforge.client.client import Client, ClientError, model_name, resource_name
+from loraforge.client.client import (
+    DEFAULT_ADDRESSES,
+    Client,
+    ClientError,
+    model_name,
+    resource_name,
+)
 from loraforge.client.client import version_name as full_version_name
 from loraforge.client.params import load_yaml, merge, parameter_default, template_defaults
 from loraforge.dataset.v1 import dataset_service_pb2 as dpb
@@ -76,6 +82,32 @@ def _client(args: argparse.Namespace) -> Client:
 # ----- services ---------------------------------------------------------------------------
 
 
+SERVICES = ("dataset", "trainer", "predictor")
+
+
+def _chosen_ports(args: argparse.Namespace) -> dict[str, int]:
+    """The ports `up` was asked for: consecutive from --base-port, then each --SERVICE-port."""
+    chosen: dict[str, int] = {}
+    if args.base_port is not None:
+        if not 1 <= args.base_port <= 65535 - len(SERVICES) + 1:
+            raise UsageError(
+                f"--base-port must be 1 to {65535 - len(SERVICES) + 1} (got {args.base_port}): "
+                f"the {len(SERVICES)} services take it and the ports after it"
+            )
+        chosen = {name: args.base_port + i for i, name in enumerate(SERVICES)}
+    for name in SERVICES:
+        port = getattr(args, f"{name}_port")
+        if port is None:
+            continue
+        if not 0 <= port <= 65535:
+            raise UsageError(f"--{name}-port must be 0 (any free port) to 65535 (got {port})")
+        chosen[name] = port
+    taken = [p for p in chosen.values() if p]
+    if len(taken) != len(set(taken)):
+        raise UsageError(f"two services cannot share a port (asked for {chosen})")
+    return chosen
+
+
 def cmd_up(args: argparse.Namespace) -> None:
     from loraforge.client.local import LocalCluster
 
@@ -84,6 +116,7 @@ def cmd_up(args: argparse.Namespace) -> None:
         raise UsageError(f"services are already running from {home}; `loraforge down` stops them")
     base_model = args.base_model or os.environ.get("LORAFORGE_BASE_MODEL") or DEFAULT_BASE_MODEL
     cluster = LocalCluster(home=home, base_model=base_model, workers=args.workers)
+    cluster.ports.update(_chosen_ports(args))
     with console.status(
         "starting dataset, trainer, worker, predictor and the OpenAI-compatible API "
         "(the predictor's engine takes a while)..."
@@ -100,6 +133,13 @@ def cmd_up(args: argparse.Namespace) -> None:
             escape(str(proc.log)),
         )
     console.print(table)
+    moved = {s: a for s, a in cluster.addresses.items() if a != DEFAULT_ADDRESSES[s]}
+    if moved:
+        console.print(
+            "other commands find them with "
+            + " ".join(f"LORAFORGE_{s.upper()}_ADDRESS={a}" for s, a in moved.items())
+            + " (or --dataset-address and the like)"
+        )
     console.print(f"base model: {escape(base_model)}")
     console.print(f"OpenAI-compatible API: {cluster.openai_url} (`model` = a model's name)")
     console.print("stop them with `loraforge down`")
@@ -770,6 +810,19 @@ def build_parser() -> argparse.ArgumentParser:
         f"default: {DEFAULT_BASE_MODEL}",
     )
     p.add_argument("--workers", type=int, default=1, help="training worker processes")
+    p.add_argument(
+        "--base-port",
+        type=int,
+        default=None,
+        help="the dataset, trainer and predictor listen on this port and the two after it",
+    )
+    for name, address in DEFAULT_ADDRESSES.items():
+        p.add_argument(
+            f"--{name}-port",
+            type=int,
+            default=None,
+            help=f"port of the {name} service (0: any free one); default {address.rsplit(':')[1]}",
+        )
     p = add("down", cmd_down, "stop the services `up` started")
     p.add_argument("--home", default=str(default_home()))
     p = add(

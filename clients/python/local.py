@@ -3,7 +3,8 @@ OpenAI-compatible HTTP API in front of it.
 
 Each service is its own process (as in production), started with the embedded
 defaults under one home folder: SQLite files, a local object store, logs in
-`<home>/logs/`. A state file records the processes so `loraforge down` can stop
+`<home>/logs/`; `database_urls` and `object_store_url` put the state elsewhere
+(PostgreSQL, S3) instead. A state file records the processes so `loraforge down` can stop
 what `loraforge up` started.
 """
 
@@ -51,6 +52,11 @@ class LocalCluster:
     )
     workers: int = 1
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Metadata stores by service ("dataset", "trainer"; workers use the trainer's); a service
+    # without one keeps its SQLite file under `home`.
+    database_urls: dict[str, str] = field(default_factory=dict)
+    # The object store every process shares (empty: `home`/objects).
+    object_store_url: str = ""
     procs: dict[str, Proc] = field(default_factory=dict)
 
     def address(self, service: str) -> str:
@@ -74,6 +80,15 @@ class LocalCluster:
             "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
             **self.extra_env,
         }
+
+    def _stores(self, database: str | None) -> list[str]:
+        """The flags that point a process at its metadata store and the object store."""
+        flags: list[str] = []
+        if database is not None and self.database_urls.get(database):
+            flags += ["--database-url", self.database_urls[database]]
+        if self.object_store_url:
+            flags += ["--object-store-url", self.object_store_url]
+        return flags
 
     def _spawn(self, name: str, module: str, args: list[str], port: int | None) -> Proc:
         logs = self.home / "logs"
@@ -118,23 +133,31 @@ class LocalCluster:
         self.home.mkdir(parents=True, exist_ok=True)
         try:
             dataset = self._spawn(
-                "dataset", "loraforge.services.dataset", [], self.ports["dataset"]
+                "dataset",
+                "loraforge.services.dataset",
+                self._stores("dataset"),
+                self.ports["dataset"],
             )
             self._wait_ready(dataset, timeout)
             dataset_flag = ["--dataset-address", self.address("dataset")]
+            trainer_flags = [*dataset_flag, *self._stores("trainer")]
             trainer = self._spawn(
-                "trainer", "loraforge.services.trainer", dataset_flag, self.ports["trainer"]
+                "trainer", "loraforge.services.trainer", trainer_flags, self.ports["trainer"]
             )
             self._wait_ready(trainer, timeout)
             predictor = self._spawn(
                 "predictor",
                 "loraforge.services.predictor",
-                ["--trainer-address", self.address("trainer"), "--base-model", self.base_model],
+                [
+                    *("--trainer-address", self.address("trainer")),
+                    *("--base-model", self.base_model),
+                    *self._stores(None),
+                ],
                 self.ports["predictor"],
             )
             for i in range(self.workers):
                 self._spawn(
-                    f"worker-{i + 1}", "loraforge.services.trainer.worker", dataset_flag, None
+                    f"worker-{i + 1}", "loraforge.services.trainer.worker", trainer_flags, None
                 )
             self._wait_ready(predictor, timeout)
             api = self._spawn(
