@@ -31,7 +31,8 @@ def batches() -> list[list[int]]:
         [0] * 40 + [1] * 60 + [-1] * 30 + [3] * 9,  # a prefill batch, grouped by sequence
     ]
     cases.append(torch.randint(-1, SLOTS, (256,), generator=g).tolist())  # the padded-block limit
-    cases.append(torch.randint(-1, SLOTS, (257,), generator=g).tolist())  # just above it
+    cases.append(torch.randint(-1, SLOTS, (257,), generator=g).tolist())  # above: by rows
+    cases.append([0] * 200 + [1] * 100 + [-1] * 50 + [3] * 20 + [0] * 7)  # above: by runs
     return cases
 
 

@@ -34,12 +34,14 @@ class _Grouping:
     grouping is reused while the indices equal the last ones seen.
 
     A small batch (decode steps) is laid out as one padded block per adapter, so
-    that any number of adapters costs one batched matmul; a large one (prefill)
-    runs one matmul per adapter over the rows of its tokens, where the per-call
-    overhead no longer matters and padding could waste a lot.
+    that any number of adapters costs one batched matmul. A large one (prefill)
+    holds each sequence's tokens together: it runs one matmul per run of tokens of
+    one adapter, on views of the batch (no copies); where the runs are too many,
+    one matmul per adapter over the rows of its tokens.
     """
 
     PADDED_LIMIT = 256  # tokens
+    MAX_RUNS = 64
 
     def __init__(self, indices: Any) -> None:
         import torch
@@ -51,10 +53,15 @@ class _Grouping:
         self.single = len(self.adapters) == 1 and not self.has_base
         self.padded = not self.single and len(token_slots) <= self.PADDED_LIMIT
         self.rows: dict[int, Any] = {}
+        self.runs: list[tuple[int, int, int]] = []  # (start, end, slot), adapter tokens only
         if self.single or not self.adapters:
             return
         if not self.padded:
-            self.rows = {i: (indices == i).nonzero(as_tuple=True)[0] for i in self.adapters}
+            runs = _runs(token_slots)
+            if len(runs) <= self.MAX_RUNS:
+                self.runs = [run for run in runs if run[2] >= 0]
+            else:
+                self.rows = {i: (indices == i).nonzero(as_tuple=True)[0] for i in self.adapters}
             return
         members: dict[int, list[int]] = {i: [] for i in self.adapters}
         for token, slot in enumerate(token_slots):
@@ -73,6 +80,17 @@ class _Grouping:
         n = len(self.adapters)
         self.slots = slice(0, n) if self.adapters == list(range(n)) else torch.tensor(self.adapters)
         self.base_rows = (indices < 0).unsqueeze(1) if self.has_base else None
+
+
+def _runs(token_slots: list[int]) -> list[tuple[int, int, int]]:
+    """Maximal runs of equal slots: (start, end, slot)."""
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for i in range(1, len(token_slots) + 1):
+        if i == len(token_slots) or token_slots[i] != token_slots[start]:
+            runs.append((start, i, token_slots[start]))
+            start = i
+    return runs
 
 
 _last: _Grouping | None = None
@@ -138,6 +156,10 @@ def _grouped_matmul(inputs: Any, weights: Any, group: _Grouping, dtype: Any) -> 
             out.masked_fill_(group.base_rows, 0)
         return out
     out = x.new_zeros((x.shape[0], stacked.shape[1]))
+    if group.runs:
+        for start, end, slot in group.runs:
+            torch.matmul(x[start:end], stacked[slot].to(dtype=dtype).T, out=out[start:end])
+        return out
     for index in group.adapters:
         rows = group.rows[index]
         out.index_copy_(0, rows, x.index_select(0, rows) @ stacked[index].to(dtype=dtype).T)
@@ -145,15 +167,21 @@ def _grouped_matmul(inputs: Any, weights: Any, group: _Grouping, dtype: Any) -> 
 
 
 def _added_by_adapter(inputs: Any, weights: Any, group: _Grouping, target: Any) -> bool:
-    """target += the LoRA products, row by adapter, when the batch is grouped by rows (a prefill
-    of several adapters): adds each adapter's rows in place, without a batch-sized temporary.
-    False (nothing done) for the other layouts."""
-    if not group.rows:
+    """target += the LoRA products, in place, without a batch-sized temporary: for a batch of
+    one adapter, and for a prefill of several (by runs or by rows). False (nothing done) for
+    the other layouts (padded decode batches, batches of base-model tokens only)."""
+    if not (group.rows or group.runs or group.single) or inputs.shape[0] != target.shape[0]:
         return False
     stacked = weights.squeeze(dim=1) if weights.dim() == 4 else weights
     width = min(stacked.shape[1], target.shape[1])
     x = inputs.to(dtype=target.dtype)
-    for index in group.adapters:
+    if group.single:
+        target[:, :width].addmm_(x, stacked[group.adapters[0], :width].to(dtype=target.dtype).T)
+        return True
+    for start, end, slot in group.runs:
+        w = stacked[slot, :width].to(dtype=target.dtype)
+        target[start:end, :width].addmm_(x[start:end], w.T)
+    for index in group.adapters if group.rows else ():
         rows = group.rows[index]
         w = stacked[index, :width].to(dtype=target.dtype)
         target[:, :width].index_add_(0, rows, x.index_select(0, rows) @ w.T)
