@@ -40,6 +40,7 @@ from loraforge.client.client import (
     resource_name,
 )
 from loraforge.client.client import version_name as full_version_name
+from loraforge.client.local import OPENAI_PORT
 from loraforge.client.params import load_yaml, merge, parameter_default, template_defaults
 from loraforge.dataset.v1 import dataset_service_pb2 as dpb
 from loraforge.predictor.v1 import predictor_service_pb2 as ppb
@@ -117,6 +118,12 @@ def cmd_up(args: argparse.Namespace) -> None:
     base_model = args.base_model or os.environ.get("LORAFORGE_BASE_MODEL") or DEFAULT_BASE_MODEL
     cluster = LocalCluster(home=home, base_model=base_model, workers=args.workers)
     cluster.ports.update(_chosen_ports(args))
+    if args.openai_port is not None:
+        if not 0 <= args.openai_port <= 65535:
+            raise UsageError(
+                f"--openai-port must be 0 (any free port) to 65535 (got {args.openai_port})"
+            )
+        cluster.ports["openai"] = args.openai_port
     with console.status(
         "starting dataset, trainer, worker, predictor and the OpenAI-compatible API "
         "(the predictor's engine takes a while)..."
@@ -823,6 +830,12 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help=f"port of the {name} service (0: any free one); default {address.rsplit(':')[1]}",
         )
+    p.add_argument(
+        "--openai-port",
+        type=int,
+        default=None,
+        help=f"port of the OpenAI-compatible HTTP API (0: any free one); default {OPENAI_PORT}",
+    )
     p = add("down", cmd_down, "stop the services `up` started")
     p.add_argument("--home", default=str(default_home()))
     p = add(
