@@ -81,6 +81,42 @@ def test_the_stores_can_share_one_database_each_at_its_own_head(
         assert set(metadata.tables) | {revisions.version_table} <= tables
 
 
+MIGRATE = """
+import sys
+import sqlalchemy
+from loraforge.services.common.migrations import upgrade
+from loraforge.services.trainer.migrations import REVISIONS
+sys.stdin.read()  # every process is started (imports done) before any migrates
+upgrade(sqlalchemy.create_engine(sys.argv[1]), REVISIONS)
+"""
+
+
+def test_processes_starting_together_on_an_empty_database_take_turns_to_migrate(
+    databases: Databases, engines: list[sa.Engine]
+) -> None:
+    revisions, _ = STORES["trainer"]
+    url = databases.url("together")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", MIGRATE, url],
+            stdin=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        for _ in range(4)
+    ]
+    for proc in procs:  # all at once
+        assert proc.stdin is not None
+        proc.stdin.write("go")
+        proc.stdin.close()
+    errors = [proc.stderr.read() if proc.stderr else "" for proc in procs]
+    for proc in procs:
+        proc.wait(timeout=120)
+    assert [proc.returncode for proc in procs] == [0] * 4, errors
+    assert current_revision(_engine(engines, url), revisions) == head(revisions)
+
+
 def _create_all_before_migrations(engine: sa.Engine, metadata: sa.MetaData) -> None:
     """What services did before migrations: `create_all` of the models of their day."""
     metadata.create_all(engine)
