@@ -8,8 +8,9 @@ from collections.abc import Sequence
 
 import pytest
 
-from loraforge.services.trainer.hardware import Capabilities, Requirements
+from loraforge.services.trainer.hardware import Capabilities, LiveWorker, Requirements
 from loraforge.services.trainer.jobs import JobQueue, JobReporter
+from loraforge.services.trainer.runs import status_message
 from loraforge.services.trainer.store import EventKind, State, TrainerStore, VersionRow
 from loraforge.services.trainer.workers import Workers
 from tests.support import Databases
@@ -213,3 +214,18 @@ def test_a_wait_reason_is_logged_once_per_change_and_cleared_by_the_claim(url: s
     assert JobQueue(store).claim("gpu", 60) is not None
     assert store.get_version(name).wait_reason is None and store.queued_waits() == []
     assert not store.note_waiting(name, reason)  # not queued any more: nothing is written
+
+
+def test_a_queued_run_that_a_live_worker_can_train_waits_only_for_it_to_be_free() -> None:
+    gpu = LiveWorker("gpu", Capabilities(cuda=True, gpu_memory_gib=80, gptq=True))
+    cpu = LiveWorker("cpu", Capabilities())
+    assert status_message(GPTQ_8B, [cpu, gpu]) == (
+        "waiting for a free worker (1 live worker can train it)"
+    )
+    assert status_message(CPU_OK, [cpu, gpu]) == (
+        "waiting for a free worker (2 live workers can train it)"
+    )
+    assert status_message(GPTQ_8B, [cpu]) == (
+        "waiting for a worker with a CUDA GPU of at least 10 GiB and GPTQModel; "
+        "the 1 live worker has neither"
+    )
