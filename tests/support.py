@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +110,16 @@ def channel(address: str) -> grpc.Channel:
             ("grpc.max_send_message_length", 64 << 20),
         ],
     )
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 60) -> bool:
+    """Polls `condition` until it holds; False if it still does not after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def error_details(err: grpc.RpcError) -> tuple[str, dict[str, str]]:

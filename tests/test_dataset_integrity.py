@@ -14,7 +14,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -26,7 +26,7 @@ from loraforge.dataset.v1 import dataset_service_pb2 as pb
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as pb_grpc
 from loraforge.services.common.errors import DataLoss, Unavailable
 from loraforge.services.trainer.dataset_client import read_examples
-from tests.support import ServiceProcess, channel, free_port, s3_server, start_service
+from tests.support import ServiceProcess, channel, free_port, s3_server, start_service, wait_until
 
 DATASET = "loraforge.services.dataset"
 
@@ -75,16 +75,6 @@ def error_reason(err: grpc.RpcError) -> str:
     info = error_details_pb2.ErrorInfo()
     assert status.details[0].Unpack(info)
     return info.reason
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 60) -> bool:
-    """Polls `condition` until it holds; False if it still does not after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def jsonl_rows(count: int) -> bytes:

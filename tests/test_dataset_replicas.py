@@ -27,22 +27,12 @@ from loraforge.services.dataset.domain import (
 )
 from loraforge.services.dataset.store import DatasetStore
 from loraforge.services.dataset.versions import Versions
-from tests.support import Databases, ServiceProcess, channel, start_service
+from tests.support import Databases, ServiceProcess, channel, start_service, wait_until
 
 DATASET = "loraforge.services.dataset"
 # Longer than an upload holds the SQLite write lock (3 s), which renewals wait behind.
 LEASE_SECONDS = "8"
 _names = itertools.count(1)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 60) -> bool:
-    """Polls `condition` until it holds; False if it still does not after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def jsonl_rows(start: int, count: int) -> bytes:

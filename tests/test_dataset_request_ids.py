@@ -17,8 +17,8 @@ import pytest
 
 from loraforge.dataset.v1 import dataset_service_pb2 as pb
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as pb_grpc
-from tests.support import Databases, ServiceProcess, channel, start_service
-from tests.test_dataset_upload import all_inputs, bad_request, jsonl, upload, wait_until
+from tests.support import Databases, ServiceProcess, channel, start_service, wait_until
+from tests.test_dataset_upload import all_inputs, bad_request, jsonl, upload
 
 
 @pytest.fixture(scope="module")

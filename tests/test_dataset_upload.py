@@ -7,7 +7,6 @@ import contextlib
 import json
 import sqlite3
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from grpc_status import rpc_status
 from loraforge.dataset.v1 import dataset_service_pb2 as pb
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as pb_grpc
 from loraforge.services.dataset.pages import parse_page
-from tests.support import ServiceProcess, channel, start_service
+from tests.support import ServiceProcess, channel, start_service, wait_until
 
 FORMATS = Path("/work/shared/formats")
 if not FORMATS.exists():
@@ -554,16 +553,6 @@ def test_bad_headers_are_refused(
     assert caught.value.code() == code
     if field is not None:
         assert bad_request(caught.value)[1] == [field]
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 30) -> bool:
-    """Polls `condition` until it holds; False if it still does not after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def input_count(stub: pb_grpc.DatasetServiceStub, dataset: str) -> int:

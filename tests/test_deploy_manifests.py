@@ -1,6 +1,7 @@
 """deploy/: the compose files, the Kubernetes manifests and the Dockerfiles agree
-with the code: entry points exist, settings exist, every server is health-checked
-over the gRPC health protocol, and ports line up."""
+with the code: entry points exist, settings exist, every gRPC server is
+health-checked over the gRPC health protocol and the HTTP API over /health, and
+ports line up."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ SERVERS = {
     "loraforge-trainer": ("loraforge.trainer.v1.TrainerService", 50052),
     "loraforge-predictor": ("loraforge.predictor.v1.PredictorService", 50053),
 }
+# HTTP servers: entry point -> (health path, port by convention).
+HTTP_SERVERS = {"loraforge-openai": ("/health", 8000)}
 WORKER = "loraforge-worker"
 # Read from the environment outside the config dataclasses (object store keys, home).
 ALWAYS_ALLOWED = {"LORAFORGE_S3_ACCESS_KEY", "LORAFORGE_S3_SECRET_KEY", "LORAFORGE_HOME"}
@@ -45,6 +48,7 @@ DOCUMENTED = {
     "loraforge-trainer": {"LORAFORGE_DATASET_ADDRESS"},
     "loraforge-worker": {"LORAFORGE_DATASET_ADDRESS"},
     "loraforge-predictor": {"LORAFORGE_TRAINER_ADDRESS", "LORAFORGE_BASE_MODEL"},
+    "loraforge-openai": set(),
 }
 SERVER_FIELDS = {"LORAFORGE_" + f.name.upper() for f in dataclasses.fields(ServerConfig)}
 
@@ -119,7 +123,9 @@ def test_compose_runs_the_three_services_and_a_worker(compose: dict[str, Any]) -
         services
     )
     ours = loraforge_services(compose)
-    assert sorted(script for script, _ in ours.values()) == sorted([*SERVERS, WORKER])
+    assert sorted(script for script, _ in ours.values()) == sorted(
+        [*SERVERS, *HTTP_SERVERS, WORKER]
+    )
     for name, (_, svc) in ours.items():
         assert svc["build"]["dockerfile"] == "deploy/docker/Dockerfile.cpu", name
         assert (COMPOSE.parent / svc["build"]["context"] / svc["build"]["dockerfile"]).is_file()
@@ -132,6 +138,12 @@ def test_compose_servers_have_grpc_health_checks(compose: dict[str, Any]) -> Non
     for name, (script, svc) in loraforge_services(compose).items():
         if script == WORKER:
             assert "ports" not in svc, "the worker serves no port"
+            continue
+        if script in HTTP_SERVERS:
+            path, port = HTTP_SERVERS[script]
+            assert svc["environment"]["LORAFORGE_PORT"] == str(port), name
+            assert f"http://127.0.0.1:{port}{path}" in " ".join(svc["healthcheck"]["test"]), name
+            assert svc["ports"] == [f"{port}:{port}"], name
             continue
         service_name, _ = SERVERS[script]
         env = svc["environment"]
@@ -163,10 +175,19 @@ def test_compose_wiring(compose: dict[str, Any]) -> None:
     assert databases == {"dataset", "trainer", "predictor"}
     for name, (script, svc) in ours.items():
         env = svc["environment"]
-        for key in ("LORAFORGE_DATASET_ADDRESS", "LORAFORGE_TRAINER_ADDRESS"):
+        for key in (
+            "LORAFORGE_DATASET_ADDRESS",
+            "LORAFORGE_TRAINER_ADDRESS",
+            "LORAFORGE_PREDICTOR_ADDRESS",
+        ):
             if key in env:
                 host, port = host_port(env[key])
                 assert ports.get(host) == port, f"{name}: {key}={env[key]} matches no service"
+        if script in HTTP_SERVERS:
+            # Stateless: no database or object store; started once the predictor answers.
+            assert "LORAFORGE_DATABASE_URL" not in env and "LORAFORGE_OBJECT_STORE_URL" not in env
+            assert svc["depends_on"]["predictor"]["condition"] == "service_healthy"
+            continue
         db = urllib.parse.urlsplit(env["LORAFORGE_DATABASE_URL"])
         assert db.scheme == "postgresql+psycopg" and db.hostname == "postgres", name
         assert db.path.lstrip("/") in databases, name
@@ -288,7 +309,9 @@ def test_every_entry_point_runs_with_the_right_image(k8s: list[dict[str, Any]]) 
     for name, script, container, _ in containers:
         assert script in scripts(), f"{name}: {script} is no console script"
         assert "command" not in container, f"{name}: args, so the image's init (tini) stays PID 1"
-    assert sorted(s for _, s, _, _ in containers) == sorted([*SERVERS, WORKER, WORKER])
+    assert sorted(s for _, s, _, _ in containers) == sorted(
+        [*SERVERS, *HTTP_SERVERS, WORKER, WORKER]
+    )
 
 
 def test_servers_have_grpc_probes_on_their_port(k8s: list[dict[str, Any]]) -> None:
@@ -297,6 +320,13 @@ def test_servers_have_grpc_probes_on_their_port(k8s: list[dict[str, Any]]) -> No
             assert "ports" not in c and "livenessProbe" not in c, (
                 f"{name}: the worker serves no port"
             )
+            continue
+        if script in HTTP_SERVERS:
+            path, port = HTTP_SERVERS[script]
+            assert [p["containerPort"] for p in c["ports"]] == [port], name
+            assert {"name": "LORAFORGE_PORT", "value": str(port)} in c["env"], name
+            for probe in ("readinessProbe", "livenessProbe"):
+                assert c[probe]["httpGet"] == {"path": path, "port": port}, f"{name} {probe}"
             continue
         service_name, port = SERVERS[script]
         assert [p["containerPort"] for p in c["ports"]] == [port], name
@@ -393,6 +423,11 @@ def test_config_map_secret_and_env(k8s: list[dict[str, Any]]) -> None:
         env = {e["name"]: e for e in c["env"]}
         check_env_names(set(env), allowed_env(script), f"Deployment {name}")
         assert c["envFrom"] == [{"configMapRef": {"name": "loraforge-config"}}], name
+        if script in HTTP_SERVERS:  # stateless: no database; reaches the predictor
+            assert "LORAFORGE_DATABASE_URL" not in env, name
+            host, port = host_port(env["LORAFORGE_PREDICTOR_ADDRESS"]["value"])
+            assert port in [p["port"] for p in services[host]["spec"]["ports"]], name
+            continue
         assert (
             env["LORAFORGE_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["key"] == expected_db[script]
         ), name

@@ -35,6 +35,15 @@ PAGE_SIZE = 1000  # the services' largest page
 LIST_CONCURRENCY = 8
 
 
+# The predictor gateway (deploy/k8s/envoy-predictor.yaml) hashes this header onto its
+# replicas, so each model's requests reach the replica whose cache has its adapter.
+MODEL_ROUTING_HEADER = "x-loraforge-model"
+
+
+def _routed(metadata: Metadata, model: str) -> Metadata:
+    return (*metadata, (MODEL_ROUTING_HEADER, model or "base"))
+
+
 class UpstreamError(Exception):
     """A failed call, with the service it went to (for the error message)."""
 
@@ -200,7 +209,10 @@ class Upstream:
     ) -> list[pb.PredictResponse]:
         """The requests' answers, all asked at once; the others are cancelled if one fails."""
         timeout = self.config.request_timeout_seconds
-        calls = [self.predictor.Predict(r, timeout=timeout, metadata=metadata) for r in requests]
+        calls = [
+            self.predictor.Predict(r, timeout=timeout, metadata=_routed(metadata, r.model))
+            for r in requests
+        ]
         try:
             return list(await asyncio.gather(*calls))
         except grpc.aio.AioRpcError as exc:
@@ -214,7 +226,8 @@ class Upstream:
     ) -> ChoiceStreams:
         timeout = self.config.request_timeout_seconds
         calls = [
-            self.predictor.PredictStream(r, timeout=timeout, metadata=metadata) for r in requests
+            self.predictor.PredictStream(r, timeout=timeout, metadata=_routed(metadata, r.model))
+            for r in requests
         ]
         return ChoiceStreams(calls, self.predictor_label)
 
