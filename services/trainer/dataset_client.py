@@ -27,6 +27,9 @@ from loraforge.services.trainer.training import TrainingExample
 READ_BATCH = 1000
 PAGE = 1000
 RPC_TIMEOUT = 30.0
+# A whole dataset version's stream: long enough for millions of examples, bounded so a
+# dataset service that stops answering fails the attempt instead of holding the worker.
+READ_TIMEOUT = 3600.0
 
 
 @dataclass(frozen=True)
@@ -216,7 +219,8 @@ def read_examples(address: str, name: str) -> Iterator[TrainingExample]:
         stub = pb_grpc.DatasetServiceStub(channel)
         try:
             for batch in stub.ReadDatasetVersion(
-                pb.ReadDatasetVersionRequest(name=name, batch_size=READ_BATCH)
+                pb.ReadDatasetVersionRequest(name=name, batch_size=READ_BATCH),
+                timeout=READ_TIMEOUT,
             ):
                 for inp in batch.inputs:
                     yield _example(inp)
