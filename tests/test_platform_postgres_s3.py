@@ -1,5 +1,6 @@
 """The whole workflow on production-like stores: every service's metadata on PostgreSQL and
-every object on an S3-compatible server (moto), through the local cluster's processes."""
+every object on an S3-compatible server (moto), through the local cluster's processes, with
+two training workers sharing the one job queue."""
 
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ def test_upload_version_train_and_predict_on_postgresql_and_s3(
                 "trainer": databases.url("trainer"),
             },
             object_store_url=objects_url,
+            workers=2,
             # transformers + PEFT: the tiny model serves at once, without vLLM's start-up.
             extra_env={"LORAFORGE_ENGINE": "transformers"},
         )
@@ -78,9 +80,14 @@ def test_upload_version_train_and_predict_on_postgresql_and_s3(
                         "save_steps": 100,
                     },
                 )
-                version_id = model.train()
-                status = model.wait(version_id, timeout=600)
-                assert (status.state, status.status_code) == ("TRAINED", 21100), status.description
+                # Two runs at once for two workers: each trains exactly once.
+                version_ids = [model.train(), model.train()]
+                for version_id in version_ids:
+                    status = model.wait(version_id, timeout=600)
+                    assert (status.state, status.status_code) == ("TRAINED", 21100), (
+                        status.description
+                    )
+                    assert status.model_version.attempts == 1
                 prediction = model.predict([EXAMPLES[3][0]], inference_params={"maxTokens": 3})
                 assert prediction.outputs[0].completion_tokens > 0
                 adapter_prefix = status.model_version.artifacts.adapter_prefix
@@ -100,6 +107,7 @@ def test_upload_version_train_and_predict_on_postgresql_and_s3(
             assert current_revision(engine, revisions) == head(revisions)
             with engine.connect() as conn:
                 table = "model_versions" if name == "trainer" else "versions"
-                assert conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one() == 1
+                rows = 2 if name == "trainer" else 1
+                assert conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one() == rows
         finally:
             engine.dispose()

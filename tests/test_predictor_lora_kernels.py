@@ -107,3 +107,25 @@ def test_per_sequence_kernels_equal_the_per_token_reference(lengths: list[int]) 
     kernels.sgmv_expand_slice(shrunk, lora_b, added, *meta, 8, OUT, add_inputs=True)
     torch.testing.assert_close(added[:, 8:], 1 + reference(shrunk, lora_b, indices))
     torch.testing.assert_close(added[:, :8], torch.ones(tokens, 8))
+
+
+@pytest.mark.parametrize(
+    "token_indices", [[1] * 300, [0] * 150 + [-1] * 50 + [2] * 100, [3, -1, 0, 1] * 4]
+)
+def test_bfloat16_activations_give_the_reference_within_bfloat16_precision(
+    token_indices: list[int],
+) -> None:
+    g = torch.Generator().manual_seed(3)
+    indices = torch.tensor(token_indices)
+    tokens = len(token_indices)
+    lora_a = torch.randn(SLOTS, 1, RANK, IN, generator=g).to(torch.bfloat16)
+    lora_b = torch.randn(SLOTS, 1, OUT, RANK, generator=g).to(torch.bfloat16)
+    x = torch.randn(tokens, IN, generator=g).to(torch.bfloat16)
+    shrunk = torch.zeros(tokens, RANK)  # vLLM's buffer is float32
+    kernels.bgmv_shrink(x, lora_a, shrunk, indices, 0.5)
+    expected = 0.5 * reference(x.float(), lora_a.float(), indices)
+    torch.testing.assert_close(shrunk, expected, rtol=2e-2, atol=2e-1)
+    y = torch.zeros(tokens, OUT, dtype=torch.bfloat16)
+    kernels.bgmv_expand(shrunk, lora_b, y, indices, add_inputs=True)
+    expected_y = reference(shrunk.to(torch.bfloat16).float(), lora_b.float(), indices)
+    torch.testing.assert_close(y.float(), expected_y, rtol=2e-2, atol=5e-1)

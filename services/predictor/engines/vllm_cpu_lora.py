@@ -189,6 +189,9 @@ def _added_by_adapter(inputs: Any, weights: Any, group: _Grouping, target: Any) 
 
 
 def _shrink(outputs: Any, output_tensor: Any, scaling: float) -> None:
+    # The products are computed in the activations' dtype (as the GPU kernels read them);
+    # converting the activations to the float32 buffer's dtype first would copy the whole
+    # batch on every call, and expand reads the buffer back in the activations' dtype.
     if outputs is None:
         output_tensor.zero_()
     else:
@@ -235,9 +238,7 @@ def bgmv_shrink(
     scaling: float = 1.0,
 ) -> None:
     group = _grouping(lora_indices_tensor)
-    _shrink(
-        _grouped_matmul(inputs, lora_b_weights, group, output_tensor.dtype), output_tensor, scaling
-    )
+    _shrink(_grouped_matmul(inputs, lora_b_weights, group, inputs.dtype), output_tensor, scaling)
 
 
 def bgmv_expand(
@@ -291,9 +292,7 @@ def sgmv_shrink(
     scaling: float,
 ) -> None:
     group = _sequence_grouping(lora_indices_tensor, seq_len_tensor)
-    _shrink(
-        _grouped_matmul(inputs, lora_a_weights, group, output_tensor.dtype), output_tensor, scaling
-    )
+    _shrink(_grouped_matmul(inputs, lora_a_weights, group, inputs.dtype), output_tensor, scaling)
 
 
 def sgmv_expand(
