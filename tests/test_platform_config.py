@@ -8,12 +8,8 @@ import pytest
 
 from loraforge.services.common.config import ServerConfig, load_config, setting
 from loraforge.services.common.errors import InvalidArgument
-from loraforge.services.common.resources import (
-    decode_page_token,
-    encode_page_token,
-    parse_name,
-    validate_id,
-)
+from loraforge.services.common.pages import decode_token, encode_token
+from loraforge.services.common.resources import parse_name, validate_id
 
 
 def test_flags_beat_environment_which_beats_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -77,6 +73,7 @@ def test_resource_names_and_ids_are_validated() -> None:
             parse_name(bad, "apps/{app}/datasets/{dataset}")
     with pytest.raises(InvalidArgument, match="1 to 63"):
         validate_id("x" * 64, "app_id")
-    assert decode_page_token(encode_page_token({"after": 5})) == {"after": 5}
+    token = encode_token("ListApps", "", {"after": 5})
+    assert decode_token(token, "ListApps", "", ("after",)) == {"after": 5}
     with pytest.raises(InvalidArgument, match="page_token"):
-        decode_page_token("not-a-token!")
+        decode_token("not-a-token!", "ListApps", "", ("after",))
