@@ -37,7 +37,6 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import grpc  # noqa: E402
 import httpx  # noqa: E402
 import openai  # noqa: E402
 import psutil  # noqa: E402
@@ -48,7 +47,7 @@ from loraforge.services.common.base_models import (  # noqa: E402
     DEFAULT_BASE_MODEL,
     resolve_base_model,
 )
-from loraforge.services.common.server import CHANNEL_OPTIONS  # noqa: E402
+from loraforge.services.common.channels import ChannelSecurity, aio_channel  # noqa: E402
 from loraforge.services.predictor.engines.selection import choose_dtype  # noqa: E402
 from tests.support import ServiceProcess, free_port, start_service  # noqa: E402
 from tests.tiny_model import TinyModelSpec, build_tiny_model  # noqa: E402
@@ -107,7 +106,8 @@ async def run(
             limits=httpx.Limits(max_connections=CONCURRENCY * 2), timeout=600
         ),
     )
-    channel = grpc.aio.insecure_channel(predictor, options=CHANNEL_OPTIONS)
+    # Plaintext on loopback, no key: the benchmark's services run with auth off.
+    channel = aio_channel(predictor, ChannelSecurity())
     stub = pb_grpc.PredictorServiceStub(channel)
     params = pb.InferenceParams(max_tokens=args.max_tokens)
 

@@ -231,7 +231,8 @@ class GrpcClient:
     def __init__(self, base: Path, work: Path, max_tokens: int, dtype: str) -> None:
         from loraforge.predictor.v1 import predictor_service_pb2 as pb
         from loraforge.predictor.v1 import predictor_service_pb2_grpc as pb_grpc
-        from tests.support import channel, free_port, start_service
+        from loraforge.services.common.channels import ChannelSecurity, sync_channel
+        from tests.support import free_port, start_service
 
         self.pb = pb
         self.process = start_service(
@@ -255,7 +256,11 @@ class GrpcClient:
             env={"LORAFORGE_LOG_LEVEL": "WARNING"},
             timeout=600,
         )
-        self.stubs = [pb_grpc.PredictorServiceStub(channel(self.process.address)) for _ in range(4)]
+        # Plaintext on loopback, no key: start_service runs the predictor with auth off.
+        self.stubs = [
+            pb_grpc.PredictorServiceStub(sync_channel(self.process.address, ChannelSecurity()))
+            for _ in range(4)
+        ]
         self.params = pb.InferenceParams(max_tokens=max_tokens)
         self.pool = concurrent.futures.ThreadPoolExecutor(16)
 

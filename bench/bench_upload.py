@@ -27,7 +27,8 @@ sys.path.insert(0, str(REPO))
 
 from loraforge.dataset.v1 import dataset_service_pb2 as pb  # noqa: E402
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as pb_grpc  # noqa: E402
-from tests.support import channel, start_service  # noqa: E402
+from loraforge.services.common.channels import ChannelSecurity, sync_channel  # noqa: E402
+from tests.support import start_service  # noqa: E402
 
 TOPICS = [
     "billing",
@@ -73,7 +74,8 @@ def main() -> int:
         print(f"file: {args.rows:,} rows, {size / 1e6:.1f} MB")
         svc = start_service("loraforge.services.dataset", work)
         try:
-            stub = pb_grpc.DatasetServiceStub(channel(svc.address))
+            # Plaintext on loopback, no key: start_service runs the service with auth off.
+            stub = pb_grpc.DatasetServiceStub(sync_channel(svc.address, ChannelSecurity()))
             stub.CreateApp(pb.CreateAppRequest(app_id="bench"))
             stub.CreateDataset(pb.CreateDatasetRequest(parent="apps/bench", dataset_id="upload"))
             server = psutil.Process(svc.proc.pid)

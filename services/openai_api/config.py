@@ -10,7 +10,12 @@ from loraforge.services.common.config import ServerConfig, setting
 @dataclass
 class OpenAIConfig(ServerConfig):
     """Settings of the OpenAI-compatible HTTP API. It keeps no state of its own: `home`,
-    `database_url` and `object_store_url` are not used."""
+    `database_url` and `object_store_url` are not used. Nor are `service_key`, `auth` and
+    `auth_address`: each call to the services carries its HTTP caller's own
+    `Authorization: Bearer` key, which the services check. `tls_ca_file` (with
+    `tls_client_cert_file` and `tls_client_key_file` for mTLS) secures the calls to the
+    services; `tls_cert_file` and `tls_key_file` serve HTTPS (`tls_client_ca_file`: only to
+    clients with a certificate it signed)."""
 
     predictor_address: str = setting(
         "", "host:port of the PredictorService, which answers completions.", required=True

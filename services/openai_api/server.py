@@ -3,21 +3,31 @@
 SIGTERM or SIGINT stops accepting, gives running requests `shutdown_grace_seconds`
 (streams still open then are closed, which cancels their predictor calls) and
 closes the gRPC channels, like the gRPC services' shutdown.
+
+HTTPS with `tls_cert_file` and `tls_key_file` (and, with `tls_client_ca_file`, only
+for clients that present a certificate it signed). Without them it listens on a
+loopback host only, unless `insecure` is set: the API keys its callers send would
+otherwise cross the network in the clear.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import math
 import signal
 import socket
+import ssl
 from collections.abc import Callable, Generator
+from pathlib import Path
+from typing import Any
 
 import uvicorn
 
-from loraforge.services.common.errors import Unavailable
+from loraforge.services.common.config import describe
+from loraforge.services.common.errors import InvalidArgument, Unavailable
 from loraforge.services.common.server import write_ready_file
 from loraforge.services.openai_api.app import create_app
 from loraforge.services.openai_api.config import OpenAIConfig
@@ -62,7 +72,63 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def tls_settings(config: OpenAIConfig) -> dict[str, Any]:
+    """uvicorn's TLS arguments from the settings; InvalidArgument naming a setting it refuses."""
+    if bool(config.tls_cert_file) != bool(config.tls_key_file):
+        raise InvalidArgument(
+            f"{describe('tls_cert_file')} and {describe('tls_key_file')} go together: set both "
+            "for HTTPS, or neither",
+            reason="INCOMPLETE_SERVER_CERTIFICATE",
+        )
+    if config.tls_client_ca_file and not config.tls_cert_file:
+        raise InvalidArgument(
+            f"{describe('tls_client_ca_file')} needs HTTPS: set {describe('tls_cert_file')} "
+            f"and {describe('tls_key_file')} too",
+            reason="CLIENT_CA_WITHOUT_TLS",
+        )
+    for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+        path = getattr(config, name)
+        if not path:
+            continue
+        try:
+            Path(path).read_bytes()
+        except OSError as exc:
+            raise InvalidArgument(
+                f"{describe(name)}: cannot read {path!r} ({exc.strerror or exc})",
+                reason="UNREADABLE_FILE",
+            ) from None
+    if not config.tls_cert_file:
+        if not is_loopback(config.host) and not config.insecure:
+            raise InvalidArgument(
+                f"refusing to serve plain HTTP on {config.host}: callers' API keys would cross "
+                f"the network unencrypted. Set {describe('tls_cert_file')} and "
+                f"{describe('tls_key_file')} for HTTPS, or {describe('insecure')} when a proxy "
+                "in front terminates TLS",
+                reason="INSECURE_LISTEN",
+            )
+        return {}
+    settings: dict[str, Any] = {
+        "ssl_certfile": config.tls_cert_file,
+        "ssl_keyfile": config.tls_key_file,
+    }
+    if config.tls_client_ca_file:
+        settings["ssl_ca_certs"] = config.tls_client_ca_file
+        settings["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+    return settings
+
+
 async def serve(config: OpenAIConfig) -> None:
+    tls = tls_settings(config)
+    scheme = "https" if tls else "http"
     sock = bind(config.host, config.port)
     port = sock.getsockname()[1]
     async with open_upstream(config) as upstream:
@@ -72,11 +138,21 @@ async def serve(config: OpenAIConfig) -> None:
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=math.ceil(max(config.shutdown_grace_seconds, 0.0)),
+            **tls,
         )
+        try:
+            settings.load()  # reads the certificate now: a bad one is one line, not a traceback
+        except (ssl.SSLError, OSError) as exc:
+            sock.close()
+            raise InvalidArgument(
+                f"{describe('tls_cert_file')} / {describe('tls_key_file')}: not a usable "
+                f"certificate and key ({exc})",
+                reason="BAD_CERTIFICATE",
+            ) from None
 
         def started() -> None:
-            log.info("%s serving on http://%s:%d/v1", LABEL, config.host, port)
-            print(f"{LABEL} listening on http://{config.host}:{port}/v1", flush=True)
+            log.info("%s serving on %s://%s:%d/v1", LABEL, scheme, config.host, port)
+            print(f"{LABEL} listening on {scheme}://{config.host}:{port}/v1", flush=True)
             if config.ready_file:
                 write_ready_file(config.ready_file, port)
 

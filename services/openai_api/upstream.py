@@ -5,16 +5,23 @@ are `Predict` and `PredictStream` calls; the streams of one request are read
 together (`ChoiceStreams`) and cancelled together, so a client that goes away
 aborts every engine request it started. `/v1/models` is built from the dataset
 service's apps and the trainer's models and versions, bounded by
-`max_listed_models`, and reused for `models_cache_seconds`.
+`max_listed_models`, and reused for `models_cache_seconds` (by caller: each key sees
+what it may list).
+
+No call carries a key of this process: each one forwards its HTTP caller's
+`Authorization: Bearer` header, so the services check the caller's own key (a
+missing or refused one comes back as UNAUTHENTICATED or PERMISSION_DENIED, which
+the routes answer with 401 or 403). The channels use TLS when `tls_ca_file` is set.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import grpc
 
@@ -22,7 +29,7 @@ from loraforge.dataset.v1 import dataset_service_pb2 as dpb
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as dpb_grpc
 from loraforge.predictor.v1 import predictor_service_pb2 as pb
 from loraforge.predictor.v1 import predictor_service_pb2_grpc as pb_grpc
-from loraforge.services.common.server import CHANNEL_OPTIONS
+from loraforge.services.common.channels import ChannelSecurity, aio_channel, security_from
 from loraforge.services.openai_api.config import OpenAIConfig
 from loraforge.services.openai_api.convert import ListedModel
 from loraforge.services.predictor.adapter_cache import same_base_model
@@ -42,6 +49,24 @@ MODEL_ROUTING_HEADER = "x-loraforge-model"
 
 def _routed(metadata: Metadata, model: str) -> Metadata:
     return (*metadata, (MODEL_ROUTING_HEADER, model or "base"))
+
+
+# Callers whose model lists are remembered at once (the oldest is forgotten first).
+CACHED_CALLERS = 1024
+V = TypeVar("V")
+
+
+def _caller(metadata: Metadata) -> str:
+    """Who is asking, for the caches: a hash of the `authorization` it sent ('' for none)."""
+    auth = next((v for k, v in metadata if k.lower() == "authorization"), "")
+    return hashlib.sha256(auth.encode()).hexdigest() if auth else ""
+
+
+def _remember(cache: dict[str, V], caller: str, value: V) -> None:
+    cache.pop(caller, None)
+    cache[caller] = value
+    while len(cache) > CACHED_CALLERS:
+        del cache[next(iter(cache))]
 
 
 class UpstreamError(Exception):
@@ -169,6 +194,9 @@ class Upstream:
 
     def __init__(self, config: OpenAIConfig) -> None:
         self.config = config
+        # TLS to the services from this process's CA (and client certificate) settings. No key
+        # of its own: every call carries its HTTP caller's `Authorization: Bearer` header.
+        self.security: ChannelSecurity = security_from(config).without_key()
         self.predictor_label = f"the predictor at {config.predictor_address}"
         self._channels: list[grpc.aio.Channel] = []
         self.predictor = pb_grpc.PredictorServiceStub(self._channel(config.predictor_address))
@@ -182,13 +210,14 @@ class Upstream:
             if config.dataset_address
             else None
         )
-        self._base_model: tuple[float, str] | None = None
-        self._models: tuple[float, list[ListedModel]] | None = None
+        # Both by caller (its key): what one key may list is not shown to another.
+        self._base_model: dict[str, tuple[float, str]] = {}
+        self._models: dict[str, tuple[float, list[ListedModel]]] = {}
         self._models_lock = asyncio.Lock()
         self._started = int(time.time())
 
     def _channel(self, address: str) -> grpc.aio.Channel:
-        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        channel = aio_channel(address, self.security)
         self._channels.append(channel)
         return channel
 
@@ -246,11 +275,13 @@ class Upstream:
         """The name of the base model the predictor serves (asked again after a while, since a
         restarted predictor may serve another)."""
         now = time.monotonic()
-        if self._base_model and now - self._base_model[0] < self.config.models_cache_seconds:
-            return self._base_model[1]
+        caller = _caller(metadata)
+        cached = self._base_model.get(caller)
+        if cached and now - cached[0] < self.config.models_cache_seconds:
+            return cached[1]
         info = await self.serving_info(metadata)
         name = info.base_models[0].base_model if info.base_models else ""
-        self._base_model = (now, name)
+        _remember(self._base_model, caller, (now, name))
         return name
 
     # --- model lists --------------------------------------------------------------------
@@ -259,10 +290,12 @@ class Upstream:
         """The base model, then the trained models and versions of its base model."""
         async with self._models_lock:  # concurrent lists share one build
             now = time.monotonic()
-            if self._models and now - self._models[0] < self.config.models_cache_seconds:
-                return self._models[1]
+            caller = _caller(metadata)
+            cached = self._models.get(caller)
+            if cached and now - cached[0] < self.config.models_cache_seconds:
+                return cached[1]
             models = await self._build_list(metadata)
-            self._models = (time.monotonic(), models)
+            _remember(self._models, caller, (time.monotonic(), models))
             return models
 
     async def _pages(

@@ -17,6 +17,8 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from loraforge.services.common.channels import ChannelSecurity, aio_channel
+from loraforge.services.common.config import describe
 from loraforge.services.common.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -26,7 +28,6 @@ from loraforge.services.common.errors import (
 )
 from loraforge.services.common.prompts import PromptFormat
 from loraforge.services.common.resources import ID_PATTERN
-from loraforge.services.common.server import CHANNEL_OPTIONS
 from loraforge.services.predictor.adapter_cache import AdapterSource
 from loraforge.services.predictor.params import RequestedParams
 from loraforge.services.predictor.protos import params_from_proto
@@ -66,8 +67,17 @@ def classify_name(name: str, field: str = "model") -> str:
 class TrainerResolver:
     """Asks the TrainerService which adapter a model name means."""
 
-    def __init__(self, address: str, *, model_ttl: float = 5.0, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        model_ttl: float = 5.0,
+        timeout: float = 10.0,
+        security: ChannelSecurity | None = None,
+    ) -> None:
         self.address = address
+        # TLS and the predictor's own key (`security_from(config)`); none: plaintext, no key.
+        self.security = security or ChannelSecurity()
         self.model_ttl = model_ttl
         self.timeout = timeout
         self._channel: grpc.aio.Channel | None = None
@@ -84,7 +94,7 @@ class TrainerResolver:
                 reason="NO_TRAINER",
             )
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            self._channel = aio_channel(self.address, self.security)
             self._stub = trainer_service_pb2_grpc.TrainerServiceStub(self._channel)
         return self._stub
 
@@ -181,6 +191,15 @@ class TrainerResolver:
                 ) from None
             if code == grpc.StatusCode.INVALID_ARGUMENT:
                 raise InvalidArgument(f"model: {exc.details()}", reason="INVALID_NAME") from None
+            if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                # The predictor's own credential, not the caller's: a setting to fix.
+                raise FailedPrecondition(
+                    f"the TrainerService at {self.address} refused the predictor's service key "
+                    f"for {method} ({code.name}: {exc.details()}); check its "
+                    f"{describe('service_key')} or {describe('service_key_file')} against the "
+                    "dataset service's service_keys",
+                    reason="SERVICE_KEY_REFUSED",
+                ) from None
             raise Unavailable(
                 f"the TrainerService at {self.address} did not answer {method} for {name}: "
                 f"{code.name} {exc.details()}",

@@ -12,6 +12,8 @@ from grpc_status import rpc_status
 
 from loraforge.dataset.v1 import dataset_service_pb2 as pb
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as pb_grpc
+from loraforge.services.common.channels import ChannelSecurity, aio_channel, sync_channel
+from loraforge.services.common.config import describe
 from loraforge.services.common.errors import (
     DataLoss,
     FailedPrecondition,
@@ -21,7 +23,6 @@ from loraforge.services.common.errors import (
     NotFound,
     Unavailable,
 )
-from loraforge.services.common.server import CHANNEL_OPTIONS
 from loraforge.services.trainer.training import TrainingExample
 
 READ_BATCH = 1000
@@ -71,6 +72,14 @@ def _translate(err: grpc.RpcError, address: str, what: str, field: str) -> Loraf
         )
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         return FailedPrecondition(f"{what}: {details}")
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        # This process's own credential, not the caller's: a setting to fix, not a retry.
+        return FailedPrecondition(
+            f"the dataset service at {address} refused this process's service key for {what} "
+            f"({code.name}: {details}); check its {describe('service_key')} or "
+            f"{describe('service_key_file')} against the dataset service's service_keys",
+            reason="SERVICE_KEY_REFUSED",
+        )
     if code == grpc.StatusCode.DATA_LOSS:  # the version's data is gone: retrying cannot help
         return DataLoss(
             details or f"{what}: its data is lost",
@@ -93,14 +102,16 @@ def _check_configured(address: str) -> None:
 class AsyncDatasetClient:
     """Used by the trainer's server: resolve a dataset version, hold and drop references to it."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, security: ChannelSecurity | None = None) -> None:
         self.address = address
+        # TLS and the trainer's own key (`security_from(config)`); none: plaintext, no key.
+        self.security = security or ChannelSecurity()
         self._channel: grpc.aio.Channel | None = None
 
     def _stub(self) -> pb_grpc.DatasetServiceAsyncStub:
         _check_configured(self.address)
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            self._channel = aio_channel(self.address, self.security)
         return pb_grpc.DatasetServiceStub(self._channel)
 
     async def close(self) -> None:
@@ -212,10 +223,14 @@ def _example(inp: pb.Input) -> TrainingExample:
     )
 
 
-def read_examples(address: str, name: str) -> Iterator[TrainingExample]:
-    """Streams a READY dataset version's examples in their frozen order (used by workers)."""
+def read_examples(
+    address: str, name: str, security: ChannelSecurity | None = None
+) -> Iterator[TrainingExample]:
+    """Streams a READY dataset version's examples in their frozen order (used by workers).
+
+    `security`: TLS and the worker's own key (`security_from(config)`)."""
     _check_configured(address)
-    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+    with sync_channel(address, security or ChannelSecurity()) as channel:
         stub = pb_grpc.DatasetServiceStub(channel)
         try:
             for batch in stub.ReadDatasetVersion(
