@@ -72,6 +72,8 @@ def start_service(
         # Predictors choose their engine by rule, not by a measurement of this (busy) machine;
         # the calibration tests turn it on.
         "LORAFORGE_CALIBRATE_ENGINES": "false",
+        # API keys are off unless a test turns them on (tests/test_auth.py, tests/test_tls.py).
+        "LORAFORGE_AUTH": "off",
         **(env or {}),
     }
     with open(log_path, "wb") as log:

@@ -66,6 +66,23 @@ class ProcessConfig:
     log_format: str = setting(
         "text", "Log format: text or json (one JSON object per line).", choices=LOG_FORMATS
     )
+    service_key: str = setting(
+        "",
+        "This process's own credential (a service key) for the calls it makes to the other "
+        "services; see `service_keys` of the dataset service.",
+    )
+    service_key_file: str = setting(
+        "", "File holding `service_key` (read at start; takes precedence over an empty value)."
+    )
+    tls_ca_file: str = setting(
+        "",
+        "CA bundle (PEM) that verifies the services this process calls; set, its outgoing "
+        "channels use TLS.",
+    )
+    tls_client_cert_file: str = setting(
+        "", "Client certificate (PEM) presented to services that verify clients (mTLS)."
+    )
+    tls_client_key_file: str = setting("", "Private key (PEM) of `tls_client_cert_file`.")
 
     def home_path(self) -> Path:
         path = Path(self.home) if self.home else default_home()
@@ -89,6 +106,32 @@ class ServerConfig(ProcessConfig):
     port: int = setting(0, "Port to listen on; 0 picks a free one (printed at start).")
     shutdown_grace_seconds: float = setting(10.0, "On SIGTERM/SIGINT, time given to running calls.")
     ready_file: str = setting("", "If set, the bound port is written to this file once serving.")
+    auth: str = setting(
+        "on",
+        "API keys on every RPC (health and reflection stay open): on or off. Off is refused "
+        "on a non-loopback host unless `insecure` is set.",
+        choices=("on", "off"),
+    )
+    auth_address: str = setting(
+        "",
+        "host:port of the service that verifies API keys (the dataset service); the trainer "
+        "defaults to its dataset address. Not used by the dataset service itself.",
+    )
+    auth_cache_seconds: float = setting(
+        30.0,
+        "How long a verified API key is trusted without asking again: a revoked key stops "
+        "working within this time.",
+    )
+    tls_cert_file: str = setting("", "Server certificate (PEM); set with `tls_key_file`, TLS only.")
+    tls_key_file: str = setting("", "Private key (PEM) of `tls_cert_file`.")
+    tls_client_ca_file: str = setting(
+        "", "CA bundle (PEM): set, every client must present a certificate it signed (mTLS)."
+    )
+    insecure: bool = setting(
+        False,
+        "Allow listening on a non-loopback host with auth off or without TLS (the traffic, "
+        "keys included, is then readable on the network).",
+    )
 
 
 C = TypeVar("C")

@@ -93,6 +93,18 @@ class Aborted(LoraforgeError):
     default_reason = "ABORTED"
 
 
+class Unauthenticated(LoraforgeError):
+    """The call carries no valid credential (no key, or one unknown, revoked or expired)."""
+
+    default_reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(LoraforgeError):
+    """The caller's credential does not allow this call on this resource."""
+
+    default_reason = "PERMISSION_DENIED"
+
+
 def invalid_field(
     field: str, description: str, *, reason: str = "INVALID_FIELD"
 ) -> InvalidArgument:

@@ -29,9 +29,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from loraforge.services.common.config import ServerConfig
-from loraforge.services.common.errors import Unavailable
+from loraforge.services.common.auth import AuthInterceptor, Verifier, is_loopback
+from loraforge.services.common.config import ServerConfig, describe
+from loraforge.services.common.errors import InvalidArgument, Unavailable
 from loraforge.services.common.interceptor import ErrorMappingInterceptor
+from loraforge.services.common.policy import POLICY
 
 log = logging.getLogger("loraforge.server")
 
@@ -68,11 +70,97 @@ class RunningServer:
         await self.server.stop(grace)
 
 
+@dataclass(frozen=True)
+class ServerTLS:
+    """A server's certificate and key (PEM), and the CA its clients' certificates need (mTLS)."""
+
+    cert: bytes
+    key: bytes
+    client_ca: bytes | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(self.key, self.cert)],
+            root_certificates=self.client_ca,
+            require_client_auth=self.client_ca is not None,
+        )
+
+
+def _read_setting_file(name: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(
+            f"{describe(name)}: cannot read {path!r} ({exc.strerror or exc})",
+            reason="UNREADABLE_FILE",
+        ) from None
+
+
+def server_tls(config: ServerConfig) -> ServerTLS | None:
+    """The TLS a server's settings ask for (None: plaintext); files are read here, at start."""
+    if not config.tls_cert_file and not config.tls_key_file:
+        if config.tls_client_ca_file:
+            raise InvalidArgument(
+                f"{describe('tls_client_ca_file')} needs TLS: set {describe('tls_cert_file')} "
+                f"and {describe('tls_key_file')} too"
+            )
+        return None
+    if not config.tls_cert_file or not config.tls_key_file:
+        raise InvalidArgument(
+            f"{describe('tls_cert_file')} and {describe('tls_key_file')} go together: set both"
+        )
+    client_ca = (
+        _read_setting_file("tls_client_ca_file", config.tls_client_ca_file)
+        if config.tls_client_ca_file
+        else None
+    )
+    return ServerTLS(
+        _read_setting_file("tls_cert_file", config.tls_cert_file),
+        _read_setting_file("tls_key_file", config.tls_key_file),
+        client_ca,
+    )
+
+
+def check_exposure(config: ServerConfig, label: str) -> None:
+    """Refuses to listen beyond this machine with auth off or without TLS, unless `insecure`."""
+    if is_loopback(config.host):
+        return
+    missing = []
+    if config.auth != "on":
+        missing.append("auth is off (anyone who reaches the port may do anything)")
+    if not config.tls_cert_file:
+        missing.append("there is no TLS (keys and data cross the network readable)")
+    if not missing:
+        return
+    why = " and ".join(missing)
+    if config.insecure:
+        log.warning("%s listens on %s although %s: --insecure is set", label, config.host, why)
+        return
+    raise InvalidArgument(
+        f"refusing to listen on {config.host}, beyond this machine, because {why}; set "
+        f"{describe('tls_cert_file')} and {describe('tls_key_file')} with auth on, listen on "
+        f"127.0.0.1, or accept the risk with {describe('insecure')}",
+        reason="INSECURE_EXPOSURE",
+    )
+
+
 async def create_server(
-    bindings: Sequence[ServiceBinding], host: str = "127.0.0.1", port: int = 0
+    bindings: Sequence[ServiceBinding],
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    verifier: Verifier | None = None,
+    tls: ServerTLS | None = None,
 ) -> RunningServer:
-    """Starts a server hosting `bindings` plus health and reflection; returns it with its port."""
-    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()], options=CHANNEL_OPTIONS)
+    """Starts a server hosting `bindings` plus health and reflection; returns it with its port.
+
+    With a `verifier`, every call but health and reflection needs an API key that `POLICY`
+    allows; with `tls`, the port speaks only TLS.
+    """
+    interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMappingInterceptor()]
+    if verifier is not None:
+        interceptors.append(AuthInterceptor(verifier, POLICY))
+    server = grpc.aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS)
     for binding in bindings:
         binding.register(binding.servicer, server)
     health_servicer = health.aio.HealthServicer()
@@ -81,7 +169,12 @@ async def create_server(
     reflection.enable_server_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = (
+        server.add_secure_port(address, tls.credentials())
+        if tls is not None
+        else server.add_insecure_port(address)
+    )
     if bound == 0:
         raise Unavailable(
             f"cannot listen on {host}:{port}; is the port in use?", reason="PORT_IN_USE"
@@ -109,11 +202,34 @@ async def serve(
     config: ServerConfig,
     *,
     label: str,
+    verifier: Verifier | None = None,
     on_shutdown: Sequence[Callable[[], Awaitable[None]]] = (),
 ) -> None:
-    """Runs a server until SIGTERM or SIGINT, then shuts down gracefully."""
-    running = await create_server(bindings, config.host, config.port)
-    log.info("%s serving on %s:%d", label, config.host, running.port)
+    """Runs a server until SIGTERM or SIGINT, then shuts down gracefully.
+
+    `verifier` checks API keys; it is required when the settings have auth on.
+    """
+    check_exposure(config, label)
+    if config.auth == "on" and verifier is None:
+        raise InvalidArgument(f"{label} has auth on but no way to verify keys")
+    tls = server_tls(config)
+    running = await create_server(
+        bindings,
+        config.host,
+        config.port,
+        verifier=verifier if config.auth == "on" else None,
+        tls=tls,
+    )
+    log.info(
+        "%s serving on %s:%d (auth %s, %s)",
+        label,
+        config.host,
+        running.port,
+        config.auth,
+        "TLS" + (" with client certificates" if tls and tls.client_ca else "")
+        if tls
+        else "plaintext",
+    )
     print(f"{label} listening on {config.host}:{running.port}", flush=True)
     if config.ready_file:
         write_ready_file(config.ready_file, running.port)

@@ -25,6 +25,7 @@ from loraforge.services.dataset.domain import AppRecord, DatasetRecord
 from loraforge.services.dataset.pages import Page, next_page_token
 from loraforge.services.dataset.snapshots import Snapshots
 from loraforge.services.dataset.tables import (
+    api_keys,
     apps,
     datasets,
     inputs,
@@ -100,13 +101,15 @@ class Catalog:
                 raise changed_meanwhile(name)
         return AppRecord(row.app_id, description, row.create_time)
 
-    def list_apps(self, page: Page) -> tuple[list[AppRecord], str]:
+    def list_apps(self, page: Page, only: str | None = None) -> tuple[list[AppRecord], str]:
+        """Apps, oldest first; only app `only` where it is given."""
+        stmt = select(apps).where(apps.c.pk > page.after)
+        if only is not None:
+            stmt = stmt.where(apps.c.app_id == only)
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(apps).where(apps.c.pk > page.after).order_by(apps.c.pk).limit(page.size + 1)
-            ).all()
+            rows = conn.execute(stmt.order_by(apps.c.pk).limit(page.size + 1)).all()
         records = [AppRecord(r.app_id, r.description, r.create_time) for r in rows[: page.size]]
-        return records, next_page_token(rows, page, "")
+        return records, next_page_token(rows, page, f"apps/{only}" if only else "")
 
     def delete_app(self, app_id: str, force: bool) -> None:
         released: list[str] = []
@@ -125,6 +128,12 @@ class Catalog:
             for ds in dataset_rows:
                 released += self._delete_dataset_rows(conn, ds.pk)
             conn.execute(delete(apps).where(apps.c.pk == app.pk))
+            # An app made again later under this id does not inherit the old one's keys.
+            conn.execute(
+                update(api_keys)
+                .where(api_keys.c.app_id == app_id, api_keys.c.revoke_time.is_(None))
+                .values(revoke_time=time.time())
+            )
         self.snapshots.release(released)
 
     # Datasets

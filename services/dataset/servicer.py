@@ -18,6 +18,7 @@ import grpc
 
 from loraforge.dataset.v1 import dataset_service_pb2 as pb
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as pb_grpc
+from loraforge.services.common.auth import visible_app
 from loraforge.services.common.errors import Aborted, FieldViolation, InvalidArgument, invalid_field
 from loraforge.services.common.resources import page_size, parse_name, timestamp, validate_id
 from loraforge.services.common.rpc import Context
@@ -356,8 +357,10 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         return pb.UpdateAppResponse(app=app_pb(record))
 
     async def ListApps(self, request: pb.ListAppsRequest, context: Context) -> pb.ListAppsResponse:
-        page = parse_page(page_size(request.page_size), request.page_token, "", "ListApps")
-        records, token = await self._run(self.store.catalog.list_apps, page)
+        only = visible_app()  # an app key sees its own app only
+        parent = f"apps/{only}" if only else ""
+        page = parse_page(page_size(request.page_size), request.page_token, parent, "ListApps")
+        records, token = await self._run(self.store.catalog.list_apps, page, only)
         return pb.ListAppsResponse(apps=[app_pb(a) for a in records], next_page_token=token)
 
     async def DeleteApp(

@@ -158,6 +158,23 @@ store_locks = Table(
     Column("name", String(32), primary_key=True),
 )
 
+# API keys (`keys.py`): the SHA-256 of each whole key, never the key. `app_id` is empty for
+# an admin key; `scopes` is a comma-separated list.
+api_keys = Table(
+    "api_keys",
+    METADATA,
+    Column("pk", Integer, primary_key=True, autoincrement=True),
+    Column("key_id", String(12), nullable=False, unique=True),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("app_id", String(63), nullable=False, index=True),
+    Column("scopes", String(64), nullable=False),
+    Column("description", Text, nullable=False, default=""),
+    Column("create_time", Float, nullable=False),
+    Column("expire_time", Float),
+    Column("revoke_time", Float),
+    sqlite_autoincrement=True,
+)
+
 # Longest `IN (...)` list one statement binds: under every database's bound-parameter limit.
 IN_LIST_CHUNK = 900
 

@@ -6,9 +6,11 @@ import sys
 from collections.abc import Sequence
 
 from loraforge.predictor.v1 import predictor_service_pb2, predictor_service_pb2_grpc
+from loraforge.services.common.channels import security_from
 from loraforge.services.common.config import load_config
 from loraforge.services.common.logs import setup_logging
-from loraforge.services.common.server import ServiceBinding, run_main, serve
+from loraforge.services.common.server import ServiceBinding, check_exposure, run_main, serve
+from loraforge.services.common.verify import remote_verifier
 from loraforge.services.predictor.config import PredictorConfig
 from loraforge.services.predictor.predictor import build_predictor
 from loraforge.services.predictor.servicer import PredictorServicer
@@ -19,13 +21,16 @@ __all__ = ["PredictorConfig", "main"]
 
 
 async def run(config: PredictorConfig) -> None:
+    check_exposure(config, "predictor")
+    verifier = remote_verifier(config, security_from(config))
     # The engine starts before the port opens: a predictor that answers is ready to generate.
     predictor = await build_predictor(config)
     servicer = PredictorServicer(predictor)
     binding = ServiceBinding(
         SERVICE_NAME, servicer, predictor_service_pb2_grpc.add_PredictorServiceServicer_to_server
     )
-    await serve([binding], config, label="predictor", on_shutdown=[predictor.shutdown])
+    hooks = [predictor.shutdown] if verifier is None else [predictor.shutdown, verifier.close]
+    await serve([binding], config, label="predictor", verifier=verifier, on_shutdown=hooks)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

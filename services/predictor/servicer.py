@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from loraforge.predictor.v1 import predictor_service_pb2 as pb
 from loraforge.predictor.v1 import predictor_service_pb2_grpc
+from loraforge.services.common.auth import visible_app
 from loraforge.services.common.pages import offset_page
 from loraforge.services.common.resources import (
     page_size,
@@ -106,7 +107,10 @@ class PredictorServicer(predictor_service_pb2_grpc.PredictorServiceServicer):
     ) -> pb.ListAdaptersResponse:
         size = page_size(request.page_size)
         views = await self.predictor.list_adapters()
-        page, token = offset_page(views, size, request.page_token, "ListAdapters")
+        app = visible_app()
+        if app is not None:  # an app key sees its own app's adapters only
+            views = [v for v in views if v.model_version.startswith(f"apps/{app}/")]
+        page, token = offset_page(views, size, request.page_token, "ListAdapters", filter=app or "")
         return pb.ListAdaptersResponse(
             adapters=[adapter_to_proto(v) for v in page],
             next_page_token=token,
