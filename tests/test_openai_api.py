@@ -131,7 +131,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         dataset = start_service("loraforge.services.dataset", workdir)
         started.append(dataset)
         trainer = start_service(
-            "loraforge.services.trainer", workdir, args=["--dataset-address", dataset.address]
+            "loraforge.services.trainer",
+            workdir,
+            args=["--dataset-address", dataset.address],
+            # The operator's setting that lets runs name the tiny model built under `workdir`.
+            env={"LORAFORGE_MODEL_ROOTS": f"tests={workdir}"},
         )
         started.append(trainer)
         dstub = dpb_grpc.DatasetServiceStub(channel(dataset.address))
@@ -157,6 +161,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             **os.environ,
             "LORAFORGE_HOME": str(workdir / "home"),
             "LORAFORGE_DATASET_ADDRESS": dataset.address,
+            "LORAFORGE_MODEL_ROOTS": f"tests={workdir}",
         }
         with open(workdir / "worker.log", "ab") as log:
             worker = subprocess.Popen(

@@ -54,7 +54,11 @@ def test_upload_version_train_and_predict_on_postgresql_and_s3(
             object_store_url=objects_url,
             workers=2,
             # transformers + PEFT: the tiny model serves at once, without vLLM's start-up.
-            extra_env={"LORAFORGE_ENGINE": "transformers"},
+            # The model root lets the run name the tiny model built under `tmp_path`.
+            extra_env={
+                "LORAFORGE_ENGINE": "transformers",
+                "LORAFORGE_MODEL_ROOTS": f"tests={tmp_path}",
+            },
         )
         try:
             cluster.start(timeout=300)

@@ -113,6 +113,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "loraforge.services.trainer",
         workdir,
         args=["--dataset-address", dataset.address, "--reap-seconds", "1"],
+        # The operator's setting that lets runs name the tiny models built under `workdir`.
+        env={"LORAFORGE_MODEL_ROOTS": f"tests={workdir}"},
     )
     try:
         dstub = dpb_grpc.DatasetServiceStub(channel(dataset.address))
@@ -157,6 +159,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             **os.environ,
             "LORAFORGE_HOME": str(workdir / "home"),
             "LORAFORGE_DATASET_ADDRESS": dataset.address,
+            "LORAFORGE_MODEL_ROOTS": f"tests={workdir}",
         }
         s.worker = subprocess.Popen(
             [sys.executable, "-m", "loraforge.services.trainer.worker", "--poll-seconds", "0.2"],

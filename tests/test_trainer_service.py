@@ -60,6 +60,7 @@ class Stack:
             **os.environ,
             "LORAFORGE_HOME": str(self.workdir / "home"),
             "LORAFORGE_DATASET_ADDRESS": self.dataset.address,
+            **model_roots(self.workdir),
         }
 
     def start_worker(self, worker_id: str, lease_seconds: float = 3.0) -> subprocess.Popen[bytes]:
@@ -101,6 +102,11 @@ class Stack:
         self.workers.clear()
 
 
+def model_roots(workdir: Path) -> dict[str, str]:
+    """The operator's setting that lets runs name the tiny model built under `workdir`."""
+    return {"LORAFORGE_MODEL_ROOTS": f"tests={workdir}"}
+
+
 def _examples(n: int) -> bytes:
     rows = [
         {"prompt": f"Question: what is {i} plus {i}? Answer:", "completion": f" {2 * i}"}
@@ -125,6 +131,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "--reap-seconds",
             "1",
         ],
+        env=model_roots(workdir),
     )
     dstub = dpb_grpc.DatasetServiceStub(channel(dataset.address))
     dstub.CreateApp(dpb.CreateAppRequest(app_id="shop"))

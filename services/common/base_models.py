@@ -304,9 +304,12 @@ def _convert_gguf(entry: BaseModel, gguf: Path, dest: Path) -> None:
 
     hf_logging.disable_progress_bar()
     folder, filename = str(gguf.parent), gguf.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    # A packaged GGUF carries no code; none runs either way.
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename, trust_remote_code=False)
     tokenizer.model_max_length = entry.context_length
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=filename, dtype=torch.float32, trust_remote_code=False
+    )
     # The loaded config carries the GGUF quantization marker, which save_pretrained refuses:
     # rebuild the same architecture from a clean config and move the dequantized weights in.
     config_dict = loaded.config.to_dict()

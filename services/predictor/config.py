@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraforge.services.common.config import ServerConfig, setting
+from loraforge.services.common.model_access import trust_remote_code_setting
 from loraforge.services.predictor.engines.calibration import default_calibration_file
 
 GiB = 1024**3
@@ -20,6 +21,7 @@ class PredictorConfig(ServerConfig):
         "The base model served: a catalogue name (available offline), a hub id or a local "
         "folder. Empty: HuggingFaceTB/SmolLM2-135M-Instruct.",
     )
+    trust_remote_code: bool = trust_remote_code_setting()
     trainer_address: str = setting(
         "",
         "host:port of the TrainerService, which resolves model and model-version names.",

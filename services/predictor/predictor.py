@@ -21,6 +21,7 @@ from jinja2 import TemplateError
 
 from loraforge.services.common.base_models import DEFAULT_BASE_MODEL, resolve_base_model
 from loraforge.services.common.errors import FieldViolation, InvalidArgument
+from loraforge.services.common.model_access import refuse_model_code
 from loraforge.services.common.objectstore import open_object_store
 from loraforge.services.common.prompts import (
     CHAT,
@@ -473,6 +474,7 @@ def _start_engine(kind: EngineKind, path: str, config: PredictorConfig) -> Engin
                 dtype=dtype,
                 enforce_eager=config.enforce_eager,
                 gpu_memory_utilization=config.gpu_memory_utilization,
+                trust_remote_code=config.trust_remote_code,
             )
         )
     from loraforge.services.predictor.engines.transformers_engine import (
@@ -487,6 +489,7 @@ def _start_engine(kind: EngineKind, path: str, config: PredictorConfig) -> Engin
             max_cpu_loras=config.max_cpu_loras,
             max_model_len=config.max_model_len,
             dtype=dtype,
+            trust_remote_code=config.trust_remote_code,
         )
     )
 
@@ -515,6 +518,7 @@ async def _engine_by_measurement(
         tokenizer,
         config.max_lora_rank,
         config.home_path() / "calibration",
+        config.trust_remote_code,
     )
     store.put(calibration)
     return EngineChoice(calibration.winner(), calibration.reason(), choice.architecture), engine
@@ -528,8 +532,12 @@ async def build_predictor(config: PredictorConfig) -> Predictor:
     base_model = config.base_model or DEFAULT_BASE_MODEL
     choose_dtype(config.dtype)  # a bad setting fails before any model is touched
     path = resolve_base_model(base_model)
-    choice = choose_engine(path, config.engine)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    # The base model is the operator's; whether its own code may run is the operator's too.
+    refuse_model_code(path, config.trust_remote_code, base_model)
+    if config.trust_remote_code:
+        log.warning("trust_remote_code is on: a base model's own Python code runs in this process")
+    choice = choose_engine(path, config.engine, config.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
     measured = (
         config.engine == "auto"
         and config.calibrate_engines

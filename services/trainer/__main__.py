@@ -15,12 +15,21 @@ import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+from loraforge.services.common.channels import security_from
 from loraforge.services.common.config import ServerConfig, describe, load_config, setting
 from loraforge.services.common.errors import InvalidArgument
 from loraforge.services.common.logs import setup_logging
+from loraforge.services.common.model_access import (
+    allow_hub_models_setting,
+    model_roots_setting,
+    parse_model_roots,
+)
 from loraforge.services.common.objectstore import open_object_store
-from loraforge.services.common.server import ServiceBinding, run_main, serve
+from loraforge.services.common.server import ServiceBinding, check_exposure, run_main, serve
+from loraforge.services.common.verify import remote_verifier
+from loraforge.services.trainer import templates as tpl
 from loraforge.services.trainer.dataset_client import AsyncDatasetClient
 from loraforge.services.trainer.jobs import JobQueue
 from loraforge.services.trainer.runs import Runs
@@ -56,8 +65,12 @@ class TrainerConfig(ServerConfig):
         "How often the server removes dataset-version references that no run holds "
         "(left by a creation or deletion that was interrupted).",
     )
+    # The same settings as the training workers': a name is checked here and there.
+    model_roots: str = model_roots_setting()
+    allow_hub_models: bool = allow_hub_models_setting()
 
     def __post_init__(self) -> None:
+        parse_model_roots(self.model_roots, Path(self.home))  # a malformed value stops the start
         for name in ("watch_poll_seconds", "reap_seconds", "reference_sweep_seconds"):
             value = getattr(self, name)
             if value <= 0:
@@ -101,10 +114,15 @@ async def _reap_forever(queue: JobQueue, runs: Runs, config: TrainerConfig) -> N
 
 
 async def run(config: TrainerConfig) -> None:
+    check_exposure(config, "trainer")
+    verifier = remote_verifier(config, security_from(config), config.dataset_address)
     store = TrainerStore(config.database_url_for("trainer"))
     objects = open_object_store(config.object_store_url_or_default())
     datasets = AsyncDatasetClient(config.dataset_address)
-    runs = Runs(store, objects, datasets)
+    models = tpl.model_access(
+        parse_model_roots(config.model_roots, config.home_path()), config.allow_hub_models
+    )
+    runs = Runs(store, objects, datasets, models=models)
     servicer = TrainerServicer(store, runs, datasets, watch_poll_seconds=config.watch_poll_seconds)
     binding = ServiceBinding(
         SERVICE_NAME, servicer, trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server
@@ -125,7 +143,8 @@ async def run(config: TrainerConfig) -> None:
         await datasets.close()
         store.engine.dispose()
 
-    await serve([binding], config, label="trainer", on_shutdown=[shutdown])
+    hooks = [shutdown] if verifier is None else [shutdown, verifier.close]
+    await serve([binding], config, label="trainer", verifier=verifier, on_shutdown=hooks)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

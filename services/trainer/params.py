@@ -28,7 +28,8 @@ class ModelConfig:
     revision: str | None
     torch_dtype: str
     attn_implementation: str
-    trust_remote_code: bool
+    # No `trust_remote_code`: whether a model's own code may run is the operator's setting
+    # (of the training workers and predictors), never a parameter (`templates.OPERATOR_ONLY`).
 
 
 @dataclass(frozen=True)

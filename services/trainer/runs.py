@@ -42,6 +42,7 @@ from loraforge.services.common.errors import (
     NotFound,
     invalid_field,
 )
+from loraforge.services.common.model_access import MODEL_FIELD, ModelAccess
 from loraforge.services.common.objectstore import ObjectStore
 from loraforge.services.common.resources import new_id, parse_name, validate_id
 from loraforge.services.common.values import check_json, check_request_id, check_text
@@ -185,8 +186,11 @@ class Runs:
         *,
         clock: Callable[[], float] = time.time,
         pending_reference_seconds: float = PENDING_REFERENCE_SECONDS,
+        models: ModelAccess | None = None,
     ) -> None:
         self.store = store
+        # What a run's base model may name; no model roots unless the operator configures some.
+        self.models = models or tpl.model_access((), allow_hub_models=False)
         self.objects = objects
         self.datasets = datasets
         self.clock = clock
@@ -210,7 +214,11 @@ class Runs:
                 f"app {parent['app']!r}; train on a dataset version of {parent['app']!r}",
             )
         needs = tpl.requirements(template, params)
-        await asyncio.to_thread(tpl.check_base_model, params)
+        # Refused here, so a name that is not allowed never queues; the worker checks it again.
+        loadable = await asyncio.to_thread(
+            self.models.resolve, params.base_model, f"param_overrides.{MODEL_FIELD}"
+        )
+        await asyncio.to_thread(tpl.check_base_model, loadable)
         await asyncio.to_thread(self.store.get_model, new.parent)
         if new.request_id:
             existing = await self._by_request_id(new.parent, new.request_id)

@@ -35,6 +35,7 @@ from loraforge.services.common.errors import (
     NotFound,
     invalid_field,
 )
+from loraforge.services.common.model_access import ModelAccess, ModelRoot
 from loraforge.services.trainer import params as typed
 from loraforge.services.trainer.hardware import Requirements, probe, unmet
 from loraforge.services.trainer.params import TrainingParams
@@ -50,6 +51,14 @@ GROUPS = (
 )
 TOLERANCE = typed.TOLERANCE
 PARAMETER_TYPES = ("bool", "int", "float", "string", "choice", "string_list")
+# Settings of the operator that a template or a user must not set, and what to say instead.
+OPERATOR_ONLY = {
+    "model_config.trust_remote_code": (
+        "is an operator setting of the training workers and predictors "
+        "(LORAFORGE_TRUST_REMOTE_CODE), not a parameter: a model's own code runs only where "
+        "the operator allows it"
+    ),
+}
 
 
 @dataclass(frozen=True, eq=False)
@@ -144,6 +153,8 @@ def _parse_parameter(path: str, spec: Mapping[str, Any], source: str) -> Paramet
     ptype = spec.get("type")
     if ptype not in PARAMETER_TYPES:
         raise ValueError(f"{source}: parameter {path} has unknown type {ptype!r}")
+    if path in OPERATOR_ONLY:
+        raise ValueError(f"{source}: {path} {OPERATOR_ONLY[path]}")
     expected = typed.schema().get(path)
     if expected is None:
         raise ValueError(f"{source}: {path} is not a training parameter")
@@ -355,6 +366,9 @@ def resolve_params(
         for sub, sub_value in value.items():
             param = template.parameter(f"{key}.{sub}")
             sub_path = f"{path}.{sub}"
+            if f"{key}.{sub}" in OPERATOR_ONLY:
+                violations.append(FieldViolation(sub_path, OPERATOR_ONLY[f"{key}.{sub}"]))
+                continue
             if param is None:
                 known = ", ".join(
                     p.path.split(".", 1)[1]
@@ -433,6 +447,24 @@ def missing_requirements(template: Template, params: TrainingParams) -> list[str
     return unmet(requirements(template, params), probe())
 
 
-def check_base_model(params: TrainingParams) -> None:
-    """FailedPrecondition naming the base model when neither this machine nor the hub has it."""
-    check_available(params.base_model)
+def check_base_model(loadable: str) -> None:
+    """FailedPrecondition naming the base model when neither this machine nor the hub has it.
+
+    `loadable` is what `ModelAccess.resolve` made of the run's base model.
+    """
+    check_available(loadable)
+
+
+def template_base_models() -> frozenset[str]:
+    """The base models the shipped templates default to: the operator's choice, so allowed."""
+    return frozenset(
+        str(p.default)
+        for t in _load_templates()
+        for p in t.parameters
+        if p.path == "model_config.pretrained_model_name_or_path" and p.default
+    )
+
+
+def model_access(roots: tuple[ModelRoot, ...], allow_hub_models: bool) -> ModelAccess:
+    """What users may name as a base model, with the templates' own base models allowed."""
+    return ModelAccess(roots, allow_hub_models, template_base_models())

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, cast
 
 from loraforge.services.common.base_models import resolve_base_model
+from loraforge.services.common.model_access import refuse_model_code
 from loraforge.services.common.prompts import has_chat_template, render_prompt
 from loraforge.services.trainer.params import TrainingParams
 
@@ -123,19 +124,30 @@ class TrainingResult:
 # 1. Tokenize and validate.
 
 
-def base_model_path(params: TrainingParams) -> str:
-    """What `from_pretrained` loads for the run's base model (catalogue names resolve locally)."""
-    return resolve_base_model(params.base_model)
+def base_model_path(
+    params: TrainingParams, model_path: str = "", trust_remote_code: bool = False
+) -> str:
+    """What `from_pretrained` loads for the run's base model (catalogue names resolve locally).
+
+    `model_path`: what the worker's `ModelAccess` made of the base model's name (the run's
+    parameter when empty). A folder that brings its own code is refused unless the operator's
+    `trust_remote_code` is on.
+    """
+    path = resolve_base_model(model_path or params.base_model)
+    refuse_model_code(path, trust_remote_code, params.base_model)
+    return path
 
 
-def load_tokenizer(params: TrainingParams) -> Any:
+def load_tokenizer(
+    params: TrainingParams, *, model_path: str = "", trust_remote_code: bool = False
+) -> Any:
     from transformers import AutoTokenizer
 
     mc, tc = params.model_config, params.tokenizer_config
     tokenizer = AutoTokenizer.from_pretrained(
-        base_model_path(params),
+        base_model_path(params, model_path, trust_remote_code),
         revision=mc.revision or None,
-        trust_remote_code=mc.trust_remote_code,
+        trust_remote_code=trust_remote_code,
     )
     tokenizer.model_max_length = tc.model_max_length
     tokenizer.padding_side = tc.padding_side
@@ -354,7 +366,9 @@ def _dtype(name: str) -> Any:
     }[name]
 
 
-def load_model(params: TrainingParams) -> Any:
+def load_model(
+    params: TrainingParams, *, model_path: str = "", trust_remote_code: bool = False
+) -> Any:
     """Loads the base model (hub id or local folder) and wraps it with LoRA."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -364,7 +378,7 @@ def load_model(params: TrainingParams) -> Any:
     gradient_checkpointing = params.trainer_config.gradient_checkpointing
     kwargs: dict[str, Any] = {
         "revision": mc.revision or None,
-        "trust_remote_code": mc.trust_remote_code,
+        "trust_remote_code": trust_remote_code,
         "attn_implementation": mc.attn_implementation,
     }
     dtype = mc.torch_dtype
@@ -382,7 +396,7 @@ def load_model(params: TrainingParams) -> Any:
         # Half precision on a CPU is slow and loses precision; train the LoRA in float32 there.
         dtype = "float32"
     kwargs["dtype"] = _dtype(dtype)
-    path = base_model_path(params)
+    path = base_model_path(params, model_path, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except ValueError as exc:
@@ -600,8 +614,13 @@ def run_training(
     work_dir: Path,
     reporter: Reporter | None = None,
     resume_from: Path | None = None,
+    *,
+    model_path: str = "",
+    trust_remote_code: bool = False,
 ) -> TrainingResult:
     """Trains a LoRA adapter; writes checkpoints under `work_dir/checkpoints`, the adapter to `work_dir/adapter`.
+
+    `model_path` and `trust_remote_code` come from the worker's settings (see `base_model_path`).
 
     Raises ToleranceExceeded / TrainingError for problems the user must fix, and
     TrainingStopped when the reporter asks to stop.
@@ -610,11 +629,11 @@ def run_training(
 
     reporter = reporter or QuietReporter()
     trc = params.trainer_config
-    tokenizer = load_tokenizer(params)
+    tokenizer = load_tokenizer(params, model_path=model_path, trust_remote_code=trust_remote_code)
     train_rows, eval_rows, invalid, collator = prepare_data(tokenizer, examples, params, reporter)
 
     set_seed(trc.seed)
-    model = load_model(params)
+    model = load_model(params, model_path=model_path, trust_remote_code=trust_remote_code)
     trainable, total = model.get_nb_trainable_parameters()
     reporter.log(
         f"loaded {params.base_model}: {trainable:,} trainable LoRA parameters of {total:,}"

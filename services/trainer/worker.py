@@ -31,9 +31,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from loraforge.services.common.channels import security_from
 from loraforge.services.common.config import ProcessConfig, describe, load_config, setting
 from loraforge.services.common.errors import InvalidArgument, LoraforgeError, Unavailable
 from loraforge.services.common.logs import setup_logging
+from loraforge.services.common.model_access import (
+    ModelAccess,
+    allow_hub_models_setting,
+    model_roots_setting,
+    parse_model_roots,
+    trust_remote_code_setting,
+)
 from loraforge.services.common.objectstore import ObjectStore, copy_store_to_tree, open_object_store
 from loraforge.services.common.resources import new_id
 from loraforge.services.common.server import run_main
@@ -83,8 +91,13 @@ class WorkerConfig(ProcessConfig):
         0,
         "Threads torch may use on a CPU (0: its default). Set it when several workers share one CPU host.",
     )
+    # Set like the trainer's: a run's base model is checked there and again here.
+    model_roots: str = model_roots_setting()
+    allow_hub_models: bool = allow_hub_models_setting()
+    trust_remote_code: bool = trust_remote_code_setting()
 
     def __post_init__(self) -> None:
+        parse_model_roots(self.model_roots, Path(self.home))  # a malformed value stops the start
         for name in ("poll_seconds", "lease_seconds", "heartbeat_seconds"):
             value = getattr(self, name)
             if value <= 0:
@@ -172,6 +185,16 @@ class Worker:
         self.worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}-{new_id()[:6]}"
         self.workers = Workers(self.store)
         self.capabilities = hardware.probe()
+        # TLS and this worker's own key for its dataset-service calls (files checked now).
+        self.security = security_from(config)
+        self.models: ModelAccess = tpl.model_access(
+            parse_model_roots(config.model_roots, config.home_path()), config.allow_hub_models
+        )
+        if config.trust_remote_code:
+            log.warning(
+                "trust_remote_code is on: base models that bring their own Python code run it "
+                "in this worker"
+            )
         self._advertised = -math.inf
         self.stop = threading.Event()
 
@@ -285,9 +308,13 @@ class Worker:
             raise TrainingError(
                 f"the run's stored parameters cannot be read ({exc}); create the run again"
             ) from None
+        # The trainer checked the name when the run was created; the settings may differ here.
+        model_path = self.models.resolve(params.base_model)
         bridge.keep_checkpoints(params.trainer_config.save_total_limit)
         examples = list(
-            dataset_client.read_examples(self.config.dataset_address, job.dataset_version)
+            dataset_client.read_examples(
+                self.config.dataset_address, job.dataset_version, self.security
+            )
         )
         bridge.log(f"read {len(examples)} examples from {job.dataset_version}")
         resume_from = None
@@ -297,7 +324,17 @@ class Worker:
             bridge.log(
                 f"downloaded checkpoint {job.checkpoint_key} to resume at step {job.checkpoint_step}"
             )
-        result = run_training(params, examples, scratch, bridge, resume_from=resume_from)
+        result = run_training(
+            params,
+            examples,
+            scratch,
+            bridge,
+            resume_from=resume_from,
+            model_path=model_path,
+            trust_remote_code=self.config.trust_remote_code,
+        )
+        # A folder in a model root is recorded by its real path: what a predictor serves.
+        base_model = model_path if model_path.startswith("/") else params.base_model
         if bridge.should_stop():
             raise TrainingStopped()
         if not reporter.uploading():
@@ -306,7 +343,7 @@ class Worker:
         manifest = {
             "format": "loraforge.adapter.v1",
             "model_version": job.name,
-            "base_model": params.base_model,
+            "base_model": base_model,
             "template": job.template,
             "dataset_version": job.dataset_version,
             "params": params.to_dict(),
@@ -329,7 +366,7 @@ class Worker:
         bridge.log(f"uploaded the adapter ({size:,} bytes) to {adapter_prefix}")
         if not reporter.trained(
             adapter_prefix=adapter_prefix,
-            base_model=params.base_model,
+            base_model=base_model,
             adapter_bytes=size,
             metrics=result.metrics,
         ):

@@ -153,7 +153,9 @@ class CalibrationStore:
             os.replace(tmp, self.path)
 
 
-def make_calibration_adapter(base_model: str, dest: Path, rank: int) -> Path:
+def make_calibration_adapter(
+    base_model: str, dest: Path, rank: int, trust_remote_code: bool = False
+) -> Path:
     """A LoRA adapter on every linear layer of the base model (what training makes)."""
     if (dest / "adapter_config.json").exists():
         return dest
@@ -161,7 +163,9 @@ def make_calibration_adapter(base_model: str, dest: Path, rank: int) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        base_model, dtype=torch.float32, trust_remote_code=trust_remote_code
+    )
     peft_model = get_peft_model(
         model,
         LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", task_type="CAUSAL_LM"),
@@ -221,6 +225,7 @@ async def calibrate(
     tokenizer: Any,
     max_lora_rank: int,
     workdir: Path,
+    trust_remote_code: bool = False,
 ) -> tuple[Calibration, Engine]:
     """Measures each engine in turn (one loaded at a time) and returns the winner, started."""
     adapter_path = await asyncio.to_thread(
@@ -228,6 +233,7 @@ async def calibrate(
         base_model,
         workdir / f"calibration-adapter-r{min(8, max_lora_rank)}",
         min(8, max_lora_rank),
+        trust_remote_code,
     )
     adapter = AdapterRef(ADAPTER_ID, "engine-calibration", adapter_path)
     rates: dict[str, float] = {}

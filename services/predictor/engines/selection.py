@@ -91,7 +91,7 @@ def choose_dtype(
     )
 
 
-def model_architecture(base_model: str) -> str:
+def model_architecture(base_model: str, trust_remote_code: bool = False) -> str:
     """The base model's architecture class name, from its config.json."""
     config_path = Path(base_model) / "config.json"
     if config_path.is_file():
@@ -100,7 +100,8 @@ def model_architecture(base_model: str) -> str:
         from transformers import AutoConfig
 
         try:
-            architectures = AutoConfig.from_pretrained(base_model).architectures or []
+            config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+            architectures = config.architectures or []
         except (OSError, ValueError) as exc:
             raise InvalidArgument(
                 f"base model {base_model!r}: cannot read its configuration: {exc}"
@@ -125,10 +126,12 @@ def vllm_lora_support(architecture: str) -> tuple[bool, str]:
     return True, f"vLLM serves {architecture} with multi-LoRA batching"
 
 
-def choose_engine(base_model: str, requested: str = "auto") -> EngineChoice:
+def choose_engine(
+    base_model: str, requested: str = "auto", trust_remote_code: bool = False
+) -> EngineChoice:
     if requested not in ENGINE_CHOICES:
         raise InvalidArgument(f"engine {requested!r}: use one of {', '.join(ENGINE_CHOICES)}")
-    architecture = model_architecture(base_model)
+    architecture = model_architecture(base_model, trust_remote_code)
     if requested == "transformers":
         return EngineChoice(
             EngineKind.TRANSFORMERS, "transformers + PEFT, as configured", architecture

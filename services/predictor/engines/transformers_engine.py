@@ -40,6 +40,7 @@ class TransformersSettings:
     max_cpu_loras: int = 32
     max_model_len: int = 0
     dtype: str = "auto"
+    trust_remote_code: bool = False  # the operator's setting; never from a request
 
 
 def _torch_dtype(name: str) -> Any:
@@ -145,9 +146,12 @@ class TransformersEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         try:
-            self._tokenizer = AutoTokenizer.from_pretrained(self.base_model)
+            trust = self._settings.trust_remote_code
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                self.base_model, trust_remote_code=trust
+            )
             model = AutoModelForCausalLM.from_pretrained(
-                self.base_model, dtype=_torch_dtype(self._settings.dtype)
+                self.base_model, dtype=_torch_dtype(self._settings.dtype), trust_remote_code=trust
             )
         except (OSError, ValueError) as exc:
             raise Unavailable(

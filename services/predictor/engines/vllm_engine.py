@@ -43,6 +43,7 @@ class VllmSettings:
     enforce_eager: bool = True
     gpu_memory_utilization: float = 0.9
     seed: int = 0
+    trust_remote_code: bool = False  # the operator's setting; never from a request
 
 
 _WORKER_FAILED = re.compile(r"Worker failed with error '(.*)', please check the stack trace", re.S)
@@ -72,6 +73,7 @@ class VllmEngine:
     def __init__(self, llm: Any, settings: VllmSettings) -> None:
         self._llm = llm
         self.base_model = settings.base_model
+        self._trust_remote_code = settings.trust_remote_code
         self.max_loras = settings.max_loras
         self.max_lora_rank = settings.max_lora_rank
         self.max_model_len = int(llm.model_config.max_model_len)
@@ -83,7 +85,9 @@ class VllmEngine:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.base_model)
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                self.base_model, trust_remote_code=self._trust_remote_code
+            )
         return str(self._tokenizer.decode(token_ids, skip_special_tokens=True))
 
     @classmethod
@@ -105,6 +109,7 @@ class VllmEngine:
             "seed": settings.seed,
             "disable_log_stats": True,
             "gpu_memory_utilization": settings.gpu_memory_utilization,
+            "trust_remote_code": settings.trust_remote_code,
         }
         if settings.max_model_len:
             options["max_model_len"] = settings.max_model_len
