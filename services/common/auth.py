@@ -215,26 +215,23 @@ def app_in(name: str, path: str) -> str:
     )
 
 
-def on(scope: str, *paths: str) -> Callable[[Any], Sequence[Need]]:
-    """Needs `scope` on the app of each named request field."""
+@dataclass(frozen=True)
+class On:
+    """Needs `scope` on the app of each named request field (`paths`, dotted)."""
 
-    def needs(request: Any) -> Sequence[Need]:
+    scope: str
+    paths: tuple[str, ...]
+
+    def __call__(self, request: Any) -> Sequence[Need]:
         found = []
-        for path in paths:
+        for path in self.paths:
             value = _field(request, path)
-            found.append((scope, app_in(value if isinstance(value, str) else "", path)))
+            found.append((self.scope, app_in(value if isinstance(value, str) else "", path)))
         return found
 
-    return needs
 
-
-def on_app_id(scope: str, path: str) -> Callable[[Any], Sequence[Need]]:
-    """Needs `scope` on the app whose bare id is request field `path`."""
-
-    def needs(request: Any) -> Sequence[Need]:
-        return [(scope, str(_field(request, path)) or ANY_APP)]
-
-    return needs
+def on(scope: str, *paths: str) -> On:
+    return On(scope, paths)
 
 
 def anywhere(scope: str) -> Callable[[Any], Sequence[Need]]:
@@ -309,7 +306,10 @@ class CachingVerifier:
             raise
         until = now + self.ttl
         if principal.expire_time is not None:
-            until = min(until, now + max(principal.expire_time - self.wall(), 0.0))
+            left = principal.expire_time - self.wall()
+            if left <= 0:  # expired by this machine's clock
+                raise unknown_key()
+            until = min(until, now + left)
         self._remember(digest, principal, until)
         return principal
 

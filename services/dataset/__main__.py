@@ -124,14 +124,18 @@ async def run(config: DatasetConfig) -> None:
         batch_rows=config.upload_batch_rows,
     )
     versions = Versions(store)
+    keys = ApiKeys(store.engine)
+    verifier = LocalVerifier(keys, identities, config.auth_cache_seconds)
     servicer = DatasetServicer(
-        store, uploader, versions, max_example_chars=config.max_example_chars
+        store,
+        uploader,
+        versions,
+        max_example_chars=config.max_example_chars,
+        keys_changed=verifier.cache.forget,
     )
     binding = ServiceBinding(
         SERVICE_NAME, servicer, dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server
     )
-    keys = ApiKeys(store.engine)
-    verifier = LocalVerifier(keys, identities, config.auth_cache_seconds)
     auth_binding = ServiceBinding(
         AUTH_SERVICE_NAME,
         AuthServicer(keys, verifier),

@@ -306,9 +306,17 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
     """The DatasetService RPCs."""
 
     def __init__(
-        self, store: DatasetStore, uploader: Uploader, versions: Versions, *, max_example_chars: int
+        self,
+        store: DatasetStore,
+        uploader: Uploader,
+        versions: Versions,
+        *,
+        max_example_chars: int,
+        keys_changed: Callable[[], None] = lambda: None,
     ) -> None:
+        """`keys_changed` is called when an app's keys were revoked (this server's key cache)."""
         self.store = store
+        self.keys_changed = keys_changed
         self.uploader = uploader
         self.versions = versions
         self.max_example_chars = max_example_chars
@@ -368,6 +376,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
     ) -> pb.DeleteAppResponse:
         name = parse_name(request.name, APP)
         await self._run(self.store.catalog.delete_app, name["app"], request.force)
+        self.keys_changed()  # its keys were revoked with it
         return pb.DeleteAppResponse()
 
     # Datasets
