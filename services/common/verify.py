@@ -28,10 +28,10 @@ class RemoteVerifier:
         self._channel: grpc.aio.Channel | None = None
         self.cache = CachingVerifier(self.lookup, ttl)
 
-    def _stub(self) -> pb_grpc.AuthServiceStub:
+    def _stub(self) -> pb_grpc.AuthServiceAsyncStub:
         if self._channel is None:
             self._channel = aio_channel(self.address, self.security)
-        return pb_grpc.AuthServiceStub(self._channel)
+        return pb_grpc.AuthServiceStub(self._channel)  # an aio channel makes the async stub
 
     async def lookup(self, key: str) -> Principal:
         try:
