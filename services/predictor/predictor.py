@@ -20,6 +20,7 @@ from typing import Any
 from jinja2 import TemplateError
 
 from loraforge.services.common.base_models import DEFAULT_BASE_MODEL, resolve_base_model
+from loraforge.services.common.channels import security_from
 from loraforge.services.common.errors import FieldViolation, InvalidArgument
 from loraforge.services.common.model_access import refuse_model_code
 from loraforge.services.common.objectstore import open_object_store
@@ -568,7 +569,9 @@ async def build_predictor(config: PredictorConfig) -> Predictor:
         on_evict=engine.unload_adapter,
     )
     resolver = TrainerResolver(
-        config.trainer_address, model_ttl=config.model_resolution_ttl_seconds
+        config.trainer_address,
+        model_ttl=config.model_resolution_ttl_seconds,
+        security=security_from(config),  # TLS and the predictor's own key
     )
     return Predictor(
         engine,

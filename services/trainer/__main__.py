@@ -118,7 +118,7 @@ async def run(config: TrainerConfig) -> None:
     verifier = remote_verifier(config, security_from(config), config.dataset_address)
     store = TrainerStore(config.database_url_for("trainer"))
     objects = open_object_store(config.object_store_url_or_default())
-    datasets = AsyncDatasetClient(config.dataset_address)
+    datasets = AsyncDatasetClient(config.dataset_address, security_from(config))
     models = tpl.model_access(
         parse_model_roots(config.model_roots, config.home_path()), config.allow_hub_models
     )
