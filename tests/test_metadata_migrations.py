@@ -120,6 +120,9 @@ def test_processes_starting_together_on_an_empty_database_take_turns_to_migrate(
 def _create_all_before_migrations(engine: sa.Engine, metadata: sa.MetaData) -> None:
     """What services did before migrations: `create_all` of the models of their day."""
     metadata.create_all(engine)
+    if metadata is DATASET_METADATA:
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP TABLE api_keys"))  # added by 0002_api_keys
     if metadata is TrainerBase.metadata:
         with engine.begin() as conn:
             conn.execute(sa.text("DROP TABLE workers"))
