@@ -4,7 +4,13 @@
 //
 //   LORAFORGE_DATASET_ADDRESS=127.0.0.1:50051 LORAFORGE_TRAINER_ADDRESS=127.0.0.1:50052 \
 //   LORAFORGE_PREDICTOR_ADDRESS=127.0.0.1:50053 node clients/node/workflow.mjs DATA.csv [BASE_MODEL_PATH]
+//
+// Every call carries `authorization: Bearer <key>`: LORAFORGE_API_KEY, else the file
+// LORAFORGE_API_KEY_FILE names, else {LORAFORGE_HOME or ~/.loraforge}/admin.key if it exists.
+// LORAFORGE_TLS_CA_FILE (a PEM bundle) turns on TLS; LORAFORGE_TLS_CLIENT_CERT_FILE and
+// LORAFORGE_TLS_CLIENT_KEY_FILE add a client certificate for services that ask for one.
 import fs from "node:fs";
+import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { createRequire } from "node:module";
@@ -32,10 +38,66 @@ const predictorPkg = load("loraforge/predictor/v1/predictor_service.proto").lora
 const datasetPkg = loraforge.dataset.v1;
 
 const addr = (svc, port) => process.env[`LORAFORGE_${svc}_ADDRESS`] || `127.0.0.1:${port}`;
-const creds = grpc.credentials.createInsecure();
-const datasets = new datasetPkg.DatasetService(addr("DATASET", 50051), creds);
-const trainer = new trainerPkg.TrainerService(addr("TRAINER", 50052), creds);
-const predictor = new predictorPkg.PredictorService(addr("PREDICTOR", 50053), creds);
+
+// A key file's key: its first line that is neither empty nor a comment.
+function readKey(file, what) {
+  let text;
+  try {
+    text = fs.readFileSync(file, "utf8");
+  } catch (err) {
+    throw new Error(`${what}: cannot read ${file} (${err.code || err.message})`);
+  }
+  const line = text.split(/\r?\n/).map((l) => l.trim()).find((l) => l && !l.startsWith("#"));
+  if (!line) throw new Error(`${what}: ${file} holds no key`);
+  return line;
+}
+
+function apiKey() {
+  const env = process.env;
+  if (env.LORAFORGE_API_KEY?.trim()) return env.LORAFORGE_API_KEY.trim();
+  if (env.LORAFORGE_API_KEY_FILE) return readKey(env.LORAFORGE_API_KEY_FILE, "LORAFORGE_API_KEY_FILE");
+  const admin = path.join(env.LORAFORGE_HOME || path.join(os.homedir(), ".loraforge"), "admin.key");
+  return fs.existsSync(admin) ? readKey(admin, "the admin key") : "";
+}
+
+function readPem(variable) {
+  const file = process.env[variable];
+  if (!file) return null;
+  try {
+    return fs.readFileSync(file);
+  } catch (err) {
+    throw new Error(`${variable}: cannot read ${file} (${err.code || err.message})`);
+  }
+}
+
+// TLS when a CA bundle is given; the key on every call, over TLS or plaintext alike (an
+// interceptor, since call credentials are only sent over TLS).
+function channel() {
+  const ca = readPem("LORAFORGE_TLS_CA_FILE");
+  const creds = ca
+    ? grpc.credentials.createSsl(ca, readPem("LORAFORGE_TLS_CLIENT_KEY_FILE"), readPem("LORAFORGE_TLS_CLIENT_CERT_FILE"))
+    : grpc.credentials.createInsecure();
+  const key = apiKey();
+  const withKey = (options, nextCall) =>
+    new grpc.InterceptingCall(nextCall(options), {
+      start(metadata, listener, next) {
+        if (key && metadata.get("authorization").length === 0) metadata.set("authorization", `Bearer ${key}`);
+        next(metadata, listener);
+      },
+    });
+  return { creds, options: key ? { interceptors: [withKey] } : {} };
+}
+
+let creds, options;
+try {
+  ({ creds, options } = channel());
+} catch (err) {
+  console.error(`error: ${err.message}`);
+  process.exit(1);
+}
+const datasets = new datasetPkg.DatasetService(addr("DATASET", 50051), creds, options);
+const trainer = new trainerPkg.TrainerService(addr("TRAINER", 50052), creds, options);
+const predictor = new predictorPkg.PredictorService(addr("PREDICTOR", 50053), creds, options);
 
 const unary = (client, method, request) =>
   new Promise((resolve, reject) =>

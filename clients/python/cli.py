@@ -8,6 +8,7 @@ escaped, so `[brackets]` in it print as they are.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -32,10 +33,12 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from loraforge.auth.v1 import auth_service_pb2 as apb
 from loraforge.client.client import (
     DEFAULT_ADDRESSES,
     Client,
     ClientError,
+    client_security,
     model_name,
     resource_name,
 )
@@ -77,7 +80,24 @@ def _one_line(text: str) -> str:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.dataset_address, args.trainer_address, args.predictor_address)
+    if args.api_key is not None and args.api_key_file is not None:
+        raise UsageError("pass --api-key or --api-key-file, not both")
+    security = client_security(
+        args.api_key,
+        args.tls_ca_file,
+        args.tls_client_cert_file,
+        args.tls_client_key_file,
+        api_key_file=args.api_key_file,
+    )
+    return Client(
+        args.dataset_address,
+        args.trainer_address,
+        args.predictor_address,
+        api_key=security.api_key,
+        tls_ca_file=security.ca_file,
+        tls_cert_file=security.cert_file,
+        tls_key_file=security.key_file,
+    )
 
 
 # ----- services ---------------------------------------------------------------------------
@@ -149,7 +169,25 @@ def cmd_up(args: argparse.Namespace) -> None:
         )
     console.print(f"base model: {escape(base_model)}")
     console.print(f"OpenAI-compatible API: {cluster.openai_url} (`model` = a model's name)")
+    if cluster.auth:
+        _print_key_hint(cluster.admin_key_file)
+    else:
+        console.print("API keys are off (LORAFORGE_AUTH=off): every local caller may do anything")
     console.print("stop them with `loraforge down`")
+
+
+def _print_key_hint(admin_key: Path) -> None:
+    """Where the admin key is and how the other commands find it."""
+    if admin_key.resolve() == (default_home() / "admin.key").resolve():
+        console.print(
+            f"admin API key: {escape(str(admin_key))} (the other commands use it; "
+            "`loraforge keys create` makes keys for one app)"
+        )
+    else:
+        console.print(
+            f"admin API key: {escape(str(admin_key))}; other commands find it with "
+            f"LORAFORGE_API_KEY_FILE={escape(str(admin_key))} (or --api-key-file)"
+        )
 
 
 def cmd_down(args: argparse.Namespace) -> None:
@@ -161,6 +199,100 @@ def cmd_down(args: argparse.Namespace) -> None:
         return
     cluster.stop()
     console.print("services stopped")
+
+
+# ----- API keys ------------------------------------------------------------------------------
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_expiry(text: str) -> float:
+    """Seconds from `90d`, `12h`, `30m`, `45s` or `2w`; 0 for `never`."""
+    text = text.strip().lower()
+    if text in ("never", "0", ""):
+        return 0.0
+    unit = _DURATION_UNITS.get(text[-1:])
+    try:
+        value = float(text[:-1]) if unit else float("nan")
+    except ValueError:
+        value = float("nan")
+    if unit is None or not value > 0:
+        raise UsageError(
+            f"--expires {text!r}: expected a number and a unit (s, m, h, d, w), e.g. 90d, "
+            "or `never`"
+        )
+    return value * unit
+
+
+def _time(ts: Any, unset: str = "-") -> str:
+    return f"{ts.ToDatetime():%Y-%m-%d %H:%M} UTC" if ts.seconds else unset
+
+
+def _key_state(key: apb.ApiKey) -> str:
+    if key.revoke_time.seconds:
+        return "revoked"
+    if key.expire_time.seconds and key.expire_time.ToDatetime() <= datetime.datetime.now(
+        datetime.UTC
+    ).replace(tzinfo=None):
+        return "expired"
+    return "active"
+
+
+def cmd_keys(args: argparse.Namespace) -> None:
+    client = _client(args)
+    if args.action == "create":
+        scopes = [s.strip() for s in (args.scopes or "").split(",") if s.strip()]
+        if not scopes:
+            raise UsageError(
+                "name the key's scopes: --scopes read,write,train,predict with --app APP, "
+                "or --scopes admin without --app"
+            )
+        key, secret = client.create_api_key(
+            args.app or "",
+            scopes,
+            ttl_seconds=parse_expiry(args.expires),
+            description=args.description or "",
+        )
+        owner = key.app or "every app (admin)"
+        err_console.print(
+            f"created {escape(key.name)} ({escape(key.prefix)}) for {escape(owner)}: "
+            f"{', '.join(key.scopes)}; expires {_time(key.expire_time, 'never')}"
+        )
+        err_console.print("the key (shown only now, store it safely):")
+        # Alone on stdout, so `KEY=$(loraforge keys create ...)` keeps just the key.
+        print(secret, flush=True)
+    elif args.action == "list":
+        if args.id:
+            raise UsageError("`keys list` takes no key id (filter with --app)")
+        table = Table(
+            "key", "prefix", "app", "scopes", "state", "created", "expires", "description"
+        )
+        for key in client.list_api_keys(args.app or "", show_inactive=args.all):
+            table.add_row(
+                escape(key.name),
+                escape(key.prefix),
+                escape(key.app) or "(admin)",
+                ", ".join(key.scopes),
+                _key_state(key),
+                _time(key.create_time),
+                _time(key.expire_time, "never"),
+                _one_line(key.description),
+            )
+        console.print(table)
+    else:
+        revoked = client.revoke_api_key(_require(args.id, "key (apiKeys/ID, ID or lf_ID)"))
+        console.print(f"revoked {escape(revoked.name)} ({escape(revoked.prefix)})")
+
+
+def cmd_whoami(args: argparse.Namespace) -> None:
+    principal = _client(args).whoami()
+    table = Table(show_header=False, title=escape(principal.name))
+    if principal.service:
+        table.add_row("service", escape(principal.service))
+    table.add_row("app", escape(principal.app) or "every app")
+    table.add_row("scopes", ", ".join(principal.scopes) or "-")
+    table.add_row("expires", _time(principal.expire_time, "never"))
+    console.print(table)
 
 
 # ----- apps, datasets, uploads, versions ------------------------------------------------------
@@ -795,6 +927,32 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="predictor service host:port [env LORAFORGE_PREDICTOR_ADDRESS; 127.0.0.1:50053]",
     )
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="API key every call carries [env LORAFORGE_API_KEY; else LORAFORGE_API_KEY_FILE; "
+        "else ~/.loraforge/admin.key (LORAFORGE_HOME/admin.key) if it exists]",
+    )
+    parser.add_argument(
+        "--api-key-file", default=None, help="file holding the API key (instead of --api-key)"
+    )
+    parser.add_argument(
+        "--tls-ca-file",
+        default=None,
+        help="CA bundle (PEM) that verifies the services; set, the calls use TLS "
+        "[env LORAFORGE_TLS_CA_FILE]",
+    )
+    parser.add_argument(
+        "--tls-client-cert-file",
+        default=None,
+        help="client certificate (PEM), for services that verify clients "
+        "[env LORAFORGE_TLS_CLIENT_CERT_FILE]",
+    )
+    parser.add_argument(
+        "--tls-client-key-file",
+        default=None,
+        help="private key (PEM) of the client certificate [env LORAFORGE_TLS_CLIENT_KEY_FILE]",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
@@ -856,6 +1014,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-running", action="store_true", help="leave the services running afterwards"
     )
 
+    p = add("keys", cmd_keys, "create, list or revoke API keys (admin)")
+    p.add_argument("action", choices=["create", "list", "revoke"])
+    p.add_argument("id", nargs="?", default="", help="the key to revoke: apiKeys/ID, ID or lf_ID")
+    p.add_argument("--app", default=None, help="the key's app (create); only its keys (list)")
+    p.add_argument(
+        "--scopes",
+        default=None,
+        help="create: comma-separated, some of read, write, train, predict (with --app), "
+        "or admin (without)",
+    )
+    p.add_argument(
+        "--expires",
+        default="never",
+        help="create: how long the key works, e.g. 90d, 12h, 2w (default never)",
+    )
+    p.add_argument("--description", default=None, help="create: what the key is for")
+    p.add_argument("--all", action="store_true", help="list: revoked and expired keys too")
+    add("whoami", cmd_whoami, "show who the API key in use is and what it may do")
     p = add("apps", cmd_apps, "create, list, show, update or delete apps")
     p.add_argument("action", choices=["create", "list", "show", "update", "delete"])
     p.add_argument("id", nargs="?", default="", help="the app (all but list)")

@@ -4,11 +4,19 @@ Names may be given in full (`apps/a/models/m`) or short (`a/m`), as the CLI take
 Lists follow every page. Creates that change state carry a request id (one the caller
 passes, or a fresh one per call) and are retried with that same id while the service is
 unavailable, so a retry never creates twice.
+
+Every call carries an API key as `authorization: Bearer <key>`: the `api_key` argument,
+else `LORAFORGE_API_KEY`, else the file `LORAFORGE_API_KEY_FILE` names, else
+`{LORAFORGE_HOME or ~/.loraforge}/admin.key` (the admin key `loraforge up` leaves there)
+if it exists. With a CA bundle (`tls_ca_file`, else `LORAFORGE_TLS_CA_FILE`) the
+channels use TLS; `tls_cert_file`/`tls_key_file` (`LORAFORGE_TLS_CLIENT_CERT_FILE`,
+`LORAFORGE_TLS_CLIENT_KEY_FILE`) add a client certificate for services that ask for one.
 """
 
 from __future__ import annotations
 
 import copy
+import datetime
 import os
 import time
 import uuid
@@ -24,11 +32,20 @@ from google.protobuf import field_mask_pb2, json_format, struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from loraforge.auth.v1 import auth_service_pb2 as apb
+from loraforge.auth.v1 import auth_service_pb2_grpc as agrpc
 from loraforge.client.params import load_yaml, merge, overrides, template_defaults
 from loraforge.dataset.v1 import dataset_service_pb2 as dpb
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as dgrpc
 from loraforge.predictor.v1 import predictor_service_pb2 as ppb
 from loraforge.predictor.v1 import predictor_service_pb2_grpc as pgrpc
+from loraforge.services.common.channels import (
+    ChannelSecurity,
+    channel_credentials,
+    read_key_file,
+    sync_channel,
+)
+from loraforge.services.common.errors import InvalidArgument
 from loraforge.trainer.v1 import trainer_service_pb2 as tpb
 from loraforge.trainer.v1 import trainer_service_pb2_grpc as tgrpc
 
@@ -47,6 +64,14 @@ FINAL_STATES = {
     tpb.MODEL_VERSION_STATE_FAILED,
     tpb.MODEL_VERSION_STATE_CANCELLED,
 }
+
+# Words of a failed TLS handshake in gRPC's connection errors.
+TLS_WORDS = ("ssl", "handshake", "certificate", "tls")
+KEY_HINT = (
+    "pass an API key with --api-key or --api-key-file, or set LORAFORGE_API_KEY or "
+    "LORAFORGE_API_KEY_FILE; `loraforge up` writes the admin key to ~/.loraforge/admin.key "
+    "(HOME/admin.key for `--home HOME`), and an admin makes app keys with `loraforge keys create`"
+)
 
 # Pauses between the attempts of a call that carries a request id, while the service is
 # unavailable (restarting, or the connection dropped before the answer came).
@@ -94,8 +119,21 @@ class ClientError(Exception):
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
                 fields = [(v.field, v.description) for v in bad.field_violations]
-        if code == grpc.StatusCode.UNAVAILABLE and "connect" in (message or "").lower():
-            message = f"{message} — are the services running? (`loraforge up`)"
+        low = (message or "").lower()
+        if code == grpc.StatusCode.UNAVAILABLE and any(w in low for w in TLS_WORDS):
+            message = (
+                f"{message} — the TLS handshake failed: does the CA bundle (--tls-ca-file, "
+                "LORAFORGE_TLS_CA_FILE) sign the server's certificate, and does the certificate "
+                "name this address? A service that asks for client certificates also needs "
+                "LORAFORGE_TLS_CLIENT_CERT_FILE and LORAFORGE_TLS_CLIENT_KEY_FILE"
+            )
+        elif code == grpc.StatusCode.UNAVAILABLE and "connect" in low:
+            message = (
+                f"{message} — are the services running? (`loraforge up`) If they serve TLS, "
+                "pass their CA bundle (--tls-ca-file or LORAFORGE_TLS_CA_FILE)"
+            )
+        elif code == grpc.StatusCode.UNAUTHENTICATED:
+            message = f"{message or 'no valid API key'} — {KEY_HINT}"
         return cls(code, message or code.name, reason, fields)
 
 
@@ -145,15 +183,66 @@ def _pages(fn: Callable[..., Any], request: Any, items: str) -> list[Any]:
         request.page_token = resp.next_page_token
 
 
-def _channel(address: str, interceptors: Sequence[Any]) -> grpc.Channel:
-    channel = grpc.insecure_channel(
-        address,
-        options=[
-            ("grpc.max_receive_message_length", 64 << 20),
-            ("grpc.max_send_message_length", 64 << 20),
-        ],
-    )
+def _channel(address: str, security: ChannelSecurity, interceptors: Sequence[Any]) -> grpc.Channel:
+    channel = sync_channel(address, security)
     return grpc.intercept_channel(channel, *interceptors) if interceptors else channel
+
+
+def home() -> Path:
+    """`LORAFORGE_HOME`, else ~/.loraforge: where `loraforge up` keeps its state."""
+    return Path(os.environ.get("LORAFORGE_HOME") or Path.home() / ".loraforge")
+
+
+def discover_api_key(api_key: str | None = None, api_key_file: str | None = None) -> str:
+    """The key to send: `api_key`, the file `api_key_file`, `LORAFORGE_API_KEY`, the file
+    `LORAFORGE_API_KEY_FILE`, then `{home}/admin.key` if it exists; '' for none.
+
+    An explicit `api_key=""` means no key. A named file that cannot be read is a
+    ClientError (INVALID_ARGUMENT) naming it."""
+    try:
+        if api_key is not None:
+            return api_key.strip()
+        if api_key_file:
+            return read_key_file(api_key_file, "--api-key-file")
+        if os.environ.get("LORAFORGE_API_KEY", "").strip():
+            return os.environ["LORAFORGE_API_KEY"].strip()
+        if os.environ.get("LORAFORGE_API_KEY_FILE"):
+            return read_key_file(os.environ["LORAFORGE_API_KEY_FILE"], "LORAFORGE_API_KEY_FILE")
+        admin = home() / "admin.key"
+        if admin.is_file():
+            return read_key_file(str(admin), f"the admin key {admin}")
+    except InvalidArgument as exc:
+        raise ClientError(grpc.StatusCode.INVALID_ARGUMENT, exc.message) from None
+    return ""
+
+
+def client_security(
+    api_key: str | None = None,
+    tls_ca_file: str | None = None,
+    tls_cert_file: str | None = None,
+    tls_key_file: str | None = None,
+    *,
+    api_key_file: str | None = None,
+) -> ChannelSecurity:
+    """The key and TLS files a client uses: the arguments, else the `LORAFORGE_*` variables.
+
+    A TLS file that cannot be read is a ClientError (INVALID_ARGUMENT) naming it."""
+    env = os.environ.get
+    ca = env("LORAFORGE_TLS_CA_FILE", "") if tls_ca_file is None else tls_ca_file
+    cert = env("LORAFORGE_TLS_CLIENT_CERT_FILE", "") if tls_cert_file is None else tls_cert_file
+    key = env("LORAFORGE_TLS_CLIENT_KEY_FILE", "") if tls_key_file is None else tls_key_file
+    security = ChannelSecurity(
+        ca_file=ca,
+        cert_file=cert if ca else "",
+        key_file=key if ca else "",
+        api_key=discover_api_key(api_key, api_key_file),
+    )
+    if security.tls:
+        try:
+            channel_credentials(security)  # reads the files now: a bad path fails here
+        except InvalidArgument as exc:
+            raise ClientError(grpc.StatusCode.INVALID_ARGUMENT, exc.message) from None
+    return security
 
 
 def resource_name(arg: str, *kinds: str) -> str:
@@ -206,6 +295,9 @@ def _mask(**fields: Any) -> tuple[dict[str, Any], field_mask_pb2.FieldMask]:
 class Client:
     """Connections to the three services. Addresses default to `LORAFORGE_{DATASET,TRAINER,PREDICTOR}_ADDRESS`.
 
+    `api_key`: the key every call carries (None: found as the module says; "": none).
+    `tls_ca_file`: CA bundle that verifies the services (None: `LORAFORGE_TLS_CA_FILE`;
+    "": plaintext). `tls_cert_file`, `tls_key_file`: a client certificate (mTLS).
     `interceptors` (gRPC client interceptors) apply to every call: headers, tracing.
     """
 
@@ -215,6 +307,10 @@ class Client:
         trainer: str | None = None,
         predictor: str | None = None,
         *,
+        api_key: str | None = None,
+        tls_ca_file: str | None = None,
+        tls_cert_file: str | None = None,
+        tls_key_file: str | None = None,
         interceptors: Sequence[Any] = (),
     ):
         self.addresses = {
@@ -223,7 +319,12 @@ class Client:
             or DEFAULT_ADDRESSES[svc]
             for svc, addr in (("dataset", dataset), ("trainer", trainer), ("predictor", predictor))
         }
-        self._channels = {svc: _channel(addr, interceptors) for svc, addr in self.addresses.items()}
+        self.security = client_security(api_key, tls_ca_file, tls_cert_file, tls_key_file)
+        self._channels = {
+            svc: _channel(addr, self.security, interceptors) for svc, addr in self.addresses.items()
+        }
+        # API keys are the dataset service's (it owns the apps keys belong to).
+        self.auth = agrpc.AuthServiceStub(self._channels["dataset"])
         self.datasets = dgrpc.DatasetServiceStub(self._channels["dataset"])
         self.trainer = tgrpc.TrainerServiceStub(self._channels["trainer"])
         self.predictor = pgrpc.PredictorServiceStub(self._channels["predictor"])
@@ -237,6 +338,41 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # API keys
+
+    def create_api_key(
+        self,
+        app: str = "",
+        scopes: Sequence[str] = (),
+        *,
+        ttl_seconds: float = 0,
+        description: str = "",
+    ) -> tuple[apb.ApiKey, str]:
+        """A new key (admin only): for `app` with `scopes`, or an admin key (`app` empty,
+        scopes `admin`). Returns the key as listed and its secret, which is shown only now."""
+        request = apb.CreateApiKeyRequest(
+            app=_app_name(app) if app else "", scopes=list(scopes), description=description
+        )
+        if ttl_seconds:
+            request.ttl.FromTimedelta(datetime.timedelta(seconds=ttl_seconds))
+        resp = _call(self.auth.CreateApiKey, request)
+        return resp.api_key, resp.secret
+
+    def list_api_keys(self, app: str = "", *, show_inactive: bool = False) -> list[apb.ApiKey]:
+        """Keys by id and prefix, never a secret, newest first (admin only)."""
+        request = apb.ListApiKeysRequest(
+            app=_app_name(app) if app else "", show_inactive=show_inactive, page_size=PAGE_SIZE
+        )
+        return _pages(self.auth.ListApiKeys, request, "api_keys")
+
+    def revoke_api_key(self, name: str) -> apb.ApiKey:
+        """Revokes a key by `apiKeys/{id}`, its id or its prefix `lf_{id}` (admin only)."""
+        return _call(self.auth.RevokeApiKey, apb.RevokeApiKeyRequest(name=name)).api_key
+
+    def whoami(self) -> apb.Principal:
+        """Who this client's key is and what it may do."""
+        return _call(self.auth.WhoAmI, apb.WhoAmIRequest()).principal
 
     # Apps
 

