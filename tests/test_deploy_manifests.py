@@ -1,15 +1,20 @@
 """deploy/: the compose files, the Kubernetes manifests and the Dockerfiles agree
 with the code: entry points exist, settings exist, every gRPC server is
 health-checked over the gRPC health protocol and the HTTP API over /health, and
-ports line up."""
+ports line up. And they are safe: every server has API keys on and (Kubernetes)
+TLS from a Secret, every service gets its own key from a Secret (or, in compose,
+from the .env file), no secret value is written into a manifest, and compose
+publishes ports on 127.0.0.1 only."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 import urllib.parse
 from functools import cache
@@ -25,6 +30,8 @@ from tests.support import REPO
 DEPLOY = REPO / "deploy"
 COMPOSE = DEPLOY / "compose" / "docker-compose.yml"
 COMPOSE_GPU = DEPLOY / "compose" / "docker-compose.gpu.yml"
+COMPOSE_TLS = DEPLOY / "compose" / "docker-compose.tls.yml"
+MAKE_SECRETS = DEPLOY / "compose" / "make-secrets.py"
 K8S = DEPLOY / "k8s"
 K8S_CPU = DEPLOY / "k8s-cpu"
 NAMESPACE = "loraforge"
@@ -38,6 +45,14 @@ SERVERS = {
 # HTTP servers: entry point -> (health path, port by convention).
 HTTP_SERVERS = {"loraforge-openai": ("/health", 8000)}
 WORKER = "loraforge-worker"
+# The processes that call others with a service identity of their own: entry point -> name.
+IDENTITIES = {"loraforge-trainer": "trainer", WORKER: "worker", "loraforge-predictor": "predictor"}
+HEALTH_CLI = ["python", "-m", "loraforge.services.common.healthcheck"]
+# Names of variables that hold credentials (their `_FILE` forms hold paths).
+SECRET_NAME = re.compile(r"(KEY|KEYS|SECRET|PASSWORD|TOKEN)$")
+# What a secret value looks like: a loraforge key, a PEM block.
+SECRET_VALUE = re.compile(r"lf_[0-9a-f]{12}_[A-Za-z0-9_-]{43}|-----BEGIN ")
+
 # Read from the environment outside the config dataclasses (object store keys, home).
 ALWAYS_ALLOWED = {"LORAFORGE_S3_ACCESS_KEY", "LORAFORGE_S3_SECRET_KEY", "LORAFORGE_HOME"}
 # Settings the deploy files rely on, per entry point, beyond ServerConfig's fields.
@@ -143,7 +158,7 @@ def test_compose_servers_have_grpc_health_checks(compose: dict[str, Any]) -> Non
             path, port = HTTP_SERVERS[script]
             assert svc["environment"]["LORAFORGE_PORT"] == str(port), name
             assert f"http://127.0.0.1:{port}{path}" in " ".join(svc["healthcheck"]["test"]), name
-            assert svc["ports"] == [f"{port}:{port}"], name
+            assert svc["ports"] == [f"127.0.0.1:{port}:{port}"], name
             continue
         service_name, _ = SERVERS[script]
         env = svc["environment"]
@@ -153,7 +168,7 @@ def test_compose_servers_have_grpc_health_checks(compose: dict[str, Any]) -> Non
         assert test[:4] == ["CMD", "python", "-m", "loraforge.services.common.healthcheck"], name
         assert test[4] == f"127.0.0.1:{port}", name
         assert test[5] == service_name, name
-        assert svc["ports"] == [f"{port}:{port}"], name
+        assert svc["ports"] == [f"127.0.0.1:{port}:{port}"], name
 
 
 def test_compose_env_names_are_settings(compose: dict[str, Any]) -> None:
@@ -224,6 +239,104 @@ def test_compose_gpu_override_names_existing_services(compose: dict[str, Any]) -
         assert devices[0]["capabilities"] == ["gpu"]
 
 
+def test_compose_publishes_ports_on_loopback_only(compose: dict[str, Any]) -> None:
+    """Nothing is reachable from another host: every published port is bound to 127.0.0.1."""
+    published = 0
+    for name, svc in compose["services"].items():
+        for port in svc.get("ports", []):
+            spec = port if isinstance(port, str) else f"{port.get('host_ip')}:{port['published']}"
+            assert spec.startswith("127.0.0.1:"), f"{name} publishes {port} beyond this host"
+            published += 1
+    assert published >= 5
+
+
+def _interpolated(value: str) -> list[str]:
+    """The variables `value` takes from the environment / .env without a default."""
+    return re.findall(r"\$\{(\w+):\?[^}]*\}", value)
+
+
+def test_compose_servers_have_auth_on_and_keys_from_the_env_file(
+    compose: dict[str, Any],
+) -> None:
+    ours = loraforge_services(compose)
+    keys: dict[str, list[str]] = {}
+    for name, (script, svc) in ours.items():
+        env = svc["environment"]
+        if script != WORKER:
+            assert env["LORAFORGE_AUTH"] == "on", f"{name}: API keys off"
+        for var, value in env.items():
+            if SECRET_NAME.search(var) and var.startswith("LORAFORGE_") and "S3" not in var:
+                # A key is never written here, nor defaulted: it comes from .env or nothing starts.
+                refs = _interpolated(str(value))
+                assert refs, f"{name}: {var} is not taken from .env"
+                assert not SECRET_VALUE.search(str(value)), f"{name}: {var} is inline"
+                keys[f"{name}.{var}"] = refs
+        if script in IDENTITIES:
+            assert len(_interpolated(env["LORAFORGE_SERVICE_KEY"])) == 1, name
+        if script in ("loraforge-trainer", "loraforge-predictor"):
+            assert env["LORAFORGE_AUTH_ADDRESS"] == "dataset:50051", name
+    dataset = ours["dataset"][1]["environment"]
+    assert _interpolated(dataset["LORAFORGE_ADMIN_KEY"]) == ["LORAFORGE_ADMIN_KEY"]
+    # The dataset service knows each service's key by the variable that service gets.
+    pairs = dict(entry.split("=", 1) for entry in dataset["LORAFORGE_SERVICE_KEYS"].split(","))
+    assert set(pairs) == set(IDENTITIES.values())
+    for name, (script, svc) in ours.items():
+        if script in IDENTITIES:
+            own = svc["environment"]["LORAFORGE_SERVICE_KEY"]
+            assert _interpolated(pairs[IDENTITIES[script]]) == _interpolated(own), name
+    # make-secrets.py writes every variable the files require.
+    required = {v for refs in keys.values() for v in refs}
+    made = MAKE_SECRETS.read_text()
+    assert all(f'"{v}"' in made for v in required), sorted(required)
+
+
+def test_make_secrets_writes_private_keys_and_a_certificate_for_every_service(
+    tmp_path: Path,
+) -> None:
+    subprocess.run(
+        [sys.executable, str(MAKE_SECRETS), "--dir", str(tmp_path), "--tls"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    env_file = tmp_path / ".env"
+    assert env_file.stat().st_mode & 0o777 == 0o600
+    values = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
+    for name in ("ADMIN", "TRAINER", "WORKER", "PREDICTOR"):
+        assert re.fullmatch(SECRET_VALUE.pattern.split("|")[0], values[f"LORAFORGE_{name}_KEY"])
+    assert len(set(values.values())) == len(values)  # each one its own
+    assert (tmp_path / "tls" / "tls.key").stat().st_mode & 0o777 == 0o600
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate((tmp_path / "tls" / "tls.crt").read_bytes())
+    ca = x509.load_pem_x509_certificate((tmp_path / "tls" / "ca.crt").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    services = {
+        n
+        for n, (script, _) in loraforge_services(yaml.safe_load(COMPOSE.read_text())).items()
+        if script != WORKER
+    }
+    assert services <= set(names.get_values_for_type(x509.DNSName))
+
+
+def test_compose_tls_override_gives_every_server_a_certificate(compose: dict[str, Any]) -> None:
+    tls = yaml.safe_load(COMPOSE_TLS.read_text())
+    ours = loraforge_services(compose)
+    assert set(tls["services"]) == set(ours)
+    for name, svc in tls["services"].items():
+        script = ours[name][0]
+        env = svc["environment"]
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in svc["volumes"]}
+        assert mounts["/etc/loraforge/tls"] == "./tls", name
+        assert env["LORAFORGE_TLS_CA_FILE"].startswith("/etc/loraforge/tls/"), name
+        check_env_names(set(env), allowed_env(script), f"compose TLS override {name}")
+        if script != WORKER:
+            assert env["LORAFORGE_TLS_CERT_FILE"] == "/etc/loraforge/tls/tls.crt", name
+            assert env["LORAFORGE_TLS_KEY_FILE"] == "/etc/loraforge/tls/tls.key", name
+            assert env["LORAFORGE_INSECURE"] == "false", name
+
+
 def _docker_compose_available() -> bool:
     if shutil.which("docker") is None:
         return False
@@ -233,12 +346,21 @@ def _docker_compose_available() -> bool:
 
 @pytest.mark.skipif(not _docker_compose_available(), reason="docker compose plugin not installed")
 @pytest.mark.parametrize(
-    "files", [[COMPOSE], [COMPOSE, COMPOSE_GPU]], ids=["default", "with-cuda-override"]
+    "files",
+    [[COMPOSE], [COMPOSE, COMPOSE_GPU], [COMPOSE, COMPOSE_TLS]],
+    ids=["default", "with-cuda-override", "with-tls-override"],
 )
 def test_docker_compose_accepts_the_files(files: list[Path]) -> None:
     args = [a for f in files for a in ("-f", str(f))]
+    keys = {
+        f"LORAFORGE_{n}_KEY": f"lf_{'0' * 12}_{n.lower():x<43}"
+        for n in ("ADMIN", "TRAINER", "WORKER", "PREDICTOR")
+    }
     result = subprocess.run(
-        ["docker", "compose", *args, "config", "-q"], capture_output=True, text=True
+        ["docker", "compose", *args, "config", "-q"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **keys},
     )
     assert result.returncode == 0, result.stderr
 
@@ -314,7 +436,18 @@ def test_every_entry_point_runs_with_the_right_image(k8s: list[dict[str, Any]]) 
     )
 
 
-def test_servers_have_grpc_probes_on_their_port(k8s: list[dict[str, Any]]) -> None:
+def _service_names_of(docs: list[dict[str, Any]], pod_labels: dict[str, str]) -> set[str]:
+    return {
+        name
+        for name, svc in by_kind(docs, "Service").items()
+        if svc["spec"]["selector"].items() <= pod_labels.items()
+    }
+
+
+def test_servers_have_health_probes_on_their_port(k8s: list[dict[str, Any]]) -> None:
+    """Servers speak TLS only and the kubelet's grpc probe speaks none: each probe runs the
+    health CLI on the pod's port over TLS, for a name its certificate carries."""
+    pods = {d["metadata"]["name"]: d["spec"]["template"] for d in workloads(k8s)}
     for name, script, c, _ in loraforge_containers(k8s):
         if script == WORKER:
             assert "ports" not in c and "livenessProbe" not in c, (
@@ -326,16 +459,25 @@ def test_servers_have_grpc_probes_on_their_port(k8s: list[dict[str, Any]]) -> No
             assert [p["containerPort"] for p in c["ports"]] == [port], name
             assert {"name": "LORAFORGE_PORT", "value": str(port)} in c["env"], name
             for probe in ("readinessProbe", "livenessProbe"):
-                assert c[probe]["httpGet"] == {"path": path, "port": port}, f"{name} {probe}"
+                assert c[probe]["httpGet"] == {"path": path, "port": port, "scheme": "HTTPS"}, (
+                    f"{name} {probe}"
+                )
             continue
         service_name, port = SERVERS[script]
         assert [p["containerPort"] for p in c["ports"]] == [port], name
         assert {"name": "LORAFORGE_PORT", "value": str(port)} in c["env"], name
-        for probe in ("readinessProbe", "livenessProbe"):
-            assert c[probe]["grpc"]["port"] == port, f"{name} {probe}"
-        assert c["readinessProbe"]["grpc"]["service"] == service_name, name
-        if "startupProbe" in c:
-            assert c["startupProbe"]["grpc"]["port"] == port
+        own_names = _service_names_of(k8s, pods[name]["metadata"]["labels"])
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if probe not in c:
+                assert probe == "startupProbe", f"{name} has no {probe}"
+                continue
+            command = c[probe]["exec"]["command"]
+            assert command[:4] == [*HEALTH_CLI, f"127.0.0.1:{port}"], f"{name} {probe}"
+            flag = command.index("--tls-server-name")
+            assert command[flag + 1] in own_names, f"{name} {probe}: {command[flag + 1]}"
+            positional = command[4:flag]
+            assert positional == ([] if probe == "livenessProbe" else [service_name]), probe
+            assert c[probe]["timeoutSeconds"] >= 3, f"{name} {probe}: Python needs a moment"
     for d in workloads(k8s):
         for c in d["spec"]["template"]["spec"]["containers"]:
             assert ("readinessProbe" in c and "livenessProbe" in c) or "worker" in d["metadata"][
@@ -431,15 +573,185 @@ def test_config_map_secret_and_env(k8s: list[dict[str, Any]]) -> None:
         assert (
             env["LORAFORGE_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["key"] == expected_db[script]
         ), name
+    secrets = by_kind(k8s, "Secret")
     for d in [*workloads(k8s), *by_kind(k8s, "Job").values()]:
         for c in d["spec"]["template"]["spec"]["containers"]:
             for e in c.get("env", []):
                 ref = e.get("valueFrom", {}).get("secretKeyRef")
                 if ref:
-                    assert ref["name"] == "loraforge-secrets" and ref["key"] in secret, (
-                        c["name"],
-                        ref,
-                    )
+                    assert ref["name"] in secrets, (c["name"], ref)
+                    assert ref["key"] in secrets[ref["name"]]["stringData"], (c["name"], ref)
+
+
+def effective_env(
+    docs: list[dict[str, Any]], container: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """A container's variables as the kubelet sets them: its ConfigMaps, then its own env."""
+    config_maps = by_kind(docs, "ConfigMap")
+    env: dict[str, dict[str, Any]] = {}
+    for source in container.get("envFrom", []):
+        for key, value in config_maps[source["configMapRef"]["name"]]["data"].items():
+            env[key] = {"name": key, "value": value, "from": "ConfigMap"}
+    for e in container.get("env", []):
+        env[e["name"]] = e
+    return env
+
+
+def secret_file(
+    docs: list[dict[str, Any]], pod: dict[str, Any], container: dict[str, Any], path: str
+) -> tuple[str, str] | None:
+    """(Secret, key) that file `path` of the container comes from, or None if no Secret."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        folder = mount["mountPath"].rstrip("/") + "/"
+        if not path.startswith(folder):
+            continue
+        source = volumes[mount["name"]].get("secret")
+        if source is None:
+            return None
+        name = path[len(folder) :]
+        items = {i["path"]: i["key"] for i in source.get("items", [])}
+        key = items.get(name, name) if items else name
+        assert mount.get("readOnly") is True, f"{container['name']}: {folder} is writable"
+        secret = by_kind(docs, "Secret")[source["secretName"]]
+        assert key in secret.get("stringData", secret.get("data", {})), (source, key)
+        assert not items or name in items, f"{container['name']}: {name} is not projected"
+        return source["secretName"], key
+    return None
+
+
+def literal(env: dict[str, dict[str, Any]], var: str, where: str) -> str:
+    assert var in env and "value" in env[var], f"{where}: {var} is not set"
+    return str(env[var]["value"])
+
+
+def test_every_server_has_auth_on_and_tls_files_from_a_secret(k8s: list[dict[str, Any]]) -> None:
+    secrets = by_kind(k8s, "Secret")
+    assert secrets["loraforge-tls"]["type"] == "kubernetes.io/tls"
+    for name, script, c, pod in loraforge_containers(k8s):
+        env = effective_env(k8s, c)
+
+        # Every process verifies the servers it calls with the CA bundle of the Secret.
+        assert secret_file(k8s, pod, c, literal(env, "LORAFORGE_TLS_CA_FILE", name)) == (
+            "loraforge-tls",
+            "ca.crt",
+        ), name
+        if script == WORKER:
+            assert "LORAFORGE_TLS_KEY_FILE" not in env, f"{name}: a worker serves nothing"
+            continue
+        assert literal(env, "LORAFORGE_AUTH", name) == "on", f"{name}: API keys off"
+        assert literal(env, "LORAFORGE_HOST", name) == "0.0.0.0"
+        assert env.get("LORAFORGE_INSECURE", {}).get("value", "false") == "false", name
+        for var, key in (
+            ("LORAFORGE_TLS_CERT_FILE", "tls.crt"),
+            ("LORAFORGE_TLS_KEY_FILE", "tls.key"),
+        ):
+            assert secret_file(k8s, pod, c, literal(env, var, name)) == ("loraforge-tls", key), (
+                f"{name} {var}"
+            )
+
+
+def _secret_ref(env: dict[str, dict[str, Any]], var: str) -> tuple[str, str]:
+    ref = env[var]["valueFrom"]["secretKeyRef"]
+    return ref["name"], ref["key"]
+
+
+def test_every_service_identity_and_the_admin_key_come_from_the_keys_secret(
+    k8s: list[dict[str, Any]],
+) -> None:
+    services = by_kind(k8s, "Service")
+    held: dict[str, tuple[str, str]] = {}
+    dataset_env: dict[str, dict[str, Any]] = {}
+    for name, script, c, _ in loraforge_containers(k8s):
+        env = effective_env(k8s, c)
+        if script == "loraforge-dataset":
+            dataset_env = env
+        if script in IDENTITIES:
+            ref = _secret_ref(env, "LORAFORGE_SERVICE_KEY")
+            assert ref[0] == "loraforge-api-keys", name
+            assert held.setdefault(IDENTITIES[script], ref) == ref, f"{name}: another key"
+        else:
+            assert "LORAFORGE_SERVICE_KEY" not in env, f"{name} has no identity of its own"
+        if script in ("loraforge-trainer", "loraforge-predictor"):
+            host, port = host_port(env["LORAFORGE_AUTH_ADDRESS"]["value"])
+            assert services[host]["spec"]["selector"]["app.kubernetes.io/component"] == "dataset"
+            assert port == SERVERS["loraforge-dataset"][1], name
+    assert set(held) == set(IDENTITIES.values())
+    assert _secret_ref(dataset_env, "LORAFORGE_ADMIN_KEY") == ("loraforge-api-keys", "admin-key")
+    # The dataset service accepts each service's key: the very Secret entry that service holds.
+    pairs = dict(
+        entry.split("=", 1) for entry in dataset_env["LORAFORGE_SERVICE_KEYS"]["value"].split(",")
+    )
+    assert set(pairs) == set(IDENTITIES.values())
+    for service, reference in pairs.items():
+        var = re.fullmatch(r"\$\((\w+)\)", reference)
+        assert var, f"{service}: {reference!r} is not a reference to a variable"
+        assert _secret_ref(dataset_env, var.group(1)) == held[service], service
+    assert len(set(held.values())) == 3, "every service has a key of its own"
+
+
+def test_no_secret_value_is_written_into_a_manifest(k8s: list[dict[str, Any]]) -> None:
+    """Credentials come from Secrets: no ConfigMap, env value or other manifest holds one."""
+    for doc in k8s:
+        if doc["kind"] == "Secret":
+            continue
+        text = yaml.safe_dump(doc)
+        assert not SECRET_VALUE.search(text), f"{doc['kind']} {doc['metadata']['name']}"
+    config = by_kind(k8s, "ConfigMap")["loraforge-config"]["data"]
+    assert not [k for k in config if SECRET_NAME.search(k)], "a credential in the ConfigMap"
+    for d in [*workloads(k8s), *by_kind(k8s, "Job").values()]:
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            env = {e["name"]: e for e in c.get("env", [])}
+            from_secrets = {n for n, e in env.items() if "secretKeyRef" in e.get("valueFrom", {})}
+            for var, e in env.items():
+                if not SECRET_NAME.search(var) or "valueFrom" in e:
+                    continue
+                # A literal is allowed only as references to variables read from a Secret.
+                refs = re.findall(r"\$\((\w+)\)", str(e.get("value", "")))
+                assert refs and set(refs) <= from_secrets, f"{c['name']}: {var} is inline"
+                assert not re.sub(r"\$\(\w+\)", "", e["value"]).count("lf_"), var
+    # The placeholders are marked, so a forgotten one fails loudly at start.
+    for name in ("loraforge-api-keys", "loraforge-tls"):
+        data = by_kind(k8s, "Secret")[name]["stringData"]
+        assert all(v.startswith("CHANGE-ME") for v in data.values()), name
+
+
+def test_the_predictor_gateway_speaks_tls_both_ways_and_hides_its_admin(
+    k8s: list[dict[str, Any]],
+) -> None:
+    envoy = yaml.safe_load(by_kind(k8s, "ConfigMap")["envoy-predictor"]["data"]["envoy.yaml"])
+    deployment = by_kind(k8s, "Deployment")["predictor-gateway"]["spec"]["template"]["spec"]
+    gateway = deployment["containers"][0]
+    assert envoy["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    listener = envoy["static_resources"]["listeners"][0]
+    downstream = listener["filter_chains"][0]["transport_socket"]["typed_config"]
+    assert downstream["@type"].endswith("DownstreamTlsContext")
+    (certificate,) = downstream["common_tls_context"]["tls_certificates"]
+    assert secret_file(k8s, deployment, gateway, certificate["certificate_chain"]["filename"]) == (
+        "loraforge-tls",
+        "tls.crt",
+    )
+    assert secret_file(k8s, deployment, gateway, certificate["private_key"]["filename"]) == (
+        "loraforge-tls",
+        "tls.key",
+    )
+    cluster = {c["name"]: c for c in envoy["static_resources"]["clusters"]}["predictor"]
+    upstream = cluster["transport_socket"]["typed_config"]
+    assert upstream["@type"].endswith("UpstreamTlsContext")
+    ca = upstream["common_tls_context"]["validation_context"]["trusted_ca"]["filename"]
+    assert secret_file(k8s, deployment, gateway, ca) == ("loraforge-tls", "ca.crt")
+    # The probes reach a listener that answers /ready and nothing else of the admin.
+    ready = {p["name"]: p["containerPort"] for p in gateway["ports"]}["ready"]
+    (probe_listener,) = [
+        lis
+        for lis in envoy["static_resources"]["listeners"]
+        if lis["address"]["socket_address"]["port_value"] == ready
+    ]
+    routes = probe_listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"][
+        "virtual_hosts"
+    ][0]["routes"]
+    assert routes[0] == {"match": {"path": "/ready"}, "route": {"cluster": "admin"}}
+    assert all("direct_response" in r for r in routes[1:])
 
 
 def test_envoy_routes_by_model_to_the_predictor_replicas(k8s: list[dict[str, Any]]) -> None:
