@@ -4,7 +4,8 @@ Through real processes: a dataset service, a trainer with one model root, a
 training worker and a predictor. A user may not set `trust_remote_code`; a model
 name is a catalogue entry, a template's own base model or a folder inside a model
 root, and every other name (absolute paths, traversal, symbolic links out of a
-root) gets one and the same INVALID_ARGUMENT whether or not the file exists. A
+root) gets one and the same INVALID_ARGUMENT whether or not the file exists, and a
+worker checks the name again with its own settings before loading. A
 model folder whose `auto_map` would import its own Python code (which writes a
 marker file here) is refused with a clear error by the worker and the predictor,
 even inside a model root, and the code never runs.
@@ -48,6 +49,7 @@ MODEL = f"{APP}/models/qa"
 TEMPLATE = "templates/HF_Llama_3_2_1b_instruct_lora"
 FIELD = "param_overrides.model_config.pretrained_model_name_or_path"
 ROOT = "vetted"  # the model root's name
+TRAINER_ONLY = "trainer-only"  # a root only the trainer has: the worker checks again
 S = pb.ModelVersionState
 
 # Imported by transformers only where trust_remote_code lets a model's own code run.
@@ -120,12 +122,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     evil = make_evil_model(tiny, root / "evil", marker)
     (root / "escape").symlink_to(outside)  # a link inside the root to a folder outside it
     env = {"LORAFORGE_MODEL_ROOTS": f"{ROOT}={root}"}
+    trainer_only = workdir / "trainer-only"
+    shutil.copytree(tiny, trainer_only / "tiny")
+    trainer_env = {"LORAFORGE_MODEL_ROOTS": f"{ROOT}={root},{TRAINER_ONLY}={trainer_only}"}
     dataset = start_service("loraforge.services.dataset", workdir)
     trainer = start_service(
         "loraforge.services.trainer",
         workdir,
         args=["--dataset-address", dataset.address, "--reap-seconds", "1"],
-        env=env,
+        env=trainer_env,
     )
     s: Stack | None = None
     try:
@@ -318,6 +323,30 @@ def test_a_model_with_its_own_code_never_runs_it_in_the_worker(stack: Stack) -> 
     assert "needs its own Python code" in done.failure_reason
     assert "auto_map" in done.failure_reason and "trust_remote_code" in done.failure_reason
     assert not stack.marker.exists()
+
+
+def test_the_worker_checks_the_name_again_before_loading(stack: Stack) -> None:
+    """A run the trainer accepted (its model roots) fails on a worker without that root."""
+    version = _create(stack, {"pretrained_model_name_or_path": f"{TRAINER_ONLY}/tiny"})
+    done = _wait_done(stack, version.name)
+    assert done.state == S.MODEL_VERSION_STATE_FAILED
+    assert "is not in the base-model catalogue or a configured model root" in done.failure_reason
+
+
+def test_a_template_that_declares_trust_remote_code_is_refused(tmp_path: Path) -> None:
+    from loraforge.services.trainer import templates as tpl
+
+    source = tpl.TEMPLATES_DIR / "HF_SmolLM2_135m_instruct_lora.yaml"
+    text = source.read_text().replace(
+        "  quantization_config:\n",
+        "    trust_remote_code:\n      type: bool\n      default: false\n"
+        "      description: run the model's own code\n  quantization_config:\n",
+        1,
+    )
+    copy = tmp_path / source.name
+    copy.write_text(text)
+    with pytest.raises(ValueError, match="operator setting"):
+        tpl.load_template(copy)
 
 
 def test_a_predictor_refuses_a_base_model_with_its_own_code(stack: Stack) -> None:
