@@ -401,6 +401,8 @@ def cmd_upload(args: argparse.Namespace) -> None:
             skip_duplicates=args.skip_duplicates,
             max_row_errors=args.max_errors,
             progress=progress,
+            label_completions=args.label_completions,
+            label_separator=args.label_separator,
         )
     elapsed = max(time.monotonic() - started, 1e-6)
     _print_upload_report(report, elapsed)
@@ -1057,6 +1059,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--skip-duplicates", action="store_true")
     p.add_argument("--max-errors", type=int, default=50, help="rejected rows to list")
+    p.add_argument(
+        "--label-completions",
+        metavar="TEMPLATE",
+        default=None,
+        help="read a labelled CSV (input,concepts): each row's concepts become its completion "
+        "and its input goes into TEMPLATE at {input}, e.g. 'Classify this review: {input}'",
+    )
+    p.add_argument(
+        "--label-separator",
+        default="",
+        help="joins a row's concepts in its completion (with --label-completions; default ', ')",
+    )
     p = add("versions", cmd_versions, "create or list dataset versions, or delete one")
     p.add_argument("action", choices=["create", "list", "delete"])
     p.add_argument("name", help="APP/DATASET (create, list) or APP/DATASET/VERSION (delete)")

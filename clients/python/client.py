@@ -759,16 +759,27 @@ class Dataset:
         max_row_errors: int = 100,
         progress: Callable[[int, int, int], None] | None = None,
         request_id: str | None = None,
+        label_completions: str | None = None,
+        label_separator: str = "",
     ) -> dpb.UploadInputsResponse:
         """Streams a file (any supported format) in 1 MiB chunks.
 
         `progress(bytes_sent, total_bytes, lines_sent)` is called after each chunk. The
         upload is stored once per `request_id` (a fresh one when None), however often it
         is sent: a retry, ours or the caller's, gets the first upload's report.
+
+        `label_completions`, an instruction template with `{input}`, reads a labelled CSV
+        (`input,concepts`) as a classifier's data: each row's prompt is its input in the
+        template, its completion its concepts (joined by `label_separator`, default ", ").
         """
         path = Path(path)
         total = path.stat().st_size
         request_id = _request_id(request_id)
+        labels = (
+            dpb.LabelCompletions(instruction_template=label_completions, separator=label_separator)
+            if label_completions is not None
+            else None
+        )
 
         def messages() -> Iterator[dpb.UploadInputsRequest]:
             yield dpb.UploadInputsRequest(
@@ -778,6 +789,7 @@ class Dataset:
                     skip_duplicates=skip_duplicates,
                     max_row_errors=max_row_errors,
                     request_id=request_id,
+                    label_completions=labels,
                 )
             )
             sent = lines = 0

@@ -43,6 +43,7 @@ class Markup(enum.IntEnum):
     INSTRUCTION_INPUT_RESPONSE = 3
     LLAMA3_HEADERS = 4
     STRUCTURED = 5
+    LABEL_COMPLETION = 6  # concepts as the completion, the input in an instruction template
 
 
 class VersionState(enum.IntEnum):

@@ -19,6 +19,11 @@ prompt is everything up to and including that marker. A text without markup is a
 example learned whole. A text that has markup but no answer section is rejected: it was
 meant to be a pair, and training on it as plain text would teach the wrong thing.
 
+With `LabelCompletions`, a labelled CSV (text classification recast as generation, as the
+seed SDK's `input,concepts` files are) is read differently: the text cell is not split by
+markup but put whole into the user's instruction template as the prompt, and the row's
+concepts are the completion; a row without concepts has nothing to learn and is rejected.
+
 Invalid UTF-8 is decoded with `surrogateescape`, so one bad byte costs only its own row
 (rejected as INVALID_UTF8), never the file.
 """
@@ -36,7 +41,12 @@ from pathlib import PurePosixPath
 from typing import Any, NamedTuple
 
 from loraforge.services.common.errors import InvalidArgument, invalid_field
-from loraforge.services.common.values import MAX_JSON_DEPTH, nests_deeper, text_problem
+from loraforge.services.common.values import (
+    MAX_JSON_DEPTH,
+    check_text,
+    nests_deeper,
+    text_problem,
+)
 from loraforge.services.dataset.domain import ExampleKind, Markup, RowError, SourceFormat
 
 # The request field that carries the file's bytes; refusals of the whole file name it.
@@ -53,6 +63,12 @@ PORTAL_CONCEPTS_COLUMN = "input.data.concepts[*].id"
 PORTAL_METADATA_COLUMN = "input.data.metadata"
 PORTAL_ID_COLUMN = "input.id"
 SDK_TEXT_COLUMN = "input"
+SDK_CONCEPTS_COLUMN = "concepts"
+
+INPUT_PLACEHOLDER = "{input}"
+MAX_INSTRUCTION_TEMPLATE_CHARS = 4000
+MAX_LABEL_SEPARATOR_CHARS = 100
+DEFAULT_LABEL_SEPARATOR = ", "
 
 CSV_FORMATS = (SourceFormat.PORTAL_CSV, SourceFormat.SDK_CSV)
 JSONL_FORMATS = (
@@ -140,9 +156,58 @@ def _invalid_utf8(text: str) -> Reject:
     )
 
 
-# Free text: markup -> (kind, prompt, completion, markup)
-
 Example = tuple[ExampleKind, str, str, Markup]
+
+
+# Labels as completions
+
+
+@dataclass(frozen=True)
+class LabelCompletions:
+    """Labelled rows as prompt-completion pairs: the row's input in `instruction_template`
+    (at every `{input}`) is the prompt, its concepts joined by `separator` the completion."""
+
+    instruction_template: str
+    separator: str = DEFAULT_LABEL_SEPARATOR
+
+    @classmethod
+    def checked(cls, instruction_template: str, separator: str, field: str) -> LabelCompletions:
+        """The options if they can be used; InvalidArgument naming `field`'s part otherwise."""
+        template_field = f"{field}.instruction_template"
+        check_text(instruction_template, template_field, MAX_INSTRUCTION_TEMPLATE_CHARS)
+        if INPUT_PLACEHOLDER not in instruction_template:
+            raise invalid_field(
+                template_field,
+                f"the template has no `{INPUT_PLACEHOLDER}`, so a row's input would not be in "
+                f"its prompt; write `{INPUT_PLACEHOLDER}` where the input goes, e.g. "
+                f'"Classify this review.\\n\\n{INPUT_PLACEHOLDER}"',
+                reason="NO_INPUT_PLACEHOLDER",
+            )
+        check_text(separator, f"{field}.separator", MAX_LABEL_SEPARATOR_CHARS)
+        return cls(instruction_template, separator or DEFAULT_LABEL_SEPARATOR)
+
+    def example(self, text: str, concepts: tuple[str, ...], column: str, limit: int) -> Example:
+        labels = [c.strip() for c in concepts if c.strip()]
+        if not labels:
+            raise Reject(
+                "NO_CONCEPTS",
+                f"the `{column}` cell is empty, so there is no label to learn as the "
+                "completion; give the row its concept(s) or leave the row out",
+            )
+        prompt = self.instruction_template.replace(INPUT_PLACEHOLDER, text)
+        completion = self.separator.join(labels)
+        length = len(prompt) + len(completion)
+        if length > limit:
+            raise Reject(
+                "TOO_LONG",
+                f"in the instruction template with its labels the example is {length:,} "
+                f"characters, over the limit of {limit:,} (max_example_chars); shorten the "
+                "template or the input, or raise the limit",
+            )
+        return ExampleKind.PROMPT_COMPLETION, prompt, completion, Markup.LABEL_COMPLETION
+
+
+# Free text: markup -> (kind, prompt, completion, markup)
 
 
 def split_text(text: str) -> Example:
@@ -585,11 +650,17 @@ class UploadParser:
     """
 
     def __init__(
-        self, *, file_name: str, requested: SourceFormat | None, max_example_chars: int
+        self,
+        *,
+        file_name: str,
+        requested: SourceFormat | None,
+        max_example_chars: int,
+        labels: LabelCompletions | None = None,
     ) -> None:
         self.file_name = file_name
         self.requested = requested
         self.max_example_chars = max_example_chars
+        self.labels = labels
         self.detected_format: SourceFormat | None = None
         self.rows_read = 0
         self._splitter: LineSplitter | None = None
@@ -612,6 +683,8 @@ class UploadParser:
             if len(sample) >= SNIFF_LINES or size >= SNIFF_CHARS:
                 break
         detected = detect_format(self.file_name, self.requested, sample)
+        if self.labels is not None:
+            _check_labelled(detected)
         self.detected_format = detected.format
         all_blocks = itertools.chain(sniffed, blocks)
         if detected.format in CSV_FORMATS:
@@ -813,18 +886,50 @@ class UploadParser:
         if self._splitter.invalid_utf8_seen and any(_SURROGATE.search(v) for v in record):
             raise _invalid_utf8(text)
         _refuse_nul(text)
-        kind, prompt, completion, markup = split_text(text)
+        example = split_text(text) if self.labels is None else None
         if layout is SourceFormat.PORTAL_CSV:
-            concepts = _concepts(values.get(PORTAL_CONCEPTS_COLUMN), f"`{PORTAL_CONCEPTS_COLUMN}`")
+            concepts_column = PORTAL_CONCEPTS_COLUMN
             metadata = _metadata(values.get(PORTAL_METADATA_COLUMN), f"`{PORTAL_METADATA_COLUMN}`")
             external_id = values.get(PORTAL_ID_COLUMN, "").strip()
         else:
-            concepts = _concepts(values.get("concepts"), "`concepts`")
+            concepts_column = SDK_CONCEPTS_COLUMN
             metadata = _metadata(values.get("metadata"), "`metadata`")
             external_id = values.get("inputid", "").strip()
+        concepts = _concepts(values.get(concepts_column), f"`{concepts_column}`")
+        if example is None:
+            assert self.labels is not None
+            example = self.labels.example(text, concepts, concepts_column, self.max_example_chars)
+        kind, prompt, completion, markup = example
         if external_id:
             metadata = {**(metadata or {}), "inputid": external_id}
         return ParsedRow(line, kind, prompt, completion, text, markup, concepts, metadata)
+
+
+def _check_labelled(detected: Detected) -> None:
+    """Refuses, for label completions, a file that is no CSV with a text and a concepts column."""
+    field = "header.label_completions"
+    if detected.format not in CSV_FORMATS:
+        raise invalid_field(
+            field,
+            f"labels as completions need a labelled CSV (an `{SDK_TEXT_COLUMN}` and a "
+            f"`{SDK_CONCEPTS_COLUMN}` column, or the portal's `{PORTAL_TEXT_COLUMN}` and "
+            f"`{PORTAL_CONCEPTS_COLUMN}`), but this file is {detected.format.name}; upload "
+            "such a CSV, or this file without label_completions",
+            reason="LABELS_NEED_CSV",
+        )
+    wanted = (
+        PORTAL_CONCEPTS_COLUMN
+        if detected.format is SourceFormat.PORTAL_CSV
+        else SDK_CONCEPTS_COLUMN
+    )
+    if wanted not in detected.columns:
+        shown = ", ".join(f"`{c}`" for c in detected.columns[:10])
+        raise invalid_field(
+            field,
+            f"the CSV header has no `{wanted}` column (found {shown}), so there are no labels "
+            "to learn as completions; add the column, or upload without label_completions",
+            reason="NO_CONCEPTS_COLUMN",
+        )
 
 
 def _record_excerpt(record: list[str], columns: tuple[str, ...], detected: Detected) -> str:

@@ -42,6 +42,7 @@ from loraforge.services.dataset.domain import (
     VersionRecord,
 )
 from loraforge.services.dataset.pages import parse_page
+from loraforge.services.dataset.parsing import LabelCompletions
 from loraforge.services.dataset.store import DatasetStore
 from loraforge.services.dataset.uploads import (
     DEFAULT_MAX_ROW_ERRORS,
@@ -465,6 +466,13 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
             max_row_errors=min(header.max_row_errors or DEFAULT_MAX_ROW_ERRORS, MAX_ROW_ERRORS),
             skip_duplicates=header.skip_duplicates,
             request_id=_request_id(header.request_id, "header.request_id"),
+            labels=LabelCompletions.checked(
+                header.label_completions.instruction_template,
+                header.label_completions.separator,
+                "header.label_completions",
+            )
+            if header.HasField("label_completions")
+            else None,
         )
 
     async def UploadInputs(

@@ -26,7 +26,12 @@ from loraforge.services.common.errors import Aborted, Unavailable, invalid_field
 from loraforge.services.dataset.domain import RowError, SourceFormat, UploadReport
 from loraforge.services.dataset.input_writer import InputWriter
 from loraforge.services.dataset.inputs import Inputs, UploadHandle
-from loraforge.services.dataset.parsing import FILE_FIELD, ParsedRow, UploadParser
+from loraforge.services.dataset.parsing import (
+    FILE_FIELD,
+    LabelCompletions,
+    ParsedRow,
+    UploadParser,
+)
 
 log = logging.getLogger("loraforge.dataset.uploads")
 
@@ -47,6 +52,7 @@ class UploadOptions:
     max_row_errors: int
     skip_duplicates: bool
     request_id: str = ""
+    labels: LabelCompletions | None = None
 
 
 class _Writer(threading.Thread):
@@ -210,6 +216,7 @@ class Uploader:
             file_name=options.file_name,
             requested=options.requested_format,
             max_example_chars=self.max_example_chars,
+            labels=options.labels,
         )
         report = UploadReport(upload_id=upload.upload_id, detected_format=SourceFormat.PLAIN_TEXT)
         writer: _Writer | None = None

@@ -127,6 +127,11 @@ class _TextMarkupEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TextMarkup
     """Llama-3 header tokens (`<|start_header_id|>assistant<|end_header_id|>`)."""
     TEXT_MARKUP_STRUCTURED: _TextMarkup.ValueType  # 5
     """A structured record (JSON keys or AddInputs fields), not markup in text."""
+    TEXT_MARKUP_LABEL_COMPLETION: _TextMarkup.ValueType  # 6
+    """A labelled row uploaded with `UploadHeader.label_completions`: the
+    prompt is the row's input in the upload's instruction template, the
+    completion its concept(s).
+    """
 
 class TextMarkup(_TextMarkup, metaclass=_TextMarkupEnumTypeWrapper):
     """How a raw text marks its prompt and completion."""
@@ -143,6 +148,11 @@ TEXT_MARKUP_LLAMA3_HEADERS: TextMarkup.ValueType  # 4
 """Llama-3 header tokens (`<|start_header_id|>assistant<|end_header_id|>`)."""
 TEXT_MARKUP_STRUCTURED: TextMarkup.ValueType  # 5
 """A structured record (JSON keys or AddInputs fields), not markup in text."""
+TEXT_MARKUP_LABEL_COMPLETION: TextMarkup.ValueType  # 6
+"""A labelled row uploaded with `UploadHeader.label_completions`: the
+prompt is the row's input in the upload's instruction template, the
+completion its concept(s).
+"""
 Global___TextMarkup: _TypeAlias = TextMarkup  # noqa: Y015
 
 class _DatasetVersionState:
@@ -946,6 +956,7 @@ class UploadHeader(_message.Message):
     MAX_ROW_ERRORS_FIELD_NUMBER: _builtins.int
     SKIP_DUPLICATES_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    LABEL_COMPLETIONS_FIELD_NUMBER: _builtins.int
     dataset: _builtins.str
     """The dataset to add to: `apps/{app}/datasets/{dataset}`."""
     file_name: _builtins.str
@@ -966,6 +977,16 @@ class UploadHeader(_message.Message):
     While that upload is still running, a retry is ABORTED; once it failed,
     the id is free again. At most 200 characters; a UUID is a good choice.
     """
+    @_builtins.property
+    def label_completions(self) -> Global___LabelCompletions:
+        """Set: the file is labelled data (a CSV with an `input` or
+        `input.data.text.raw` column and a concepts column), and each row
+        becomes a prompt-completion example whose completion is its concept(s)
+        and whose prompt is its input in an instruction template, so a
+        classifier's labelled CSV trains without being rewritten. Rows without
+        concepts are rejected. Unset: the file's rows are read as they are.
+        """
+
     def __init__(
         self,
         *,
@@ -975,14 +996,49 @@ class UploadHeader(_message.Message):
         max_row_errors: _builtins.int = ...,
         skip_duplicates: _builtins.bool = ...,
         request_id: _builtins.str = ...,
+        label_completions: Global___LabelCompletions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["label_completions", b"label_completions"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "file_name", b"file_name", "format", b"format", "max_row_errors", b"max_row_errors", "request_id", b"request_id", "skip_duplicates", b"skip_duplicates"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "file_name", b"file_name", "format", b"format", "label_completions", b"label_completions", "max_row_errors", b"max_row_errors", "request_id", b"request_id", "skip_duplicates", b"skip_duplicates"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UploadHeader: _TypeAlias = UploadHeader  # noqa: Y015
+
+@_typing.final
+class LabelCompletions(_message.Message):
+    """How labelled rows become prompt-completion examples (see
+    `UploadHeader.label_completions`).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTRUCTION_TEMPLATE_FIELD_NUMBER: _builtins.int
+    SEPARATOR_FIELD_NUMBER: _builtins.int
+    instruction_template: _builtins.str
+    """The prompt of every example: a text containing `{input}`, which is
+    replaced by the row's input, e.g. "Classify the sentiment of this
+    review.\\n\\n{input}\\n\\nSentiment:". Required. Other braces are kept as
+    they are. At most 4000 characters.
+    """
+    separator: _builtins.str
+    """What joins the concepts of a row that has several, in the row's order;
+    default ", ".
+    """
+    def __init__(
+        self,
+        *,
+        instruction_template: _builtins.str = ...,
+        separator: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instruction_template", b"instruction_template", "separator", b"separator"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LabelCompletions: _TypeAlias = LabelCompletions  # noqa: Y015
 
 @_typing.final
 class UploadInputsRequest(_message.Message):
