@@ -72,7 +72,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 
 @pytest.fixture(scope="module")
 def client(cluster: LocalCluster) -> Iterator[Client]:
-    with Client(**cluster.addresses) as c:
+    with Client(**cluster.addresses, api_key=cluster.api_key()) as c:
         yield c
 
 
@@ -213,13 +213,13 @@ def test_python_client_errors_are_one_clear_client_error(client: Client, small_c
 def test_python_client_queues_one_run_per_request_id_across_its_own_retries(
     cluster: LocalCluster, small_csv: Path
 ) -> None:
-    with Client(**cluster.addresses) as client:
+    with Client(**cluster.addresses, api_key=cluster.api_key()) as client:
         dataset = client.create_app("idem").create_dataset("d")
         dataset.upload_from_csv(small_csv)
         version = dataset.create_version()
         client.app("idem").create_model("m")
     lossy = LoseFirstReply("CreateModelVersion")
-    with Client(**cluster.addresses, interceptors=[lossy]) as client:
+    with Client(**cluster.addresses, api_key=cluster.api_key(), interceptors=[lossy]) as client:
         model = client.model("idem/m")
         model.get_params(template="HuggingFace_AdvancedConfig")
         model.update_params(dataset_version=version, **FAST_TRAINING)
@@ -252,7 +252,9 @@ def _cli(
             "--predictor-address", addresses["predictor"],
             *args,
         ],
-        capture_output=True, text=True, timeout=900, cwd=cwd, env={**os.environ, "COLUMNS": "200"},
+        capture_output=True, text=True, timeout=900, cwd=cwd,
+        # The cluster runs with API keys on; the CLI takes the admin key `up` leaves.
+        env={**os.environ, "COLUMNS": "200", "LORAFORGE_API_KEY_FILE": str(cluster.admin_key_file)},
     )  # fmt: skip
 
 
@@ -370,6 +372,7 @@ def test_node_client_runs_the_whole_workflow_through_the_contracts(
     env = {
         **os.environ,
         **{f"LORAFORGE_{k.upper()}_ADDRESS": v for k, v in cluster.addresses.items()},
+        "LORAFORGE_API_KEY_FILE": str(cluster.admin_key_file),
     }
     result = subprocess.run(
         ["node", "clients/node/workflow.mjs", str(small_csv), cluster.base_model],

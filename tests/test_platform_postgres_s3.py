@@ -62,7 +62,7 @@ def test_upload_version_train_and_predict_on_postgresql_and_s3(
         )
         try:
             cluster.start(timeout=300)
-            with Client(**cluster.addresses) as client:
+            with Client(**cluster.addresses, api_key=cluster.api_key()) as client:
                 app = client.create_app("pg")
                 dataset = app.create_dataset("sums")
                 assert len(dataset.add_examples(EXAMPLES)) == len(EXAMPLES)
