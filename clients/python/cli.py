@@ -858,6 +858,34 @@ def cmd_cancel(args: argparse.Namespace) -> None:
     console.print(f"{escape(mv.name)}: {_state_name(mv.state)}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    client = _client(args)
+    dest = Path(args.output) if args.output else Path.cwd()
+    if not dest.is_dir() and not dest.parent.is_dir():
+        raise UsageError(f"{dest.parent}: no such folder")
+    what = "merging the adapter into the base model" if args.merged else "exporting"
+    with Progress(
+        TextColumn(what),
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("export", total=None)
+
+        def progress(received: int, total: int) -> None:
+            bar.update(task, completed=received, total=total, description="downloading")
+
+        path, info = client.export(args.version, dest, merged=args.merged, progress=progress)
+    kind = "merged model" if args.merged else "adapter"
+    console.print(
+        f"wrote the {kind} of {escape(str(info.manifest['model_version']))} to {escape(str(path))} "
+        f"({info.size_bytes:,} bytes, sha256 {info.sha256[:12]}…): "
+        + ", ".join(escape(f.rsplit("/", 1)[-1]) for f in info.files)
+    )
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     client = _client(args)
     if bool(args.model) == args.base:
@@ -1136,6 +1164,21 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "watch":
             p.add_argument("--plot", default=None)
+    p = add(
+        "export",
+        cmd_export,
+        "download a trained model version as one tar archive (PEFT adapter + manifest)",
+    )
+    p.add_argument("version", help="APP/MODEL/VERSION or apps/APP/models/MODEL/versions/VERSION")
+    p.add_argument(
+        "-o", "--output", default="", help="archive file or folder (default: the current folder)"
+    )
+    p.add_argument(
+        "--merged",
+        action="store_true",
+        help="the base model with the adapter merged into its weights (safetensors), for "
+        "engines without LoRA",
+    )
     p = add("predict", cmd_predict, "generate text with a model, a model version or the base model")
     p.add_argument(
         "model",

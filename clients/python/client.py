@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import hashlib
 import os
 import time
 import uuid
@@ -527,6 +528,52 @@ class Client:
             self.trainer.CancelModelVersion,
             tpb.CancelModelVersionRequest(name=version_name(model_version)),
         ).model_version
+
+    def export(
+        self,
+        model_version: str,
+        dest: str | os.PathLike[str],
+        *,
+        merged: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> tuple[Path, tpb.ExportInfo]:
+        """Downloads a TRAINED version as one tar archive; returns where it is and what it holds.
+
+        The archive holds the PEFT adapter and `manifest.json` in one folder, or with `merged`
+        the base model with the adapter merged into its weights (safetensors) and its
+        tokenizer. `dest` is the file to write, or a folder to write the archive's own name
+        into. The file appears only once its size and SHA-256 match the trainer's.
+        `progress(bytes_received, total_bytes)` is called after each chunk.
+        """
+        request = tpb.ExportModelVersionRequest(name=version_name(model_version), merged=merged)
+        responses = _stream(self.trainer.ExportModelVersion(request))
+        first = next(responses, None)
+        if first is None or first.WhichOneof("payload") != "info":
+            raise ClientError(grpc.StatusCode.UNKNOWN, "the export stream did not start with info")
+        info = first.info
+        path = Path(dest)
+        if path.is_dir():
+            path = path / info.file_name
+        part = path.with_name(path.name + ".part")
+        digest, received = hashlib.sha256(), 0
+        try:
+            with part.open("wb") as fh:
+                for message in responses:
+                    fh.write(message.chunk)
+                    digest.update(message.chunk)
+                    received += len(message.chunk)
+                    if progress:
+                        progress(received, info.size_bytes)
+            if received != info.size_bytes or digest.hexdigest() != info.sha256:
+                raise ClientError(
+                    grpc.StatusCode.DATA_LOSS,
+                    f"the export of {request.name} arrived damaged ({received:,} of "
+                    f"{info.size_bytes:,} bytes, or a different SHA-256); export it again",
+                )
+            part.replace(path)
+        finally:
+            part.unlink(missing_ok=True)
+        return path, info
 
     # Prediction
 

@@ -101,6 +101,7 @@ POLICY: dict[str, Rule] = {
     TRAINER + "CancelModelVersion": rule(on(TRAIN, "name")),
     TRAINER + "WatchModelVersion": rule(on(READ, "name")),
     TRAINER + "GetModelVersionLogs": rule(on(READ, "name")),
+    TRAINER + "ExportModelVersion": rule(on(READ, "name")),
     # Predictions and the adapters serving them
     PREDICTOR + "Predict": rule(_predict),
     PREDICTOR + "PredictStream": rule(_predict),

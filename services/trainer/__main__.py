@@ -31,6 +31,7 @@ from loraforge.services.common.server import ServiceBinding, check_exposure, run
 from loraforge.services.common.verify import remote_verifier
 from loraforge.services.trainer import templates as tpl
 from loraforge.services.trainer.dataset_client import AsyncDatasetClient
+from loraforge.services.trainer.exports import Exports
 from loraforge.services.trainer.jobs import JobQueue
 from loraforge.services.trainer.runs import Runs
 from loraforge.services.trainer.servicer import TrainerServicer
@@ -68,6 +69,14 @@ class TrainerConfig(ServerConfig):
     # The same settings as the training workers': a name is checked here and there.
     model_roots: str = model_roots_setting()
     allow_hub_models: bool = allow_hub_models_setting()
+    max_concurrent_merges: int = setting(
+        1,
+        "Merged exports (a base model with an adapter merged in) this server builds at once, "
+        "each in a process of its own that loads the whole base model; later ones wait.",
+    )
+    merge_timeout_seconds: float = setting(
+        3600.0, "A merged export whose merge runs longer than this is stopped."
+    )
 
     def __post_init__(self) -> None:
         parse_model_roots(self.model_roots, Path(self.home))  # a malformed value stops the start
@@ -75,9 +84,15 @@ class TrainerConfig(ServerConfig):
             value = getattr(self, name)
             if value <= 0:
                 raise InvalidArgument(f"{describe(name)} must be more than 0 (got {value})")
-        if self.max_attempts < 1:
+        for name in ("max_attempts", "max_concurrent_merges"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(
+                    f"{describe(name)} must be at least 1 (got {getattr(self, name)})"
+                )
+        if self.merge_timeout_seconds <= 0:
             raise InvalidArgument(
-                f"{describe('max_attempts')} must be at least 1 (got {self.max_attempts})"
+                f"{describe('merge_timeout_seconds')} must be more than 0 "
+                f"(got {self.merge_timeout_seconds})"
             )
 
 
@@ -123,7 +138,17 @@ async def run(config: TrainerConfig) -> None:
         parse_model_roots(config.model_roots, config.home_path()), config.allow_hub_models
     )
     runs = Runs(store, objects, datasets, models=models)
-    servicer = TrainerServicer(store, runs, datasets, watch_poll_seconds=config.watch_poll_seconds)
+    exports = Exports(
+        store,
+        objects,
+        models,
+        scratch_dir=config.home_path() / "exports",
+        max_merges=config.max_concurrent_merges,
+        merge_timeout_seconds=config.merge_timeout_seconds,
+    )
+    servicer = TrainerServicer(
+        store, runs, datasets, watch_poll_seconds=config.watch_poll_seconds, exports=exports
+    )
     binding = ServiceBinding(
         SERVICE_NAME, servicer, trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server
     )

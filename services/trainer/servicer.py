@@ -24,6 +24,7 @@ from loraforge.services.common.values import INT32_MAX, check_int
 from loraforge.services.predictor.protos import params_from_proto, params_to_proto
 from loraforge.services.trainer import templates as tpl
 from loraforge.services.trainer.dataset_client import AsyncDatasetClient
+from loraforge.services.trainer.exports import Archive, Exports
 from loraforge.services.trainer.models import ModelChanges, Models, inference_params
 from loraforge.services.trainer.runs import MODEL, VERSION, NewRun, Run, Runs
 from loraforge.services.trainer.store import (
@@ -255,12 +256,14 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         datasets: AsyncDatasetClient,
         *,
         watch_poll_seconds: float = 0.25,
+        exports: Exports | None = None,
     ) -> None:
         self.store = store
         self.runs = runs
         self.models = Models(store, datasets)
         self.datasets = datasets
         self.watch_poll_seconds = watch_poll_seconds
+        self.exports = exports or Exports(store, runs.objects, runs.models)
 
     # Model types and templates.
 
@@ -458,3 +461,26 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         return pb.GetModelVersionLogsResponse(
             events=[event_to_pb(e) for e in events], next_page_token=token
         )
+
+    async def ExportModelVersion(
+        self, request: pb.ExportModelVersionRequest, context: Context
+    ) -> AsyncIterator[pb.ExportModelVersionResponse]:
+        archive = await self.exports.export(request.name, request.merged)
+        chunks = archive.chunks()
+        try:
+            yield pb.ExportModelVersionResponse(info=export_info_pb(archive))
+            while chunk := await asyncio.to_thread(next, chunks, b""):
+                yield pb.ExportModelVersionResponse(chunk=chunk)
+        finally:
+            chunks.close()
+            await asyncio.to_thread(archive.close)
+
+
+def export_info_pb(archive: Archive) -> pb.ExportInfo:
+    return pb.ExportInfo(
+        file_name=archive.file_name,
+        size_bytes=archive.size_bytes,
+        sha256=archive.sha256,
+        files=archive.files,
+        manifest=_struct(archive.manifest),
+    )

@@ -1701,3 +1701,115 @@ class GetModelVersionLogsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetModelVersionLogsResponse: _TypeAlias = GetModelVersionLogsResponse  # noqa: Y015
+
+@_typing.final
+class ExportModelVersionRequest(_message.Message):
+    """Request for ExportModelVersion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    MERGED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The model version: `apps/{app}/models/{model}/versions/{version}`. It
+    must be TRAINED.
+    """
+    merged: _builtins.bool
+    """False: the LoRA adapter, for PEFT or any engine that serves LoRA. True:
+    a full model for engines without LoRA: the base model with the adapter
+    merged into its weights (PEFT's `merge_and_unload`), saved as
+    safetensors with its tokenizer. Merging loads the whole base model, so
+    it takes longer, and a trainer runs a bounded number of merges at once
+    (later requests wait their turn).
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        merged: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["merged", b"merged", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportModelVersionRequest: _TypeAlias = ExportModelVersionRequest  # noqa: Y015
+
+@_typing.final
+class ExportInfo(_message.Message):
+    """What an export archive holds: the first message of an export stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_NAME_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    MANIFEST_FIELD_NUMBER: _builtins.int
+    file_name: _builtins.str
+    """A file name for the archive, e.g. `sentiment-v1-adapter.tar`."""
+    size_bytes: _builtins.int
+    """Size of the archive in bytes: the sum of the `chunk`s that follow."""
+    sha256: _builtins.str
+    """SHA-256 of the archive, as lowercase hex, to check the download."""
+    @_builtins.property
+    def files(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The files in the archive (paths inside it), in order. They lie in one
+        folder named like the archive without `.tar`.
+        """
+
+    @_builtins.property
+    def manifest(self) -> _struct_pb2.Struct:
+        """The archive's `manifest.json`: `base_model`, `template`, `params`,
+        `dataset_version`, `metrics`, `model_version`, and `merged`.
+        """
+
+    def __init__(
+        self,
+        *,
+        file_name: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+        files: _abc.Iterable[_builtins.str] | None = ...,
+        manifest: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_name", b"file_name", "files", b"files", "manifest", b"manifest", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportInfo: _TypeAlias = ExportInfo  # noqa: Y015
+
+@_typing.final
+class ExportModelVersionResponse(_message.Message):
+    """One message of an export stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INFO_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    """The archive's next bytes (at most 1 MiB); in order, the chunks are an
+    uncompressed tar file.
+    """
+    @_builtins.property
+    def info(self) -> Global___ExportInfo:
+        """The first message: what the archive holds."""
+
+    def __init__(
+        self,
+        *,
+        info: Global___ExportInfo | None = ...,
+        chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "info", b"info", "payload", b"payload"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "info", b"info", "payload", b"payload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["info", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
+
+Global___ExportModelVersionResponse: _TypeAlias = ExportModelVersionResponse  # noqa: Y015

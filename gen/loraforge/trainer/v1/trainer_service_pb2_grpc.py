@@ -118,6 +118,11 @@ class TrainerServiceStub:
                 request_serializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.GetModelVersionLogsRequest.SerializeToString,
                 response_deserializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.GetModelVersionLogsResponse.FromString,
                 _registered_method=True)
+        self.ExportModelVersion = channel.unary_stream(
+                '/loraforge.trainer.v1.TrainerService/ExportModelVersion',
+                request_serializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ExportModelVersionRequest.SerializeToString,
+                response_deserializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ExportModelVersionResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -249,6 +254,17 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportModelVersion(self, request, context):
+        """Streams a TRAINED model version as one tar archive: its PEFT adapter
+        (`adapter_config.json`, `adapter_model.safetensors`) and `manifest.json`
+        (base model, template, parameters, dataset version, metrics), or, with
+        `merged`, the base model with the adapter merged into its weights. The
+        first message carries `info`, every later one a `chunk` of the archive.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -331,6 +347,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.GetModelVersionLogs,
                     request_deserializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.GetModelVersionLogsRequest.FromString,
                     response_serializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.GetModelVersionLogsResponse.SerializeToString,
+            ),
+            'ExportModelVersion': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportModelVersion,
+                    request_deserializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ExportModelVersionRequest.FromString,
+                    response_serializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ExportModelVersionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -769,6 +790,33 @@ class TrainerService:
             '/loraforge.trainer.v1.TrainerService/GetModelVersionLogs',
             loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.GetModelVersionLogsRequest.SerializeToString,
             loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.GetModelVersionLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportModelVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/loraforge.trainer.v1.TrainerService/ExportModelVersion',
+            loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ExportModelVersionRequest.SerializeToString,
+            loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ExportModelVersionResponse.FromString,
             options,
             channel_credentials,
             insecure,

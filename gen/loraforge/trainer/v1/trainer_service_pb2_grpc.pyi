@@ -85,6 +85,13 @@ class TrainerServiceStub:
     """
     GetModelVersionLogs: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.GetModelVersionLogsRequest, _trainer_service_pb2.GetModelVersionLogsResponse]
     """Returns a run's log lines, all of them or a page."""
+    ExportModelVersion: _grpc.UnaryStreamMultiCallable[_trainer_service_pb2.ExportModelVersionRequest, _trainer_service_pb2.ExportModelVersionResponse]
+    """Streams a TRAINED model version as one tar archive: its PEFT adapter
+    (`adapter_config.json`, `adapter_model.safetensors`) and `manifest.json`
+    (base model, template, parameters, dataset version, metrics), or, with
+    `merged`, the base model with the adapter merged into its weights. The
+    first message carries `info`, every later one a `chunk` of the archive.
+    """
 
 @_typing.type_check_only
 class TrainerServiceAsyncStub(TrainerServiceStub):
@@ -143,6 +150,13 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     """
     GetModelVersionLogs: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.GetModelVersionLogsRequest, _trainer_service_pb2.GetModelVersionLogsResponse]  # type: ignore[assignment]
     """Returns a run's log lines, all of them or a page."""
+    ExportModelVersion: _aio.UnaryStreamMultiCallable[_trainer_service_pb2.ExportModelVersionRequest, _trainer_service_pb2.ExportModelVersionResponse]  # type: ignore[assignment]
+    """Streams a TRAINED model version as one tar archive: its PEFT adapter
+    (`adapter_config.json`, `adapter_model.safetensors`) and `manifest.json`
+    (base model, template, parameters, dataset version, metrics), or, with
+    `merged`, the base model with the adapter merged into its weights. The
+    first message carries `info`, every later one a `chunk` of the archive.
+    """
 
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
     """TrainerService owns model types, training templates, models and model
@@ -294,5 +308,18 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_service_pb2.GetModelVersionLogsResponse, _abc.Awaitable[_trainer_service_pb2.GetModelVersionLogsResponse]]:
         """Returns a run's log lines, all of them or a page."""
+
+    @_abc_1.abstractmethod
+    def ExportModelVersion(
+        self,
+        request: _trainer_service_pb2.ExportModelVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_trainer_service_pb2.ExportModelVersionResponse], _abc.AsyncIterator[_trainer_service_pb2.ExportModelVersionResponse]]:
+        """Streams a TRAINED model version as one tar archive: its PEFT adapter
+        (`adapter_config.json`, `adapter_model.safetensors`) and `manifest.json`
+        (base model, template, parameters, dataset version, metrics), or, with
+        `merged`, the base model with the adapter merged into its weights. The
+        first message carries `info`, every later one a `chunk` of the archive.
+        """
 
 def add_TrainerServiceServicer_to_server(servicer: TrainerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
