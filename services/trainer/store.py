@@ -144,6 +144,9 @@ class VersionRow(Base):
     needs_gpu_memory_gib: Mapped[float | None] = mapped_column(Float, nullable=True)
     # While queued: why no live worker can take it, as last written to its events (NULL: none).
     wait_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # A continued run: the version whose adapter it starts from (copied under its own prefix
+    # as `init-adapter/` when it was created); NULL: it starts from a fresh adapter.
+    from_model_version: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class WorkerRow(Base):
