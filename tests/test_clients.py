@@ -46,20 +46,21 @@ FAST_TRAINING = {
 }
 
 
-def build_demo_base_model(home: Path) -> Path:
+def build_demo_base_model(folder: Path) -> Path:
     """A tiny random Llama whose tokenizer was trained on the demo's text (fast to train)."""
     corpus = [
         p + " " + c
         for name in ("sentiment_train.csv", "sentiment_heldout.csv")
         for p, c in load_examples(demo_file(name))
     ]
-    return build_tiny_model(home / "models" / "tiny-llama", corpus=corpus)
+    return build_tiny_model(folder / "tiny-llama", corpus=corpus)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     home = tmp_path_factory.mktemp("cluster")
-    base = build_demo_base_model(home)
+    # Outside the home's model root: `up --base-model FOLDER` makes that folder trainable.
+    base = build_demo_base_model(tmp_path_factory.mktemp("served"))
     cluster = LocalCluster(
         home=home, base_model=str(base), ports={"dataset": 0, "trainer": 0, "predictor": 0}
     )

@@ -112,8 +112,16 @@ class LocalCluster:
             "TOKENIZERS_PARALLELISM": "false",
             "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
             **self._auth_env(name),
+            **self._model_roots_env(name),
             **self.extra_env,
         }
+
+    def _model_roots_env(self, name: str) -> dict[str, str]:
+        """A `--base-model` folder is one users may train on: a model root of its own."""
+        folder = Path(self.base_model).expanduser()
+        if not (name == "trainer" or name.startswith("worker")) or not folder.is_dir():
+            return {}
+        return {"LORAFORGE_MODEL_ROOTS": f"models={self.home / 'models'},served={folder.resolve()}"}
 
     def _auth_env(self, name: str) -> dict[str, str]:
         """What process `name` needs for API keys: its own key, where keys are checked."""
