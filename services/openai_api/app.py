@@ -54,8 +54,8 @@ def _as_api_error(exc: Exception, request: CompletionRequest | None, where: str)
 
 
 def _metadata(request: Request) -> Metadata:
-    """What the services get from the HTTP request: its bearer token, as `authorization`
-    (the services do not check it yet)."""
+    """What the services get from the HTTP request: its bearer key, as `authorization`
+    metadata, which they check (this API has no key of its own)."""
     auth = request.headers.get("authorization")
     return (("authorization", auth),) if auth else ()
 
