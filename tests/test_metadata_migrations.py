@@ -128,6 +128,8 @@ def _create_all_before_migrations(engine: sa.Engine, metadata: sa.MetaData) -> N
             conn.execute(sa.text("DROP TABLE workers"))
             for column in TRAINER_ADDITIONS:
                 conn.execute(sa.text(f"ALTER TABLE model_versions DROP COLUMN {column}"))
+            # added by 0002_continue_from_version
+            conn.execute(sa.text("ALTER TABLE model_versions DROP COLUMN from_model_version"))
 
 
 def test_databases_made_before_migrations_keep_their_rows_and_are_at_head_once_served(

@@ -652,6 +652,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         if not isinstance(params, dict):
             raise UsageError(f"--params {path}: expected a YAML mapping of parameter groups")
     template = args.template or params.get("template")
+    if not template and args.from_version:
+        template = client.model_version(args.from_version).template
     if not template:
         raise UsageError(
             "no template: pass --template NAME (see `loraforge templates list`) or a --params file"
@@ -666,7 +668,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     params["dataset_version"] = dataset_version
     merge(params, _parse_set(args.set))
     model.update_params(**params)
-    version_id = model.train(version_id=args.id, request_id=args.request_id)
+    version_id = model.train(
+        version_id=args.id, request_id=args.request_id, from_model_version=args.from_version
+    )
     version_name = model.version_name(version_id)
     console.print(f"queued {escape(version_name)}")
     if args.no_watch:
@@ -1151,6 +1155,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="queue one run per id: running the command again with it returns that run",
     )
     p.add_argument("--no-watch", action="store_true", help="return once queued")
+    p.add_argument(
+        "--from-version",
+        default="",
+        metavar="APP/MODEL/VERSION",
+        help="continue training from this trained version's adapter (same base model and LoRA "
+        "shape), with its parameters changed by --set and --params",
+    )
     p.add_argument("--plot", default=None, help="loss curve PNG path (default loss-VERSION.png)")
     for name, fn, help in (
         ("status", cmd_status, "show a model version's state, progress and metrics"),

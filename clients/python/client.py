@@ -995,11 +995,16 @@ class Model:
         description: str = "",
         *,
         request_id: str | None = None,
+        from_model_version: str = "",
     ) -> str:
         """Starts a training run with the chosen template and parameters; returns the version id.
 
         One run per `request_id` (a fresh one when None): calling again with the same id,
         say after a timeout, returns the run the first call queued.
+
+        `from_model_version` (`app/model/version` or a full name) continues training: the run
+        starts from that TRAINED version's adapter, with the version's parameters changed where
+        this model's parameters differ from the template's defaults.
         """
         if self.template is None:
             raise ClientError(
@@ -1018,6 +1023,7 @@ class Model:
             param_overrides=changed,
             description=description,
             request_id=_request_id(request_id),
+            from_model_version=version_name(from_model_version) if from_model_version else "",
         )
         resp = _retrying(lambda: self.client.trainer.CreateModelVersion(request))
         return resp.model_version.name.rsplit("/", 1)[-1]

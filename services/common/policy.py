@@ -38,10 +38,13 @@ def _admin(_request: Any) -> list[Need]:
 
 
 def _train_on_data(request: Any) -> list[Need]:
-    """A run needs `train` on its app and `read` on the app of the data it trains on."""
+    """A run needs `train` on its app and `read` on the app of the data it trains on (and of
+    the version it continues from)."""
     needs = [(TRAIN, app_in(request.parent, "parent"))]
     if request.dataset_version:
         needs.append((READ, app_in(request.dataset_version, "dataset_version")))
+    if request.from_model_version:
+        needs.append((READ, app_in(request.from_model_version, "from_model_version")))
     return needs
 
 

@@ -58,6 +58,8 @@ class ClaimedJob:
     attempt: int
     checkpoint_step: int
     checkpoint_key: str
+    # A continued run: the version whose adapter (copied under `init-adapter/`) it starts from.
+    from_model_version: str = ""
 
 
 Clock = Callable[[], float]
@@ -147,6 +149,7 @@ class JobQueue:
                     attempt=row.attempts,
                     checkpoint_step=row.checkpoint_step,
                     checkpoint_key=row.checkpoint_key,
+                    from_model_version=row.from_model_version or "",
                 )
         return None
 

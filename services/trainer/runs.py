@@ -37,7 +37,9 @@ from typing import Any, Protocol
 
 from loraforge.services.common.errors import (
     AlreadyExists,
+    DataLoss,
     FailedPrecondition,
+    FieldViolation,
     LoraforgeError,
     NotFound,
     invalid_field,
@@ -47,6 +49,12 @@ from loraforge.services.common.objectstore import ObjectStore
 from loraforge.services.common.resources import new_id, parse_name, validate_id
 from loraforge.services.common.values import check_json, check_request_id, check_text
 from loraforge.services.trainer import templates as tpl
+from loraforge.services.trainer.continuation import (
+    INIT_ADAPTER,
+    INIT_FILES,
+    check_compatible,
+    merged_overrides,
+)
 from loraforge.services.trainer.hardware import (
     LiveWorker,
     Requirements,
@@ -114,6 +122,8 @@ class Run:
     requirements: Requirements
     # For a queued run, what it waits for (see `hardware.waiting_reason`); else empty.
     status_message: str = ""
+    # A continued run: the version whose adapter it started from; else empty.
+    from_model_version: str = ""
 
 
 def run_from_row(row: VersionRow, live: Sequence[LiveWorker] | None = None) -> Run:
@@ -152,6 +162,7 @@ def run_from_row(row: VersionRow, live: Sequence[LiveWorker] | None = None) -> R
         request_id=row.request_id or "",
         requirements=needs,
         status_message=waiting,
+        from_model_version=row.from_model_version or "",
     )
 
 
@@ -175,6 +186,7 @@ class NewRun:
     param_overrides: dict[str, Any]
     description: str = ""
     request_id: str = ""
+    from_model_version: str = ""  # continue from this version's adapter
 
 
 class Runs:
@@ -204,8 +216,15 @@ class Runs:
         check_text(new.description, "description", MAX_DESCRIPTION_CHARS)
         check_request_id(new.request_id, "request_id")
         check_json(new.param_overrides, "param_overrides")
-        template = tpl.get_template(new.template, "template")
-        params = tpl.resolve_params(template, new.param_overrides)
+        template_name, overrides = new.template, new.param_overrides
+        source: Run | None = None
+        if new.from_model_version:
+            source = await self._continued(new.from_model_version, parent["app"])
+            template_name = template_name or source.template
+            if template_name == source.template:
+                overrides = merged_overrides(source.param_overrides, overrides)
+        template = tpl.get_template(template_name, "template")
+        params = tpl.resolve_params(template, overrides)
         dataset = parse_name(new.dataset_version, DATASET_VERSION, "dataset_version")
         if dataset["app"] != parent["app"]:
             raise invalid_field(
@@ -218,6 +237,8 @@ class Runs:
         loadable = await asyncio.to_thread(
             self.models.resolve, params.base_model, f"param_overrides.{MODEL_FIELD}"
         )
+        if source is not None:
+            check_compatible(source.name, source.base_model, source.params, params, loadable)
         await asyncio.to_thread(tpl.check_base_model, loadable)
         await asyncio.to_thread(self.store.get_model, new.parent)
         if new.request_id:
@@ -237,7 +258,7 @@ class Runs:
             template=template.resource_name,
             dataset_version=new.dataset_version,
             description=new.description,
-            param_overrides=tpl.normalise_overrides(template, new.param_overrides),
+            param_overrides=tpl.normalise_overrides(template, overrides),
             params=params.to_dict(),
             failure_reason="",
             progress={},
@@ -246,13 +267,19 @@ class Runs:
             needs_cuda=needs.cuda,
             needs_gptq=needs.gptq,
             needs_gpu_memory_gib=needs.gpu_memory_gib,
+            from_model_version=source.name if source is not None else None,
         )
+        if source is not None:
+            # Before the row exists: a worker may claim the run the moment it is inserted.
+            await asyncio.to_thread(self._copy_init_adapter, source, name)
         await asyncio.to_thread(self.store.begin_reference, name, new.dataset_version, self.clock())
         try:
             await self.datasets.add_reference(new.dataset_version, name)
             created = await asyncio.to_thread(self.store.create_version, row)
         except LoraforgeError as exc:
             await self._undo_reference(name, new.dataset_version)
+            if source is not None and not await asyncio.to_thread(self.store.version_exists, name):
+                await asyncio.to_thread(self.objects.delete_prefix, f"{version_prefix(name)}/")
             if isinstance(exc, AlreadyExists | NotFound) and new.request_id:
                 # A concurrent retry with the same request id won the race.
                 existing = await self._by_request_id(new.parent, new.request_id)
@@ -265,6 +292,47 @@ class Runs:
         if reason:
             await asyncio.to_thread(self.store.note_waiting, name, reason)
         return run_from_row(created, live)
+
+    async def _continued(self, name: str, app: str) -> Run:
+        """The TRAINED version a new run of `app` continues from."""
+        field = "from_model_version"
+        source = parse_name(name, VERSION, field)
+        if source["app"] != app:
+            raise invalid_field(
+                field,
+                f"{name!r} belongs to app {source['app']!r}, not to the model's app {app!r}; "
+                f"continue from a version of {app!r}",
+            )
+        try:
+            run = run_from_row(await asyncio.to_thread(self.store.get_version, name))
+        except NotFound:
+            raise NotFound(
+                f"model version {name!r} (from_model_version) not found",
+                reason="VERSION_NOT_FOUND",
+                field_violations=[FieldViolation(field, "no such model version")],
+            ) from None
+        if run.state != State.TRAINED or not run.adapter_prefix:
+            raise FailedPrecondition(
+                f"from_model_version {name!r} is {run.state.value}; a run continues from the "
+                "adapter of a TRAINED version, so wait until it is trained or pick another",
+                reason="SOURCE_NOT_TRAINED",
+                metadata={"state": run.state.value},
+            )
+        return run
+
+    def _copy_init_adapter(self, source: Run, name: str) -> None:
+        """Copies `source`'s adapter under the new run's prefix, where its worker reads it."""
+        for file_name in INIT_FILES:
+            key = f"{source.adapter_prefix}/{file_name}"
+            try:
+                chunks = self.objects.iter_chunks(key)
+            except NotFound:
+                raise DataLoss(
+                    f"the adapter of {source.name!r} (from_model_version) is incomplete in the "
+                    f"object store ({file_name} is missing); continue from another version",
+                    reason="ADAPTER_MISSING",
+                ) from None
+            self.objects.put_stream(f"{version_prefix(name)}/{INIT_ADAPTER}/{file_name}", chunks)
 
     async def note_waiting(self) -> int:
         """Records, in each queued run's log, why no live worker can take it, when that changed.

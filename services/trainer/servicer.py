@@ -222,6 +222,7 @@ def version_to_pb(run: Run) -> pb.ModelVersion:
         attempts=run.attempts,
         description=run.description,
         status_message=run.status_message,
+        from_model_version=run.from_model_version,
     )
 
 
@@ -377,6 +378,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                 param_overrides=_overrides(request.param_overrides),
                 description=request.description,
                 request_id=request.request_id,
+                from_model_version=request.from_model_version,
             )
         )
         return pb.CreateModelVersionResponse(model_version=version_to_pb(run))

@@ -23,6 +23,7 @@ It knows nothing of gRPC or the job queue; the worker gives it examples and a
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import math
 import random
 import time
@@ -367,9 +368,14 @@ def _dtype(name: str) -> Any:
 
 
 def load_model(
-    params: TrainingParams, *, model_path: str = "", trust_remote_code: bool = False
+    params: TrainingParams,
+    *,
+    model_path: str = "",
+    trust_remote_code: bool = False,
+    init_adapter: Path | None = None,
 ) -> Any:
-    """Loads the base model (hub id or local folder) and wraps it with LoRA."""
+    """Loads the base model (hub id or local folder) and wraps it with LoRA, whose weights
+    start as `init_adapter`'s (a PEFT adapter folder of the same shape) when given."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
@@ -426,9 +432,43 @@ def load_model(
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, lora)
+        peft_model = get_peft_model(model, lora)
     except ValueError as exc:
         raise TrainingError(f"peft_config.target_modules does not fit this model: {exc}") from None
+    if init_adapter is not None:
+        load_init_adapter(peft_model, params, init_adapter)
+    return peft_model
+
+
+def load_init_adapter(model: Any, params: TrainingParams, folder: Path) -> None:
+    """Sets the LoRA weights of `model` to those of the adapter in `folder`; TrainingError when
+    that adapter has another shape (the trainer checked it, this checks the file itself)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    pc = params.peft_config
+    targets = config.get("target_modules") or []
+    had = (config.get("r"), sorted(targets) if isinstance(targets, list) else targets)
+    if had != (pc.r, sorted(pc.target_modules)):
+        raise TrainingError(
+            f"the adapter to continue from has r {had[0]} and target modules {had[1]}, this run "
+            f"r {pc.r} and {sorted(pc.target_modules)}; continue with the adapter's shape"
+        )
+    state = load_file(str(folder / "adapter_model.safetensors"))
+    try:
+        result: Any = set_peft_model_state_dict(model, state)
+    except RuntimeError as exc:  # a tensor of another size
+        raise TrainingError(
+            f"the adapter to continue from does not fit this model: {exc}"
+        ) from None
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        shown = (list(result.unexpected_keys) + missing)[:3]
+        raise TrainingError(
+            "the adapter to continue from does not fit this model's LoRA layers "
+            f"(e.g. {', '.join(shown)}); continue on the base model it was trained on"
+        )
 
 
 # 4. Training.
@@ -617,6 +657,7 @@ def run_training(
     *,
     model_path: str = "",
     trust_remote_code: bool = False,
+    init_adapter: Path | None = None,
 ) -> TrainingResult:
     """Trains a LoRA adapter; writes checkpoints under `work_dir/checkpoints`, the adapter to `work_dir/adapter`.
 
@@ -633,7 +674,12 @@ def run_training(
     train_rows, eval_rows, invalid, collator = prepare_data(tokenizer, examples, params, reporter)
 
     set_seed(trc.seed)
-    model = load_model(params, model_path=model_path, trust_remote_code=trust_remote_code)
+    model = load_model(
+        params,
+        model_path=model_path,
+        trust_remote_code=trust_remote_code,
+        init_adapter=init_adapter,
+    )
     trainable, total = model.get_nb_trainable_parameters()
     reporter.log(
         f"loaded {params.base_model}: {trainable:,} trainable LoRA parameters of {total:,}"

@@ -47,6 +47,7 @@ from loraforge.services.common.resources import new_id
 from loraforge.services.common.server import run_main
 from loraforge.services.trainer import dataset_client, hardware
 from loraforge.services.trainer import templates as tpl
+from loraforge.services.trainer.continuation import INIT_ADAPTER, INIT_FILES
 from loraforge.services.trainer.jobs import ClaimedJob, JobQueue, JobReporter
 from loraforge.services.trainer.store import State, TrainerStore, version_prefix
 from loraforge.services.trainer.training import (
@@ -318,12 +319,23 @@ class Worker:
         )
         bridge.log(f"read {len(examples)} examples from {job.dataset_version}")
         resume_from = None
+        init_adapter = None
         if job.checkpoint_key:
             resume_from = scratch / "checkpoints" / job.checkpoint_key.rsplit("/", 1)[-1]
             copy_store_to_tree(self.objects, job.checkpoint_key, resume_from)
             bridge.log(
                 f"downloaded checkpoint {job.checkpoint_key} to resume at step {job.checkpoint_step}"
             )
+        elif job.from_model_version:
+            # A checkpoint of this run already holds what it learnt on top of the earlier adapter.
+            init_adapter = scratch / INIT_ADAPTER
+            prefix = f"{version_prefix(job.name)}/{INIT_ADAPTER}"
+            if len(copy_store_to_tree(self.objects, prefix, init_adapter)) < len(INIT_FILES):
+                raise TrainingError(
+                    f"the adapter of {job.from_model_version} that this run continues from is "
+                    f"missing under {prefix}; create the run again"
+                )
+            bridge.log(f"starting from the adapter of {job.from_model_version}")
         result = run_training(
             params,
             examples,
@@ -332,6 +344,7 @@ class Worker:
             resume_from=resume_from,
             model_path=model_path,
             trust_remote_code=self.config.trust_remote_code,
+            init_adapter=init_adapter,
         )
         # A folder in a model root is recorded by its real path: what a predictor serves.
         base_model = model_path if model_path.startswith("/") else params.base_model
@@ -346,6 +359,7 @@ class Worker:
             "base_model": base_model,
             "template": job.template,
             "dataset_version": job.dataset_version,
+            "from_model_version": job.from_model_version,
             "params": params.to_dict(),
             "metrics": result.metrics,
             "global_step": result.global_step,

@@ -649,6 +649,7 @@ class ModelVersion(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     STATUS_MESSAGE_FIELD_NUMBER: _builtins.int
+    FROM_MODEL_VERSION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: `apps/{app}/models/{model}/versions/{version}`."""
     template: _builtins.str
@@ -676,6 +677,11 @@ class ModelVersion(_message.Message):
     no live worker can train it (the run's log gets the same words as a
     WARNING line when they change), or "waiting for a free worker" when one
     can; empty in other states.
+    """
+    from_model_version: _builtins.str
+    """The version whose adapter this run started from
+    (`CreateModelVersionRequest.from_model_version`); empty for a run that
+    started from a fresh adapter.
     """
     @_builtins.property
     def param_overrides(self) -> _struct_pb2.Struct:
@@ -729,10 +735,11 @@ class ModelVersion(_message.Message):
         attempts: _builtins.int = ...,
         description: _builtins.str = ...,
         status_message: _builtins.str = ...,
+        from_model_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "create_time", b"create_time", "end_time", b"end_time", "param_overrides", b"param_overrides", "params", b"params", "progress", b"progress", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "attempts", b"attempts", "create_time", b"create_time", "dataset_version", b"dataset_version", "description", b"description", "end_time", b"end_time", "failure_reason", b"failure_reason", "metrics", b"metrics", "name", b"name", "param_overrides", b"param_overrides", "params", b"params", "progress", b"progress", "start_time", b"start_time", "state", b"state", "status_code", b"status_code", "status_message", b"status_message", "template", b"template"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "attempts", b"attempts", "create_time", b"create_time", "dataset_version", b"dataset_version", "description", b"description", "end_time", b"end_time", "failure_reason", b"failure_reason", "from_model_version", b"from_model_version", "metrics", b"metrics", "name", b"name", "param_overrides", b"param_overrides", "params", b"params", "progress", b"progress", "start_time", b"start_time", "state", b"state", "status_code", b"status_code", "status_message", b"status_message", "template", b"template"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1336,6 +1343,7 @@ class CreateModelVersionRequest(_message.Message):
     PARAM_OVERRIDES_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    FROM_MODEL_VERSION_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """The model: `apps/{app}/models/{model}`."""
     version_id: _builtins.str
@@ -1351,6 +1359,17 @@ class CreateModelVersionRequest(_message.Message):
     request_id: _builtins.str
     """Makes the create idempotent: a retry with the same id returns the run
     created first instead of queueing another.
+    """
+    from_model_version: _builtins.str
+    """Continue training: a TRAINED version of a model of the same app
+    (`apps/{app}/models/{model}/versions/{version}`) whose adapter this run
+    starts from instead of a fresh one, with its own dataset version and
+    parameters. `template` may be empty (the version's template); with the
+    version's template, the parameters are the version's own overrides with
+    `param_overrides` applied on top. The base model and the LoRA shape
+    (`peft_config.r`, `peft_config.target_modules`, `peft_config.bias`) must
+    be the version's; a difference is INVALID_ARGUMENT naming the parameter
+    and both values.
     """
     @_builtins.property
     def param_overrides(self) -> _struct_pb2.Struct:
@@ -1370,10 +1389,11 @@ class CreateModelVersionRequest(_message.Message):
         param_overrides: _struct_pb2.Struct | None = ...,
         description: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        from_model_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["param_overrides", b"param_overrides"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_version", b"dataset_version", "description", b"description", "param_overrides", b"param_overrides", "parent", b"parent", "request_id", b"request_id", "template", b"template", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_version", b"dataset_version", "description", b"description", "from_model_version", b"from_model_version", "param_overrides", b"param_overrides", "parent", b"parent", "request_id", b"request_id", "template", b"template", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
