@@ -17,6 +17,13 @@ if [ "$device" = auto ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then device=cuda; else device=cpu; fi
 fi
 
+# Debian's Chromium, for the web console's browser test (Playwright cannot download its own
+# browser here). Only where it is missing and apt-get can install it (as root).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "setup: installing chromium (Debian package) for the browser test"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+
 stamp_value=$( (cat pyproject.toml package.json package-lock.json scripts/setup.sh; echo "$device") | sha256sum | cut -c1-16)
 stamp=.venv/.loraforge-setup
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$stamp_value" ] && [ -d node_modules ]; then

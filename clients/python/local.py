@@ -1,5 +1,5 @@
-"""Runs the whole platform on one machine: dataset, trainer, a worker, the predictor and the
-OpenAI-compatible HTTP API in front of it.
+"""Runs the whole platform on one machine: dataset, trainer, a worker, the predictor, the
+OpenAI-compatible HTTP API in front of it and the web console.
 
 Each service is its own process (as in production), started with the embedded
 defaults under one home folder: SQLite files, a local object store, logs in
@@ -39,6 +39,8 @@ ADMIN_KEY_FILE = "admin.key"
 # The processes that call other services with a key of their own.
 SERVICE_IDENTITIES = ("trainer", "worker", "predictor")
 OPENAI_PORT = 8000  # the port vLLM's OpenAI-compatible server uses, which clients often assume
+CONSOLE_PORT = 8080  # the web console
+HTTP_SERVICES = ("openai", "console")  # health-checked over HTTP, not gRPC
 
 
 @dataclass
@@ -60,6 +62,7 @@ class LocalCluster:
         default_factory=lambda: {
             **{k: int(v.rsplit(":", 1)[1]) for k, v in DEFAULT_ADDRESSES.items()},
             "openai": OPENAI_PORT,
+            "console": CONSOLE_PORT,
         }
     )
     workers: int = 1
@@ -99,6 +102,11 @@ class LocalCluster:
     def openai_url(self) -> str:
         """Base URL of the OpenAI-compatible API (what `base_url` of an OpenAI client takes)."""
         return f"http://{self.address('openai')}/v1"
+
+    @property
+    def console_url(self) -> str:
+        """Address of the web console."""
+        return f"http://{self.address('console')}/"
 
     @property
     def addresses(self) -> dict[str, str]:
@@ -187,7 +195,7 @@ class LocalCluster:
         while time.monotonic() < deadline:
             if ready.exists() and ready.read_text().strip():
                 proc.port = int(ready.read_text())
-                check = _http_serving if proc.name == "openai" else _serving
+                check = _http_serving if proc.name in HTTP_SERVICES else _serving
                 if check(f"127.0.0.1:{proc.port}"):
                     return
             if proc.popen is not None and proc.popen.poll() is not None:
@@ -247,7 +255,18 @@ class LocalCluster:
                 ],
                 self.ports.get("openai", 0),
             )
+            console = self._spawn(
+                "console",
+                "loraforge.services.console",
+                [
+                    *dataset_flag,
+                    *("--trainer-address", self.address("trainer")),
+                    *("--predictor-address", self.address("predictor")),
+                ],
+                self.ports.get("console", 0),
+            )
             self._wait_ready(api, timeout)
+            self._wait_ready(console, timeout)
         except BaseException:
             self.stop()
             raise

@@ -1,0 +1,1 @@
+"""The web console (`loraforge-console`): the no-code workflow in a browser, over gRPC only."""

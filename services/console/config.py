@@ -1,0 +1,33 @@
+"""Settings of the web console (flags `--x-y`, variables `LORAFORGE_X_Y`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loraforge.services.common.config import ServerConfig, setting
+
+
+@dataclass
+class ConsoleConfig(ServerConfig):
+    """Settings of the web console. It is a client of the three services and keeps no state of
+    its own beyond sign-in sessions (in memory): `home`, `database_url` and `object_store_url`
+    are not used. With `auth` on it asks for an API key and sends it on every call."""
+
+    dataset_address: str = setting("", "host:port of the DatasetService.", required=True)
+    trainer_address: str = setting("", "host:port of the TrainerService.", required=True)
+    predictor_address: str = setting("", "host:port of the PredictorService.", required=True)
+    session_idle_seconds: float = setting(
+        8 * 3600.0, "A signed-in session ends after this long without a request."
+    )
+    max_sessions: int = setting(
+        10000, "Most sessions kept at once; past it the least recently used one ends."
+    )
+    secure_cookies: bool = setting(
+        False,
+        "Mark the session cookie Secure (sent over HTTPS only): set it when the console is "
+        "reached through an HTTPS proxy.",
+    )
+    max_upload_bytes: int = setting(2 * 1024**3, "Largest file one upload may send, in bytes.")
+    call_timeout_seconds: float = setting(
+        30.0, "Deadline of one call to a service (uploads and streams excepted), in seconds."
+    )
