@@ -43,7 +43,7 @@ from loraforge.client.client import (
     resource_name,
 )
 from loraforge.client.client import version_name as full_version_name
-from loraforge.client.local import OPENAI_PORT
+from loraforge.client.local import CONSOLE_PORT, OPENAI_PORT
 from loraforge.client.params import load_yaml, merge, parameter_default, template_defaults
 from loraforge.dataset.v1 import dataset_service_pb2 as dpb
 from loraforge.predictor.v1 import predictor_service_pb2 as ppb
@@ -138,15 +138,16 @@ def cmd_up(args: argparse.Namespace) -> None:
     base_model = args.base_model or os.environ.get("LORAFORGE_BASE_MODEL") or DEFAULT_BASE_MODEL
     cluster = LocalCluster(home=home, base_model=base_model, workers=args.workers)
     cluster.ports.update(_chosen_ports(args))
-    if args.openai_port is not None:
-        if not 0 <= args.openai_port <= 65535:
-            raise UsageError(
-                f"--openai-port must be 0 (any free port) to 65535 (got {args.openai_port})"
-            )
-        cluster.ports["openai"] = args.openai_port
+    for name in ("openai", "console"):
+        port = getattr(args, f"{name}_port")
+        if port is None:
+            continue
+        if not 0 <= port <= 65535:
+            raise UsageError(f"--{name}-port must be 0 (any free port) to 65535 (got {port})")
+        cluster.ports[name] = port
     with console.status(
-        "starting dataset, trainer, worker, predictor and the OpenAI-compatible API "
-        "(the predictor's engine takes a while)..."
+        "starting dataset, trainer, worker, predictor, the OpenAI-compatible API and the "
+        "web console (the predictor's engine takes a while)..."
     ):
         cluster.start()
     table = Table(title=f"loraforge services (home {escape(str(home))})")
@@ -169,6 +170,7 @@ def cmd_up(args: argparse.Namespace) -> None:
         )
     console.print(f"base model: {escape(base_model)}")
     console.print(f"OpenAI-compatible API: {cluster.openai_url} (`model` = a model's name)")
+    console.print(f"web console: {cluster.console_url}")
     if cluster.auth:
         _print_key_hint(cluster.admin_key_file)
     else:
@@ -1027,6 +1029,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help=f"port of the OpenAI-compatible HTTP API (0: any free one); default {OPENAI_PORT}",
+    )
+    p.add_argument(
+        "--console-port",
+        type=int,
+        default=None,
+        help=f"port of the web console (0: any free one); default {CONSOLE_PORT}",
     )
     p = add("down", cmd_down, "stop the services `up` started")
     p.add_argument("--home", default=str(default_home()))
