@@ -126,6 +126,8 @@ def _create_all_before_migrations(engine: sa.Engine, metadata: sa.MetaData) -> N
     if metadata is TrainerBase.metadata:
         with engine.begin() as conn:
             conn.execute(sa.text("DROP TABLE workers"))
+            for table in ("evaluation_results", "evaluations"):  # added by 0003_evaluations
+                conn.execute(sa.text(f"DROP TABLE {table}"))
             for column in TRAINER_ADDITIONS:
                 conn.execute(sa.text(f"ALTER TABLE model_versions DROP COLUMN {column}"))
             # added by 0002_continue_from_version

@@ -2,8 +2,9 @@
 
 One entry per RPC, by its full method name. Reads need `read`; creating, changing and
 deleting an app's datasets, models and adapters need `write`; starting and cancelling
-training runs `train`; predictions `predict`. Apps and keys are an admin's. Lists that
-name no parent (apps, adapters) are open to any key and show it only its own app.
+training runs, and starting evaluations, `train`; predictions `predict`. Apps and keys
+are an admin's. Lists that name no parent (apps, adapters) are open to any key and show
+it only its own app.
 Internal RPCs accept only the service identity that calls them.
 """
 
@@ -48,6 +49,21 @@ def _train_on_data(request: Any) -> list[Need]:
     return needs
 
 
+def _evaluate(request: Any) -> list[Need]:
+    """An evaluation runs the app's model, as training does, on data its key may read."""
+    needs = [(TRAIN, app_in(request.parent, "parent"))]
+    if request.dataset_version:
+        needs.append((READ, app_in(request.dataset_version, "dataset_version")))
+    return needs
+
+
+def _compare(request: Any) -> list[Need]:
+    needs = [(READ, app_in(request.evaluation, "evaluation"))]
+    if request.other:
+        needs.append((READ, app_in(request.other, "other")))
+    return needs
+
+
 def _predict(request: Any) -> list[Need]:
     """The base model is open to any key that may predict; an adapter to its app's keys."""
     if request.base_model and not request.model:
@@ -77,7 +93,7 @@ POLICY: dict[str, Rule] = {
     DATASET + "GetDatasetVersion": rule(on(READ, "name"), services=["trainer"]),
     DATASET + "ListDatasetVersions": rule(on(READ, "parent"), services=["trainer"]),
     DATASET + "DeleteDatasetVersion": rule(on(WRITE, "name")),
-    DATASET + "ReadDatasetVersion": rule(on(READ, "name"), services=["worker"]),
+    DATASET + "ReadDatasetVersion": rule(on(READ, "name"), services=["worker", "trainer"]),
     DATASET + "AddDatasetVersionReference": internal("trainer"),
     DATASET + "RemoveDatasetVersionReference": internal("trainer"),
     # Keys
@@ -106,10 +122,19 @@ POLICY: dict[str, Rule] = {
     TRAINER + "GetModelVersionLogs": rule(on(READ, "name")),
     TRAINER + "ExportModelVersion": rule(on(READ, "name")),
     # Predictions and the adapters serving them
-    PREDICTOR + "Predict": rule(_predict),
+    # The trainer's evaluations predict with its own identity.
+    PREDICTOR + "Predict": rule(_predict, services=["trainer"]),
     PREDICTOR + "PredictStream": rule(_predict),
     PREDICTOR + "LoadAdapter": rule(on(WRITE, "model")),
     PREDICTOR + "UnloadAdapter": rule(on(WRITE, "model")),
     PREDICTOR + "ListAdapters": rule(anywhere(READ)),
-    PREDICTOR + "GetServingInfo": rule(nothing),
+    PREDICTOR + "GetServingInfo": rule(nothing, services=["trainer"]),
+    # Evaluations of model versions and of base models
+    TRAINER + "CreateEvaluation": rule(_evaluate),
+    TRAINER + "GetEvaluation": rule(on(READ, "name")),
+    TRAINER + "ListEvaluations": rule(on(READ, "parent")),
+    TRAINER + "DeleteEvaluation": rule(on(WRITE, "name")),
+    TRAINER + "WatchEvaluation": rule(on(READ, "name")),
+    TRAINER + "ListEvaluationResults": rule(on(READ, "parent")),
+    TRAINER + "CompareEvaluations": rule(_compare),
 }

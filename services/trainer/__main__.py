@@ -5,6 +5,7 @@ The server stores and streams; training runs in worker processes
 background it requeues runs whose worker died, notes why queued runs wait
 (no live worker has what they need), and sweeps dataset-version
 references that no run holds (before it serves, then every `reference_sweep_seconds`).
+Evaluations run as tasks of this process, generating through the predictor.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from loraforge.services.common.server import ServiceBinding, check_exposure, run
 from loraforge.services.common.verify import remote_verifier
 from loraforge.services.trainer import templates as tpl
 from loraforge.services.trainer.dataset_client import AsyncDatasetClient
+from loraforge.services.trainer.evaluations import Evaluations
 from loraforge.services.trainer.exports import Exports
 from loraforge.services.trainer.jobs import JobQueue
+from loraforge.services.trainer.predictor_client import AsyncPredictorClient
 from loraforge.services.trainer.runs import Runs
 from loraforge.services.trainer.servicer import TrainerServicer
 from loraforge.services.trainer.store import TrainerStore
@@ -66,6 +69,15 @@ class TrainerConfig(ServerConfig):
         "How often the server removes dataset-version references that no run holds "
         "(left by a creation or deletion that was interrupted).",
     )
+    predictor_address: str = setting(
+        "",
+        "host:port of the predictor that evaluations generate through (empty: no evaluations).",
+    )
+    evaluation_lease_seconds: float = setting(
+        30.0,
+        "How long a running evaluation stays this server's without renewal; one whose server "
+        "stopped is failed once it expires.",
+    )
     # The same settings as the training workers': a name is checked here and there.
     model_roots: str = model_roots_setting()
     allow_hub_models: bool = allow_hub_models_setting()
@@ -80,7 +92,12 @@ class TrainerConfig(ServerConfig):
 
     def __post_init__(self) -> None:
         parse_model_roots(self.model_roots, Path(self.home))  # a malformed value stops the start
-        for name in ("watch_poll_seconds", "reap_seconds", "reference_sweep_seconds"):
+        for name in (
+            "watch_poll_seconds",
+            "reap_seconds",
+            "reference_sweep_seconds",
+            "evaluation_lease_seconds",
+        ):
             value = getattr(self, name)
             if value <= 0:
                 raise InvalidArgument(f"{describe(name)} must be more than 0 (got {value})")
@@ -146,12 +163,22 @@ async def run(config: TrainerConfig) -> None:
         max_merges=config.max_concurrent_merges,
         merge_timeout_seconds=config.merge_timeout_seconds,
     )
+    predictor = AsyncPredictorClient(config.predictor_address, security_from(config))
+    evaluations = Evaluations(
+        store, datasets, predictor, lease_seconds=config.evaluation_lease_seconds
+    )
     servicer = TrainerServicer(
-        store, runs, datasets, watch_poll_seconds=config.watch_poll_seconds, exports=exports
+        store,
+        runs,
+        datasets,
+        watch_poll_seconds=config.watch_poll_seconds,
+        exports=exports,
+        evaluations=evaluations,
     )
     binding = ServiceBinding(
         SERVICE_NAME, servicer, trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server
     )
+    await evaluations.start()
     # Swept once before serving (bounded, so a dataset service that is down delays nothing long).
     await _sweep(runs, limit_seconds=START_SWEEP_SECONDS)
     background = [
@@ -165,6 +192,8 @@ async def run(config: TrainerConfig) -> None:
         for task in background:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await evaluations.close()
+        await predictor.close()
         await datasets.close()
         store.engine.dispose()
 

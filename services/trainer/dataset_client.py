@@ -142,6 +142,18 @@ class AsyncDatasetClient:
             )
         return DatasetVersionInfo(name, version.stats.example_count, version.content_sha256)
 
+    async def read_inputs(self, name: str, field: str) -> AsyncIterator[pb.Input]:
+        """Streams a READY dataset version's inputs in their frozen order (evaluations read it)."""
+        try:
+            async for batch in self._stub().ReadDatasetVersion(
+                pb.ReadDatasetVersionRequest(name=name, batch_size=READ_BATCH),
+                timeout=READ_TIMEOUT,
+            ):
+                for inp in batch.inputs:
+                    yield inp
+        except grpc.RpcError as err:
+            raise _translate(err, self.address, f"dataset version {name!r}", field) from None
+
     async def add_reference(self, name: str, referrer: str) -> None:
         try:
             await self._stub().AddDatasetVersionReference(

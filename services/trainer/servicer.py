@@ -1,6 +1,7 @@
 """TrainerService: converts protobuf messages to domain calls and back, nothing more.
 
-Runs (model versions) live in `runs.py`, templates in `templates.py`. Database
+Runs (model versions) live in `runs.py`, templates in `templates.py`, evaluations in
+`evaluations.py` (their RPCs' conversions in `evaluation_servicer.py`). Database
 work runs in threads (`asyncio.to_thread`) and training runs in worker
 processes, so the event loop only ever waits. Watch streams poll the run's
 events table at a short interval.
@@ -24,8 +25,11 @@ from loraforge.services.common.values import INT32_MAX, check_int
 from loraforge.services.predictor.protos import params_from_proto, params_to_proto
 from loraforge.services.trainer import templates as tpl
 from loraforge.services.trainer.dataset_client import AsyncDatasetClient
+from loraforge.services.trainer.evaluation_servicer import EvaluationRpcs
+from loraforge.services.trainer.evaluations import Evaluations
 from loraforge.services.trainer.exports import Archive, Exports
 from loraforge.services.trainer.models import ModelChanges, Models, inference_params
+from loraforge.services.trainer.predictor_client import AsyncPredictorClient
 from loraforge.services.trainer.runs import MODEL, VERSION, NewRun, Run, Runs
 from loraforge.services.trainer.store import (
     FINAL_STATES,
@@ -249,7 +253,7 @@ def event_to_pb(event: Event) -> pb.TrainingEvent:
     return msg
 
 
-class TrainerServicer(pb_grpc.TrainerServiceServicer):
+class TrainerServicer(EvaluationRpcs, pb_grpc.TrainerServiceServicer):
     def __init__(
         self,
         store: TrainerStore,
@@ -258,6 +262,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         *,
         watch_poll_seconds: float = 0.25,
         exports: Exports | None = None,
+        evaluations: Evaluations | None = None,
     ) -> None:
         self.store = store
         self.runs = runs
@@ -265,6 +270,8 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         self.datasets = datasets
         self.watch_poll_seconds = watch_poll_seconds
         self.exports = exports or Exports(store, runs.objects, runs.models)
+        # Without one, evaluations are refused: there is no predictor to generate with.
+        self.evaluations = evaluations or Evaluations(store, datasets, AsyncPredictorClient(""))
 
     # Model types and templates.
 

@@ -183,6 +183,63 @@ class EventRow(Base):
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
+class EvaluationRow(Base):
+    """An evaluation of a model version (or of the base model) on a dataset version."""
+
+    __tablename__ = "evaluations"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(500), unique=True)
+    # The model version it scores, or the model whose base model it scores.
+    parent: Mapped[str] = mapped_column(String(400), index=True)
+    model_version: Mapped[str] = mapped_column(String(400), default="")
+    base_model: Mapped[bool] = mapped_column(Boolean, default=False)
+    base_model_name: Mapped[str] = mapped_column(Text, default="")
+    dataset_version: Mapped[str] = mapped_column(String(400))
+    metrics: Mapped[list[str]] = mapped_column(JSON)
+    # The predictor's InferenceParams, as protobuf JSON.
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    prompt_like: Mapped[str] = mapped_column(String(400), default="")
+    max_examples: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(20), index=True)
+    completed_examples: Mapped[int] = mapped_column(Integer, default=0)
+    total_examples: Mapped[int] = mapped_column(Integer, default=0)
+    primary_score: Mapped[str] = mapped_column(String(40), default="")
+    scores: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    # [[reference, predicted, count], ...] with label accuracy.
+    confusion: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    labels: Mapped[list[str]] = mapped_column(JSON, default=list)
+    warnings: Mapped[list[str]] = mapped_column(JSON, default=list)
+    failure_reason: Mapped[str] = mapped_column(Text, default="")
+    create_time: Mapped[float] = mapped_column(Float)
+    end_time: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # While RUNNING: until when the trainer process running it holds it.
+    lease_expires: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class EvaluationResultRow(Base):
+    """One example of an evaluation: what was asked, expected and answered, and its scores."""
+
+    __tablename__ = "evaluation_results"
+
+    evaluation: Mapped[str] = mapped_column(String(500), primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    input_name: Mapped[str] = mapped_column(String(500))
+    prompt: Mapped[str] = mapped_column(Text)
+    reference: Mapped[str] = mapped_column(Text)
+    output: Mapped[str] = mapped_column(Text)
+    predicted_label: Mapped[str] = mapped_column(Text, default="")
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    finish_reason: Mapped[str] = mapped_column(String(20), default="")
+    # One column per score (NULL: not computed), so results sort by any of them in SQL.
+    exact_match: Mapped[float | None] = mapped_column(Float, nullable=True)
+    label_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    rouge1: Mapped[float | None] = mapped_column(Float, nullable=True)
+    rouge2: Mapped[float | None] = mapped_column(Float, nullable=True)
+    rouge_l: Mapped[float | None] = mapped_column(Float, nullable=True)
+    bleu: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
 @dataclass(frozen=True)
 class Event:
     sequence: int

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from loraforge.trainer.v1 import evaluation_pb2 as loraforge_dot_trainer_dot_v1_dot_evaluation__pb2
 from loraforge.trainer.v1 import trainer_service_pb2 as loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -122,6 +123,41 @@ class TrainerServiceStub:
                 '/loraforge.trainer.v1.TrainerService/ExportModelVersion',
                 request_serializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ExportModelVersionRequest.SerializeToString,
                 response_deserializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ExportModelVersionResponse.FromString,
+                _registered_method=True)
+        self.CreateEvaluation = channel.unary_unary(
+                '/loraforge.trainer.v1.TrainerService/CreateEvaluation',
+                request_serializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.CreateEvaluationRequest.SerializeToString,
+                response_deserializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.CreateEvaluationResponse.FromString,
+                _registered_method=True)
+        self.GetEvaluation = channel.unary_unary(
+                '/loraforge.trainer.v1.TrainerService/GetEvaluation',
+                request_serializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.GetEvaluationRequest.SerializeToString,
+                response_deserializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.GetEvaluationResponse.FromString,
+                _registered_method=True)
+        self.ListEvaluations = channel.unary_unary(
+                '/loraforge.trainer.v1.TrainerService/ListEvaluations',
+                request_serializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.ListEvaluationsRequest.SerializeToString,
+                response_deserializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.ListEvaluationsResponse.FromString,
+                _registered_method=True)
+        self.DeleteEvaluation = channel.unary_unary(
+                '/loraforge.trainer.v1.TrainerService/DeleteEvaluation',
+                request_serializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.DeleteEvaluationRequest.SerializeToString,
+                response_deserializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.DeleteEvaluationResponse.FromString,
+                _registered_method=True)
+        self.WatchEvaluation = channel.unary_stream(
+                '/loraforge.trainer.v1.TrainerService/WatchEvaluation',
+                request_serializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.WatchEvaluationRequest.SerializeToString,
+                response_deserializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.WatchEvaluationResponse.FromString,
+                _registered_method=True)
+        self.ListEvaluationResults = channel.unary_unary(
+                '/loraforge.trainer.v1.TrainerService/ListEvaluationResults',
+                request_serializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.ListEvaluationResultsRequest.SerializeToString,
+                response_deserializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.ListEvaluationResultsResponse.FromString,
+                _registered_method=True)
+        self.CompareEvaluations = channel.unary_unary(
+                '/loraforge.trainer.v1.TrainerService/CompareEvaluations',
+                request_serializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.CompareEvaluationsRequest.SerializeToString,
+                response_deserializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.CompareEvaluationsResponse.FromString,
                 _registered_method=True)
 
 
@@ -265,6 +301,68 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateEvaluation(self, request, context):
+        """Evaluations (messages in evaluation.proto): a model version, or the
+        base model, scored on a held-out dataset version through the predictor.
+
+        Starts an evaluation and returns it at once, RUNNING. The parent is a
+        TRAINED model version (its adapter answers, prompted the way it was
+        trained) or a model (the base model answers, without an adapter). The
+        dataset version must be READY and not the one the version trained on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEvaluation(self, request, context):
+        """Gets one evaluation: its state, progress and, once it has SUCCEEDED,
+        its scores.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEvaluations(self, request, context):
+        """Lists the evaluations of a model version or of a model's base model,
+        newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteEvaluation(self, request, context):
+        """Deletes an evaluation and its results. Refused with FAILED_PRECONDITION
+        while it is RUNNING.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchEvaluation(self, request, context):
+        """Streams an evaluation as it runs: the evaluation now, then again each
+        time its progress or state changes, ending once it has ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEvaluationResults(self, request, context):
+        """Lists an evaluation's per-example results, in dataset order or worst
+        first by a metric.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompareEvaluations(self, request, context):
+        """Compares two SUCCEEDED evaluations of the same dataset version example
+        by example: how many got better, worse or stayed the same by a metric,
+        and the examples that changed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -352,6 +450,41 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.ExportModelVersion,
                     request_deserializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ExportModelVersionRequest.FromString,
                     response_serializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ExportModelVersionResponse.SerializeToString,
+            ),
+            'CreateEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateEvaluation,
+                    request_deserializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.CreateEvaluationRequest.FromString,
+                    response_serializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.CreateEvaluationResponse.SerializeToString,
+            ),
+            'GetEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEvaluation,
+                    request_deserializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.GetEvaluationRequest.FromString,
+                    response_serializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.GetEvaluationResponse.SerializeToString,
+            ),
+            'ListEvaluations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEvaluations,
+                    request_deserializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.ListEvaluationsRequest.FromString,
+                    response_serializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.ListEvaluationsResponse.SerializeToString,
+            ),
+            'DeleteEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteEvaluation,
+                    request_deserializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.DeleteEvaluationRequest.FromString,
+                    response_serializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.DeleteEvaluationResponse.SerializeToString,
+            ),
+            'WatchEvaluation': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEvaluation,
+                    request_deserializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.WatchEvaluationRequest.FromString,
+                    response_serializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.WatchEvaluationResponse.SerializeToString,
+            ),
+            'ListEvaluationResults': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEvaluationResults,
+                    request_deserializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.ListEvaluationResultsRequest.FromString,
+                    response_serializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.ListEvaluationResultsResponse.SerializeToString,
+            ),
+            'CompareEvaluations': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompareEvaluations,
+                    request_deserializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.CompareEvaluationsRequest.FromString,
+                    response_serializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.CompareEvaluationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -817,6 +950,195 @@ class TrainerService:
             '/loraforge.trainer.v1.TrainerService/ExportModelVersion',
             loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ExportModelVersionRequest.SerializeToString,
             loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ExportModelVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraforge.trainer.v1.TrainerService/CreateEvaluation',
+            loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.CreateEvaluationRequest.SerializeToString,
+            loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.CreateEvaluationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraforge.trainer.v1.TrainerService/GetEvaluation',
+            loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.GetEvaluationRequest.SerializeToString,
+            loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.GetEvaluationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEvaluations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraforge.trainer.v1.TrainerService/ListEvaluations',
+            loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.ListEvaluationsRequest.SerializeToString,
+            loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.ListEvaluationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraforge.trainer.v1.TrainerService/DeleteEvaluation',
+            loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.DeleteEvaluationRequest.SerializeToString,
+            loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.DeleteEvaluationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/loraforge.trainer.v1.TrainerService/WatchEvaluation',
+            loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.WatchEvaluationRequest.SerializeToString,
+            loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.WatchEvaluationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEvaluationResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraforge.trainer.v1.TrainerService/ListEvaluationResults',
+            loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.ListEvaluationResultsRequest.SerializeToString,
+            loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.ListEvaluationResultsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompareEvaluations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraforge.trainer.v1.TrainerService/CompareEvaluations',
+            loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.CompareEvaluationsRequest.SerializeToString,
+            loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.CompareEvaluationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from grpc import aio as _aio
+from loraforge.trainer.v1 import evaluation_pb2 as _evaluation_pb2
 from loraforge.trainer.v1 import trainer_service_pb2 as _trainer_service_pb2
 import abc as _abc_1
 import grpc as _grpc
@@ -92,6 +93,40 @@ class TrainerServiceStub:
     `merged`, the base model with the adapter merged into its weights. The
     first message carries `info`, every later one a `chunk` of the archive.
     """
+    CreateEvaluation: _grpc.UnaryUnaryMultiCallable[_evaluation_pb2.CreateEvaluationRequest, _evaluation_pb2.CreateEvaluationResponse]
+    """Evaluations (messages in evaluation.proto): a model version, or the
+    base model, scored on a held-out dataset version through the predictor.
+
+    Starts an evaluation and returns it at once, RUNNING. The parent is a
+    TRAINED model version (its adapter answers, prompted the way it was
+    trained) or a model (the base model answers, without an adapter). The
+    dataset version must be READY and not the one the version trained on.
+    """
+    GetEvaluation: _grpc.UnaryUnaryMultiCallable[_evaluation_pb2.GetEvaluationRequest, _evaluation_pb2.GetEvaluationResponse]
+    """Gets one evaluation: its state, progress and, once it has SUCCEEDED,
+    its scores.
+    """
+    ListEvaluations: _grpc.UnaryUnaryMultiCallable[_evaluation_pb2.ListEvaluationsRequest, _evaluation_pb2.ListEvaluationsResponse]
+    """Lists the evaluations of a model version or of a model's base model,
+    newest first.
+    """
+    DeleteEvaluation: _grpc.UnaryUnaryMultiCallable[_evaluation_pb2.DeleteEvaluationRequest, _evaluation_pb2.DeleteEvaluationResponse]
+    """Deletes an evaluation and its results. Refused with FAILED_PRECONDITION
+    while it is RUNNING.
+    """
+    WatchEvaluation: _grpc.UnaryStreamMultiCallable[_evaluation_pb2.WatchEvaluationRequest, _evaluation_pb2.WatchEvaluationResponse]
+    """Streams an evaluation as it runs: the evaluation now, then again each
+    time its progress or state changes, ending once it has ended.
+    """
+    ListEvaluationResults: _grpc.UnaryUnaryMultiCallable[_evaluation_pb2.ListEvaluationResultsRequest, _evaluation_pb2.ListEvaluationResultsResponse]
+    """Lists an evaluation's per-example results, in dataset order or worst
+    first by a metric.
+    """
+    CompareEvaluations: _grpc.UnaryUnaryMultiCallable[_evaluation_pb2.CompareEvaluationsRequest, _evaluation_pb2.CompareEvaluationsResponse]
+    """Compares two SUCCEEDED evaluations of the same dataset version example
+    by example: how many got better, worse or stayed the same by a metric,
+    and the examples that changed.
+    """
 
 @_typing.type_check_only
 class TrainerServiceAsyncStub(TrainerServiceStub):
@@ -156,6 +191,40 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     (base model, template, parameters, dataset version, metrics), or, with
     `merged`, the base model with the adapter merged into its weights. The
     first message carries `info`, every later one a `chunk` of the archive.
+    """
+    CreateEvaluation: _aio.UnaryUnaryMultiCallable[_evaluation_pb2.CreateEvaluationRequest, _evaluation_pb2.CreateEvaluationResponse]  # type: ignore[assignment]
+    """Evaluations (messages in evaluation.proto): a model version, or the
+    base model, scored on a held-out dataset version through the predictor.
+
+    Starts an evaluation and returns it at once, RUNNING. The parent is a
+    TRAINED model version (its adapter answers, prompted the way it was
+    trained) or a model (the base model answers, without an adapter). The
+    dataset version must be READY and not the one the version trained on.
+    """
+    GetEvaluation: _aio.UnaryUnaryMultiCallable[_evaluation_pb2.GetEvaluationRequest, _evaluation_pb2.GetEvaluationResponse]  # type: ignore[assignment]
+    """Gets one evaluation: its state, progress and, once it has SUCCEEDED,
+    its scores.
+    """
+    ListEvaluations: _aio.UnaryUnaryMultiCallable[_evaluation_pb2.ListEvaluationsRequest, _evaluation_pb2.ListEvaluationsResponse]  # type: ignore[assignment]
+    """Lists the evaluations of a model version or of a model's base model,
+    newest first.
+    """
+    DeleteEvaluation: _aio.UnaryUnaryMultiCallable[_evaluation_pb2.DeleteEvaluationRequest, _evaluation_pb2.DeleteEvaluationResponse]  # type: ignore[assignment]
+    """Deletes an evaluation and its results. Refused with FAILED_PRECONDITION
+    while it is RUNNING.
+    """
+    WatchEvaluation: _aio.UnaryStreamMultiCallable[_evaluation_pb2.WatchEvaluationRequest, _evaluation_pb2.WatchEvaluationResponse]  # type: ignore[assignment]
+    """Streams an evaluation as it runs: the evaluation now, then again each
+    time its progress or state changes, ending once it has ended.
+    """
+    ListEvaluationResults: _aio.UnaryUnaryMultiCallable[_evaluation_pb2.ListEvaluationResultsRequest, _evaluation_pb2.ListEvaluationResultsResponse]  # type: ignore[assignment]
+    """Lists an evaluation's per-example results, in dataset order or worst
+    first by a metric.
+    """
+    CompareEvaluations: _aio.UnaryUnaryMultiCallable[_evaluation_pb2.CompareEvaluationsRequest, _evaluation_pb2.CompareEvaluationsResponse]  # type: ignore[assignment]
+    """Compares two SUCCEEDED evaluations of the same dataset version example
+    by example: how many got better, worse or stayed the same by a metric,
+    and the examples that changed.
     """
 
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -320,6 +389,82 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         (base model, template, parameters, dataset version, metrics), or, with
         `merged`, the base model with the adapter merged into its weights. The
         first message carries `info`, every later one a `chunk` of the archive.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateEvaluation(
+        self,
+        request: _evaluation_pb2.CreateEvaluationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_evaluation_pb2.CreateEvaluationResponse, _abc.Awaitable[_evaluation_pb2.CreateEvaluationResponse]]:
+        """Evaluations (messages in evaluation.proto): a model version, or the
+        base model, scored on a held-out dataset version through the predictor.
+
+        Starts an evaluation and returns it at once, RUNNING. The parent is a
+        TRAINED model version (its adapter answers, prompted the way it was
+        trained) or a model (the base model answers, without an adapter). The
+        dataset version must be READY and not the one the version trained on.
+        """
+
+    @_abc_1.abstractmethod
+    def GetEvaluation(
+        self,
+        request: _evaluation_pb2.GetEvaluationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_evaluation_pb2.GetEvaluationResponse, _abc.Awaitable[_evaluation_pb2.GetEvaluationResponse]]:
+        """Gets one evaluation: its state, progress and, once it has SUCCEEDED,
+        its scores.
+        """
+
+    @_abc_1.abstractmethod
+    def ListEvaluations(
+        self,
+        request: _evaluation_pb2.ListEvaluationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_evaluation_pb2.ListEvaluationsResponse, _abc.Awaitable[_evaluation_pb2.ListEvaluationsResponse]]:
+        """Lists the evaluations of a model version or of a model's base model,
+        newest first.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteEvaluation(
+        self,
+        request: _evaluation_pb2.DeleteEvaluationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_evaluation_pb2.DeleteEvaluationResponse, _abc.Awaitable[_evaluation_pb2.DeleteEvaluationResponse]]:
+        """Deletes an evaluation and its results. Refused with FAILED_PRECONDITION
+        while it is RUNNING.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchEvaluation(
+        self,
+        request: _evaluation_pb2.WatchEvaluationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_evaluation_pb2.WatchEvaluationResponse], _abc.AsyncIterator[_evaluation_pb2.WatchEvaluationResponse]]:
+        """Streams an evaluation as it runs: the evaluation now, then again each
+        time its progress or state changes, ending once it has ended.
+        """
+
+    @_abc_1.abstractmethod
+    def ListEvaluationResults(
+        self,
+        request: _evaluation_pb2.ListEvaluationResultsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_evaluation_pb2.ListEvaluationResultsResponse, _abc.Awaitable[_evaluation_pb2.ListEvaluationResultsResponse]]:
+        """Lists an evaluation's per-example results, in dataset order or worst
+        first by a metric.
+        """
+
+    @_abc_1.abstractmethod
+    def CompareEvaluations(
+        self,
+        request: _evaluation_pb2.CompareEvaluationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_evaluation_pb2.CompareEvaluationsResponse, _abc.Awaitable[_evaluation_pb2.CompareEvaluationsResponse]]:
+        """Compares two SUCCEEDED evaluations of the same dataset version example
+        by example: how many got better, worse or stayed the same by a metric,
+        and the examples that changed.
         """
 
 def add_TrainerServiceServicer_to_server(servicer: TrainerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

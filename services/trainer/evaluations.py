@@ -1,0 +1,515 @@
+"""Evaluations: a model version, or the base model, scored on a held-out dataset version.
+
+`create` checks the request and stores the evaluation RUNNING; a background task of this
+trainer process then reads the dataset version (through the dataset service), asks the
+predictor for each prompt's completion in batches (greedy unless told otherwise; a model
+version answers with the prompt format it was trained with, as the predictor applies
+it), scores each completion against the example's own (`metrics.py`, in a thread) and
+stores results batch by batch, so progress is visible and nothing waits for the end.
+
+A running evaluation holds a lease that its task renews. A trainer that stops gracefully
+fails its running evaluations at once; one that dies leaves leases that expire, and any
+trainer fails those at its start and then periodically. Either way the reason says to
+create the evaluation again: an evaluation is cheap to repeat and is never resumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import json_format
+
+from loraforge.dataset.v1 import dataset_service_pb2 as dpb
+from loraforge.predictor.v1 import predictor_service_pb2 as ppb
+from loraforge.services.common.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    LoraforgeError,
+    invalid_field,
+)
+from loraforge.services.common.prompts import PromptFormat
+from loraforge.services.common.resources import new_id, parse_name, validate_id
+from loraforge.services.predictor.params import validate_params
+from loraforge.services.predictor.protos import PROMPT_FORMATS, params_from_proto
+from loraforge.services.trainer import metrics
+from loraforge.services.trainer.dataset_client import AsyncDatasetClient, DatasetVersionInfo
+from loraforge.services.trainer.evaluation_store import (
+    FAILED,
+    RUNNING,
+    SCORE_COLUMNS,
+    SUCCEEDED,
+    EvaluationStore,
+    Result,
+)
+from loraforge.services.trainer.predictor_client import AsyncPredictorClient
+from loraforge.services.trainer.runs import MODEL, VERSION
+from loraforge.services.trainer.store import EvaluationRow, State, TrainerStore
+
+log = logging.getLogger("loraforge.trainer.evaluations")
+
+VERSION_EVALUATION = VERSION + "/evaluations/{evaluation}"
+BASE_EVALUATION = MODEL + "/evaluations/{evaluation}"
+DATASET_VERSION = "apps/{app}/datasets/{dataset}/versions/{version}"
+MAX_EXAMPLES = 100_000
+BATCH_SIZE = 16  # inputs per Predict call (the predictor takes up to 128)
+INTERRUPTED = (
+    "interrupted: the trainer running this evaluation stopped before it finished; "
+    "create the evaluation again"
+)
+SHUT_DOWN = (
+    "interrupted: the trainer was shut down while this evaluation ran; create the evaluation again"
+)
+
+
+@dataclass(frozen=True)
+class NewEvaluation:
+    parent: str
+    evaluation_id: str
+    dataset_version: str
+    metrics: list[str]
+    params: ppb.InferenceParams
+    max_examples: int = 0
+    prompt_like: str = ""
+
+
+@dataclass(frozen=True)
+class Comparison:
+    score: str
+    better: int
+    worse: int
+    unchanged: int
+    scores: dict[str, float]
+    other_scores: dict[str, float]
+    # (result in the first, result in the other, delta), worse ones first.
+    changes: list[tuple[Result, Result, float]]
+
+
+def check_name(name: str, field: str = "name") -> str:
+    """An evaluation's name, of a model version or of a model's base model."""
+    if "/versions/" in name:
+        parse_name(name, VERSION_EVALUATION, field)
+    else:
+        parse_name(name, BASE_EVALUATION, field)
+    return name
+
+
+def check_parent(parent: str, field: str = "parent") -> bool:
+    """True for a model version, False for a model (its base model); else INVALID_ARGUMENT."""
+    if "/versions/" in parent:
+        parse_name(parent, VERSION, field)
+        return True
+    if not parent:
+        raise invalid_field(
+            field,
+            "is required: a model version (`apps/{app}/models/{model}/versions/{version}`) "
+            "or a model (`apps/{app}/models/{model}`) for its base model",
+            reason="MISSING_NAME",
+        )
+    parse_name(parent, MODEL, field)
+    return False
+
+
+class Evaluations:
+    def __init__(
+        self,
+        store: TrainerStore,
+        datasets: AsyncDatasetClient,
+        predictor: AsyncPredictorClient,
+        *,
+        lease_seconds: float = 30.0,
+        batch_size: int = BATCH_SIZE,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.trainer_store = store
+        self.store = EvaluationStore(store)
+        self.datasets = datasets
+        self.predictor = predictor
+        self.lease_seconds = lease_seconds
+        self.batch_size = batch_size
+        self.clock = clock
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._reaper: asyncio.Task[None] | None = None
+
+    # Lifecycle of the process.
+
+    async def start(self) -> None:
+        """Fails what a stopped trainer left RUNNING, now and then every half lease."""
+        await self._fail_expired()
+        self._reaper = asyncio.create_task(self._reap_forever())
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for name, task in list(self._tasks.items()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await asyncio.to_thread(self.store.fail, name, SHUT_DOWN)
+
+    async def _fail_expired(self) -> None:
+        names = await asyncio.to_thread(self.store.fail_expired, self.clock(), INTERRUPTED)
+        if names:
+            log.warning("failed evaluations their trainer left running: %s", ", ".join(names))
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_seconds / 2)
+            try:
+                await self._fail_expired()
+            except Exception:
+                log.exception("failing evaluations whose trainer stopped failed; retrying later")
+
+    # Standard methods.
+
+    async def create(self, new: NewEvaluation) -> EvaluationRow:
+        of_version = check_parent(new.parent)
+        evaluation_id = (
+            validate_id(new.evaluation_id, "evaluation_id") if new.evaluation_id else new_id("e")
+        )
+        chosen = metrics.check_metrics(new.metrics)
+        if not 0 <= new.max_examples <= MAX_EXAMPLES:
+            raise invalid_field(
+                "max_examples", f"must be 0 (all) to {MAX_EXAMPLES} (got {new.max_examples})"
+            )
+        parse_name(new.dataset_version, DATASET_VERSION, "dataset_version")
+        validate_params(params_from_proto(new.params), "params")
+        self.predictor.check_configured()
+        params = ppb.InferenceParams()
+        params.CopyFrom(new.params)
+        if not params.HasField("temperature"):
+            params.temperature = 0.0  # greedy, whatever the model's defaults say
+        warnings: list[str] = []
+        asked = await self.datasets.get_ready_version(new.dataset_version, "dataset_version")
+        if of_version:
+            if new.prompt_like:
+                raise invalid_field(
+                    "prompt_like",
+                    "is only for a base-model evaluation (a model as parent); a model version "
+                    "is always prompted the way it was trained",
+                )
+            version = await asyncio.to_thread(self.trainer_store.get_version, new.parent)
+            if version.state != State.TRAINED.value:
+                raise FailedPrecondition(
+                    f"model version {new.parent!r} is {version.state}; only a TRAINED version "
+                    "can be evaluated",
+                    reason="VERSION_NOT_TRAINED",
+                    field_violations=[FieldViolation("parent", f"is {version.state}, not TRAINED")],
+                )
+            model_version, base_model_name = new.parent, version.base_model
+            await self._check_held_out(asked, version.dataset_version)
+        else:
+            await asyncio.to_thread(self.trainer_store.get_model, new.parent)
+            model_version, base_model_name = "", ""
+            if new.prompt_like:
+                self._prompt_like(new, params, await self._version_of(new))
+        row = EvaluationRow(
+            name=f"{new.parent}/evaluations/{evaluation_id}",
+            parent=new.parent,
+            model_version=model_version,
+            base_model=not of_version,
+            base_model_name=base_model_name,
+            dataset_version=new.dataset_version,
+            metrics=chosen,
+            params=json_format.MessageToDict(params),
+            prompt_like=new.prompt_like,
+            max_examples=new.max_examples,
+            state=RUNNING,
+            primary_score=metrics.PRIMARY[chosen[0]] if chosen else "",
+            warnings=warnings,
+            create_time=self.clock(),
+            lease_expires=self.clock() + self.lease_seconds,
+        )
+        row = await asyncio.to_thread(self.store.create, row)
+        task = asyncio.create_task(self._run(row.name))
+        self._tasks[row.name] = task
+        name = row.name
+
+        def forget(_task: asyncio.Task[None]) -> None:
+            self._tasks.pop(name, None)
+
+        task.add_done_callback(forget)
+        return row
+
+    async def _version_of(self, new: NewEvaluation) -> Any:
+        parse_name(new.prompt_like, VERSION, "prompt_like")
+        if not new.prompt_like.startswith(new.parent + "/versions/"):
+            raise invalid_field(
+                "prompt_like", f"{new.prompt_like!r} is not a version of {new.parent!r}"
+            )
+        return await asyncio.to_thread(self.trainer_store.get_version, new.prompt_like)
+
+    @staticmethod
+    def _prompt_like(new: NewEvaluation, params: ppb.InferenceParams, version: Any) -> None:
+        """Gives the base model the version's trained prompt format and system prompt."""
+        trained = PromptFormat.from_params(version.params)
+        formats = {v: k for k, v in PROMPT_FORMATS.items()}
+        if params.prompt_format == ppb.PROMPT_FORMAT_UNSPECIFIED:
+            params.prompt_format = formats.get(trained.kind, ppb.PROMPT_FORMAT_RAW)
+        if not params.system_prompt and trained.is_chat:
+            params.system_prompt = trained.system_prompt
+
+    async def _check_held_out(self, asked: DatasetVersionInfo, trained_on: str) -> None:
+        """Refuses the dataset version a run trained on, or one with the very same examples."""
+        why = ""
+        dataset_version = asked.name
+        if dataset_version == trained_on:
+            why = "is the dataset version this model version trained on"
+        else:
+            try:
+                trained = await self.datasets.get_ready_version(trained_on, "dataset_version")
+            except LoraforgeError:
+                trained = None  # deleted since: nothing to compare with
+            if trained is not None and trained.content_sha256 == asked.content_sha256:
+                why = (
+                    f"has the same examples as {trained_on!r}, which this model version trained on"
+                )
+        if why:
+            raise FailedPrecondition(
+                f"dataset_version {dataset_version!r} {why}; scores on training data say little "
+                "about new data, so evaluate on a held-out dataset version",
+                reason="DATASET_VERSION_TRAINED_ON",
+                field_violations=[FieldViolation("dataset_version", why)],
+            )
+
+    async def get(self, name: str) -> EvaluationRow:
+        check_name(name)
+        return await asyncio.to_thread(self.store.get, name)
+
+    async def page(
+        self, parent: str, size: int, before: int | None
+    ) -> tuple[list[EvaluationRow], int | None]:
+        if check_parent(parent):
+            await asyncio.to_thread(self.trainer_store.get_version, parent)
+        else:
+            await asyncio.to_thread(self.trainer_store.get_model, parent)
+        rows, more = await asyncio.to_thread(self.store.page, parent, size, before)
+        return rows, (rows[-1].seq if more else None)
+
+    async def delete(self, name: str) -> None:
+        check_name(name)
+        await asyncio.to_thread(self.store.delete, name)
+
+    async def results(
+        self, name: str, order_by: str, offset: int, size: int
+    ) -> tuple[list[Result], int]:
+        row = await self.get(name)
+        score, descending = self.order(row, order_by)
+        return await asyncio.to_thread(self.store.results, name, score, descending, offset, size)
+
+    @staticmethod
+    def order(row: EvaluationRow, order_by: str) -> tuple[str, bool]:
+        """The score and direction `order_by` names ('' : dataset order)."""
+        words = order_by.split()
+        if not words:
+            return "", False
+        score = row.primary_score if words[0] == "score" else words[0]
+        descending = words[1:] == ["desc"]
+        known = sorted(s for s in SCORE_COLUMNS if s in row.scores) or sorted(SCORE_COLUMNS)
+        if score not in SCORE_COLUMNS or len(words) > 2 or (len(words) == 2 and not descending):
+            raise invalid_field(
+                "order_by",
+                f"{order_by!r}: use a score name, worst first, or the name and ` desc`, best "
+                f"first (`score` is the primary one); this evaluation has {', '.join(known)}",
+            )
+        return score, descending
+
+    async def compare(self, name: str, other: str, score: str) -> Comparison:
+        first = await self.get(name)
+        check_name(other, "other")
+        second = await asyncio.to_thread(self.store.get, other)
+        for field, row in (("evaluation", first), ("other", second)):
+            if row.state != SUCCEEDED:
+                raise FailedPrecondition(
+                    f"evaluation {row.name!r} is {row.state}; only SUCCEEDED evaluations compare",
+                    reason="EVALUATION_NOT_SUCCEEDED",
+                    field_violations=[FieldViolation(field, f"is {row.state}, not SUCCEEDED")],
+                )
+        if first.dataset_version != second.dataset_version:
+            raise FailedPrecondition(
+                f"the evaluations scored different dataset versions ({first.dataset_version!r} "
+                f"and {second.dataset_version!r}); compare evaluations of the same one",
+                reason="DIFFERENT_DATASET_VERSIONS",
+                field_violations=[
+                    FieldViolation("other", f"scored {second.dataset_version!r}, not the same")
+                ],
+            )
+        score = score or first.primary_score
+        for field, row in (("score", first), ("score", second)):
+            if score not in row.scores:
+                raise invalid_field(
+                    field,
+                    f"{row.name!r} has no {score!r} score; it has {', '.join(sorted(row.scores))}",
+                )
+        a, b = await asyncio.gather(
+            asyncio.to_thread(self.store.all_results, first.name),
+            asyncio.to_thread(self.store.all_results, second.name),
+        )
+        theirs = {r.index: r for r in b}
+        better = worse = unchanged = 0
+        changes: list[tuple[Result, Result, float]] = []
+        for mine in a:
+            match = theirs.get(mine.index)
+            if match is None or match.input_name != mine.input_name:
+                continue
+            delta = match.scores.get(score, 0.0) - mine.scores.get(score, 0.0)
+            if abs(delta) < 1e-9:
+                unchanged += 1
+                continue
+            if delta > 0:
+                better += 1
+            else:
+                worse += 1
+            changes.append((mine, match, delta))
+        # Worse ones first, most lost first; then better ones, most gained first.
+        changes.sort(key=lambda c: (c[2] > 0, -abs(c[2]), c[0].index))
+        return Comparison(score, better, worse, unchanged, first.scores, second.scores, changes)
+
+    # The background task.
+
+    async def _run(self, name: str) -> None:
+        renewer = asyncio.create_task(self._renew_forever(name))
+        try:
+            await self._evaluate(name)
+        except asyncio.CancelledError:
+            raise
+        except LoraforgeError as err:
+            log.warning("evaluation %s failed: %s", name, err.message)
+            await asyncio.to_thread(self.store.fail, name, err.message)
+        except Exception:
+            incident = uuid.uuid4().hex[:12]
+            log.exception("evaluation %s failed unexpectedly (incident %s)", name, incident)
+            await asyncio.to_thread(
+                self.store.fail,
+                name,
+                f"an unexpected error stopped it (incident {incident}); the trainer's log has "
+                "the details",
+            )
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+
+    async def _renew_forever(self, name: str) -> None:
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            try:
+                if not await asyncio.to_thread(
+                    self.store.renew, name, self.clock() + self.lease_seconds
+                ):
+                    return
+            except Exception:
+                log.exception("renewing the lease of evaluation %s failed", name)
+
+    async def _evaluate(self, name: str) -> None:
+        row = await asyncio.to_thread(self.store.get, name)
+        examples: list[tuple[int, dpb.Input]] = []
+        skipped = 0
+        async for index, inp in _enumerate(
+            self.datasets.read_inputs(row.dataset_version, "dataset_version")
+        ):
+            if inp.example.kind == dpb.EXAMPLE_KIND_TEXT:
+                skipped += 1
+                continue
+            if row.max_examples and len(examples) >= row.max_examples:
+                break
+            examples.append((index, inp))
+        warnings = list(row.warnings)
+        if skipped:
+            warnings.append(
+                f"{skipped} plain-text example(s) have no completion to compare with and "
+                "were skipped"
+            )
+        if not examples:
+            raise FailedPrecondition(
+                f"dataset version {row.dataset_version!r} has no prompt-completion examples "
+                "to score"
+            )
+        references = [inp.example.completion for _, inp in examples]
+        chosen = list(row.metrics) or metrics.default_metrics(references)
+        labels = sorted({metrics.normalize(r) for r in references})
+        if metrics.LABEL_ACCURACY in chosen and not metrics.are_labels(references):
+            warnings.append(
+                f"label_accuracy: the completions are not short labels ({len(labels)} distinct); "
+                "exact_match or rouge may say more"
+            )
+        base_model_name = row.base_model_name or await self.predictor.base_model()
+        if not await asyncio.to_thread(
+            self.store.start,
+            name,
+            metrics=chosen,
+            primary_score=metrics.PRIMARY[chosen[0]],
+            total_examples=len(examples),
+            base_model_name=base_model_name,
+        ):
+            return  # deleted or failed meanwhile
+        scorer = metrics.Scorer(chosen, labels=labels)
+        params = json_format.ParseDict(row.params, ppb.InferenceParams())
+        for start in range(0, len(examples), self.batch_size):
+            batch = examples[start : start + self.batch_size]
+            outputs = await self.predictor.predict(
+                row.model_version, [inp.example.prompt for _, inp in batch], params
+            )
+            results = await asyncio.to_thread(_score, scorer, batch, outputs)
+            stored = await asyncio.to_thread(
+                self.store.add_results, name, results, self.clock() + self.lease_seconds
+            )
+            if not stored:
+                return  # deleted or failed meanwhile
+        confusion: list[list[Any]] = []
+        if metrics.LABEL_ACCURACY in chosen:
+            confusion = [[ref, pred, n] for (ref, pred), n in sorted(scorer.confusion.items())]
+        aggregates = await asyncio.to_thread(scorer.aggregates, len(examples))
+        await asyncio.to_thread(
+            self.store.succeed,
+            name,
+            aggregates,
+            scorer.confusion_labels() if confusion else [],
+            confusion,
+            warnings,
+        )
+        log.info("evaluation %s succeeded: %s", name, aggregates)
+
+
+async def _enumerate(items: AsyncIterator[dpb.Input]) -> AsyncIterator[tuple[int, dpb.Input]]:
+    index = 0
+    async for item in items:
+        yield index, item
+        index += 1
+
+
+def _score(
+    scorer: metrics.Scorer,
+    batch: list[tuple[int, dpb.Input]],
+    outputs: list[ppb.PredictOutput],
+) -> list[Result]:
+    results = []
+    for (index, inp), out in zip(batch, outputs, strict=True):
+        scored = scorer.score(out.text, inp.example.completion)
+        results.append(
+            Result(
+                index=index,
+                input_name=inp.name,
+                prompt=inp.example.prompt,
+                reference=inp.example.completion,
+                output=out.text,
+                scores=scored.scores,
+                predicted_label=scored.predicted_label,
+                completion_tokens=out.completion_tokens,
+                finish_reason=ppb.FinishReason.Name(out.finish_reason).removeprefix(
+                    "FINISH_REASON_"
+                ),
+            )
+        )
+    return results
+
+
+__all__ = ["FAILED", "RUNNING", "SUCCEEDED", "Comparison", "Evaluations", "NewEvaluation"]

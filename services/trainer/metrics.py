@@ -1,0 +1,171 @@
+"""Scores of generated completions against reference completions.
+
+ROUGE comes from Google's `rouge-score` (F-measure, Porter stemming) and BLEU from
+`sacrebleu` (sentence BLEU per example, corpus BLEU overall, 0 to 100), so the figures
+are the ones those libraries give anyone. Exact match normalizes as SQuAD's official
+script does (lowercase, no punctuation, no articles, single spaces). Label accuracy reads
+an output as one of the references' labels (itself, or its first words) and keeps a
+confusion matrix.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import sacrebleu
+from rouge_score import rouge_scorer
+
+from loraforge.services.common.errors import FieldViolation, InvalidArgument
+
+EXACT_MATCH = "exact_match"
+LABEL_ACCURACY = "label_accuracy"
+ROUGE = "rouge"
+BLEU = "bleu"
+METRICS = (EXACT_MATCH, LABEL_ACCURACY, ROUGE, BLEU)
+ROUGE_SCORES = ("rouge1", "rouge2", "rougeL")
+# The score each metric contributes per example, and the one results sort by.
+SCORES = {
+    EXACT_MATCH: (EXACT_MATCH,),
+    LABEL_ACCURACY: (LABEL_ACCURACY,),
+    ROUGE: ROUGE_SCORES,
+    BLEU: (BLEU,),
+}
+PRIMARY = {EXACT_MATCH: EXACT_MATCH, LABEL_ACCURACY: LABEL_ACCURACY, ROUGE: "rougeL", BLEU: BLEU}
+OTHER_LABEL = "(other)"
+# Completions count as labels when each is this short and there are few distinct ones.
+MAX_LABEL_WORDS = 4
+MAX_LABELS = 50
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize(text: str) -> str:
+    """SQuAD's answer normalization: lowercase, no punctuation, no articles, single spaces."""
+    text = text.lower().translate(_PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def all_score_names() -> tuple[str, ...]:
+    return tuple(name for metric in METRICS for name in SCORES[metric])
+
+
+def check_metrics(metrics: Sequence[str], field_name: str = "metrics") -> list[str]:
+    """The metrics asked for, in order, without repeats; INVALID_ARGUMENT for an unknown one."""
+    chosen: list[str] = []
+    for i, metric in enumerate(metrics):
+        if metric not in METRICS:
+            where = f"{field_name}[{i}]"
+            description = f"{metric!r} is not a metric; choose from {', '.join(METRICS)}"
+            raise InvalidArgument(
+                f"{where}: {description}",
+                reason="UNKNOWN_METRIC",
+                field_violations=[FieldViolation(where, description)],
+            )
+        if metric not in chosen:
+            chosen.append(metric)
+    return chosen
+
+
+def are_labels(references: Sequence[str]) -> bool:
+    """Whether the references look like class labels: short, and few distinct ones."""
+    labels = {normalize(r) for r in references}
+    return (
+        bool(references)
+        and all(0 < len(label.split()) <= MAX_LABEL_WORDS for label in labels)
+        and len(labels) <= min(MAX_LABELS, max(2, len(references) // 2))
+    )
+
+
+def default_metrics(references: Sequence[str]) -> list[str]:
+    metrics = [EXACT_MATCH, ROUGE, BLEU]
+    if are_labels(references):
+        metrics.insert(1, LABEL_ACCURACY)
+    return metrics
+
+
+def read_label(output: str, labels: Sequence[str]) -> str:
+    """The label `output` gives: one of `labels` (normalized), or OTHER_LABEL.
+
+    An output is its label when, normalized, it is the label or starts with the label's
+    words (`positive.` and `positive, because ...` are `positive`); the longest label
+    that fits wins, so `very positive` is not read as `positive`.
+    """
+    words = normalize(output).split()
+    for label in sorted(labels, key=lambda lab: -len(lab.split())):
+        size = len(label.split())
+        if words[:size] == label.split():
+            return label
+    return OTHER_LABEL
+
+
+@dataclass
+class Scored:
+    """One example's scores and, with label accuracy, the label its output was read as."""
+
+    scores: dict[str, float]
+    predicted_label: str = ""
+
+
+@dataclass
+class Scorer:
+    """Scores examples one batch at a time and keeps what the aggregates need.
+
+    `labels`: the normalized references' labels, needed for label accuracy.
+    """
+
+    metrics: list[str]
+    labels: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    references: list[str] = field(default_factory=list)
+    sums: Counter[str] = field(default_factory=Counter)
+    confusion: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self._rouge = (
+            rouge_scorer.RougeScorer(list(ROUGE_SCORES), use_stemmer=True)
+            if ROUGE in self.metrics
+            else None
+        )
+
+    @property
+    def primary(self) -> str:
+        return PRIMARY[self.metrics[0]]
+
+    def score(self, output: str, reference: str) -> Scored:
+        scores: dict[str, float] = {}
+        predicted = ""
+        if EXACT_MATCH in self.metrics:
+            scores[EXACT_MATCH] = float(normalize(output) == normalize(reference))
+        if LABEL_ACCURACY in self.metrics:
+            predicted = read_label(output, self.labels)
+            expected = normalize(reference)
+            scores[LABEL_ACCURACY] = float(predicted == expected)
+            self.confusion[(expected, predicted)] += 1
+        if self._rouge is not None:
+            rouge = self._rouge.score(reference, output)
+            for name in ROUGE_SCORES:
+                scores[name] = float(rouge[name].fmeasure)
+        if BLEU in self.metrics:
+            scores[BLEU] = float(sacrebleu.sentence_bleu(output, [reference]).score)
+            self.outputs.append(output)
+            self.references.append(reference)
+        self.sums.update(scores)
+        return Scored(scores, predicted)
+
+    def aggregates(self, count: int) -> dict[str, float]:
+        """Means over `count` scored examples, and corpus BLEU over all of them."""
+        if count == 0:
+            return {}
+        means = {name: total / count for name, total in self.sums.items()}
+        if BLEU in self.metrics:
+            means[BLEU] = float(sacrebleu.corpus_bleu(self.outputs, [self.references]).score)
+        return means
+
+    def confusion_labels(self) -> list[str]:
+        seen = {p for _, p in self.confusion}
+        return sorted(self.labels) + ([OTHER_LABEL] if OTHER_LABEL in seen else [])

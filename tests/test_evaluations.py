@@ -1,0 +1,396 @@
+"""Evaluations end to end through real services: dataset, trainer, a worker, a predictor.
+
+One stack for the module: a tiny Llama is fine-tuned on numbers labelled `positive` or
+`negative` by parity; the base model and the fine-tuned version are evaluated on a held-out dataset
+version of other numbers, through the trainer's evaluation RPCs, which generate
+through the predictor. The tiny model learns to answer with a label, not parity, so the
+fine-tuned version beats the base model on exact match and label accuracy without
+being right everywhere, and the comparison lists the examples that changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import json_format, struct_pb2
+
+from loraforge.dataset.v1 import dataset_service_pb2 as dpb
+from loraforge.dataset.v1 import dataset_service_pb2_grpc as dpb_grpc
+from loraforge.predictor.v1 import predictor_service_pb2 as ppb
+from loraforge.services.trainer.evaluation_store import EvaluationStore
+from loraforge.services.trainer.store import EvaluationRow, TrainerStore
+from loraforge.trainer.v1 import evaluation_pb2 as epb
+from loraforge.trainer.v1 import trainer_service_pb2 as tpb
+from loraforge.trainer.v1 import trainer_service_pb2_grpc as tpb_grpc
+from tests.support import (
+    REPO,
+    ServiceProcess,
+    channel,
+    error_details,
+    free_port,
+    start_service,
+    wait_until,
+)
+from tests.test_predictor_helpers import tiny_base
+
+pytestmark = pytest.mark.slow
+
+APP = "apps/lab"
+MODEL = f"{APP}/models/parity"
+TEMPLATE = "templates/HF_Llama_3_2_1b_instruct_lora"
+TRAIN = f"{APP}/datasets/numbers/versions/train"
+HELD_OUT = f"{APP}/datasets/numbers-heldout/versions/v1"
+PARAMS = ppb.InferenceParams(max_tokens=3)
+
+
+@dataclass
+class Stack:
+    workdir: Path
+    dataset: ServiceProcess
+    trainer: ServiceProcess
+    evaluations: tpb_grpc.TrainerServiceStub
+    version: str
+
+
+def _labelled(numbers: range) -> bytes:
+    rows = [
+        {"prompt": f"Sentiment: {n} rose?", "completion": " positive" if n % 2 else " negative"}
+        for n in numbers
+    ]
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def _upload(stub: dpb_grpc.DatasetServiceStub, dataset_id: str, data: bytes, version: str) -> None:
+    dataset = f"{APP}/datasets/{dataset_id}"
+    stub.CreateDataset(dpb.CreateDatasetRequest(parent=APP, dataset_id=dataset_id))
+    header = dpb.UploadHeader(dataset=dataset, file_name="numbers.jsonl")
+    stub.UploadInputs(
+        iter([dpb.UploadInputsRequest(header=header), dpb.UploadInputsRequest(chunk=data)])
+    )
+    stub.CreateDatasetVersion(dpb.CreateDatasetVersionRequest(parent=dataset, version_id=version))
+
+
+def _train(stub: tpb_grpc.TrainerServiceStub, base: Path) -> str:
+    overrides = {
+        "model_config": {"pretrained_model_name_or_path": str(base)},
+        "peft_config": {"r": 8},
+        "tokenizer_config": {"model_max_length": 32, "prompt_format": "raw"},
+        "trainer_config": {
+            "max_steps": 40,
+            "logging_steps": 4,
+            "save_steps": 100,
+            "per_device_train_batch_size": 8,
+            "learning_rate": 1e-2,
+            "eval_split_percent": 0,
+            "seed": 1,
+        },
+    }
+    return stub.CreateModelVersion(
+        tpb.CreateModelVersionRequest(
+            parent=MODEL,
+            version_id="v1",
+            template=TEMPLATE,
+            dataset_version=TRAIN,
+            param_overrides=json_format.ParseDict(overrides, struct_pb2.Struct()),
+        )
+    ).model_version.name
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp("evaluations")
+    base = tiny_base(workdir)
+    roots = {"LORAFORGE_MODEL_ROOTS": f"tests={workdir}"}
+    predictor_port = free_port()
+    started: list[ServiceProcess] = []
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        dataset = start_service("loraforge.services.dataset", workdir)
+        started.append(dataset)
+        # The trainer knows where the predictor will be; it calls it only to evaluate.
+        trainer = start_service(
+            "loraforge.services.trainer",
+            workdir,
+            args=[
+                *("--dataset-address", dataset.address),
+                *("--predictor-address", f"127.0.0.1:{predictor_port}"),
+            ],
+            env=roots,
+        )
+        started.append(trainer)
+        dstub = dpb_grpc.DatasetServiceStub(channel(dataset.address))
+        dstub.CreateApp(dpb.CreateAppRequest(app_id="lab"))
+        _upload(dstub, "numbers", _labelled(range(0, 64)), "train")
+        _upload(dstub, "numbers-heldout", _labelled(range(100, 120)), "v1")
+        tstub = tpb_grpc.TrainerServiceStub(channel(trainer.address))
+        tstub.CreateModel(tpb.CreateModelRequest(parent=APP, model_id="parity"))
+        version = _train(tstub, base)
+        env = {
+            **os.environ,
+            **roots,
+            "LORAFORGE_HOME": str(workdir / "home"),
+            "LORAFORGE_DATASET_ADDRESS": dataset.address,
+        }
+        with open(workdir / "worker.log", "ab") as log:
+            worker = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "loraforge.services.trainer.worker",
+                    "--poll-seconds",
+                    "0.2",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=REPO,
+            )
+        predictor = start_service(
+            "loraforge.services.predictor",
+            workdir,
+            args=[
+                *("--port", str(predictor_port)),
+                *("--base-model", str(base), "--trainer-address", trainer.address),
+                *("--engine", "transformers", "--dtype", "float32", "--max-lora-rank", "8"),
+            ],
+            timeout=300,
+        )
+        started.append(predictor)
+
+        def trained() -> bool:
+            state = tstub.GetModelVersion(tpb.GetModelVersionRequest(name=version)).model_version
+            assert state.state != tpb.MODEL_VERSION_STATE_FAILED, state.failure_reason
+            return state.state == tpb.MODEL_VERSION_STATE_TRAINED
+
+        assert wait_until(trained, 300), f"training {version}"
+        yield Stack(
+            workdir,
+            dataset,
+            trainer,
+            tpb_grpc.TrainerServiceStub(channel(trainer.address)),
+            version,
+        )
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        for service in reversed(started):
+            service.stop()
+
+
+def _finished(stub: tpb_grpc.TrainerServiceStub, name: str) -> epb.Evaluation:
+    """Follows WatchEvaluation to the end; the last message is the evaluation as it ended."""
+    updates = [
+        r.evaluation
+        for r in stub.WatchEvaluation(epb.WatchEvaluationRequest(name=name), timeout=300)
+    ]
+    assert updates and updates[-1].state != epb.EVALUATION_STATE_RUNNING
+    progress = [u.progress.completed_examples for u in updates]
+    assert progress == sorted(progress)
+    return updates[-1]
+
+
+def _evaluate(stack: Stack, parent: str, evaluation_id: str) -> epb.Evaluation:
+    created = stack.evaluations.CreateEvaluation(
+        epb.CreateEvaluationRequest(
+            parent=parent,
+            evaluation_id=evaluation_id,
+            dataset_version=HELD_OUT,
+            params=PARAMS,
+        )
+    ).evaluation
+    assert created.state == epb.EVALUATION_STATE_RUNNING
+    assert created.params.temperature == 0 and created.params.max_tokens == 3  # greedy
+    done = _finished(stack.evaluations, created.name)
+    assert done.state == epb.EVALUATION_STATE_SUCCEEDED, done.failure_reason
+    return done
+
+
+def _results(stack: Stack, name: str, order_by: str = "") -> list[epb.EvaluationResult]:
+    results: list[epb.EvaluationResult] = []
+    token = ""
+    while True:
+        page = stack.evaluations.ListEvaluationResults(
+            epb.ListEvaluationResultsRequest(
+                parent=name, order_by=order_by, page_size=7, page_token=token
+            )
+        )
+        assert page.total_size == 20
+        results.extend(page.results)
+        token = page.next_page_token
+        if not token:
+            return results
+
+
+def test_the_fine_tuned_version_beats_the_base_model_and_the_comparison_lists_what_changed(
+    stack: Stack,
+) -> None:
+    base = _evaluate(stack, MODEL, "base")
+    tuned = _evaluate(stack, stack.version, "tuned")
+    assert base.name == f"{MODEL}/evaluations/base" and base.base_model
+    assert tuned.name == f"{stack.version}/evaluations/tuned"
+    assert tuned.model_version == stack.version and not tuned.base_model
+    assert base.base_model_name == tuned.base_model_name != ""
+    for done in (base, tuned):
+        # The completions are short labels, so label accuracy comes with the defaults.
+        assert list(done.metrics) == ["exact_match", "label_accuracy", "rouge", "bleu"]
+        assert set(done.scores) == {
+            "exact_match",
+            "label_accuracy",
+            "rouge1",
+            "rouge2",
+            "rougeL",
+            "bleu",
+        }
+        assert done.progress.completed_examples == done.progress.total_examples == 20
+        assert done.primary_score == "exact_match"
+    assert tuned.scores["exact_match"] > base.scores["exact_match"]
+    assert tuned.scores["label_accuracy"] > base.scores["label_accuracy"]
+    matrix = tuned.confusion_matrix
+    assert matrix.labels[:2] == ["negative", "positive"]
+    assert sum(c.count for c in matrix.cells) == 20
+
+    # Per-example results: every example once, in dataset order or worst first.
+    in_order = _results(stack, tuned.name)
+    assert [r.index for r in in_order] == list(range(20))
+    assert in_order[0].prompt == "Sentiment: 100 rose?" and in_order[0].reference == " negative"
+    exact = [r.scores["exact_match"] for r in in_order]
+    assert sum(exact) / 20 == pytest.approx(tuned.scores["exact_match"])
+    worst_first = _results(stack, tuned.name, "score")
+    assert [r.scores["exact_match"] for r in worst_first] == sorted(exact)
+    best_first = _results(stack, tuned.name, "rougeL desc")
+    rouge = [r.scores["rougeL"] for r in best_first]
+    assert rouge == sorted(rouge, reverse=True)
+    assert {r.index for r in worst_first} == set(range(20))
+
+    comparison = stack.evaluations.CompareEvaluations(
+        epb.CompareEvaluationsRequest(evaluation=base.name, other=tuned.name)
+    )
+    assert comparison.score == "exact_match"
+    assert comparison.better_count > comparison.worse_count
+    assert comparison.better_count + comparison.worse_count + comparison.unchanged_count == 20
+    assert len(comparison.changes) == comparison.better_count + comparison.worse_count
+    by_index = {r.index: r for r in in_order}
+    for change in comparison.changes:
+        assert change.other_output == by_index[change.index].output
+        assert (change.change == epb.CHANGE_BETTER) == (change.other_score > change.score)
+    better = [c for c in comparison.changes if c.change == epb.CHANGE_BETTER]
+    assert len(better) == comparison.better_count and better[0].other_score == 1.0
+
+    listed = stack.evaluations.ListEvaluations(epb.ListEvaluationsRequest(parent=MODEL))
+    assert [e.name for e in listed.evaluations] == [base.name]
+
+
+def _refused(call: object) -> tuple[grpc.StatusCode, str, dict[str, str]]:
+    with pytest.raises(grpc.RpcError) as info:
+        call()  # type: ignore[operator]
+    reason, fields = error_details(info.value)
+    return info.value.code(), reason, fields
+
+
+def test_bad_evaluations_are_refused_naming_the_field(stack: Stack) -> None:
+    def create(**fields: object) -> tuple[grpc.StatusCode, str, dict[str, str]]:
+        request = epb.CreateEvaluationRequest(
+            **{"parent": stack.version, "dataset_version": HELD_OUT, **fields}  # type: ignore[arg-type]
+        )
+        return _refused(lambda: stack.evaluations.CreateEvaluation(request))
+
+    code, reason, fields = create(metrics=["rouge", "accuracy"])
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_METRIC")
+    assert "metrics[1]" in fields and "exact_match" in fields["metrics[1]"]
+
+    code, reason, fields = create(dataset_version=TRAIN)
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "DATASET_VERSION_TRAINED_ON")
+    assert "trained on" in fields["dataset_version"]
+
+    code, _, fields = create(params=ppb.InferenceParams(top_p=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "params.top_p" in fields
+
+    code, _, fields = create(prompt_like=stack.version)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "prompt_like" in fields
+
+    code, reason, _ = create(parent=f"{MODEL}/versions/nope")
+    assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "VERSION_NOT_FOUND")
+
+    code, _, fields = create(parent="apps/lab/nothing")
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "parent" in fields
+
+    code, _, fields = create(dataset_version=f"{APP}/datasets/numbers/versions/none")
+    assert code == grpc.StatusCode.NOT_FOUND and "dataset_version" in fields
+
+    code, _, fields = _refused(
+        lambda: stack.evaluations.ListEvaluationResults(
+            epb.ListEvaluationResultsRequest(parent=f"{MODEL}/evaluations/none", order_by="x")
+        )
+    )
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_trainer_without_a_predictor_refuses_evaluations_naming_the_setting(
+    stack: Stack, tmp_path: Path
+) -> None:
+    trainer = start_service(
+        "loraforge.services.trainer",
+        tmp_path,
+        args=["--dataset-address", stack.dataset.address],
+    )
+    try:
+        stub = tpb_grpc.TrainerServiceStub(channel(trainer.address))
+        code, reason, _ = _refused(
+            lambda: stub.CreateEvaluation(
+                epb.CreateEvaluationRequest(parent=MODEL, dataset_version=HELD_OUT)
+            )
+        )
+        assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "PREDICTOR_NOT_CONFIGURED")
+    finally:
+        trainer.stop()
+
+
+def test_an_evaluation_its_trainer_left_running_fails_at_the_next_start_saying_to_create_it_again(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'trainer.db'}"
+    store = TrainerStore(url)
+    name = f"{MODEL}/evaluations/left"
+    EvaluationStore(store).create(
+        EvaluationRow(
+            name=name,
+            parent=MODEL,
+            base_model=True,
+            dataset_version=HELD_OUT,
+            metrics=["exact_match"],
+            params={},
+            state="RUNNING",
+            create_time=time.time(),
+            lease_expires=time.time() - 1,  # its trainer stopped renewing it
+        )
+    )
+    store.engine.dispose()
+    trainer = start_service(
+        "loraforge.services.trainer",
+        tmp_path,
+        args=["--dataset-address", "127.0.0.1:1", "--database-url", url],
+    )
+    try:
+        stub = tpb_grpc.TrainerServiceStub(channel(trainer.address))
+        got = stub.GetEvaluation(epb.GetEvaluationRequest(name=name)).evaluation
+        assert got.state == epb.EVALUATION_STATE_FAILED
+        assert "create the evaluation again" in got.failure_reason
+        stub.DeleteEvaluation(epb.DeleteEvaluationRequest(name=name))
+        code, reason, _ = _refused(lambda: stub.GetEvaluation(epb.GetEvaluationRequest(name=name)))
+        assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "EVALUATION_NOT_FOUND")
+    finally:
+        trainer.stop()
