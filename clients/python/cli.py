@@ -655,7 +655,8 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise UsageError(f"--params {path}: expected a YAML mapping of parameter groups")
     template = args.template or params.get("template")
     if not template and args.from_version:
-        template = client.model_version(args.from_version).template
+        version = args.from_version.partition("@")[0].split("/checkpoints/")[0]
+        template = client.model_version(version).template
     if not template:
         raise UsageError(
             "no template: pass --template NAME (see `loraforge templates list`) or a --params file"
@@ -862,6 +863,21 @@ def cmd_watch(args: argparse.Namespace) -> None:
 def cmd_cancel(args: argparse.Namespace) -> None:
     mv = _client(args).cancel(args.version)
     console.print(f"{escape(mv.name)}: {_state_name(mv.state)}")
+
+
+def cmd_checkpoints(args: argparse.Namespace) -> None:
+    found = _client(args).checkpoints(args.version)
+    table = Table("step", "epoch", "train loss", "eval loss", "saved", "name")
+    for c in found:
+        table.add_row(
+            str(c.step),
+            f"{c.epoch:.2f}",
+            f"{c.train_loss:.4f}" if c.HasField("train_loss") else "",
+            f"{c.eval_loss:.4f}" if c.HasField("eval_loss") else "",
+            f"{c.create_time.ToDatetime():%Y-%m-%d %H:%M:%S}",
+            escape(c.name),
+        )
+    console.print(table if found else "no checkpoints")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -1166,9 +1182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--from-version",
         default="",
-        metavar="APP/MODEL/VERSION",
-        help="continue training from this trained version's adapter (same base model and LoRA "
-        "shape), with its parameters changed by --set and --params",
+        metavar="APP/MODEL/VERSION[@STEP]",
+        help="continue training from this trained version's adapter, or its checkpoint at STEP "
+        "(same base model and LoRA shape), with its parameters changed by --set and --params",
     )
     p.add_argument("--plot", default=None, help="loss curve PNG path (default loss-VERSION.png)")
     for name, fn, help in (
@@ -1183,12 +1199,17 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "watch":
             p.add_argument("--plot", default=None)
+    p = add("checkpoints", cmd_checkpoints, "list a model version's checkpoints")
+    p.add_argument("version", help="APP/MODEL/VERSION or apps/APP/models/MODEL/versions/VERSION")
     p = add(
         "export",
         cmd_export,
         "download a trained model version as one tar archive (PEFT adapter + manifest)",
     )
-    p.add_argument("version", help="APP/MODEL/VERSION or apps/APP/models/MODEL/versions/VERSION")
+    p.add_argument(
+        "version",
+        help="APP/MODEL/VERSION, APP/MODEL/VERSION@STEP (a checkpoint) or a full name",
+    )
     p.add_argument(
         "-o", "--output", default="", help="archive file or folder (default: the current folder)"
     )

@@ -283,6 +283,16 @@ def version_name(arg: str) -> str:
     return resource_name(arg, "app", "model", "version")
 
 
+def version_or_checkpoint_name(arg: str) -> str:
+    """A model version or checkpoint name: `a/m/v`, `a/m/v@step` or a full name."""
+    if "/checkpoints/" in arg:
+        return resource_name(arg, "app", "model", "version", "checkpoint")
+    version, at, step = arg.partition("@")
+    if at:
+        return f"{version_name(version)}/checkpoints/{step}"
+    return version_name(arg)
+
+
 def _app_name(app_id: str) -> str:
     return resource_name(app_id, "app")
 
@@ -529,6 +539,14 @@ class Client:
             tpb.CancelModelVersionRequest(name=version_name(model_version)),
         ).model_version
 
+    def checkpoints(self, model_version: str) -> list[tpb.Checkpoint]:
+        """A run's checkpoints by step (step, epoch, losses); each exports and continues by name."""
+        return _pages(
+            self.trainer.ListCheckpoints,
+            tpb.ListCheckpointsRequest(parent=version_name(model_version)),
+            "checkpoints",
+        )
+
     def export(
         self,
         model_version: str,
@@ -545,7 +563,9 @@ class Client:
         into. The file appears only once its size and SHA-256 match the trainer's.
         `progress(bytes_received, total_bytes)` is called after each chunk.
         """
-        request = tpb.ExportModelVersionRequest(name=version_name(model_version), merged=merged)
+        request = tpb.ExportModelVersionRequest(
+            name=version_or_checkpoint_name(model_version), merged=merged
+        )
         responses = _stream(self.trainer.ExportModelVersion(request))
         first = next(responses, None)
         if first is None or first.WhichOneof("payload") != "info":
@@ -1023,7 +1043,9 @@ class Model:
             param_overrides=changed,
             description=description,
             request_id=_request_id(request_id),
-            from_model_version=version_name(from_model_version) if from_model_version else "",
+            from_model_version=(
+                version_or_checkpoint_name(from_model_version) if from_model_version else ""
+            ),
         )
         resp = _retrying(lambda: self.client.trainer.CreateModelVersion(request))
         return resp.model_version.name.rsplit("/", 1)[-1]

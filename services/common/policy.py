@@ -121,6 +121,7 @@ POLICY: dict[str, Rule] = {
     TRAINER + "WatchModelVersion": rule(on(READ, "name")),
     TRAINER + "GetModelVersionLogs": rule(on(READ, "name")),
     TRAINER + "ExportModelVersion": rule(on(READ, "name")),
+    TRAINER + "ListCheckpoints": rule(on(READ, "parent")),
     # Predictions and the adapters serving them
     # The trainer's evaluations predict with its own identity.
     PREDICTOR + "Predict": rule(_predict, services=["trainer"]),

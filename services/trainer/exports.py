@@ -43,6 +43,13 @@ from loraforge.services.common.model_access import ModelAccess
 from loraforge.services.common.objectstore import ObjectStore
 from loraforge.services.common.resources import parse_name
 from loraforge.services.trainer import merge
+from loraforge.services.trainer.checkpoints import ADAPTER_FILES as CHECKPOINT_FILES
+from loraforge.services.trainer.checkpoints import (
+    CheckpointInfo,
+    get_checkpoint,
+    is_checkpoint_name,
+    parse_checkpoint,
+)
 from loraforge.services.trainer.runs import VERSION, Run, run_from_row
 from loraforge.services.trainer.store import State, TrainerStore
 
@@ -101,16 +108,28 @@ class Exports:
                         shutil.rmtree(old, ignore_errors=True)
 
     async def export(self, name: str, merged: bool) -> Archive:
-        """Builds the archive of version `name`; the caller streams it and then closes it."""
-        parse_name(name, VERSION)
-        run = run_from_row(await asyncio.to_thread(self.store.get_version, name))
-        if run.state != State.TRAINED or not run.adapter_prefix:
-            raise FailedPrecondition(
-                f"model version {name!r} is {run.state.value}, so it has no adapter to export; "
-                "export a TRAINED version",
-                reason="VERSION_NOT_TRAINED",
-                metadata={"state": run.state.value},
-            )
+        """Builds the archive of version or checkpoint `name`; the caller streams it and then
+        closes it."""
+        checkpoint: CheckpointInfo | None = None
+        files: tuple[str, ...]
+        if is_checkpoint_name(name):
+            version = parse_checkpoint(name)[0]
+            run = run_from_row(await asyncio.to_thread(self.store.get_version, version))
+            checkpoint = await asyncio.to_thread(get_checkpoint, self.objects, name)
+            prefix, files = checkpoint.prefix, CHECKPOINT_FILES
+        else:
+            version = name
+            parse_name(name, VERSION)
+            run = run_from_row(await asyncio.to_thread(self.store.get_version, name))
+            if run.state != State.TRAINED or not run.adapter_prefix:
+                raise FailedPrecondition(
+                    f"model version {name!r} is {run.state.value}, so it has no adapter to "
+                    "export; export a TRAINED version, or one of its checkpoints "
+                    "(ListCheckpoints)",
+                    reason="VERSION_NOT_TRAINED",
+                    metadata={"state": run.state.value},
+                )
+            prefix, files = run.adapter_prefix, ADAPTER_FILES
         if merged and run.params.quantization_config.quant_method == "gptq":
             raise FailedPrecondition(
                 f"model version {name!r} was trained on the GPTQ-quantized base model "
@@ -121,11 +140,15 @@ class Exports:
         scratch = Path(tempfile.mkdtemp(prefix="export-", dir=self.scratch_dir))
         try:
             adapter = scratch / "adapter"
-            await asyncio.to_thread(self._download_adapter, run, adapter)
-            manifest = json.loads((adapter / "manifest.json").read_text(encoding="utf-8"))
+            await asyncio.to_thread(self._download, run, prefix, files, adapter)
+            if checkpoint is None:
+                manifest = json.loads((adapter / "manifest.json").read_text(encoding="utf-8"))
+            else:
+                manifest = checkpoint_manifest(run, checkpoint)
             kind = "merged" if merged else "adapter"
-            model_id = parse_name(name, VERSION)
-            folder_name = f"{model_id['model']}-{model_id['version']}-{kind}"
+            ids = parse_name(version, VERSION)
+            step = f"-step{checkpoint.step}" if checkpoint is not None else ""
+            folder_name = f"{ids['model']}-{ids['version']}{step}-{kind}"
             if merged:
                 content = scratch / "merged"
                 await self._merge(run, adapter, content)
@@ -156,16 +179,15 @@ class Exports:
             shutil.rmtree(scratch, ignore_errors=True)
             raise
 
-    def _download_adapter(self, run: Run, dest: Path) -> None:
-        for file_name in ADAPTER_FILES:
-            key = f"{run.adapter_prefix}/{file_name}"
+    def _download(self, run: Run, prefix: str, files: tuple[str, ...], dest: Path) -> None:
+        for file_name in files:
             try:
-                self.objects.get_file(key, dest / file_name)
+                self.objects.get_file(f"{prefix}/{file_name}", dest / file_name)
             except NotFound:
                 raise DataLoss(
                     f"the adapter of {run.name!r} is incomplete in the object store "
-                    f"({file_name} is missing under {run.adapter_prefix!r}); train the version "
-                    "again to export it",
+                    f"({file_name} is missing under {prefix!r}); train the version again to "
+                    "export it",
                     reason="ADAPTER_MISSING",
                 ) from None
 
@@ -228,6 +250,23 @@ class Exports:
                 reason="MERGE_FAILED",
             )
         log.info("merged %s in %.1f s", run.name, time.monotonic() - started)
+
+
+def checkpoint_manifest(run: Run, checkpoint: CheckpointInfo) -> dict[str, Any]:
+    """The manifest of a checkpoint's adapter: its version's, with the checkpoint's figures."""
+    return {
+        "format": "loraforge.adapter.v1",
+        "model_version": run.name,
+        "checkpoint": checkpoint.name,
+        "base_model": run.base_model,
+        "template": run.template,
+        "dataset_version": run.dataset_version,
+        "from_model_version": run.from_model_version,
+        "params": run.params.to_dict(),
+        "metrics": checkpoint.summary(),
+        "global_step": checkpoint.step,
+        "files": list(CHECKPOINT_FILES),
+    }
 
 
 def _write_tar(content: Path, path: Path, folder_name: str) -> Archive:

@@ -29,6 +29,7 @@ lack, and the same words go into its log when they change (`note_waiting`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -49,6 +50,11 @@ from loraforge.services.common.objectstore import ObjectStore
 from loraforge.services.common.resources import new_id, parse_name, validate_id
 from loraforge.services.common.values import check_json, check_request_id, check_text
 from loraforge.services.trainer import templates as tpl
+from loraforge.services.trainer.checkpoints import (
+    get_checkpoint,
+    is_checkpoint_name,
+    parse_checkpoint,
+)
 from loraforge.services.trainer.continuation import (
     INIT_ADAPTER,
     INIT_FILES,
@@ -176,6 +182,16 @@ def status_message(needs: Requirements, live: Sequence[LiveWorker]) -> str:
 
 
 @dataclass(frozen=True)
+class Source:
+    """What a continued run starts from: a version or one of its checkpoints."""
+
+    name: str  # the version's or the checkpoint's
+    run: Run  # the version
+    adapter_prefix: str
+    trained_on: str  # the base model, as loaded
+
+
+@dataclass(frozen=True)
 class NewRun:
     """What a client asks for when it creates a run; field names are the request's."""
 
@@ -217,12 +233,12 @@ class Runs:
         check_request_id(new.request_id, "request_id")
         check_json(new.param_overrides, "param_overrides")
         template_name, overrides = new.template, new.param_overrides
-        source: Run | None = None
+        source: Source | None = None
         if new.from_model_version:
             source = await self._continued(new.from_model_version, parent["app"])
-            template_name = template_name or source.template
-            if template_name == source.template:
-                overrides = merged_overrides(source.param_overrides, overrides)
+            template_name = template_name or source.run.template
+            if template_name == source.run.template:
+                overrides = merged_overrides(source.run.param_overrides, overrides)
         template = tpl.get_template(template_name, "template")
         params = tpl.resolve_params(template, overrides)
         dataset = parse_name(new.dataset_version, DATASET_VERSION, "dataset_version")
@@ -238,7 +254,7 @@ class Runs:
             self.models.resolve, params.base_model, f"param_overrides.{MODEL_FIELD}"
         )
         if source is not None:
-            check_compatible(source.name, source.base_model, source.params, params, loadable)
+            check_compatible(source.name, source.trained_on, source.run.params, params, loadable)
         await asyncio.to_thread(tpl.check_base_model, loadable)
         await asyncio.to_thread(self.store.get_model, new.parent)
         if new.request_id:
@@ -293,10 +309,12 @@ class Runs:
             await asyncio.to_thread(self.store.note_waiting, name, reason)
         return run_from_row(created, live)
 
-    async def _continued(self, name: str, app: str) -> Run:
-        """The TRAINED version a new run of `app` continues from."""
+    async def _continued(self, name: str, app: str) -> Source:
+        """What a new run of `app` continues from: a TRAINED version, or a checkpoint."""
         field = "from_model_version"
-        source = parse_name(name, VERSION, field)
+        checkpoint = is_checkpoint_name(name)
+        version = parse_checkpoint(name, field)[0] if checkpoint else name
+        source = parse_name(version, VERSION, field)
         if source["app"] != app:
             raise invalid_field(
                 field,
@@ -304,23 +322,34 @@ class Runs:
                 f"continue from a version of {app!r}",
             )
         try:
-            run = run_from_row(await asyncio.to_thread(self.store.get_version, name))
+            run = run_from_row(await asyncio.to_thread(self.store.get_version, version))
         except NotFound:
             raise NotFound(
-                f"model version {name!r} (from_model_version) not found",
+                f"model version {version!r} (from_model_version) not found",
                 reason="VERSION_NOT_FOUND",
                 field_violations=[FieldViolation(field, "no such model version")],
             ) from None
-        if run.state != State.TRAINED or not run.adapter_prefix:
+        if checkpoint:
+            found = await asyncio.to_thread(get_checkpoint, self.objects, name, field)
+            adapter_prefix = found.prefix
+        elif run.state != State.TRAINED or not run.adapter_prefix:
             raise FailedPrecondition(
                 f"from_model_version {name!r} is {run.state.value}; a run continues from the "
-                "adapter of a TRAINED version, so wait until it is trained or pick another",
+                "adapter of a TRAINED version (or from one of a version's checkpoints), so "
+                "wait until it is trained or pick another",
                 reason="SOURCE_NOT_TRAINED",
                 metadata={"state": run.state.value},
             )
-        return run
+        else:
+            adapter_prefix = run.adapter_prefix
+        # A version records the base model as loaded once it is trained; before, as named.
+        trained_on = run.base_model
+        if run.state != State.TRAINED:
+            with contextlib.suppress(LoraforgeError):
+                trained_on = await asyncio.to_thread(self.models.resolve, run.params.base_model)
+        return Source(name, run, adapter_prefix, trained_on)
 
-    def _copy_init_adapter(self, source: Run, name: str) -> None:
+    def _copy_init_adapter(self, source: Source, name: str) -> None:
         """Copies `source`'s adapter under the new run's prefix, where its worker reads it."""
         for file_name in INIT_FILES:
             key = f"{source.adapter_prefix}/{file_name}"

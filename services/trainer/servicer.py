@@ -24,6 +24,7 @@ from loraforge.services.common.updates import update_paths
 from loraforge.services.common.values import INT32_MAX, check_int
 from loraforge.services.predictor.protos import params_from_proto, params_to_proto
 from loraforge.services.trainer import templates as tpl
+from loraforge.services.trainer.checkpoints import CheckpointInfo, list_checkpoints
 from loraforge.services.trainer.dataset_client import AsyncDatasetClient
 from loraforge.services.trainer.evaluation_servicer import EvaluationRpcs
 from loraforge.services.trainer.evaluations import Evaluations
@@ -471,6 +472,23 @@ class TrainerServicer(EvaluationRpcs, pb_grpc.TrainerServiceServicer):
             events=[event_to_pb(e) for e in events], next_page_token=token
         )
 
+    async def ListCheckpoints(
+        self, request: pb.ListCheckpointsRequest, context: Context
+    ) -> pb.ListCheckpointsResponse:
+        parse_name(request.parent, VERSION, "parent")
+        await asyncio.to_thread(self.store.get_version, request.parent)
+        found = await asyncio.to_thread(list_checkpoints, self.runs.objects, request.parent)
+        chunk, token = offset_page(
+            found,
+            page_size(request.page_size),
+            request.page_token,
+            "ListCheckpoints",
+            filter=request.parent,
+        )
+        return pb.ListCheckpointsResponse(
+            checkpoints=[checkpoint_to_pb(c) for c in chunk], next_page_token=token
+        )
+
     async def ExportModelVersion(
         self, request: pb.ExportModelVersionRequest, context: Context
     ) -> AsyncIterator[pb.ExportModelVersionResponse]:
@@ -483,6 +501,17 @@ class TrainerServicer(EvaluationRpcs, pb_grpc.TrainerServiceServicer):
         finally:
             chunks.close()
             await asyncio.to_thread(archive.close)
+
+
+def checkpoint_to_pb(c: CheckpointInfo) -> pb.Checkpoint:
+    message = pb.Checkpoint(
+        name=c.name, step=c.step, epoch=c.epoch, create_time=timestamp(c.create_time)
+    )
+    if c.train_loss is not None:
+        message.train_loss = c.train_loss
+    if c.eval_loss is not None:
+        message.eval_loss = c.eval_loss
+    return message
 
 
 def export_info_pb(archive: Archive) -> pb.ExportInfo:

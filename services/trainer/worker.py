@@ -45,7 +45,7 @@ from loraforge.services.common.model_access import (
 from loraforge.services.common.objectstore import ObjectStore, copy_store_to_tree, open_object_store
 from loraforge.services.common.resources import new_id
 from loraforge.services.common.server import run_main
-from loraforge.services.trainer import dataset_client, hardware
+from loraforge.services.trainer import checkpoints, dataset_client, hardware
 from loraforge.services.trainer import templates as tpl
 from loraforge.services.trainer.continuation import INIT_ADAPTER, INIT_FILES
 from loraforge.services.trainer.jobs import ClaimedJob, JobQueue, JobReporter
@@ -160,6 +160,9 @@ class _RunReporter:
         store = self.worker.objects
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             store.put_file(f"{key}/{path.relative_to(folder).as_posix()}", path)
+        # Last: a checkpoint is listed (`checkpoints.py`) once this is there.
+        summary = checkpoints.summary_of(folder, step)
+        store.put_bytes(f"{key}/{checkpoints.INFO_FILE}", json.dumps(summary).encode())
         # The database points at a checkpoint only once all its files are in the store.
         self._check(self.reporter.checkpoint(step, key, self.prefix))
         kept = sorted(

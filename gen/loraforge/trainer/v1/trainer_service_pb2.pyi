@@ -1362,14 +1362,16 @@ class CreateModelVersionRequest(_message.Message):
     """
     from_model_version: _builtins.str
     """Continue training: a TRAINED version of a model of the same app
-    (`apps/{app}/models/{model}/versions/{version}`) whose adapter this run
-    starts from instead of a fresh one, with its own dataset version and
-    parameters. `template` may be empty (the version's template); with the
-    version's template, the parameters are the version's own overrides with
-    `param_overrides` applied on top. The base model and the LoRA shape
-    (`peft_config.r`, `peft_config.target_modules`, `peft_config.bias`) must
-    be the version's; a difference is INVALID_ARGUMENT naming the parameter
-    and both values.
+    (`apps/{app}/models/{model}/versions/{version}`), or a checkpoint of
+    any of its versions (`.../versions/{version}/checkpoints/{step}`), whose
+    adapter this run starts from instead of a fresh one, with its own
+    dataset version and parameters. `template` may be empty (the
+    version's template); with the version's template, the parameters are
+    the version's own overrides with `param_overrides` applied on top. The
+    base model and the LoRA shape (`peft_config.r`,
+    `peft_config.target_modules`, `peft_config.bias`) must be the
+    version's; a difference is INVALID_ARGUMENT naming the parameter and
+    both values.
     """
     @_builtins.property
     def param_overrides(self) -> _struct_pb2.Struct:
@@ -1731,8 +1733,9 @@ class ExportModelVersionRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     MERGED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The model version: `apps/{app}/models/{model}/versions/{version}`. It
-    must be TRAINED.
+    """The model version: `apps/{app}/models/{model}/versions/{version}`, which
+    must be TRAINED; or one of its checkpoints:
+    `apps/{app}/models/{model}/versions/{version}/checkpoints/{step}`.
     """
     merged: _builtins.bool
     """False: the LoRA adapter, for PEFT or any engine that serves LoRA. True:
@@ -1833,3 +1836,114 @@ class ExportModelVersionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___ExportModelVersionResponse: _TypeAlias = ExportModelVersionResponse  # noqa: Y015
+
+@_typing.final
+class Checkpoint(_message.Message):
+    """A saved step of a training run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    TRAIN_LOSS_FIELD_NUMBER: _builtins.int
+    EVAL_LOSS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name:
+    `apps/{app}/models/{model}/versions/{version}/checkpoints/{step}`.
+    """
+    step: _builtins.int
+    """The training step it was saved at."""
+    epoch: _builtins.float
+    """The epoch it was saved at (fractional)."""
+    train_loss: _builtins.float
+    """The latest training loss logged before it was saved, if any."""
+    eval_loss: _builtins.float
+    """The latest evaluation loss before it was saved, if any."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was saved."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        step: _builtins.int = ...,
+        epoch: _builtins.float = ...,
+        train_loss: _builtins.float | None = ...,
+        eval_loss: _builtins.float | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_eval_loss", b"_eval_loss", "_train_loss", b"_train_loss", "create_time", b"create_time", "eval_loss", b"eval_loss", "train_loss", b"train_loss"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_eval_loss", b"_eval_loss", "_train_loss", b"_train_loss", "create_time", b"create_time", "epoch", b"epoch", "eval_loss", b"eval_loss", "name", b"name", "step", b"step", "train_loss", b"train_loss"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__eval_loss: _TypeAlias = _typing.Literal["eval_loss"]  # noqa: Y015
+    _WhichOneofArgType__eval_loss: _TypeAlias = _typing.Literal["_eval_loss", b"_eval_loss"]  # noqa: Y015
+    _WhichOneofReturnType__train_loss: _TypeAlias = _typing.Literal["train_loss"]  # noqa: Y015
+    _WhichOneofArgType__train_loss: _TypeAlias = _typing.Literal["_train_loss", b"_train_loss"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__eval_loss) -> _WhichOneofReturnType__eval_loss | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__train_loss) -> _WhichOneofReturnType__train_loss | None: ...
+
+Global___Checkpoint: _TypeAlias = Checkpoint  # noqa: Y015
+
+@_typing.final
+class ListCheckpointsRequest(_message.Message):
+    """Request for ListCheckpoints."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """The model version: `apps/{app}/models/{model}/versions/{version}`."""
+    page_size: _builtins.int
+    """Most checkpoints to return (default 50, at most 1000)."""
+    page_token: _builtins.str
+    """Token from a previous response, for the next page."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCheckpointsRequest: _TypeAlias = ListCheckpointsRequest  # noqa: Y015
+
+@_typing.final
+class ListCheckpointsResponse(_message.Message):
+    """Response for ListCheckpoints."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECKPOINTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty when there are no more."""
+    @_builtins.property
+    def checkpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___Checkpoint]:
+        """The checkpoints, by step."""
+
+    def __init__(
+        self,
+        *,
+        checkpoints: _abc.Iterable[Global___Checkpoint] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints", b"checkpoints", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCheckpointsResponse: _TypeAlias = ListCheckpointsResponse  # noqa: Y015

@@ -124,6 +124,11 @@ class TrainerServiceStub:
                 request_serializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ExportModelVersionRequest.SerializeToString,
                 response_deserializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ExportModelVersionResponse.FromString,
                 _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/loraforge.trainer.v1.TrainerService/ListCheckpoints',
+                request_serializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
         self.CreateEvaluation = channel.unary_unary(
                 '/loraforge.trainer.v1.TrainerService/CreateEvaluation',
                 request_serializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.CreateEvaluationRequest.SerializeToString,
@@ -301,6 +306,16 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCheckpoints(self, request, context):
+        """Lists a run's checkpoints, by step: each a saved step of the run (its
+        adapter then, with epoch and losses) that can be exported or continued
+        from by its name. Older ones are removed as newer ones are saved
+        (`trainer_config.save_total_limit`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateEvaluation(self, request, context):
         """Evaluations (messages in evaluation.proto): a model version, or the
         base model, scored on a held-out dataset version through the predictor.
@@ -450,6 +465,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.ExportModelVersion,
                     request_deserializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ExportModelVersionRequest.FromString,
                     response_serializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ExportModelVersionResponse.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ListCheckpointsResponse.SerializeToString,
             ),
             'CreateEvaluation': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateEvaluation,
@@ -950,6 +970,33 @@ class TrainerService:
             '/loraforge.trainer.v1.TrainerService/ExportModelVersion',
             loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ExportModelVersionRequest.SerializeToString,
             loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ExportModelVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraforge.trainer.v1.TrainerService/ListCheckpoints',
+            loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ListCheckpointsRequest.SerializeToString,
+            loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ListCheckpointsResponse.FromString,
             options,
             channel_credentials,
             insecure,

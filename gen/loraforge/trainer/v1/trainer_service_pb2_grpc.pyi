@@ -93,6 +93,12 @@ class TrainerServiceStub:
     `merged`, the base model with the adapter merged into its weights. The
     first message carries `info`, every later one a `chunk` of the archive.
     """
+    ListCheckpoints: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.ListCheckpointsRequest, _trainer_service_pb2.ListCheckpointsResponse]
+    """Lists a run's checkpoints, by step: each a saved step of the run (its
+    adapter then, with epoch and losses) that can be exported or continued
+    from by its name. Older ones are removed as newer ones are saved
+    (`trainer_config.save_total_limit`).
+    """
     CreateEvaluation: _grpc.UnaryUnaryMultiCallable[_evaluation_pb2.CreateEvaluationRequest, _evaluation_pb2.CreateEvaluationResponse]
     """Evaluations (messages in evaluation.proto): a model version, or the
     base model, scored on a held-out dataset version through the predictor.
@@ -191,6 +197,12 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     (base model, template, parameters, dataset version, metrics), or, with
     `merged`, the base model with the adapter merged into its weights. The
     first message carries `info`, every later one a `chunk` of the archive.
+    """
+    ListCheckpoints: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.ListCheckpointsRequest, _trainer_service_pb2.ListCheckpointsResponse]  # type: ignore[assignment]
+    """Lists a run's checkpoints, by step: each a saved step of the run (its
+    adapter then, with epoch and losses) that can be exported or continued
+    from by its name. Older ones are removed as newer ones are saved
+    (`trainer_config.save_total_limit`).
     """
     CreateEvaluation: _aio.UnaryUnaryMultiCallable[_evaluation_pb2.CreateEvaluationRequest, _evaluation_pb2.CreateEvaluationResponse]  # type: ignore[assignment]
     """Evaluations (messages in evaluation.proto): a model version, or the
@@ -389,6 +401,18 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         (base model, template, parameters, dataset version, metrics), or, with
         `merged`, the base model with the adapter merged into its weights. The
         first message carries `info`, every later one a `chunk` of the archive.
+        """
+
+    @_abc_1.abstractmethod
+    def ListCheckpoints(
+        self,
+        request: _trainer_service_pb2.ListCheckpointsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_service_pb2.ListCheckpointsResponse, _abc.Awaitable[_trainer_service_pb2.ListCheckpointsResponse]]:
+        """Lists a run's checkpoints, by step: each a saved step of the run (its
+        adapter then, with epoch and losses) that can be exported or continued
+        from by its name. Older ones are removed as newer ones are saved
+        (`trainer_config.save_total_limit`).
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,128 @@
+"""Checkpoints of a run as resources: `apps/{app}/models/{model}/versions/{version}/checkpoints/{step}`.
+
+A worker uploads every checkpoint the Trainer saves to
+`trainer/{version}/checkpoints/checkpoint-{step}/` (the PEFT adapter of that step, the
+optimizer state a resume needs) and, last, `checkpoint.json`: step, epoch, the latest
+train and eval loss, and when it was saved. A checkpoint exists once that file does, so
+a half-uploaded one is never listed. Keeping only the last `trainer_config.save_total_limit`
+checkpoints deletes older ones as new ones arrive, so what the object store holds is the
+list. Any listed checkpoint can be exported, or continued from, like a version.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loraforge.services.common.errors import NotFound, invalid_field
+from loraforge.services.common.objectstore import ObjectStore
+from loraforge.services.common.resources import parse_name
+from loraforge.services.trainer.store import version_prefix
+
+VERSION = "apps/{app}/models/{model}/versions/{version}"
+CHECKPOINT = VERSION + "/checkpoints/{checkpoint}"
+INFO_FILE = "checkpoint.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    name: str
+    version: str
+    step: int
+    epoch: float
+    train_loss: float | None
+    eval_loss: float | None
+    create_time: float
+    prefix: str  # where its files are in the object store
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"step": self.step, "epoch": self.epoch}
+        if self.train_loss is not None:
+            out["train_loss"] = self.train_loss
+        if self.eval_loss is not None:
+            out["eval_loss"] = self.eval_loss
+        return out
+
+
+def is_checkpoint_name(name: str) -> bool:
+    return "/checkpoints/" in name
+
+
+def parse_checkpoint(name: str, field: str = "name") -> tuple[str, int]:
+    """(the version's name, the step) of a checkpoint name; InvalidArgument naming `field`."""
+    parts = parse_name(name, CHECKPOINT, field)
+    step = parts["checkpoint"]
+    if not step.isdigit():
+        raise invalid_field(
+            field, f"{name!r}: a checkpoint is named by its step, a whole number (got {step!r})"
+        )
+    return name.rsplit("/checkpoints/", 1)[0], int(step)
+
+
+def checkpoints_prefix(version: str) -> str:
+    return f"{version_prefix(version)}/checkpoints"
+
+
+def summary_of(folder: Path, step: int) -> dict[str, Any]:
+    """What `checkpoint.json` says of the checkpoint the Trainer wrote to `folder`."""
+    info: dict[str, Any] = {"step": step, "epoch": 0.0, "time": time.time()}
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return info
+    info["epoch"] = float(state.get("epoch") or 0.0)
+    for entry in state.get("log_history") or []:
+        if "loss" in entry:
+            info["train_loss"] = float(entry["loss"])
+        if "eval_loss" in entry:
+            info["eval_loss"] = float(entry["eval_loss"])
+    return info
+
+
+def _from_info(version: str, prefix: str, data: dict[str, Any]) -> CheckpointInfo:
+    step = int(data["step"])
+    return CheckpointInfo(
+        name=f"{version}/checkpoints/{step}",
+        version=version,
+        step=step,
+        epoch=float(data.get("epoch", 0.0)),
+        train_loss=float(data["train_loss"]) if "train_loss" in data else None,
+        eval_loss=float(data["eval_loss"]) if "eval_loss" in data else None,
+        create_time=float(data.get("time", 0.0)),
+        prefix=prefix,
+    )
+
+
+def list_checkpoints(objects: ObjectStore, version: str) -> list[CheckpointInfo]:
+    """The run's checkpoints in the object store, by step."""
+    base = checkpoints_prefix(version) + "/"
+    found = []
+    for info in objects.list(base):
+        folder, _, file_name = info.key[len(base) :].partition("/")
+        if file_name != INFO_FILE:
+            continue
+        try:
+            data = json.loads(objects.get_bytes(info.key))
+            found.append(_from_info(version, base + folder, data))
+        except (NotFound, ValueError, KeyError, TypeError):
+            continue  # deleted meanwhile, or not ours to read
+    return sorted(found, key=lambda c: c.step)
+
+
+def get_checkpoint(objects: ObjectStore, name: str, field: str = "name") -> CheckpointInfo:
+    version, step = parse_checkpoint(name, field)
+    prefix = f"{checkpoints_prefix(version)}/checkpoint-{step}"
+    try:
+        data = json.loads(objects.get_bytes(f"{prefix}/{INFO_FILE}"))
+    except NotFound:
+        kept = ", ".join(str(c.step) for c in list_checkpoints(objects, version)) or "none"
+        raise NotFound(
+            f"checkpoint {name!r} not found; the checkpoints {version} has are: {kept} "
+            "(older ones are removed as newer ones are saved: trainer_config.save_total_limit)",
+            reason="CHECKPOINT_NOT_FOUND",
+        ) from None
+    return _from_info(version, prefix, data)
