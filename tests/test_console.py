@@ -309,8 +309,6 @@ def test_seed_workflow_in_a_browser(cluster: Cluster, tmp_path: Path) -> None:
         shown = _sequences(points)
         assert shown == sorted(set(shown)), "no duplicate and no reordered point"
         assert shown == _progress_sequences(cluster, long_run, until=shown[-1]), "and no gap"
-        if _shots():
-            page.screenshot(path=str(shots / "run.png"))
         page.get_by_role("button", name="Cancel run").click()
         expect(state).to_have_text("CANCELLED")
         expect(page.get_by_role("status", name="Live updates")).to_have_text("The run has ended.")
@@ -331,6 +329,8 @@ def test_seed_workflow_in_a_browser(cluster: Cluster, tmp_path: Path) -> None:
         expect(loss_chart.locator("polyline")).to_have_count(2)  # train and eval loss
         assert _sequences(points) == _progress_sequences(cluster, version)
         shot("07-run-trained")
+        if _shots():
+            page.screenshot(path=str(shots / "run.png"))
 
         # 8. The playground streams the base model and the fine-tuned version side by side.
         page.get_by_role("link", name="Try it in the playground").click()
@@ -514,6 +514,55 @@ def test_unknown_pages_and_refusals_are_messages(cluster: Cluster) -> None:
     )
     assert cross.status_code == 403
     assert httpx.get(f"{cluster.url}/static/console.js", timeout=30).status_code == 200
+
+
+def test_upload_without_the_script_pages_its_rejected_rows_then_deletes(cluster: Cluster) -> None:
+    good = [json.dumps({"prompt": f"{i}+1=", "completion": str(i + 1)}) for i in range(3)]
+    bad = ['{"prompt": "cut off'] * 120
+    body = ("\n".join(good + bad) + "\n").encode()
+    with httpx.Client(base_url=cluster.url, timeout=60) as http:
+        assert http.post("/apps", data={"app_id": "plain"}).status_code == 303
+        assert http.post("/apps/plain/datasets", data={"dataset_id": "d"}).status_code == 303
+        sent = http.post(
+            "/apps/plain/datasets/d/upload", files={"file": ("rows.jsonl", body, "text/plain")}
+        )
+        assert sent.status_code == 303, sent.text
+        report = http.get(sent.headers["location"])
+        assert 'data-testid="accepted">3<' in report.text
+        assert 'data-testid="rejected">120<' in report.text
+        assert "Page 1 of 3" in report.text
+        assert report.text.count("<tr><td>") == 50 + 3  # a page of rejected rows, 3 examples
+        upload = sent.headers["location"].split("upload=")[1].split("#")[0]
+        last = http.get("/apps/plain/datasets/d", params={"upload": upload, "page": "3"})
+        assert "Page 3 of 3" in last.text and "<tr><td>123</td>" in last.text
+
+        confirm = http.get("/apps/plain/datasets/d/delete")
+        assert confirm.status_code == 200 and ">Delete dataset</button>" in confirm.text
+        deleted = http.post("/apps/plain/datasets/d/delete")
+        assert deleted.status_code == 303 and deleted.headers["location"].startswith("/apps/plain")
+        assert http.get("/apps/plain/datasets/d").status_code == 404
+        assert http.post("/apps/plain/delete").status_code == 303
+        assert http.get("/apps/plain").status_code == 404
+
+
+def test_plain_http_off_loopback_is_refused() -> None:
+    """Users' API keys would cross the network readable: HTTPS, or `--insecure` behind a proxy."""
+    addresses = [
+        "--dataset-address",
+        "x:1",
+        "--trainer-address",
+        "x:1",
+        "--predictor-address",
+        "x:1",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "loraforge.services.console", "--host", "0.0.0.0", *addresses],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert done.returncode == 2 and "refusing to serve plain HTTP" in done.stdout
 
 
 # ----- sign-in, against a fake dataset service that records what it is sent ----------------

@@ -129,6 +129,7 @@ def histogram(lengths: list[int], bins: int = HISTOGRAM_BINS) -> list[dict[str, 
     if not lengths:
         return []
     low, high = min(lengths), max(lengths)
+    bins = max(1, min(bins, high - low + 1))
     width = max(1, math.ceil((high - low + 1) / bins))
     counts = [0] * bins
     for n in lengths:

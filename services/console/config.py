@@ -25,7 +25,7 @@ class ConsoleConfig(ServerConfig):
     secure_cookies: bool = setting(
         False,
         "Mark the session cookie Secure (sent over HTTPS only): set it when the console is "
-        "reached through an HTTPS proxy.",
+        "reached through an HTTPS proxy (with `tls_cert_file` it is always Secure).",
     )
     max_upload_bytes: int = setting(2 * 1024**3, "Largest file one upload may send, in bytes.")
     call_timeout_seconds: float = setting(

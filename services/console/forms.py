@@ -65,6 +65,12 @@ class Field:
             return str(int(value))
         return str(value)
 
+    def default_text(self) -> str:
+        """The default as the help line says it."""
+        if self.kind == "bool":
+            return "true" if self.default else "false"
+        return self.text(self.default) or "empty"
+
     def bounds(self) -> str:
         if self.min is not None and self.max is not None:
             return f"{_num(self.min)} to {_num(self.max)}"

@@ -234,8 +234,10 @@ function runPage() {
       const li = document.createElement("li");
       li.className = `level-${ev.level.toLowerCase()}`;
       li.textContent = `${ev.level} ${ev.message}`;
+      // Follows the newest line unless the reader scrolled up; the page itself stays put.
+      const following = logList.scrollTop + logList.clientHeight >= logList.scrollHeight - 4;
       logList.appendChild(li);
-      li.scrollIntoView({ block: "nearest" });
+      if (following) logList.scrollTop = logList.scrollHeight;
     }
   };
   // EventSource reconnects by itself after a drop, sending the last id it saw as
