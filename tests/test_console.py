@@ -643,3 +643,75 @@ def test_sign_in_keeps_the_key_server_side(auth_console: tuple[str, _RecordingDa
         assert denied.status_code == 403 and "may not do this" in denied.text
         assert 'role="alert"' in denied.text
     assert all("lf_" not in entry for entry in fake.seen if not entry.startswith("Bearer "))
+
+
+# ----- sign-in against the real services with API keys on ---------------------------------
+
+
+def test_an_app_key_sees_its_own_app_and_refusals_are_messages(tmp_path: Path) -> None:
+    from loraforge.auth.v1 import auth_service_pb2 as apb
+    from loraforge.auth.v1 import auth_service_pb2_grpc as agrpc
+
+    service_key = "lf_" + "0" * 12 + "_" + "t" * 43
+    keys_file = tmp_path / "service-keys"
+    keys_file.write_text(f"trainer={service_key}\n")
+    auth = {"LORAFORGE_AUTH": "on", "LORAFORGE_AUTH_CACHE_SECONDS": "0.3"}
+    started: list[ServiceProcess] = []
+    try:
+        dataset = start_service(
+            "loraforge.services.dataset",
+            tmp_path,
+            env={**auth, "LORAFORGE_SERVICE_KEYS_FILE": str(keys_file)},
+        )
+        started.append(dataset)
+        trainer = start_service(
+            "loraforge.services.trainer",
+            tmp_path,
+            args=["--dataset-address", dataset.address],
+            env={**auth, "LORAFORGE_SERVICE_KEY": service_key},
+        )
+        started.append(trainer)
+        console = start_service(
+            "loraforge.services.console",
+            tmp_path,
+            args=[
+                *("--dataset-address", dataset.address, "--trainer-address", trainer.address),
+                *("--predictor-address", trainer.address),  # no prediction here
+            ],
+            env=auth,
+        )
+        started.append(console)
+        admin_key = (tmp_path / "home" / "admin.key").read_text().strip()
+        url = f"http://127.0.0.1:{console.port}"
+        with httpx.Client(base_url=url, timeout=30) as admin:
+            assert admin.post("/login", data={"api_key": admin_key}).status_code == 303
+            for app in ("a", "b"):
+                assert admin.post("/apps", data={"app_id": app}).status_code == 303
+                made = admin.post(f"/apps/{app}/datasets", data={"dataset_id": "d"})
+                assert made.status_code == 303, made.text
+            assert "lf_" not in admin.get("/").text
+        keys = agrpc.AuthServiceStub(channel(dataset.address))
+        created = keys.CreateApiKey(
+            apb.CreateApiKeyRequest(app="apps/a", scopes=["read"]),
+            metadata=[("authorization", f"Bearer {admin_key}")],
+        )
+        with httpx.Client(base_url=url, timeout=30) as reader:
+            assert reader.post("/login", data={"api_key": created.secret}).status_code == 303
+            home = reader.get("/")
+            assert home.status_code == 200 and 'href="/apps/a"' in home.text
+            assert 'href="/apps/b"' not in home.text, "an app key lists its own app only"
+            assert reader.get("/apps/a/datasets/d").status_code == 200
+            other = reader.get("/apps/b/datasets/d")
+            assert other.status_code == 403 and "may not do this" in other.text
+            write = reader.post("/apps/a/datasets", data={"dataset_id": "e"})
+            assert write.status_code == 403 and 'role="alert"' in write.text
+            keys.RevokeApiKey(
+                apb.RevokeApiKeyRequest(name=created.api_key.name),
+                metadata=[("authorization", f"Bearer {admin_key}")],
+            )
+            assert wait_until(lambda: reader.get("/").status_code == 303, 30)
+            again = reader.get("/apps/a")
+            assert again.headers["location"].startswith("/login?next=")
+    finally:
+        for service in reversed(started):
+            service.stop()
