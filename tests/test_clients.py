@@ -28,6 +28,7 @@ from loraforge.client.client import model_name, resource_name
 from loraforge.client.demo import answer_label, demo_file, load_examples
 from loraforge.client.local import LocalCluster
 from loraforge.client.params import load_yaml
+from loraforge.trainer.v1 import evaluation_pb2 as epb
 from loraforge.trainer.v1 import trainer_service_pb2 as tpb
 from tests.support import REPO, ServiceProcess, free_port, start_service
 from tests.tiny_model import build_tiny_model
@@ -182,6 +183,26 @@ def test_python_client_runs_the_seed_workflow_and_the_fine_tuned_model_beats_the
         "stop",
         "length",
     )
+
+    # The same comparison as an evaluation the trainer runs, with its own keys (auth is on):
+    # it reads the held-out version and asks the predictor, both as the trainer.
+    held_out = app.create_dataset("heldout")
+    held_out.upload_from_csv(demo_file("sentiment_heldout.csv"))
+    held_version = held_out.create_version()
+    metrics, params = ["label_accuracy", "exact_match"], {"max_tokens": 4}
+    tuned_eval = model.evaluate(
+        held_version, version_id=version_id, metrics=metrics, inference_params=params
+    )
+    base_eval = model.evaluate(
+        held_version, base_model=True, metrics=metrics, inference_params=params
+    )
+    for evaluation in (tuned_eval, base_eval):
+        assert evaluation.state == epb.EVALUATION_STATE_SUCCEEDED, evaluation.failure_reason
+        assert evaluation.progress.completed_examples == len(held)
+    assert tuned_eval.scores["label_accuracy"] >= 0.6 >= base_eval.scores["label_accuracy"]
+    assert tuned_eval.scores["exact_match"] > base_eval.scores["exact_match"]
+    comparison = client.compare_evaluations(base_eval.name, tuned_eval.name, score="label_accuracy")
+    assert comparison.better_count > comparison.worse_count
 
 
 def test_python_client_errors_are_one_clear_client_error(client: Client, small_csv: Path) -> None:

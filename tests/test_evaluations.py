@@ -24,6 +24,7 @@ import grpc
 import pytest
 from google.protobuf import json_format, struct_pb2
 
+from loraforge.client.client import Client
 from loraforge.dataset.v1 import dataset_service_pb2 as dpb
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as dpb_grpc
 from loraforge.predictor.v1 import predictor_service_pb2 as ppb
@@ -394,3 +395,63 @@ def test_an_evaluation_its_trainer_left_running_fails_at_the_next_start_saying_t
         assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "EVALUATION_NOT_FOUND")
     finally:
         trainer.stop()
+
+
+def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            *(sys.executable, "-m", "loraforge.client.cli"),
+            *("--dataset-address", stack.dataset.address),
+            *("--trainer-address", stack.trainer.address),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "200", "LORAFORGE_API_KEY": ""},
+    )
+
+
+def test_the_client_and_the_cli_evaluate_show_results_worst_first_and_compare(
+    stack: Stack,
+) -> None:
+    client = Client(stack.dataset.address, stack.trainer.address, api_key="")
+    model = client.model("lab/parity")
+    held_out = "lab/numbers-heldout/v1"
+    tuned = model.evaluate(
+        held_out, metrics=["exact_match", "rouge"], inference_params={"max_tokens": 3}
+    )
+    assert tuned.state == epb.EVALUATION_STATE_SUCCEEDED, tuned.failure_reason
+    assert tuned.model_version == stack.version  # the latest trained version
+    assert set(tuned.scores) == {"exact_match", "rouge1", "rouge2", "rougeL"}
+    base = model.evaluate(
+        held_out, base_model=True, metrics=["exact_match"], inference_params={"max_tokens": 3}
+    )
+    assert base.base_model and base.prompt_like == stack.version
+    worst = client.evaluation_results(tuned.name, order_by="exact_match", limit=3)
+    assert len(worst) == 3 and worst[0].scores["exact_match"] == 0.0
+
+    created = _cli(
+        stack,
+        *("eval", "create", "lab/parity/v1", "--dataset-version", held_out),
+        *("--metric", "bleu", "--metric", "exact_match", "--max-tokens", "3", "--id", "cli"),
+    )
+    assert created.returncode == 0, created.stderr
+    assert "apps/lab/models/parity/versions/v1/evaluations/cli" in created.stdout
+    assert "SUCCEEDED" in created.stdout and "bleu" in created.stdout
+    results = _cli(stack, "eval", "results", "lab/parity/v1/cli", "--worst", "--limit", "4")
+    assert results.returncode == 0, results.stderr
+    assert "Sentiment: 1" in results.stdout and "exact_match" in results.stdout
+    shown = _cli(stack, "eval", "show", "lab/parity/v1/cli")
+    assert "SUCCEEDED" in shown.stdout and "dataset version" in shown.stdout
+    compared = _cli(stack, "eval", "compare", base.name, "lab/parity/v1/cli")
+    assert compared.returncode == 0, compared.stderr
+    counts = client.compare_evaluations(base.name, "lab/parity/v1/cli")
+    assert f"{counts.better_count} better" in compared.stdout and "better" in compared.stdout
+    listed = _cli(stack, "eval", "list", "lab/parity/v1")
+    assert "cli" in listed.stdout and tuned.name.rsplit("/", 1)[-1] in listed.stdout
+
+    refused = _cli(
+        stack, "eval", "create", "lab/parity/v1", "--dataset-version", held_out, "--metric", "f1"
+    )
+    assert refused.returncode == 1 and "metrics[0]" in refused.stderr

@@ -48,6 +48,7 @@ from loraforge.client.params import load_yaml, merge, parameter_default, templat
 from loraforge.dataset.v1 import dataset_service_pb2 as dpb
 from loraforge.predictor.v1 import predictor_service_pb2 as ppb
 from loraforge.services.common.base_models import DEFAULT_BASE_MODEL
+from loraforge.trainer.v1 import evaluation_pb2 as epb
 from loraforge.trainer.v1 import trainer_service_pb2 as tpb
 
 console = Console()
@@ -908,6 +909,145 @@ def cmd_export(args: argparse.Namespace) -> None:
     )
 
 
+def _scores_line(scores: Any) -> str:
+    return ", ".join(f"{k} {v:.3g}" for k, v in sorted(scores.items())) or "-"
+
+
+def _evaluation_state(evaluation: epb.Evaluation) -> str:
+    return epb.EvaluationState.Name(evaluation.state).removeprefix("EVALUATION_STATE_")
+
+
+def _print_evaluation(evaluation: epb.Evaluation) -> None:
+    table = Table(show_header=False, title=escape(evaluation.name))
+    table.add_row("state", _evaluation_state(evaluation))
+    who = "base model" if evaluation.base_model else escape(evaluation.model_version)
+    if evaluation.base_model_name:
+        who += f" ({escape(evaluation.base_model_name)})"
+    table.add_row("model", who)
+    if evaluation.prompt_like:
+        table.add_row("prompted like", escape(evaluation.prompt_like))
+    table.add_row("dataset version", escape(evaluation.dataset_version))
+    table.add_row("metrics", ", ".join(evaluation.metrics) or "(defaults)")
+    p = evaluation.progress
+    table.add_row("progress", f"{p.completed_examples}/{p.total_examples or '?'} examples")
+    for name, value in sorted(evaluation.scores.items()):
+        table.add_row(escape(name), f"{value:.4g}")
+    for warning in evaluation.warnings:
+        table.add_row("warning", escape(warning))
+    if evaluation.failure_reason:
+        table.add_row("failure", escape(evaluation.failure_reason))
+    console.print(table)
+    matrix = evaluation.confusion_matrix
+    if matrix.labels:
+        counts = {(c.reference, c.predicted): c.count for c in matrix.cells}
+        grid = Table("reference \\ answer", *(escape(label) for label in matrix.labels))
+        grid.title = "label accuracy: confusion matrix"
+        for ref in matrix.labels:
+            if any(r == ref for r, _ in counts):
+                grid.add_row(escape(ref), *(str(counts.get((ref, a), "")) for a in matrix.labels))
+        console.print(grid)
+
+
+def _clip(text: str, width: int) -> str:
+    flat = " ".join(text.split())
+    return escape(flat if len(flat) <= width else flat[: width - 1] + "…")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    client = _client(args)
+    if args.eval_command == "create":
+        params: dict[str, Any] = _parse_inference_params(args.inference_param) or {}
+        if args.max_tokens is not None:
+            params["max_tokens"] = args.max_tokens
+        if args.base:
+            target = model_name(args.target)
+            if "/versions/" in target:
+                raise UsageError("with --base, name the model (APP/MODEL), not a version")
+        else:
+            target = full_version_name(args.target)
+        evaluation = client.create_evaluation(
+            target,
+            args.dataset_version,
+            metrics=args.metric,
+            inference_params=params or None,
+            max_examples=args.max_examples,
+            prompt_like=args.prompt_like,
+            evaluation_id=args.id,
+        )
+        console.print(f"evaluating: {escape(evaluation.name)}")
+        if args.no_wait:
+            return
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            console=console,
+            transient=True,
+        ) as bar:
+            task = bar.add_task("examples", total=None)
+            for update in client.watch_evaluation(evaluation.name):
+                p = update.progress
+                bar.update(task, completed=p.completed_examples, total=p.total_examples or None)
+                evaluation = update
+        _print_evaluation(evaluation)
+        if evaluation.state != epb.EVALUATION_STATE_SUCCEEDED:
+            raise RunEnded(f"{escape(evaluation.name)}: {escape(evaluation.failure_reason)}")
+    elif args.eval_command == "show":
+        _print_evaluation(client.evaluation(args.evaluation))
+    elif args.eval_command == "list":
+        table = Table("evaluation", "state", "dataset version", "scores")
+        for e in client.list_evaluations(args.target):
+            table.add_row(
+                escape(e.name.rsplit("/", 1)[-1]),
+                _evaluation_state(e),
+                escape(e.dataset_version),
+                escape(_scores_line(e.scores)),
+            )
+        console.print(table)
+    elif args.eval_command == "results":
+        order_by = args.order_by or ("score" if args.worst else "")
+        results = client.evaluation_results(args.evaluation, order_by=order_by, limit=args.limit)
+        names = sorted({k for r in results for k in r.scores})
+        table = Table("#", "prompt", "reference", "output", *names)
+        for r in results:
+            table.add_row(
+                str(r.index),
+                _clip(r.prompt, 40),
+                _clip(r.reference, 24),
+                _clip(r.output, 24),
+                *(f"{r.scores[n]:.3g}" if n in r.scores else "" for n in names),
+            )
+        console.print(table)
+    elif args.eval_command == "compare":
+        comparison = client.compare_evaluations(args.evaluation, args.other, score=args.score)
+        summary = Table("", escape(args.evaluation), escape(args.other))
+        for name in sorted(set(comparison.scores) | set(comparison.other_scores)):
+            summary.add_row(
+                escape(name),
+                f"{comparison.scores.get(name, 0.0):.4g}",
+                f"{comparison.other_scores.get(name, 0.0):.4g}",
+            )
+        console.print(summary)
+        console.print(
+            f"by {comparison.score}: {comparison.better_count} better, "
+            f"{comparison.worse_count} worse, {comparison.unchanged_count} unchanged"
+        )
+        changes = comparison.changes[: args.limit] if args.limit else comparison.changes
+        if changes:
+            table = Table("#", "change", "prompt", "reference", "before", "after", "score")
+            for c in changes:
+                table.add_row(
+                    str(c.index),
+                    "better" if c.change == epb.CHANGE_BETTER else "worse",
+                    _clip(c.prompt, 36),
+                    _clip(c.reference, 20),
+                    _clip(c.output, 20),
+                    _clip(c.other_output, 20),
+                    f"{c.score:.3g} → {c.other_score:.3g}",
+                )
+            console.print(table)
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     client = _client(args)
     if bool(args.model) == args.base:
@@ -1219,6 +1359,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="the base model with the adapter merged into its weights (safetensors), for "
         "engines without LoRA",
     )
+    p = add("eval", cmd_eval, "evaluate a model version or the base model on held-out data")
+    evals = p.add_subparsers(dest="eval_command", required=True, metavar="ACTION")
+    e = evals.add_parser("create", help="score a model version (or --base) on a dataset version")
+    e.add_argument("target", help="APP/MODEL/VERSION; with --base, APP/MODEL")
+    e.add_argument("--dataset-version", required=True, help="APP/DATASET/VERSION, held out")
+    e.add_argument("--base", action="store_true", help="score the base model (without an adapter)")
+    e.add_argument(
+        "--prompt-like",
+        default="",
+        metavar="APP/MODEL/VERSION",
+        help="with --base: prompt the base model the way this version was trained",
+    )
+    e.add_argument(
+        "--metric",
+        action="append",
+        default=[],
+        help="exact_match, label_accuracy, rouge or bleu; repeat for more (default: all that fit)",
+    )
+    e.add_argument("--max-tokens", type=int, default=None, help="most tokens per answer")
+    e.add_argument(
+        "--inference-param", action="append", default=[], metavar="KEY=VALUE", help="e.g. top_p=0.9"
+    )
+    e.add_argument("--max-examples", type=int, default=0, help="score the first N (0: all)")
+    e.add_argument("--id", default="", help="evaluation id; generated when empty")
+    e.add_argument("--no-wait", action="store_true", help="return once started")
+    e = evals.add_parser("show", help="an evaluation's state, scores and confusion matrix")
+    e.add_argument("evaluation", help="APP/MODEL/VERSION/EVALUATION, APP/MODEL/EVALUATION or full")
+    e = evals.add_parser("list", help="the evaluations of a model version or a model's base model")
+    e.add_argument("target", help="APP/MODEL/VERSION or APP/MODEL")
+    e = evals.add_parser("results", help="per-example results as a table")
+    e.add_argument("evaluation")
+    e.add_argument("--worst", action="store_true", help="worst first by the primary score")
+    e.add_argument("--order-by", default="", help="a score, worst first; `SCORE desc`: best first")
+    e.add_argument("--limit", type=int, default=20, help="rows to show (0: all)")
+    e = evals.add_parser(
+        "compare", help="two evaluations of one dataset version, example by example"
+    )
+    e.add_argument("evaluation", help="the one compared from (e.g. the base model's)")
+    e.add_argument("other", help="the one compared to (e.g. the fine-tuned version's)")
+    e.add_argument("--score", default="", help="the score compared (default: the primary one)")
+    e.add_argument("--limit", type=int, default=20, help="changed examples to show (0: all)")
     p = add("predict", cmd_predict, "generate text with a model, a model version or the base model")
     p.add_argument(
         "model",

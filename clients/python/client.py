@@ -47,6 +47,7 @@ from loraforge.services.common.channels import (
     sync_channel,
 )
 from loraforge.services.common.errors import InvalidArgument
+from loraforge.trainer.v1 import evaluation_pb2 as epb
 from loraforge.trainer.v1 import trainer_service_pb2 as tpb
 from loraforge.trainer.v1 import trainer_service_pb2_grpc as tgrpc
 
@@ -669,6 +670,110 @@ class Client:
             )
         )
 
+    # Evaluations: of a model version (`a/m/v`), or of a model's base model (`a/m`)
+
+    def create_evaluation(
+        self,
+        parent: str,
+        dataset_version: str,
+        *,
+        metrics: Sequence[str] = (),
+        inference_params: dict[str, Any] | None = None,
+        max_examples: int = 0,
+        prompt_like: str = "",
+        evaluation_id: str = "",
+    ) -> epb.Evaluation:
+        """Starts scoring `parent` on `dataset_version`; returns the evaluation, RUNNING."""
+        request = epb.CreateEvaluationRequest(
+            parent=model_name(parent),
+            evaluation_id=evaluation_id,
+            dataset_version=resource_name(dataset_version, "app", "dataset", "version"),
+            metrics=list(metrics),
+            params=_inference_params(inference_params),
+            max_examples=max_examples,
+            prompt_like=version_name(prompt_like) if prompt_like else "",
+        )
+        return _call(self.trainer.CreateEvaluation, request).evaluation
+
+    def evaluation(self, name: str) -> epb.Evaluation:
+        return _call(
+            self.trainer.GetEvaluation, epb.GetEvaluationRequest(name=evaluation_name(name))
+        ).evaluation
+
+    def list_evaluations(self, parent: str) -> list[epb.Evaluation]:
+        return _pages(
+            self.trainer.ListEvaluations,
+            epb.ListEvaluationsRequest(parent=model_name(parent), page_size=PAGE_SIZE),
+            "evaluations",
+        )
+
+    def watch_evaluation(self, name: str, timeout: float = 3600) -> Iterator[epb.Evaluation]:
+        """The evaluation now, then each time its progress or state changes, until it ends."""
+        request = epb.WatchEvaluationRequest(name=evaluation_name(name))
+        for response in _stream(self.trainer.WatchEvaluation(request, timeout=timeout)):
+            yield response.evaluation
+
+    def wait_evaluation(self, name: str, timeout: float = 3600) -> epb.Evaluation:
+        """Follows an evaluation until it ends; returns it as it ended."""
+        updates = list(self.watch_evaluation(name, timeout))
+        return updates[-1] if updates else self.evaluation(name)
+
+    def evaluation_results(
+        self, name: str, *, order_by: str = "", limit: int = 0
+    ) -> list[epb.EvaluationResult]:
+        """Per-example results: in dataset order, or worst first by a score (`order_by`)."""
+        results: list[epb.EvaluationResult] = []
+        token = ""
+        while True:
+            size = min(PAGE_SIZE, limit - len(results)) if limit else PAGE_SIZE
+            page = _call(
+                self.trainer.ListEvaluationResults,
+                epb.ListEvaluationResultsRequest(
+                    parent=evaluation_name(name),
+                    order_by=order_by,
+                    page_size=size,
+                    page_token=token,
+                ),
+            )
+            results.extend(page.results)
+            token = page.next_page_token
+            if not token or (limit and len(results) >= limit):
+                return results
+
+    def compare_evaluations(
+        self, evaluation: str, other: str, *, score: str = ""
+    ) -> epb.CompareEvaluationsResponse:
+        """How `other` did example by example against `evaluation`; every changed example."""
+        request = epb.CompareEvaluationsRequest(
+            evaluation=evaluation_name(evaluation),
+            other=evaluation_name(other),
+            score=score,
+            page_size=PAGE_SIZE,
+        )
+        first = _call(self.trainer.CompareEvaluations, request)
+        while first.next_page_token:
+            request.page_token = first.next_page_token
+            page = _call(self.trainer.CompareEvaluations, request)
+            first.changes.extend(page.changes)
+            first.next_page_token = page.next_page_token
+        return first
+
+
+def evaluation_name(arg: str) -> str:
+    """An evaluation name from a full or short form: `a/m/v/e` (of a version), `a/m/e` (base)."""
+    if arg.startswith("apps/"):
+        return arg
+    parts = arg.split("/")
+    if len(parts) == 4 and all(parts):
+        return f"{version_name('/'.join(parts[:3]))}/evaluations/{parts[3]}"
+    if len(parts) == 3 and all(parts):
+        return f"{model_name('/'.join(parts[:2]))}/evaluations/{parts[2]}"
+    raise ClientError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"{arg!r}: expected an evaluation like APP/MODEL/VERSION/EVALUATION, APP/MODEL/EVALUATION "
+        "(of the base model) or a full name",
+    )
+
 
 def _inference_params(
     params: dict[str, Any] | None, what: str = "inference_params"
@@ -1114,3 +1219,53 @@ class Model:
         self, texts: list[str], inference_params: dict[str, Any] | None = None
     ) -> Prediction:
         return self.client.predict(texts, self.name, inference_params=inference_params)
+
+    def evaluate(
+        self,
+        dataset_version: Any,
+        *,
+        version_id: str = "",
+        base_model: bool = False,
+        metrics: Sequence[str] = (),
+        inference_params: dict[str, Any] | None = None,
+        max_examples: int = 0,
+        wait: bool = True,
+        timeout: float = 3600,
+    ) -> epb.Evaluation:
+        """Scores a version (default: the latest trained) on a held-out `dataset_version`.
+
+        `base_model=True` scores the base model instead, prompted the way that version was
+        trained, so the two evaluations compare (`client.compare_evaluations`). With
+        `wait`, returns the evaluation once it has ended; else at once, RUNNING.
+        """
+        name = dataset_version if isinstance(dataset_version, str) else dataset_version.name
+        version = self.version_name(version_id) if version_id else self._latest_trained()
+        if base_model:
+            evaluation = self.client.create_evaluation(
+                self.name,
+                name,
+                metrics=metrics,
+                inference_params=inference_params,
+                max_examples=max_examples,
+                prompt_like=version,
+            )
+        else:
+            evaluation = self.client.create_evaluation(
+                version,
+                name,
+                metrics=metrics,
+                inference_params=inference_params,
+                max_examples=max_examples,
+            )
+        return self.client.wait_evaluation(evaluation.name, timeout) if wait else evaluation
+
+    def _latest_trained(self) -> str:
+        latest = _call(
+            self.client.trainer.GetModel, tpb.GetModelRequest(name=self.name)
+        ).model.latest_trained_version
+        if not latest:
+            raise ClientError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{self.name} has no TRAINED version yet; train one or name version_id",
+            )
+        return latest

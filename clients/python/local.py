@@ -20,6 +20,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -226,8 +227,14 @@ class LocalCluster:
             self.api_key()  # the admin key is there (or the start stops, saying where to look)
             dataset_flag = ["--dataset-address", self.address("dataset")]
             trainer_flags = [*dataset_flag, *self._stores("trainer")]
+            # The trainer's evaluations call the predictor, which starts after it: its port is
+            # chosen now.
+            predictor_port = self.ports["predictor"] or _free_port()
             trainer = self._spawn(
-                "trainer", "loraforge.services.trainer", trainer_flags, self.ports["trainer"]
+                "trainer",
+                "loraforge.services.trainer",
+                [*trainer_flags, "--predictor-address", f"127.0.0.1:{predictor_port}"],
+                self.ports["trainer"],
             )
             self._wait_ready(trainer, timeout)
             predictor = self._spawn(
@@ -238,7 +245,7 @@ class LocalCluster:
                     *("--base-model", self.base_model),
                     *self._stores(None),
                 ],
-                self.ports["predictor"],
+                predictor_port,
             )
             for i in range(self.workers):
                 self._spawn(
@@ -324,6 +331,13 @@ def auth_from_env() -> bool:
 def new_api_key() -> str:
     """A key in the services' format: `lf_{12 hex}_{43 urlsafe base64 characters}`."""
     return f"lf_{secrets.token_hex(6)}_{secrets.token_urlsafe(32)}"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def _serving(address: str) -> bool:
