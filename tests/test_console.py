@@ -212,6 +212,82 @@ def _shots() -> Path | None:
     return Path(folder) if folder else None
 
 
+# ----- pieces without a service -------------------------------------------------------------
+
+
+def test_form_fields_parse_by_type_and_send_only_what_changed() -> None:
+    from loraforge.services.console import forms
+
+    template = tpb.Template(
+        parameters=[
+            tpb.Parameter(
+                path="peft_config.r",
+                type=tpb.PARAMETER_TYPE_INT,
+                default_value=struct_pb2.Value(number_value=16),
+                min=1,
+                max=256,
+            ),
+            tpb.Parameter(
+                path="trainer_config.learning_rate",
+                type=tpb.PARAMETER_TYPE_FLOAT,
+                default_value=struct_pb2.Value(number_value=2e-4),
+            ),
+            tpb.Parameter(
+                path="model_config.trust_remote_code",
+                type=tpb.PARAMETER_TYPE_BOOL,
+                default_value=struct_pb2.Value(bool_value=False),
+            ),
+            tpb.Parameter(
+                path="peft_config.target_modules",
+                type=tpb.PARAMETER_TYPE_STRING_LIST,
+                default_value=struct_pb2.Value(
+                    list_value=struct_pb2.ListValue(values=[struct_pb2.Value(string_value="q")])
+                ),
+            ),
+        ]
+    )
+    fields = forms.fields_of(template)
+    assert fields[0].dom_id == "p-peft_config-r"
+    assert fields[0].text(fields[0].default) == "16" and fields[0].bounds() == "1 to 256"
+    assert [g for g, _ in forms.groups(fields)] == ["peft_config", "trainer_config", "model_config"]
+    changed, _, errors = forms.overrides(
+        fields,
+        {
+            "peft_config.r": "8",
+            "trainer_config.learning_rate": "0.0002",
+            "model_config.trust_remote_code": "",
+            "peft_config.target_modules": "q, v",
+        },
+    )
+    assert errors == {}
+    assert changed == {"peft_config": {"r": 8, "target_modules": ["q", "v"]}}
+    _, _, errors = forms.overrides(
+        fields, {"peft_config.r": "8.5", "trainer_config.learning_rate": "x"}
+    )
+    assert errors == {
+        "peft_config.r": "'8.5' is not a whole number",
+        "trainer_config.learning_rate": "'x' is not a number",
+    }
+    assert forms.check(fields[0], 0) == "must be at least 1"
+    by_field, rest = forms.violations_by_field(
+        [("param_overrides.peft_config.r", "must be at least 1"), ("request_id", "too long")]
+    )
+    assert by_field == {"peft_config.r": "must be at least 1"} and rest == ["request_id: too long"]
+
+
+def test_resume_points_histograms_and_clocks() -> None:
+    from loraforge.services.console.app import clock, histogram
+    from loraforge.services.console.events import resume_point, sse
+
+    assert resume_point("41", "7") == 41 and resume_point(None, "7") == 7
+    assert resume_point("junk", None) == 0
+    assert sse({"a": 1}, event="end", id=3) == b'id: 3\nevent: end\ndata: {"a":1}\n\n'
+    bins = histogram([10, 11, 12, 40])
+    assert sum(b["count"] for b in bins) == 4 and bins[0]["low"] == 10 and bins[-1]["high"] >= 40
+    assert histogram([5, 5]) == [{"low": 5, "high": 5, "count": 2, "height": 1.0}]
+    assert (clock(59), clock(61), clock(3 * 3600 + 62)) == ("0:59", "1:01", "3:01:02")
+
+
 # ----- the seed workflow in a browser ------------------------------------------------------
 
 

@@ -107,8 +107,15 @@ def _state(mv: tpb.ModelVersion) -> str:
 def _eta(mv: tpb.ModelVersion) -> str:
     if _state(mv) != "TRAINING" or not mv.progress.HasField("eta"):
         return ""
-    seconds = int(mv.progress.eta.ToTimedelta().total_seconds())
-    return f"{seconds // 60}:{seconds % 60:02d}"
+    return clock(mv.progress.eta.ToTimedelta().total_seconds())
+
+
+def clock(seconds: float) -> str:
+    """`m:ss`, or `h:mm:ss` from an hour on."""
+    s = max(0, round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+    return f"{s // 60}:{s % 60:02d}"
 
 
 def _percent(mv: tpb.ModelVersion) -> int:

@@ -128,6 +128,14 @@ function parameterForms() {
 }
 
 // ----- the live run page ------------------------------------------------------------------
+// `m:ss`, or `h:mm:ss` from an hour on (as the server writes it).
+function clock(seconds) {
+  const s = Math.max(0, Math.round(seconds));
+  const two = (n) => String(n).padStart(2, "0");
+  if (s >= 3600) return `${Math.floor(s / 3600)}:${two(Math.floor((s % 3600) / 60))}:${two(s % 60)}`;
+  return `${Math.floor(s / 60)}:${two(s % 60)}`;
+}
+
 const SVG = "http://www.w3.org/2000/svg";
 
 function drawChart(svg, series) {
@@ -222,10 +230,7 @@ function runPage() {
       table.appendChild(row);
       $("[data-step]").textContent = `${ev.step}/${ev.total_steps || "?"}`;
       if (ev.total_steps) $("[data-bar]").value = Math.round((100 * ev.step) / ev.total_steps);
-      if (ev.eta_seconds !== null) {
-        const s = Math.round(ev.eta_seconds);
-        $("[data-eta]").textContent = `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`;
-      }
+      if (ev.eta_seconds !== null) $("[data-eta]").textContent = clock(ev.eta_seconds);
       redraw();
     } else if (ev.kind === "state") {
       setState(ev.state, ev.status_code, ev.message);
