@@ -338,6 +338,20 @@ def test_seed_workflow_in_a_browser(cluster: Cluster, tmp_path: Path) -> None:
         )
         shot("02-upload-report")
 
+        # The same file dropped on the page again, skipping what the dataset holds already.
+        page.wait_for_load_state()
+        page.get_by_label("Skip rows already in the dataset").check()
+        page.locator("[data-drop]").evaluate(
+            """(zone, text) => {
+                const data = new DataTransfer();
+                data.items.add(new File([text], "again.csv", { type: "text/csv" }));
+                zone.dispatchEvent(new DragEvent("drop", { dataTransfer: data, bubbles: true }));
+            }""",
+            csv_path.read_text(encoding="utf-8"),
+        )
+        expect(page.get_by_test_id("accepted")).to_have_text("0")
+        expect(page.get_by_test_id("duplicates")).to_have_text("40")
+
         # 3. Freeze a version.
         page.get_by_role("button", name="Create version").click()
         expect(page.get_by_role("status")).to_contain_text("40 examples")
