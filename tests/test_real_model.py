@@ -44,9 +44,10 @@ from loraforge.services.trainer.training import (
     split_eval,
     tokenize_examples,
 )
+from loraforge.trainer.v1 import evaluation_pb2 as epb
 from loraforge.trainer.v1 import trainer_service_pb2 as tpb
 from loraforge.trainer.v1 import trainer_service_pb2_grpc as tpb_grpc
-from tests.support import REPO, ServiceProcess, channel, start_service
+from tests.support import REPO, ServiceProcess, channel, free_port, start_service
 from tests.test_predictor_helpers import peft_greedy
 
 pytestmark = pytest.mark.slow
@@ -256,8 +257,14 @@ RAW_PREFIX = "### Instruction: Is this news positive, negative or neutral? ### H
 def real_stack(tmp_path_factory: pytest.TempPathFactory, smol: Path) -> Iterator[RealStack]:
     workdir = tmp_path_factory.mktemp("real-stack")
     dataset = start_service("loraforge.services.dataset", workdir)
+    predictor_port = free_port()  # the trainer's evaluations call the predictor started below
     trainer = start_service(
-        "loraforge.services.trainer", workdir, args=["--dataset-address", dataset.address]
+        "loraforge.services.trainer",
+        workdir,
+        args=[
+            *("--dataset-address", dataset.address),
+            *("--predictor-address", f"127.0.0.1:{predictor_port}"),
+        ],
     )
     procs: list[Any] = [dataset, trainer]
     try:
@@ -334,6 +341,7 @@ def real_stack(tmp_path_factory: pytest.TempPathFactory, smol: Path) -> Iterator
             workdir,
             # float32, so its greedy tokens can be compared with transformers + PEFT in float32.
             args=[
+                *("--port", str(predictor_port)),
                 "--trainer-address",
                 trainer.address,
                 "--kv-cache-gib",
@@ -462,3 +470,50 @@ def test_a_chat_that_ends_with_the_assistant_turn_is_refused_at_its_field(
         )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "inputs[0].messages" in (info.value.details() or "")
+
+
+def _evaluated(stack: RealStack, request: epb.CreateEvaluationRequest) -> epb.Evaluation:
+    name = stack.trainer_stub.CreateEvaluation(request).evaluation.name
+    *_, last = stack.trainer_stub.WatchEvaluation(
+        epb.WatchEvaluationRequest(name=name), timeout=600
+    )
+    assert last.evaluation.state == epb.EVALUATION_STATE_SUCCEEDED, last.evaluation.failure_reason
+    return last.evaluation
+
+
+def test_the_fine_tuned_real_model_beats_the_base_model_on_held_out_news(
+    real_stack: RealStack,
+) -> None:
+    alpha = _wait_trained(real_stack, real_stack.versions["alpha"])
+    dstub = dpb_grpc.DatasetServiceStub(channel(real_stack.dataset.address))
+    dataset = f"{APP}/datasets/heldout"
+    dstub.CreateDataset(dpb.CreateDatasetRequest(parent=APP, dataset_id="heldout"))
+    held = load_pairs(demo_file("sentiment_heldout.jsonl"))[:24]
+    header = dpb.UploadHeader(dataset=dataset, file_name="heldout.jsonl")
+    dstub.UploadInputs(
+        iter([dpb.UploadInputsRequest(header=header), dpb.UploadInputsRequest(chunk=_jsonl(held))])
+    )
+    held_out = dstub.CreateDatasetVersion(
+        dpb.CreateDatasetVersionRequest(parent=dataset, version_id="v1")
+    ).dataset_version.name
+    asked = {
+        "dataset_version": held_out,
+        "metrics": ["exact_match", "label_accuracy"],
+        "params": pb.InferenceParams(max_tokens=4),
+    }
+    # The base model gets the prompts alpha was trained with: the chat template, its system
+    # prompt.
+    base = _evaluated(
+        real_stack,
+        epb.CreateEvaluationRequest(parent=f"{APP}/models/alpha", prompt_like=alpha.name, **asked),
+    )
+    tuned = _evaluated(real_stack, epb.CreateEvaluationRequest(parent=alpha.name, **asked))
+    assert base.base_model_name == tuned.base_model_name == SMOL
+    assert tuned.scores["exact_match"] > base.scores["exact_match"], (base.scores, tuned.scores)
+    comparison = real_stack.trainer_stub.CompareEvaluations(
+        epb.CompareEvaluationsRequest(evaluation=base.name, other=tuned.name)
+    )
+    assert comparison.better_count > comparison.worse_count
+    better = [c for c in comparison.changes if c.change == epb.CHANGE_BETTER]
+    assert len(better) == comparison.better_count
+    assert all(c.other_output.strip().lower().startswith(c.reference) for c in better)
