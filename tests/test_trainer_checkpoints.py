@@ -42,6 +42,7 @@ class Stack:
     stub: pb_grpc.TrainerServiceStub
     dataset_version: str
     version: pb.ModelVersion
+    overrides: dict[str, Any]  # the first run's parameters
 
 
 def _examples(n: int) -> bytes:
@@ -143,7 +144,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 env=env,
                 cwd=REPO,
             )
-        yield Stack(workdir, trainer.address, stub, dataset_version, _wait(stub, name))
+        yield Stack(workdir, trainer.address, stub, dataset_version, _wait(stub, name), overrides)
     finally:
         if worker is not None and worker.poll() is None:
             worker.send_signal(signal.SIGTERM)
@@ -281,3 +282,70 @@ def test_client_and_cli_list_and_export_checkpoints_by_short_name(
     out = capsys.readouterr().out
     steps = [line.split("│")[1].strip() for line in out.splitlines() if line.startswith("│")]
     assert [s for s in steps if s] == ["4", "6"]
+
+
+def test_early_stopping_ends_a_run_whose_eval_loss_stops_improving_and_keeps_the_best(
+    stack: Stack, tmp_path: Path
+) -> None:
+    trainer_config = {
+        **stack.overrides["trainer_config"],
+        "max_steps": 40,
+        "learning_rate": 0.5,  # far too high: the eval loss soon gets worse
+        "eval_split_percent": 25,
+        "save_steps": 2,
+        "save_total_limit": 1,
+        "early_stopping_patience": 2,
+        "adapter_checkpoint": "best",
+    }
+    overrides = {**stack.overrides, "trainer_config": trainer_config}
+    created = stack.stub.CreateModelVersion(
+        pb.CreateModelVersionRequest(
+            parent=f"{APP}/models/sums",
+            version_id="early",
+            dataset_version=stack.dataset_version,
+            template=TEMPLATE,
+            param_overrides=json_format.ParseDict(overrides, struct_pb2.Struct()),
+        )
+    ).model_version
+    trained = _wait(stack.stub, created.name)
+    # Evaluated at every checkpoint (2, 4, 6): 4 and 6 did not beat 2, so it stopped at 6.
+    assert trained.metrics["early_stopped"] == 1
+    assert trained.metrics["global_step"] == 6 < trainer_config["max_steps"]
+    logs = stack.stub.GetModelVersionLogs(pb.GetModelVersionLogsRequest(name=trained.name))
+    assert any("early stopping at step 6" in e.log.message for e in logs.events)
+    found = list(
+        stack.stub.ListCheckpoints(pb.ListCheckpointsRequest(parent=trained.name)).checkpoints
+    )
+    # The last one and, though save_total_limit is 1, the best one.
+    assert [c.step for c in found] == [2, 6]
+    assert found[0].eval_loss < found[1].eval_loss
+    assert trained.metrics["adapter_step"] == 2
+    adapter = _weights(stack, trained.artifacts.adapter_prefix, tmp_path / "adapter")
+    best = _weights(stack, f"trainer/{trained.name}/checkpoints/checkpoint-2", tmp_path / "2")
+    assert all(torch.equal(adapter[k], best[k]) for k in best)
+
+
+@pytest.mark.parametrize("name", ["early_stopping_patience", "adapter_checkpoint"])
+def test_judging_by_eval_loss_without_an_evaluation_split_is_refused(
+    stack: Stack, name: str
+) -> None:
+    value = 2 if name == "early_stopping_patience" else "best"
+    trainer_config = {**stack.overrides["trainer_config"], name: value}
+    with pytest.raises(grpc.RpcError) as caught:
+        stack.stub.CreateModelVersion(
+            pb.CreateModelVersionRequest(
+                parent=f"{APP}/models/sums",
+                version_id="no-eval",
+                dataset_version=stack.dataset_version,
+                template=TEMPLATE,
+                param_overrides=json_format.ParseDict(
+                    {**stack.overrides, "trainer_config": trainer_config}, struct_pb2.Struct()
+                ),
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    fields = error_details(caught.value)[1]
+    assert (
+        "set trainer_config.eval_split_percent above 0"
+        in (fields[f"param_overrides.trainer_config.{name}"])
+    )

@@ -84,6 +84,9 @@ class TrainerConfig:
     save_steps: int
     save_total_limit: int
     seed: int
+    early_stopping_patience: int = 0
+    early_stopping_threshold: float = 0.0
+    adapter_checkpoint: str = "last"  # or "best": the checkpoint with the lowest eval loss
 
 
 GROUP_TYPES: dict[str, type] = {

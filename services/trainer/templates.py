@@ -391,6 +391,7 @@ def resolve_params(
                 "set prompt_format to chat, or put the instruction in your prompts",
             )
         )
+    violations += _evaluation_needs(params["trainer_config"], f"{field_prefix}.trainer_config")
     if violations:
         summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
         raise InvalidArgument(
@@ -399,6 +400,41 @@ def resolve_params(
             field_violations=violations,
         )
     return TrainingParams.from_dict(params)
+
+
+def _evaluation_needs(trc: Mapping[str, Any], prefix: str) -> list[FieldViolation]:
+    """Early stopping and a best-checkpoint adapter judge by the eval loss: they need an
+    evaluation split, and an evaluation at every checkpoint."""
+    wanted = [
+        name
+        for name, on in (
+            ("early_stopping_patience", trc.get("early_stopping_patience", 0) > 0),
+            ("adapter_checkpoint", trc.get("adapter_checkpoint", "last") == "best"),
+        )
+        if on
+    ]
+    if not wanted:
+        return []
+    if not trc["eval_split_percent"]:
+        return [
+            FieldViolation(
+                f"{prefix}.{name}",
+                "judges by the eval loss, and this run holds out no evaluation split; set "
+                "trainer_config.eval_split_percent above 0",
+            )
+            for name in wanted
+        ]
+    eval_steps, save_steps = trc["eval_steps"], trc["save_steps"]
+    if eval_steps and save_steps % eval_steps:
+        return [
+            FieldViolation(
+                f"{prefix}.eval_steps",
+                f"is {eval_steps}, and save_steps {save_steps} is not a multiple of it, so some "
+                f"checkpoints would have no eval loss for {' and '.join(wanted)}; make "
+                "save_steps a multiple of eval_steps (or leave eval_steps 0)",
+            )
+        ]
+    return []
 
 
 def stored_params(template_name: str, stored: Mapping[str, Any]) -> TrainingParams:

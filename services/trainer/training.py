@@ -493,9 +493,13 @@ def training_arguments(params: TrainingParams, output_dir: Path, has_eval: bool)
     bf16, fp16 = _mixed_precision(trc.mixed_precision)
     eval_strategy = "no"
     eval_steps = None
+    best = has_eval and trc.adapter_checkpoint == "best"
     if has_eval:
         eval_strategy = "steps" if trc.eval_steps else "epoch"
         eval_steps = trc.eval_steps or None
+        if best or trc.early_stopping_patience:
+            # Every checkpoint's eval loss is known: the best is one of the checkpoints.
+            eval_strategy, eval_steps = "steps", trc.eval_steps or trc.save_steps
     return TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=trc.num_train_epochs,
@@ -518,6 +522,10 @@ def training_arguments(params: TrainingParams, output_dir: Path, has_eval: bool)
         save_total_limit=1,  # local copies; the object store keeps `save_total_limit`
         eval_strategy=eval_strategy,
         eval_steps=eval_steps,
+        # The Trainer keeps the best checkpoint's folder and loads it back at the end.
+        load_best_model_at_end=best,
+        metric_for_best_model="eval_loss" if best else None,
+        greater_is_better=False if best else None,
         report_to=[],
         disable_tqdm=True,
         remove_unused_columns=False,
@@ -605,6 +613,54 @@ def _make_callback(reporter: Reporter, counter: TokenCounter) -> Any:
             reporter.checkpoint_saved(state.global_step, folder)
 
     return ReportingCallback()
+
+
+class EarlyStopping:
+    """Stops training once the eval loss has not improved by more than `threshold` for
+    `patience` evaluations in a row (the Trainer's own callback would also force the best
+    checkpoint to become the adapter; here that is `adapter_checkpoint`'s choice)."""
+
+    def __init__(self, patience: int, threshold: float, reporter: Reporter) -> None:
+        self.patience = patience
+        self.threshold = threshold
+        self.reporter = reporter
+        self.best: float | None = None
+        self.since_best = 0
+        self.stopped_at: int | None = None
+        self.last_step = -1
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        stopping = self
+
+        class EarlyStoppingCallback(TrainerCallback):
+            def on_evaluate(
+                self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any
+            ) -> None:
+                loss = (metrics or {}).get("eval_loss")
+                if loss is not None and stopping.seen(float(loss), state.global_step):
+                    control.should_training_stop = True
+
+        return EarlyStoppingCallback()
+
+    def seen(self, loss: float, step: int) -> bool:
+        """Records an eval loss; True when training should stop."""
+        if step == self.last_step:
+            return False  # the same weights evaluated again (the final evaluation)
+        self.last_step = step
+        if self.best is None or self.best - loss > self.threshold:
+            self.best, self.since_best = loss, 0
+            return False
+        self.since_best += 1
+        if self.since_best < self.patience:
+            return False
+        self.stopped_at = step
+        self.reporter.log(
+            f"early stopping at step {step}: the eval loss has not improved on {self.best:.4f} "
+            f"by more than {self.threshold:g} for {self.patience} evaluations"
+        )
+        return True
 
 
 def prepare_data(
@@ -695,6 +751,10 @@ def run_training(
         data_collator=collator,
         callbacks=[_make_callback(reporter, counter)],
     )
+    early = None
+    if trc.early_stopping_patience and eval_rows:
+        early = EarlyStopping(trc.early_stopping_patience, trc.early_stopping_threshold, reporter)
+        trainer.add_callback(early.callback())
     trainer.token_counter = counter
     trainer.remove_callback(PrinterCallback)  # progress goes to the reporter, not stdout
     resumed_from = 0
@@ -721,6 +781,13 @@ def run_training(
         if math.isfinite(metrics["eval_loss"]):
             metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
         reporter.log(f"final eval loss {metrics['eval_loss']:.4f}")
+    best = trainer.state.best_model_checkpoint if args.load_best_model_at_end else None
+    metrics["adapter_step"] = float(
+        int(best.rsplit("-", 1)[-1]) if best else trainer.state.global_step
+    )
+    metrics["early_stopped"] = 1.0 if early is not None and early.stopped_at is not None else 0.0
+    if best:
+        reporter.log(f"the adapter is the best checkpoint's, step {int(metrics['adapter_step'])}")
     adapter_dir = work_dir / "adapter"
     model.save_pretrained(adapter_dir, safe_serialization=True)
     return TrainingResult(

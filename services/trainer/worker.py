@@ -139,10 +139,12 @@ class _RunReporter:
         self.stop = stop
         self.lost = threading.Event()
         self.keep = 1  # until the run's parameters are read: `keep_checkpoints`
+        self.keep_best = False  # also keep the checkpoint with the lowest eval loss
         self.prefix = version_prefix(job.name) + "/checkpoints"
 
-    def keep_checkpoints(self, count: int) -> None:
+    def keep_checkpoints(self, count: int, keep_best: bool = False) -> None:
         self.keep = count
+        self.keep_best = keep_best
 
     def _check(self, written: bool) -> None:
         if not written:
@@ -172,9 +174,21 @@ class _RunReporter:
             },
             key=lambda d: int(d.rsplit("-", 1)[-1]) if d.rsplit("-", 1)[-1].isdigit() else -1,
         )
+        best = self._best_checkpoint() if self.keep_best else None
         for old in kept[: -self.keep]:
-            if old != f"checkpoint-{step}":
+            if old not in (f"checkpoint-{step}", best):
                 store.delete_prefix(f"{self.prefix}/{old}/")
+
+    def _best_checkpoint(self) -> str | None:
+        """The folder of the stored checkpoint with the lowest eval loss, if any has one."""
+        scored = [
+            c
+            for c in checkpoints.list_checkpoints(self.worker.objects, self.job.name)
+            if c.eval_loss is not None
+        ]
+        if not scored:
+            return None
+        return f"checkpoint-{min(scored, key=lambda c: (c.eval_loss, c.step)).step}"
 
     def should_stop(self) -> bool:
         return self.lost.is_set() or self.stop.is_set()
@@ -314,7 +328,8 @@ class Worker:
             ) from None
         # The trainer checked the name when the run was created; the settings may differ here.
         model_path = self.models.resolve(params.base_model)
-        bridge.keep_checkpoints(params.trainer_config.save_total_limit)
+        trc = params.trainer_config
+        bridge.keep_checkpoints(trc.save_total_limit, keep_best=trc.adapter_checkpoint == "best")
         examples = list(
             dataset_client.read_examples(
                 self.config.dataset_address, job.dataset_version, self.security
