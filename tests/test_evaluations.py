@@ -24,11 +24,12 @@ import grpc
 import pytest
 from google.protobuf import json_format, struct_pb2
 
-from loraforge.client.client import Client
+from loraforge.client.client import Client, ClientError
 from loraforge.dataset.v1 import dataset_service_pb2 as dpb
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as dpb_grpc
 from loraforge.predictor.v1 import predictor_service_pb2 as ppb
-from loraforge.services.trainer.evaluation_store import EvaluationStore
+from loraforge.services.common.errors import NotFound
+from loraforge.services.trainer.evaluation_store import EvaluationStore, Result
 from loraforge.services.trainer.store import EvaluationRow, TrainerStore
 from loraforge.trainer.v1 import evaluation_pb2 as epb
 from loraforge.trainer.v1 import trainer_service_pb2 as tpb
@@ -430,6 +431,9 @@ def test_the_client_and_the_cli_evaluate_show_results_worst_first_and_compare(
     assert base.base_model and base.prompt_like == stack.version
     worst = client.evaluation_results(tuned.name, order_by="exact_match", limit=3)
     assert len(worst) == 3 and worst[0].scores["exact_match"] == 0.0
+    with pytest.raises(ClientError) as info:  # BLEU was not asked for
+        client.evaluation_results(tuned.name, order_by="bleu")
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "order_by" in str(info.value)
 
     created = _cli(
         stack,
@@ -455,3 +459,31 @@ def test_the_client_and_the_cli_evaluate_show_results_worst_first_and_compare(
         stack, "eval", "create", "lab/parity/v1", "--dataset-version", held_out, "--metric", "f1"
     )
     assert refused.returncode == 1 and "metrics[0]" in refused.stderr
+
+
+def test_deleting_a_model_deletes_its_evaluations_and_their_results(tmp_path: Path) -> None:
+    store = TrainerStore(f"sqlite:///{tmp_path / 'trainer.db'}")
+    evaluations = EvaluationStore(store)
+    store.create_model("lab", "gone", "", "modelTypes/text-to-text")
+    name = "apps/lab/models/gone/evaluations/e1"
+    evaluations.create(
+        EvaluationRow(
+            name=name,
+            parent="apps/lab/models/gone",
+            base_model=True,
+            dataset_version=HELD_OUT,
+            metrics=["exact_match"],
+            params={},
+            state="RUNNING",
+            create_time=time.time(),
+        )
+    )
+    result = Result(0, "apps/lab/datasets/d/inputs/i", "p", "r", "r", {"exact_match": 1.0})
+    assert evaluations.add_results(name, [result], time.time() + 30)
+    store.delete_model("apps/lab/models/gone", force=True)
+    with pytest.raises(NotFound):
+        evaluations.get(name)
+    assert evaluations.results(name, "", False, 0, 10) == ([], 0)
+    # The task of a running evaluation finds it gone at its next write, and stops.
+    assert not evaluations.add_results(name, [result], time.time() + 30)
+    store.engine.dispose()

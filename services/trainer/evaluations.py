@@ -43,7 +43,6 @@ from loraforge.services.trainer.dataset_client import AsyncDatasetClient, Datase
 from loraforge.services.trainer.evaluation_store import (
     FAILED,
     RUNNING,
-    SCORE_COLUMNS,
     SUCCEEDED,
     EvaluationStore,
     Result,
@@ -313,8 +312,9 @@ class Evaluations:
             return "", False
         score = row.primary_score if words[0] == "score" else words[0]
         descending = words[1:] == ["desc"]
-        known = sorted(s for s in SCORE_COLUMNS if s in row.scores) or sorted(SCORE_COLUMNS)
-        if score not in SCORE_COLUMNS or len(words) > 2 or (len(words) == 2 and not descending):
+        chosen = row.metrics or list(metrics.METRICS)
+        known = [name for metric in chosen for name in metrics.SCORES[metric]]
+        if score not in known or len(words) > 2 or (len(words) == 2 and not descending):
             raise invalid_field(
                 "order_by",
                 f"{order_by!r}: use a score name, worst first, or the name and ` desc`, best "

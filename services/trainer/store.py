@@ -419,6 +419,7 @@ class TrainerStore:
             for v in versions:
                 s.execute(delete(EventRow).where(EventRow.version == v.name))
                 s.delete(v)
+            delete_evaluations(s, [name, *(v.name for v in versions)])
             s.delete(model)
         return list(versions)
 
@@ -500,6 +501,7 @@ class TrainerStore:
                     reason="VERSION_ACTIVE",
                 )
             s.execute(delete(EventRow).where(EventRow.version == name))
+            delete_evaluations(s, [name])
             s.delete(row)
             s.flush()
             refresh_latest_trained(s, row.model)
@@ -634,6 +636,14 @@ def requirements_of(
 ) -> Requirements:
     """A run's stored requirements (NULL, on runs from before they were stored: none)."""
     return Requirements(cuda=bool(cuda), gptq=bool(gptq), gpu_memory_gib=gpu_memory_gib or 0.0)
+
+
+def delete_evaluations(session: Session, parents: Sequence[str]) -> None:
+    """Deletes the evaluations of `parents` (versions, or models for their base model's) and
+    their results; one still running stops at its next write, which finds it gone."""
+    names = select(EvaluationRow.name).where(EvaluationRow.parent.in_(parents))
+    session.execute(delete(EvaluationResultRow).where(EvaluationResultRow.evaluation.in_(names)))
+    session.execute(delete(EvaluationRow).where(EvaluationRow.parent.in_(parents)))
 
 
 def refresh_latest_trained(session: Session, model: str) -> None:
