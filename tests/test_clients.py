@@ -599,3 +599,21 @@ def test_up_serves_on_the_ports_asked_for_and_refuses_impossible_ones(
     finally:
         assert cli_main(["down", "--home", str(home)]) == 0
     assert LocalCluster.attach(home) is None
+
+
+def test_up_says_which_worker_could_not_start_and_stops_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tiny = build_tiny_model(tmp_path / "tiny-llama")
+    monkeypatch.setenv("LORAFORGE_ENGINE", "transformers")
+    cluster = LocalCluster(
+        home=tmp_path / "home",
+        base_model=str(tiny),
+        ports={"dataset": 0, "trainer": 0, "predictor": 0},
+        extra_env={"LORAFORGE_CPU_THREADS": "many"},  # a setting only workers read
+    )
+    with pytest.raises(RuntimeError, match=r"the worker-1 worker exited \(2\).*many"):
+        cluster.start(timeout=300)
+    assert cluster.procs and all(  # nothing left running
+        p.popen is not None and p.popen.poll() is not None for p in cluster.procs.values()
+    )

@@ -200,12 +200,7 @@ class LocalCluster:
                 if check(f"127.0.0.1:{proc.port}"):
                     return
             if proc.popen is not None and proc.popen.poll() is not None:
-                lines = proc.log.read_text(errors="replace").strip().splitlines()
-                last = f": {lines[-1].strip()}" if lines else ""
-                raise RuntimeError(
-                    f"the {proc.name} service exited ({proc.popen.returncode}){last} "
-                    f"(its whole log: {proc.log})"
-                )
+                raise RuntimeError(_exit_line(proc, "service"))
             time.sleep(0.2)
         raise RuntimeError(
             f"the {proc.name} service did not start within {timeout:.0f}s; see {proc.log}"
@@ -274,6 +269,9 @@ class LocalCluster:
             )
             self._wait_ready(api, timeout)
             self._wait_ready(console, timeout)
+            for proc in self.procs.values():  # a worker that could not start is gone by now
+                if proc.name.startswith("worker") and not _alive(proc):
+                    raise RuntimeError(_exit_line(proc, "worker"))
         except BaseException:
             self.stop()
             raise
@@ -356,6 +354,14 @@ def _terminate(pid: int) -> None:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
+
+
+def _exit_line(proc: Proc, kind: str) -> str:
+    """One line on a process that exited: its code, its log's last line, where the log is."""
+    lines = proc.log.read_text(errors="replace").strip().splitlines()
+    last = f": {lines[-1].strip()}" if lines else ""
+    code = proc.popen.returncode if proc.popen is not None else "?"
+    return f"the {proc.name} {kind} exited ({code}){last} (its whole log: {proc.log})"
 
 
 def _alive(proc: Proc) -> bool:
