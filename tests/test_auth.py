@@ -9,6 +9,7 @@ with another app's key, with a read-only key, and on internal RPCs with user key
 from __future__ import annotations
 
 import asyncio
+import importlib
 import secrets
 import sqlite3
 import subprocess
@@ -45,17 +46,39 @@ from loraforge.trainer.v1 import trainer_service_pb2 as tpb
 from tests.support import REPO, ServiceProcess, channel, error_details, start_service, wait_until
 from tests.test_predictor_helpers import tiny_base
 
-SERVICES: dict[str, ServiceDescriptor] = {
-    "dataset": dpb.DESCRIPTOR.services_by_name["DatasetService"],
-    "auth": apb.DESCRIPTOR.services_by_name["AuthService"],
-    "trainer": tpb.DESCRIPTOR.services_by_name["TrainerService"],
-    "predictor": ppb.DESCRIPTOR.services_by_name["PredictorService"],
+# Where each service is hosted (the dataset process hosts AuthService), by its label.
+HOSTED = {
+    "loraforge.dataset.v1.DatasetService": ("dataset", "dataset"),
+    "loraforge.auth.v1.AuthService": ("auth", "dataset"),
+    "loraforge.trainer.v1.TrainerService": ("trainer", "trainer"),
+    "loraforge.predictor.v1.PredictorService": ("predictor", "predictor"),
 }
-# Where each service is hosted (the dataset process hosts AuthService).
-HOST = {"dataset": "dataset", "auth": "dataset", "trainer": "trainer", "predictor": "predictor"}
+
+
+def _generated_services() -> dict[str, ServiceDescriptor]:
+    """Every service of every generated proto module, by full name."""
+    root = REPO / "gen" / "loraforge"
+    found: dict[str, ServiceDescriptor] = {}
+    for path in sorted(root.rglob("*_pb2.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        module = importlib.import_module(".".join(("loraforge", *parts)))
+        for service in module.DESCRIPTOR.services_by_name.values():
+            found[service.full_name] = service
+    return found
+
+
+GENERATED = _generated_services()
+SERVICES: dict[str, ServiceDescriptor] = {
+    label: GENERATED[name] for name, (label, _) in HOSTED.items() if name in GENERATED
+}
+HOST = {label: host for label, host in HOSTED.values()}
 # Rules written as functions, and the request fields their apps come from.
+_TRAINER = "/loraforge.trainer.v1.TrainerService/"
 APP_FIELDS = {
-    "/loraforge.trainer.v1.TrainerService/CreateModelVersion": ("parent", "dataset_version"),
+    _TRAINER + "CreateModelVersion": ("parent", "dataset_version", "from_model_version"),
+    _TRAINER + "EstimateModelVersion": ("parent", "dataset_version", "from_model_version"),
+    _TRAINER + "CreateEvaluation": ("parent", "dataset_version"),
+    _TRAINER + "CompareEvaluations": ("evaluation", "other"),
     "/loraforge.predictor.v1.PredictorService/Predict": ("model",),
     "/loraforge.predictor.v1.PredictorService/PredictStream": ("model",),
 }
@@ -198,6 +221,25 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     finally:
         for service in reversed(started):
             service.stop()
+
+
+def test_every_generated_service_is_hosted_and_called_here() -> None:
+    assert set(GENERATED) == set(HOSTED), "a service this test does not know where to call"
+
+
+def test_every_rule_that_reads_apps_from_a_request_is_tested_across_apps() -> None:
+    """A rule written as a function names its fields in APP_FIELDS; the others name no app."""
+    for _, method in every_method():
+        path = path_of(method)
+        needs = POLICY[path].needs
+        if isinstance(needs, On) or path in APP_FIELDS:
+            continue
+        empty = GetMessageClass(method.input_type)()
+        try:
+            apps = {app for _, app in needs(empty)}
+        except InvalidArgument:
+            pytest.fail(f"{path} reads an app from its request: list its fields in APP_FIELDS")
+        assert apps <= {"*"}, path
 
 
 def test_every_rpc_of_every_service_has_an_access_rule() -> None:
