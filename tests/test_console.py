@@ -33,7 +33,7 @@ from loraforge.dataset.v1 import dataset_service_pb2 as dpb
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as dgrpc
 from loraforge.trainer.v1 import trainer_service_pb2 as tpb
 from loraforge.trainer.v1 import trainer_service_pb2_grpc as tgrpc
-from tests.support import REPO, ServiceProcess, channel, start_service, wait_until
+from tests.support import REPO, ServiceProcess, channel, free_port, start_service, wait_until
 from tests.test_predictor_helpers import tiny_base
 
 pytestmark = pytest.mark.slow
@@ -94,10 +94,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     try:
         dataset = start_service("loraforge.services.dataset", workdir)
         started.append(dataset)
+        # The trainer's evaluations call the predictor, which starts after it.
+        predictor_port = free_port()
         trainer = start_service(
             "loraforge.services.trainer",
             workdir,
-            args=["--dataset-address", dataset.address, "--watch-poll-seconds", "0.1"],
+            args=[
+                *("--dataset-address", dataset.address, "--watch-poll-seconds", "0.1"),
+                *("--predictor-address", f"127.0.0.1:{predictor_port}"),
+            ],
             # The operator's setting that lets runs name the tiny model built under `workdir`.
             env={"LORAFORGE_MODEL_ROOTS": f"tests={workdir}"},
         )
@@ -110,6 +115,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             args=[
                 *("--base-model", str(base), "--trainer-address", trainer.address),
                 *("--engine", "transformers", "--dtype", "float32", "--max-lora-rank", "8"),
+                *("--port", str(predictor_port)),
             ],
             timeout=300,
         )
@@ -563,6 +569,65 @@ def test_playground_stream_answers_base_and_tuned_with_the_same_params(
     )
     failures = [e["data"] for e in refused if e.get("event") == "failure"]
     assert failures and all("temperature" in f["fields"] for f in failures), refused
+
+
+def _trained_on(cluster: Cluster, version: str) -> str:
+    return (
+        cluster.trainer_stub()
+        .GetModelVersion(tpb.GetModelVersionRequest(name=version))
+        .model_version.dataset_version
+    )
+
+
+def test_a_version_and_the_base_model_are_evaluated_side_by_side(
+    cluster: Cluster, finished_run: str
+) -> None:
+    dstub = cluster.dataset_stub()
+    dstub.CreateDataset(dpb.CreateDatasetRequest(parent="apps/http", dataset_id="held"))
+    rows = "".join(
+        json.dumps({"prompt": f"{i}+{i}=", "completion": str(2 * i)}) + "\n" for i in range(20, 26)
+    )
+    header = dpb.UploadHeader(dataset="apps/http/datasets/held", file_name="held.jsonl")
+    dstub.UploadInputs(
+        iter([dpb.UploadInputsRequest(header=header), dpb.UploadInputsRequest(chunk=rows.encode())])
+    )
+    version = dstub.CreateDatasetVersion(
+        dpb.CreateDatasetVersionRequest(parent="apps/http/datasets/held")
+    ).dataset_version.name
+    with httpx.Client(base_url=cluster.url, timeout=60) as http:
+        trained_on = http.post(
+            f"/{finished_run}/evaluations",
+            data={"dataset_version": _trained_on(cluster, finished_run), "max_examples": "6"},
+        )
+        assert trained_on.status_code in (400, 409)
+        assert (
+            'id="eval_dataset_version-error" class="field-error" role="alert">' in trained_on.text
+        )
+        form = http.get(f"/{finished_run}/evaluations")
+        assert form.status_code == 200 and 'name="dataset_version"' in form.text
+        bad = http.post(
+            f"/{finished_run}/evaluations", data={"dataset_version": version, "max_examples": "x"}
+        )
+        assert bad.status_code == 400 and 'id="max_examples-error"' in bad.text
+        started = http.post(
+            f"/{finished_run}/evaluations",
+            data={"dataset_version": version, "max_examples": "6", "with_base": "on"},
+        )
+        assert started.status_code == 303, started.text
+        page_url = started.headers["location"]
+        assert page_url.startswith(f"/{finished_run}/evaluations/") and "vs=apps" in page_url
+
+        def both_done() -> bool:
+            text = http.get(page_url).text
+            assert "FAILED" not in text, text
+            return text.count(">SUCCEEDED<") == 2
+
+        assert wait_until(both_done, 180), "the evaluations did not end"
+        page = http.get(page_url).text
+        assert 'aria-label="Changed examples"' in page or 'data-testid="better">' in page
+        assert 'aria-label="Results"' in page and 'http-equiv="refresh"' not in page
+        listed = http.get(f"/{finished_run}/evaluations").text
+        assert listed.count("SUCCEEDED") == 2 and "base model" in listed
 
 
 def test_server_field_violations_show_at_their_fields(cluster: Cluster, finished_run: str) -> None:

@@ -24,6 +24,7 @@ from loraforge.predictor.v1 import predictor_service_pb2 as ppb
 from loraforge.predictor.v1 import predictor_service_pb2_grpc as pgrpc
 from loraforge.services.common.channels import aio_channel, bearer, security_from
 from loraforge.services.console.config import ConsoleConfig
+from loraforge.trainer.v1 import evaluation_pb2 as epb
 from loraforge.trainer.v1 import trainer_service_pb2 as tpb
 from loraforge.trainer.v1 import trainer_service_pb2_grpc as tgrpc
 
@@ -249,6 +250,44 @@ class Backend:
             raise ClientError.from_rpc(err) from None
         finally:
             call.cancel()
+
+    # Evaluation
+
+    async def create_evaluation(
+        self, parent: str, dataset_version: str, max_examples: int, prompt_like: str, key: str
+    ) -> epb.Evaluation:
+        """Scores `parent` (a version, or a model for its base model prompted like
+        `prompt_like`) on `dataset_version`; returns at once, RUNNING."""
+        request = epb.CreateEvaluationRequest(
+            parent=parent,
+            dataset_version=dataset_version,
+            max_examples=max_examples,
+            prompt_like=prompt_like,
+        )
+        return (await self.call(self.trainer.CreateEvaluation, request, key)).evaluation
+
+    async def evaluations(self, parent: str, key: str) -> list[epb.Evaluation]:
+        request = epb.ListEvaluationsRequest(parent=parent, page_size=PAGE_SIZE)
+        return await self.pages(self.trainer.ListEvaluations, request, "evaluations", key)
+
+    async def evaluation(self, name: str, key: str) -> epb.Evaluation:
+        request = epb.GetEvaluationRequest(name=name)
+        return (await self.call(self.trainer.GetEvaluation, request, key)).evaluation
+
+    async def results(
+        self, name: str, page_size: int, key: str
+    ) -> epb.ListEvaluationResultsResponse:
+        """An evaluation's first results, worst first by its primary score."""
+        request = epb.ListEvaluationResultsRequest(
+            parent=name, order_by="score", page_size=page_size
+        )
+        return await self.call(self.trainer.ListEvaluationResults, request, key)
+
+    async def compare(
+        self, name: str, other: str, page_size: int, key: str
+    ) -> epb.CompareEvaluationsResponse:
+        request = epb.CompareEvaluationsRequest(evaluation=name, other=other, page_size=page_size)
+        return await self.call(self.trainer.CompareEvaluations, request, key)
 
     # Prediction
 

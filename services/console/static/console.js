@@ -214,7 +214,7 @@ function runPage() {
     el.className = `state state-${state.toLowerCase()}`;
     if (code !== undefined) $("[data-code]").textContent = code;
     if (message !== undefined) $("[data-message]").textContent = message;
-    if (state === "TRAINED") { const t = $("[data-try]"); if (t) t.hidden = false; }
+    if (state === "TRAINED") for (const t of root.querySelectorAll("[data-try]")) t.hidden = false;
     if (["TRAINED", "FAILED", "CANCELLED"].includes(state)) { const c = $("[data-cancel]"); if (c) c.hidden = true; }
   };
   const cell = (row, text) => { const td = document.createElement("td"); td.textContent = text; row.appendChild(td); };
