@@ -10,6 +10,7 @@ being right everywhere, and the comparison lists the examples that changed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -28,8 +29,10 @@ from loraforge.client.client import Client, ClientError
 from loraforge.dataset.v1 import dataset_service_pb2 as dpb
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as dpb_grpc
 from loraforge.predictor.v1 import predictor_service_pb2 as ppb
-from loraforge.services.common.errors import NotFound
+from loraforge.predictor.v1 import predictor_service_pb2_grpc as ppb_grpc
+from loraforge.services.common.errors import InvalidArgument, NotFound
 from loraforge.services.trainer.evaluation_store import EvaluationStore, Result
+from loraforge.services.trainer.predictor_client import AsyncPredictorClient
 from loraforge.services.trainer.store import EvaluationRow, TrainerStore
 from loraforge.trainer.v1 import evaluation_pb2 as epb
 from loraforge.trainer.v1 import trainer_service_pb2 as tpb
@@ -452,6 +455,13 @@ def test_the_client_and_the_cli_evaluate_show_results_worst_first_and_compare(
     assert compared.returncode == 0, compared.stderr
     counts = client.compare_evaluations(base.name, "lab/parity/v1/cli")
     assert f"{counts.better_count} better" in compared.stdout and "better" in compared.stdout
+    based = _cli(
+        stack,
+        *("eval", "create", "lab/parity", "--base", "--dataset-version", held_out),
+        *("--metric", "exact_match", "--max-tokens", "3", "--id", "clibase"),
+    )
+    assert based.returncode == 0, based.stderr
+    assert "prompted like" in based.stdout and stack.version in based.stdout  # by default
     listed = _cli(stack, "eval", "list", "lab/parity/v1")
     assert "cli" in listed.stdout and tuned.name.rsplit("/", 1)[-1] in listed.stdout
 
@@ -487,3 +497,38 @@ def test_deleting_a_model_deletes_its_evaluations_and_their_results(tmp_path: Pa
     # The task of a running evaluation finds it gone at its next write, and stops.
     assert not evaluations.add_results(name, [result], time.time() + 30)
     store.engine.dispose()
+
+
+def test_the_predictor_client_retries_a_predictor_that_is_briefly_unavailable() -> None:
+    class FlakyPredictor(ppb_grpc.PredictorServiceServicer):
+        calls = 0
+
+        async def Predict(
+            self, request: ppb.PredictRequest, context: grpc.aio.ServicerContext
+        ) -> ppb.PredictResponse:
+            FlakyPredictor.calls += 1
+            if FlakyPredictor.calls == 1:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+            if request.inputs[0].text == "refuse":
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "params.top_p: too big")
+            return ppb.PredictResponse(
+                outputs=[ppb.PredictOutput(id=i.id, text=i.text.upper()) for i in request.inputs]
+            )
+
+    async def scenario() -> None:
+        server = grpc.aio.server()
+        ppb_grpc.add_PredictorServiceServicer_to_server(FlakyPredictor(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        client = AsyncPredictorClient(f"127.0.0.1:{port}")
+        try:
+            outputs = await client.predict("", ["a", "b"], ppb.InferenceParams())
+            assert [o.text for o in outputs] == ["A", "B"] and FlakyPredictor.calls == 2
+            with pytest.raises(InvalidArgument) as info:  # not retried: it would fail again
+                await client.predict("", ["refuse"], ppb.InferenceParams())
+            assert "params.top_p" in info.value.message and FlakyPredictor.calls == 3
+        finally:
+            await client.close()
+            await server.stop(None)
+
+    asyncio.run(scenario())

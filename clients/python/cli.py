@@ -959,10 +959,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
         params: dict[str, Any] = _parse_inference_params(args.inference_param) or {}
         if args.max_tokens is not None:
             params["max_tokens"] = args.max_tokens
+        prompt_like = "" if args.prompt_like == "none" else args.prompt_like
         if args.base:
             target = model_name(args.target)
             if "/versions/" in target:
                 raise UsageError("with --base, name the model (APP/MODEL), not a version")
+            if not args.prompt_like:  # compare like with like: the prompts training used
+                prompt_like = client.model(target).pb.latest_trained_version
         else:
             target = full_version_name(args.target)
         evaluation = client.create_evaluation(
@@ -971,7 +974,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             metrics=args.metric,
             inference_params=params or None,
             max_examples=args.max_examples,
-            prompt_like=args.prompt_like,
+            prompt_like=prompt_like,
             evaluation_id=args.id,
         )
         console.print(f"evaluating: {escape(evaluation.name)}")
@@ -1369,7 +1372,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompt-like",
         default="",
         metavar="APP/MODEL/VERSION",
-        help="with --base: prompt the base model the way this version was trained",
+        help="with --base: prompt the base model the way this version was trained (default: "
+        "the model's latest trained version; `none`: the prompts as they are)",
     )
     e.add_argument(
         "--metric",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Sequence
 
 import grpc
@@ -17,7 +19,12 @@ from loraforge.services.common.errors import (
     Unavailable,
 )
 
+log = logging.getLogger("loraforge.trainer.predictor_client")
 INFO_TIMEOUT = 30.0
+# A predictor that restarts or is briefly overloaded costs a few retries, not the evaluation:
+# Predict is safe to repeat. Waits between tries, in seconds.
+RETRY_WAITS = (1.0, 2.0, 4.0, 8.0, 16.0)
+RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 # One batch of generations: long enough for a slow CPU engine, bounded so a predictor
 # that stops answering fails the evaluation instead of holding it.
 PREDICT_TIMEOUT = 1800.0
@@ -92,8 +99,19 @@ class AsyncPredictorClient:
             inputs=[pb.PredictInput(text=p, id=str(i)) for i, p in enumerate(prompts)],
             params=params,
         )
-        try:
-            response = await self._stub().Predict(request, timeout=PREDICT_TIMEOUT)
-        except grpc.RpcError as err:
-            raise _translate(err, self.address) from None
-        return list(response.outputs)
+        waits = iter(RETRY_WAITS)
+        while True:
+            try:
+                response = await self._stub().Predict(request, timeout=PREDICT_TIMEOUT)
+                return list(response.outputs)
+            except grpc.RpcError as err:
+                wait = next(waits, None) if err.code() in RETRIED else None
+                if wait is None:
+                    raise _translate(err, self.address) from None
+                log.info(
+                    "the predictor at %s answered %s; retrying in %.0fs",
+                    self.address,
+                    err.code().name,
+                    wait,
+                )
+                await asyncio.sleep(wait)
