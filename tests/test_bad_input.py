@@ -46,6 +46,7 @@ PARENTS: dict[str, dict[str, str]] = {
     "TrainerService.ListModels": {"parent": APP},
     "TrainerService.ListModelVersions": {"parent": MODEL},
     "TrainerService.GetModelVersionLogs": {"name": f"{MODEL}/versions/v1"},
+    "TrainerService.ListCheckpoints": {"parent": f"{MODEL}/versions/v1"},
 }
 OTHER_PARENTS = {
     APP: "apps/other",

@@ -672,6 +672,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     params["dataset_version"] = dataset_version
     merge(params, _parse_set(args.set))
     model.update_params(**params)
+    if args.estimate:
+        _print_estimate(model.estimate(from_model_version=args.from_version))
+        return
     version_id = model.train(
         version_id=args.id, request_id=args.request_id, from_model_version=args.from_version
     )
@@ -680,6 +683,26 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.no_watch:
         return
     follow(client, version_name, plot=args.plot)
+
+
+def _print_estimate(e: tpb.EstimateModelVersionResponse) -> None:
+    table = Table(show_header=False, title="estimate (nothing queued)")
+    table.add_row("examples", f"{e.examples_kept:,} of {e.examples_total:,} kept")
+    for code, count in sorted(e.dropped_by_code.items()):
+        table.add_row("dropped", f"{count:,} {escape(code)}")
+    table.add_row("split", f"{e.train_examples:,} train, {e.eval_examples:,} eval")
+    table.add_row("steps", f"{e.steps:,} ({e.epochs:.2f} epochs)")
+    table.add_row("tokens", f"{e.total_tokens:,} ({e.tokens_per_epoch:,} per epoch)")
+    if e.HasField("estimated_time"):
+        table.add_row("time", _duration(e.estimated_time.ToTimedelta().total_seconds()))
+    table.add_row("calibration", escape(e.calibration))
+    table.add_row(
+        "peak memory",
+        f"{e.estimated_peak_memory_bytes / 2**30:.2f} GiB on a {e.worker_kind} worker",
+    )
+    console.print(table)
+    for d in e.dropped[:10]:
+        console.print(f"  {escape(d.code)}: {escape(d.reason)}", highlight=False)
 
 
 @dataclass
@@ -1322,6 +1345,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="queue one run per id: running the command again with it returns that run",
     )
     p.add_argument("--no-watch", action="store_true", help="return once queued")
+    p.add_argument(
+        "--estimate",
+        action="store_true",
+        help="print what the run would train on, its steps, time and memory; queue nothing",
+    )
     p.add_argument(
         "--from-version",
         default="",

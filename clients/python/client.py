@@ -1155,6 +1155,31 @@ class Model:
         resp = _retrying(lambda: self.client.trainer.CreateModelVersion(request))
         return resp.model_version.name.rsplit("/", 1)[-1]
 
+    def estimate(
+        self, dataset_version: Any = None, *, from_model_version: str = ""
+    ) -> tpb.EstimateModelVersionResponse:
+        """What `train` with the same arguments would do, without queueing anything: the
+        examples kept and dropped and why, tokens, steps, time and peak memory."""
+        if self.template is None:
+            raise ClientError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "no template chosen: call get_params(template=...) first",
+            )
+        if dataset_version is not None:
+            self.dataset_version = getattr(dataset_version, "name", dataset_version)
+        changed = struct_pb2.Struct()
+        changed.update(overrides(self.params, self._defaults))
+        request = tpb.EstimateModelVersionRequest(
+            parent=self.name,
+            template=self.template,
+            dataset_version=self.dataset_version,
+            param_overrides=changed,
+            from_model_version=(
+                version_or_checkpoint_name(from_model_version) if from_model_version else ""
+            ),
+        )
+        return _call(self.client.trainer.EstimateModelVersion, request)
+
     def version_name(self, version_id: str) -> str:
         """The full name of one of this model's versions, from its id or a full name."""
         return (

@@ -192,6 +192,22 @@ class Source:
 
 
 @dataclass(frozen=True)
+class Plan:
+    """A run's checked parameters, before anything is created (`Runs.plan`)."""
+
+    template: tpl.Template
+    params: TrainingParams
+    loadable: str  # what the base model's name resolves to
+    needs: Requirements
+    source: Source | None
+    overrides: dict[str, Any]  # the request's, on top of the source's when it continues one
+
+    @property
+    def needs_cuda(self) -> bool:
+        return self.needs.cuda
+
+
+@dataclass(frozen=True)
 class NewRun:
     """What a client asks for when it creates a run; field names are the request's."""
 
@@ -225,12 +241,10 @@ class Runs:
         self.pending_reference_seconds = pending_reference_seconds
         self.workers = Workers(store, clock)
 
-    async def create(self, new: NewRun) -> Run:
-        """Validates, references the dataset version, queues the run. Idempotent on `request_id`."""
+    async def plan(self, new: NewRun) -> Plan:
+        """Checks what a run would train (template, parameters, data, base model, what it
+        continues from) without creating anything: `create` and estimates start here."""
         parent = parse_name(new.parent, MODEL, "parent")
-        version_id = validate_id(new.version_id, "version_id") if new.version_id else new_id("v")
-        check_text(new.description, "description", MAX_DESCRIPTION_CHARS)
-        check_request_id(new.request_id, "request_id")
         check_json(new.param_overrides, "param_overrides")
         template_name, overrides = new.template, new.param_overrides
         source: Source | None = None
@@ -257,6 +271,17 @@ class Runs:
             check_compatible(source.name, source.trained_on, source.run.params, params, loadable)
         await asyncio.to_thread(tpl.check_base_model, loadable)
         await asyncio.to_thread(self.store.get_model, new.parent)
+        return Plan(template, params, loadable, needs, source, dict(overrides))
+
+    async def create(self, new: NewRun) -> Run:
+        """Validates, references the dataset version, queues the run. Idempotent on `request_id`."""
+        parse_name(new.parent, MODEL, "parent")
+        version_id = validate_id(new.version_id, "version_id") if new.version_id else new_id("v")
+        check_text(new.description, "description", MAX_DESCRIPTION_CHARS)
+        check_request_id(new.request_id, "request_id")
+        plan = await self.plan(new)
+        template, params, source, needs = plan.template, plan.params, plan.source, plan.needs
+        overrides = plan.overrides
         if new.request_id:
             existing = await self._by_request_id(new.parent, new.request_id)
             if existing is not None:

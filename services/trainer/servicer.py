@@ -26,6 +26,7 @@ from loraforge.services.predictor.protos import params_from_proto, params_to_pro
 from loraforge.services.trainer import templates as tpl
 from loraforge.services.trainer.checkpoints import CheckpointInfo, list_checkpoints
 from loraforge.services.trainer.dataset_client import AsyncDatasetClient
+from loraforge.services.trainer.estimates import Estimate, Estimates
 from loraforge.services.trainer.evaluation_servicer import EvaluationRpcs
 from loraforge.services.trainer.evaluations import Evaluations
 from loraforge.services.trainer.exports import Archive, Exports
@@ -271,6 +272,7 @@ class TrainerServicer(EvaluationRpcs, pb_grpc.TrainerServiceServicer):
         self.datasets = datasets
         self.watch_poll_seconds = watch_poll_seconds
         self.exports = exports or Exports(store, runs.objects, runs.models)
+        self.estimates = Estimates(store, runs, datasets)
         # Without one, evaluations are refused: there is no predictor to generate with.
         self.evaluations = evaluations or Evaluations(store, datasets, AsyncPredictorClient(""))
 
@@ -472,10 +474,27 @@ class TrainerServicer(EvaluationRpcs, pb_grpc.TrainerServiceServicer):
             events=[event_to_pb(e) for e in events], next_page_token=token
         )
 
+    async def EstimateModelVersion(
+        self, request: pb.EstimateModelVersionRequest, context: Context
+    ) -> pb.EstimateModelVersionResponse:
+        estimate = await self.estimates.estimate(
+            NewRun(
+                parent=request.parent,
+                version_id="",
+                template=request.template,
+                dataset_version=request.dataset_version,
+                param_overrides=_overrides(request.param_overrides),
+                from_model_version=request.from_model_version,
+            )
+        )
+        return estimate_to_pb(estimate)
+
     async def ListCheckpoints(
         self, request: pb.ListCheckpointsRequest, context: Context
     ) -> pb.ListCheckpointsResponse:
         parse_name(request.parent, VERSION, "parent")
+        # A bad token is the request's mistake whether or not the version exists.
+        decode_token(request.page_token, "ListCheckpoints", "", ("offset",), filter=request.parent)
         await asyncio.to_thread(self.store.get_version, request.parent)
         found = await asyncio.to_thread(list_checkpoints, self.runs.objects, request.parent)
         chunk, token = offset_page(
@@ -501,6 +520,29 @@ class TrainerServicer(EvaluationRpcs, pb_grpc.TrainerServiceServicer):
         finally:
             chunks.close()
             await asyncio.to_thread(archive.close)
+
+
+def estimate_to_pb(e: Estimate) -> pb.EstimateModelVersionResponse:
+    message = pb.EstimateModelVersionResponse(
+        examples_total=e.examples_total,
+        examples_kept=e.examples_kept,
+        examples_dropped=e.examples_total - e.examples_kept,
+        dropped_by_code=e.dropped_by_code,
+        dropped=[pb.DroppedExample(input=d.input, code=d.code, reason=d.reason) for d in e.dropped],
+        train_examples=e.train_examples,
+        eval_examples=e.eval_examples,
+        tokens_per_epoch=e.tokens_per_epoch,
+        total_tokens=e.total_tokens,
+        steps=e.steps,
+        epochs=e.epochs,
+        tokens_per_second=e.tokens_per_second,
+        calibration=e.calibration,
+        estimated_peak_memory_bytes=e.peak_memory_bytes,
+        worker_kind=e.worker_kind,
+    )
+    if e.seconds is not None:
+        message.estimated_time.FromNanoseconds(int(e.seconds * 1e9))
+    return message
 
 
 def checkpoint_to_pb(c: CheckpointInfo) -> pb.Checkpoint:

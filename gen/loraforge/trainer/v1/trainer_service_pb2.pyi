@@ -1947,3 +1947,193 @@ class ListCheckpointsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListCheckpointsResponse: _TypeAlias = ListCheckpointsResponse  # noqa: Y015
+
+@_typing.final
+class EstimateModelVersionRequest(_message.Message):
+    """Request for EstimateModelVersion: the fields of a CreateModelVersionRequest
+    that decide what a run does.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    DATASET_VERSION_FIELD_NUMBER: _builtins.int
+    PARAM_OVERRIDES_FIELD_NUMBER: _builtins.int
+    FROM_MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """The model: `apps/{app}/models/{model}`."""
+    template: _builtins.str
+    """The template: `templates/{template}` (may be empty with
+    `from_model_version`).
+    """
+    dataset_version: _builtins.str
+    """The dataset version to train on."""
+    from_model_version: _builtins.str
+    """The version or checkpoint to continue from, as for CreateModelVersion."""
+    @_builtins.property
+    def param_overrides(self) -> _struct_pb2.Struct:
+        """Parameter overrides, as for CreateModelVersion."""
+
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        template: _builtins.str = ...,
+        dataset_version: _builtins.str = ...,
+        param_overrides: _struct_pb2.Struct | None = ...,
+        from_model_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["param_overrides", b"param_overrides"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_version", b"dataset_version", "from_model_version", b"from_model_version", "param_overrides", b"param_overrides", "parent", b"parent", "template", b"template"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EstimateModelVersionRequest: _TypeAlias = EstimateModelVersionRequest  # noqa: Y015
+
+@_typing.final
+class DroppedExample(_message.Message):
+    """An example the run would not train on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUT_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    input: _builtins.str
+    """The input: `apps/{app}/datasets/{dataset}/inputs/{input}` and its line."""
+    code: _builtins.str
+    """Why, as a code: `TOO_LONG` or `NO_TOKENS`."""
+    reason: _builtins.str
+    """Why, in words."""
+    def __init__(
+        self,
+        *,
+        input: _builtins.str = ...,
+        code: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "input", b"input", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DroppedExample: _TypeAlias = DroppedExample  # noqa: Y015
+
+@_typing.final
+class EstimateModelVersionResponse(_message.Message):
+    """Response for EstimateModelVersion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class DroppedByCodeEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    EXAMPLES_TOTAL_FIELD_NUMBER: _builtins.int
+    EXAMPLES_KEPT_FIELD_NUMBER: _builtins.int
+    EXAMPLES_DROPPED_FIELD_NUMBER: _builtins.int
+    DROPPED_BY_CODE_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    TRAIN_EXAMPLES_FIELD_NUMBER: _builtins.int
+    EVAL_EXAMPLES_FIELD_NUMBER: _builtins.int
+    TOKENS_PER_EPOCH_FIELD_NUMBER: _builtins.int
+    TOTAL_TOKENS_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    EPOCHS_FIELD_NUMBER: _builtins.int
+    ESTIMATED_TIME_FIELD_NUMBER: _builtins.int
+    TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    CALIBRATION_FIELD_NUMBER: _builtins.int
+    ESTIMATED_PEAK_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    WORKER_KIND_FIELD_NUMBER: _builtins.int
+    examples_total: _builtins.int
+    """Examples in the dataset version."""
+    examples_kept: _builtins.int
+    """Examples the run would train or evaluate on."""
+    examples_dropped: _builtins.int
+    """Examples it would drop."""
+    train_examples: _builtins.int
+    """Kept examples in the training split."""
+    eval_examples: _builtins.int
+    """Kept examples held out for evaluation."""
+    tokens_per_epoch: _builtins.int
+    """Tokens of one pass over the training split."""
+    total_tokens: _builtins.int
+    """Tokens the whole run trains on."""
+    steps: _builtins.int
+    """Optimizer steps the run takes."""
+    epochs: _builtins.float
+    """Passes over the training split (fractional with `max_steps`)."""
+    tokens_per_second: _builtins.float
+    """The training throughput the estimate assumes, in tokens per second."""
+    calibration: _builtins.str
+    """Where that throughput comes from, in words (the runs it was measured
+    on), or why there is none.
+    """
+    estimated_peak_memory_bytes: _builtins.int
+    """Estimated peak memory of training, in bytes: the weights, the LoRA
+    parameters with their gradients and optimizer state, and the
+    activations of one batch.
+    """
+    worker_kind: _builtins.str
+    """The kind of worker the estimate is for: `cpu` or `cuda`."""
+    @_builtins.property
+    def dropped_by_code(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Dropped examples by code."""
+
+    @_builtins.property
+    def dropped(self) -> _containers.RepeatedCompositeFieldContainer[Global___DroppedExample]:
+        """The first 100 dropped examples, in dataset order."""
+
+    @_builtins.property
+    def estimated_time(self) -> _duration_pb2.Duration:
+        """Estimated wall time of the run on a worker (training plus loading);
+        unset when no TRAINED run of this base model on this kind of worker
+        has measured a throughput yet.
+        """
+
+    def __init__(
+        self,
+        *,
+        examples_total: _builtins.int = ...,
+        examples_kept: _builtins.int = ...,
+        examples_dropped: _builtins.int = ...,
+        dropped_by_code: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        dropped: _abc.Iterable[Global___DroppedExample] | None = ...,
+        train_examples: _builtins.int = ...,
+        eval_examples: _builtins.int = ...,
+        tokens_per_epoch: _builtins.int = ...,
+        total_tokens: _builtins.int = ...,
+        steps: _builtins.int = ...,
+        epochs: _builtins.float = ...,
+        estimated_time: _duration_pb2.Duration | None = ...,
+        tokens_per_second: _builtins.float = ...,
+        calibration: _builtins.str = ...,
+        estimated_peak_memory_bytes: _builtins.int = ...,
+        worker_kind: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["estimated_time", b"estimated_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "dropped", b"dropped", "dropped_by_code", b"dropped_by_code", "epochs", b"epochs", "estimated_peak_memory_bytes", b"estimated_peak_memory_bytes", "estimated_time", b"estimated_time", "eval_examples", b"eval_examples", "examples_dropped", b"examples_dropped", "examples_kept", b"examples_kept", "examples_total", b"examples_total", "steps", b"steps", "tokens_per_epoch", b"tokens_per_epoch", "tokens_per_second", b"tokens_per_second", "total_tokens", b"total_tokens", "train_examples", b"train_examples", "worker_kind", b"worker_kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EstimateModelVersionResponse: _TypeAlias = EstimateModelVersionResponse  # noqa: Y015

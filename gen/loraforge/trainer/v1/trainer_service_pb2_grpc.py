@@ -129,6 +129,11 @@ class TrainerServiceStub:
                 request_serializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ListCheckpointsRequest.SerializeToString,
                 response_deserializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ListCheckpointsResponse.FromString,
                 _registered_method=True)
+        self.EstimateModelVersion = channel.unary_unary(
+                '/loraforge.trainer.v1.TrainerService/EstimateModelVersion',
+                request_serializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.EstimateModelVersionRequest.SerializeToString,
+                response_deserializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.EstimateModelVersionResponse.FromString,
+                _registered_method=True)
         self.CreateEvaluation = channel.unary_unary(
                 '/loraforge.trainer.v1.TrainerService/CreateEvaluation',
                 request_serializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.CreateEvaluationRequest.SerializeToString,
@@ -316,6 +321,22 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EstimateModelVersion(self, request, context):
+        """Dry-runs a training run without queueing it: checks the request as
+        CreateModelVersion does, tokenizes the dataset version with the
+        template's tokenizer, and returns the examples kept and dropped (and
+        why), the tokens and steps, and the wall time and peak memory the run
+        would take on the kind of worker that would run it. The time comes from
+        the throughput of the latest TRAINED runs of the same base model on
+        that kind of worker, so every real run refreshes it. A run whose dropped
+        examples exceed `invalid_data_tolerance_percent` is FAILED_PRECONDITION
+        `INVALID_DATA_TOLERANCE_EXCEEDED` (the seed's 21119), before anything
+        is queued.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateEvaluation(self, request, context):
         """Evaluations (messages in evaluation.proto): a model version, or the
         base model, scored on a held-out dataset version through the predictor.
@@ -470,6 +491,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.ListCheckpoints,
                     request_deserializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ListCheckpointsRequest.FromString,
                     response_serializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'EstimateModelVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.EstimateModelVersion,
+                    request_deserializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.EstimateModelVersionRequest.FromString,
+                    response_serializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.EstimateModelVersionResponse.SerializeToString,
             ),
             'CreateEvaluation': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateEvaluation,
@@ -997,6 +1023,33 @@ class TrainerService:
             '/loraforge.trainer.v1.TrainerService/ListCheckpoints',
             loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ListCheckpointsRequest.SerializeToString,
             loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EstimateModelVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraforge.trainer.v1.TrainerService/EstimateModelVersion',
+            loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.EstimateModelVersionRequest.SerializeToString,
+            loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.EstimateModelVersionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -99,6 +99,18 @@ class TrainerServiceStub:
     from by its name. Older ones are removed as newer ones are saved
     (`trainer_config.save_total_limit`).
     """
+    EstimateModelVersion: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.EstimateModelVersionRequest, _trainer_service_pb2.EstimateModelVersionResponse]
+    """Dry-runs a training run without queueing it: checks the request as
+    CreateModelVersion does, tokenizes the dataset version with the
+    template's tokenizer, and returns the examples kept and dropped (and
+    why), the tokens and steps, and the wall time and peak memory the run
+    would take on the kind of worker that would run it. The time comes from
+    the throughput of the latest TRAINED runs of the same base model on
+    that kind of worker, so every real run refreshes it. A run whose dropped
+    examples exceed `invalid_data_tolerance_percent` is FAILED_PRECONDITION
+    `INVALID_DATA_TOLERANCE_EXCEEDED` (the seed's 21119), before anything
+    is queued.
+    """
     CreateEvaluation: _grpc.UnaryUnaryMultiCallable[_evaluation_pb2.CreateEvaluationRequest, _evaluation_pb2.CreateEvaluationResponse]
     """Evaluations (messages in evaluation.proto): a model version, or the
     base model, scored on a held-out dataset version through the predictor.
@@ -203,6 +215,18 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     adapter then, with epoch and losses) that can be exported or continued
     from by its name. Older ones are removed as newer ones are saved
     (`trainer_config.save_total_limit`).
+    """
+    EstimateModelVersion: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.EstimateModelVersionRequest, _trainer_service_pb2.EstimateModelVersionResponse]  # type: ignore[assignment]
+    """Dry-runs a training run without queueing it: checks the request as
+    CreateModelVersion does, tokenizes the dataset version with the
+    template's tokenizer, and returns the examples kept and dropped (and
+    why), the tokens and steps, and the wall time and peak memory the run
+    would take on the kind of worker that would run it. The time comes from
+    the throughput of the latest TRAINED runs of the same base model on
+    that kind of worker, so every real run refreshes it. A run whose dropped
+    examples exceed `invalid_data_tolerance_percent` is FAILED_PRECONDITION
+    `INVALID_DATA_TOLERANCE_EXCEEDED` (the seed's 21119), before anything
+    is queued.
     """
     CreateEvaluation: _aio.UnaryUnaryMultiCallable[_evaluation_pb2.CreateEvaluationRequest, _evaluation_pb2.CreateEvaluationResponse]  # type: ignore[assignment]
     """Evaluations (messages in evaluation.proto): a model version, or the
@@ -413,6 +437,24 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         adapter then, with epoch and losses) that can be exported or continued
         from by its name. Older ones are removed as newer ones are saved
         (`trainer_config.save_total_limit`).
+        """
+
+    @_abc_1.abstractmethod
+    def EstimateModelVersion(
+        self,
+        request: _trainer_service_pb2.EstimateModelVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_service_pb2.EstimateModelVersionResponse, _abc.Awaitable[_trainer_service_pb2.EstimateModelVersionResponse]]:
+        """Dry-runs a training run without queueing it: checks the request as
+        CreateModelVersion does, tokenizes the dataset version with the
+        template's tokenizer, and returns the examples kept and dropped (and
+        why), the tokens and steps, and the wall time and peak memory the run
+        would take on the kind of worker that would run it. The time comes from
+        the throughput of the latest TRAINED runs of the same base model on
+        that kind of worker, so every real run refreshes it. A run whose dropped
+        examples exceed `invalid_data_tolerance_percent` is FAILED_PRECONDITION
+        `INVALID_DATA_TOLERANCE_EXCEEDED` (the seed's 21119), before anything
+        is queued.
         """
 
     @_abc_1.abstractmethod
