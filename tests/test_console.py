@@ -720,6 +720,81 @@ def test_plain_http_off_loopback_is_refused() -> None:
     assert done.returncode == 2 and "refusing to serve plain HTTP" in done.stdout
 
 
+# ----- a dropped watch, against a fake trainer --------------------------------------------
+
+
+class _BreakingTrainer(tgrpc.TrainerServiceServicer):
+    """A run whose first watch breaks off after 3 events (as when the trainer restarts);
+    a watch that resumes gets the rest, the last one TRAINED. Records every `after_sequence`."""
+
+    NAME = "apps/a/models/m/versions/v"
+
+    def __init__(self) -> None:
+        self.afters: list[int] = []
+        self.done = threading.Event()
+
+    def GetModelVersion(self, request: tpb.GetModelVersionRequest, context: Any) -> Any:
+        state = (
+            tpb.MODEL_VERSION_STATE_TRAINED
+            if self.done.is_set()
+            else (tpb.MODEL_VERSION_STATE_TRAINING)
+        )
+        return tpb.GetModelVersionResponse(
+            model_version=tpb.ModelVersion(name=self.NAME, state=state, template=TEMPLATE)
+        )
+
+    def WatchModelVersion(self, request: tpb.WatchModelVersionRequest, context: Any) -> Any:
+        self.afters.append(request.after_sequence)
+        last = 3 if request.after_sequence == 0 else 6
+        for sequence in range(request.after_sequence + 1, last + 1):
+            event = tpb.TrainingEvent(sequence=sequence)
+            if sequence == 6:
+                self.done.set()
+                event.state_change.state = tpb.MODEL_VERSION_STATE_TRAINED
+            else:
+                event.progress.CopyFrom(
+                    tpb.TrainingProgress(step=sequence, total_steps=5, train_loss=1.0 / sequence)
+                )
+            yield tpb.WatchModelVersionResponse(event=event)
+        if last == 3:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the trainer is restarting")
+
+
+def test_a_dropped_watch_resumes_in_the_browser_without_gap_or_duplicate(tmp_path: Path) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing (scripts/setup.sh installs Debian's chromium)")
+    fake = _BreakingTrainer()
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(4))
+    tgrpc.add_TrainerServiceServicer_to_server(fake, server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    console = start_service(
+        "loraforge.services.console",
+        tmp_path,
+        args=[
+            *("--dataset-address", address, "--trainer-address", address),
+            *("--predictor-address", address),
+        ],
+    )
+    try:
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(
+                executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+            )
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{console.port}/{fake.NAME}")
+            state = page.get_by_role("status", name="Run state")
+            sync_api.expect(state).to_have_text("TRAINED", timeout=30_000)
+            points = page.get_by_role("table", name="Progress points", include_hidden=True)
+            assert _sequences(points.locator("tbody tr")) == [1, 2, 3, 4, 5]
+            browser.close()
+        assert fake.afters == [0, 3], "resumed right after the last event it had"
+    finally:
+        console.stop()
+        server.stop(0)
+
+
 # ----- sign-in, against a fake dataset service that records what it is sent ----------------
 
 

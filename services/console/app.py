@@ -739,14 +739,27 @@ class Console:
         after = events.resume_point(
             request.headers.get("last-event-id"), request.query_params.get("after")
         )
-        await self.backend.model_version(name, ctx.key)  # a refusal before the stream starts
+        stream = self._event_stream(name, after, ctx.key)
+        try:
+            await self.backend.model_version(name, ctx.key)  # a refusal before the stream starts
+        except ClientError as err:
+            if err.code != grpc.StatusCode.UNAVAILABLE:
+                raise
+            stream = self._retry_soon()  # an error status would stop the browser's retries
         return StreamingResponse(
-            self._event_stream(name, after, ctx.key),
+            stream,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
+    @staticmethod
+    async def _retry_soon() -> AsyncIterator[bytes]:
+        yield b"retry: 1000\n: the trainer is not reachable; reconnect\n\n"
+
     async def _event_stream(self, name: str, after: int, key: str) -> AsyncIterator[bytes]:
+        """The watch as SSE. It ends with an `end` event once the run is over; a watch that
+        breaks off before (the trainer restarting, unreachable) just ends the response, so
+        the browser reconnects in a second with `Last-Event-ID` and nothing is lost."""
         yield b"retry: 1000\n\n"
         queue: asyncio.Queue[tpb.TrainingEvent | ClientError | None] = asyncio.Queue()
 
@@ -767,12 +780,20 @@ class Console:
                     yield b": keep-alive\n\n"
                     continue
                 if item is None:
-                    mv = await self.backend.model_version(name, key)
-                    yield events.sse(
-                        {"state": _state(mv), "status_code": mv.status_code}, event="end"
-                    )
+                    try:
+                        mv = await self.backend.model_version(name, key)
+                    except ClientError:
+                        return  # the browser reconnects and asks again
+                    if _state(mv) in FINAL_STATES:
+                        yield events.sse(
+                            {"state": _state(mv), "status_code": mv.status_code}, event="end"
+                        )
+                    # Otherwise the watch broke off early (a trainer restarting): the browser
+                    # reconnects with the last id it saw, and the watch resumes after it.
                     return
                 if isinstance(item, ClientError):
+                    if item.code == grpc.StatusCode.UNAVAILABLE:
+                        return  # the browser reconnects, as for a watch that broke off
                     yield events.sse(
                         {"message": error_text(item), "code": item.code.name}, event="failure"
                     )
