@@ -532,3 +532,29 @@ def test_the_predictor_client_retries_a_predictor_that_is_briefly_unavailable() 
             await server.stop(None)
 
     asyncio.run(scenario())
+
+
+def test_a_cancelled_evaluation_stops_and_keeps_the_results_it_has(stack: Stack) -> None:
+    created = stack.evaluations.CreateEvaluation(
+        epb.CreateEvaluationRequest(
+            parent=stack.version,
+            dataset_version=HELD_OUT,
+            metrics=["exact_match"],
+            params=ppb.InferenceParams(max_tokens=32, stop=["never"]),
+        )
+    ).evaluation
+    cancelled = stack.evaluations.CancelEvaluation(
+        epb.CancelEvaluationRequest(name=created.name)
+    ).evaluation
+    assert cancelled.state == epb.EVALUATION_STATE_CANCELLED
+    final = _finished(stack.evaluations, created.name)  # the stream ends at once
+    assert final.state == epb.EVALUATION_STATE_CANCELLED and not final.scores
+    results = stack.evaluations.ListEvaluationResults(
+        epb.ListEvaluationResultsRequest(parent=created.name)
+    )
+    assert results.total_size == final.progress.completed_examples < 20
+    code, reason, _ = _refused(
+        lambda: stack.evaluations.CancelEvaluation(epb.CancelEvaluationRequest(name=created.name))
+    )
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "EVALUATION_NOT_RUNNING")
+    stack.evaluations.DeleteEvaluation(epb.DeleteEvaluationRequest(name=created.name))

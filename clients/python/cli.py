@@ -1020,6 +1020,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
             raise RunEnded(f"{escape(evaluation.name)}: {escape(evaluation.failure_reason)}")
     elif args.eval_command == "show":
         _print_evaluation(client.evaluation(args.evaluation))
+    elif args.eval_command == "cancel":
+        cancelled = client.cancel_evaluation(args.evaluation)
+        console.print(f"{escape(cancelled.name)}: {_evaluation_state(cancelled)}")
     elif args.eval_command == "list":
         table = Table("evaluation", "state", "dataset version", "scores")
         for e in client.list_evaluations(args.target):
@@ -1418,6 +1421,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-wait", action="store_true", help="return once started")
     e = evals.add_parser("show", help="an evaluation's state, scores and confusion matrix")
     e.add_argument("evaluation", help="APP/MODEL/VERSION/EVALUATION, APP/MODEL/EVALUATION or full")
+    e = evals.add_parser("cancel", help="stop a running evaluation (its results so far stay)")
+    e.add_argument("evaluation")
     e = evals.add_parser("list", help="the evaluations of a model version or a model's base model")
     e.add_argument("target", help="APP/MODEL/VERSION or APP/MODEL")
     e = evals.add_parser("results", help="per-example results as a table")

@@ -707,6 +707,10 @@ class Client:
             "evaluations",
         )
 
+    def cancel_evaluation(self, name: str) -> epb.Evaluation:
+        request = epb.CancelEvaluationRequest(name=evaluation_name(name))
+        return _call(self.trainer.CancelEvaluation, request).evaluation
+
     def watch_evaluation(self, name: str, timeout: float = 3600) -> Iterator[epb.Evaluation]:
         """The evaluation now, then each time its progress or state changes, until it ends."""
         request = epb.WatchEvaluationRequest(name=evaluation_name(name))

@@ -139,4 +139,5 @@ POLICY: dict[str, Rule] = {
     TRAINER + "WatchEvaluation": rule(on(READ, "name")),
     TRAINER + "ListEvaluationResults": rule(on(READ, "parent")),
     TRAINER + "CompareEvaluations": rule(_compare),
+    TRAINER + "CancelEvaluation": rule(on(TRAIN, "name")),
 }

@@ -15,7 +15,13 @@ from loraforge.predictor.v1 import predictor_service_pb2 as ppb
 from loraforge.services.common.pages import decode_token, encode_token
 from loraforge.services.common.resources import page_size, timestamp
 from loraforge.services.common.rpc import Context
-from loraforge.services.trainer.evaluation_store import FAILED, RUNNING, SUCCEEDED, Result
+from loraforge.services.trainer.evaluation_store import (
+    CANCELLED,
+    FAILED,
+    RUNNING,
+    SUCCEEDED,
+    Result,
+)
 from loraforge.services.trainer.evaluations import (
     Evaluations,
     NewEvaluation,
@@ -30,6 +36,7 @@ STATES = {
     RUNNING: pb.EVALUATION_STATE_RUNNING,
     SUCCEEDED: pb.EVALUATION_STATE_SUCCEEDED,
     FAILED: pb.EVALUATION_STATE_FAILED,
+    CANCELLED: pb.EVALUATION_STATE_CANCELLED,
 }
 
 
@@ -129,6 +136,12 @@ class EvaluationRpcs(pb_grpc.TrainerServiceServicer):
     ) -> pb.DeleteEvaluationResponse:
         await self.evaluations.delete(request.name)
         return pb.DeleteEvaluationResponse()
+
+    async def CancelEvaluation(
+        self, request: pb.CancelEvaluationRequest, context: Context
+    ) -> pb.CancelEvaluationResponse:
+        row = await self.evaluations.cancel(request.name)
+        return pb.CancelEvaluationResponse(evaluation=evaluation_to_pb(row))
 
     async def WatchEvaluation(
         self, request: pb.WatchEvaluationRequest, context: Context

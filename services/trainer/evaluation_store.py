@@ -22,6 +22,7 @@ from loraforge.services.trainer.store import EvaluationResultRow, EvaluationRow,
 RUNNING = "RUNNING"
 SUCCEEDED = "SUCCEEDED"
 FAILED = "FAILED"
+CANCELLED = "CANCELLED"
 # Score names and the result columns that hold them.
 SCORE_COLUMNS = {
     "exact_match": EvaluationResultRow.exact_match,
@@ -183,6 +184,16 @@ class EvaluationStore:
 
     def fail(self, name: str, reason: str) -> bool:
         return self._end(name, state=FAILED, failure_reason=reason)
+
+    def cancel(self, name: str) -> EvaluationRow:
+        """Moves a RUNNING evaluation to CANCELLED; its task stops at its next write."""
+        if not self._end(name, state=CANCELLED):
+            row = self.get(name)
+            raise FailedPrecondition(
+                f"evaluation {name!r} is {row.state}; only a RUNNING evaluation can be cancelled",
+                reason="EVALUATION_NOT_RUNNING",
+            )
+        return self.get(name)
 
     def _end(self, name: str, **values: Any) -> bool:
         return self.start(name, end_time=time.time(), lease_expires=None, **values)

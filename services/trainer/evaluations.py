@@ -297,6 +297,14 @@ class Evaluations:
         check_name(name)
         await asyncio.to_thread(self.store.delete, name)
 
+    async def cancel(self, name: str) -> EvaluationRow:
+        check_name(name)
+        row = await asyncio.to_thread(self.store.cancel, name)
+        task = self._tasks.get(name)
+        if task is not None:  # ours: stop now rather than at the next batch
+            task.cancel()
+        return row
+
     async def results(
         self, name: str, order_by: str, offset: int, size: int
     ) -> tuple[list[Result], int]:

@@ -35,6 +35,8 @@ class _EvaluationStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Evalu
     """Every example is scored; `scores` holds the aggregates."""
     EVALUATION_STATE_FAILED: _EvaluationState.ValueType  # 3
     """Stopped; `failure_reason` says why."""
+    EVALUATION_STATE_CANCELLED: _EvaluationState.ValueType  # 4
+    """Stopped by CancelEvaluation; the results stored so far stay listable."""
 
 class EvaluationState(_EvaluationState, metaclass=_EvaluationStateEnumTypeWrapper):
     """Evaluations: a fine-tuned model version, or the base model, scored on a
@@ -53,6 +55,8 @@ EVALUATION_STATE_SUCCEEDED: EvaluationState.ValueType  # 2
 """Every example is scored; `scores` holds the aggregates."""
 EVALUATION_STATE_FAILED: EvaluationState.ValueType  # 3
 """Stopped; `failure_reason` says why."""
+EVALUATION_STATE_CANCELLED: EvaluationState.ValueType  # 4
+"""Stopped by CancelEvaluation; the results stored so far stay listable."""
 Global___EvaluationState: _TypeAlias = EvaluationState  # noqa: Y015
 
 class _Change:
@@ -619,6 +623,52 @@ class DeleteEvaluationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteEvaluationResponse: _TypeAlias = DeleteEvaluationResponse  # noqa: Y015
+
+@_typing.final
+class CancelEvaluationRequest(_message.Message):
+    """Request for CancelEvaluation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The evaluation's name."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelEvaluationRequest: _TypeAlias = CancelEvaluationRequest  # noqa: Y015
+
+@_typing.final
+class CancelEvaluationResponse(_message.Message):
+    """Response for CancelEvaluation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVALUATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def evaluation(self) -> Global___Evaluation:
+        """The evaluation, CANCELLED."""
+
+    def __init__(
+        self,
+        *,
+        evaluation: Global___Evaluation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelEvaluationResponse: _TypeAlias = CancelEvaluationResponse  # noqa: Y015
 
 @_typing.final
 class WatchEvaluationRequest(_message.Message):

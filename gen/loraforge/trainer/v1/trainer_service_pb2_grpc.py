@@ -169,6 +169,11 @@ class TrainerServiceStub:
                 request_serializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.CompareEvaluationsRequest.SerializeToString,
                 response_deserializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.CompareEvaluationsResponse.FromString,
                 _registered_method=True)
+        self.CancelEvaluation = channel.unary_unary(
+                '/loraforge.trainer.v1.TrainerService/CancelEvaluation',
+                request_serializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.CancelEvaluationRequest.SerializeToString,
+                response_deserializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.CancelEvaluationResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -399,6 +404,14 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelEvaluation(self, request, context):
+        """Stops a RUNNING evaluation; it ends CANCELLED with the results stored so
+        far. Refused with FAILED_PRECONDITION once it has ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -531,6 +544,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.CompareEvaluations,
                     request_deserializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.CompareEvaluationsRequest.FromString,
                     response_serializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.CompareEvaluationsResponse.SerializeToString,
+            ),
+            'CancelEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelEvaluation,
+                    request_deserializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.CancelEvaluationRequest.FromString,
+                    response_serializer=loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.CancelEvaluationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1239,6 +1257,33 @@ class TrainerService:
             '/loraforge.trainer.v1.TrainerService/CompareEvaluations',
             loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.CompareEvaluationsRequest.SerializeToString,
             loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.CompareEvaluationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraforge.trainer.v1.TrainerService/CancelEvaluation',
+            loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.CancelEvaluationRequest.SerializeToString,
+            loraforge_dot_trainer_dot_v1_dot_evaluation__pb2.CancelEvaluationResponse.FromString,
             options,
             channel_credentials,
             insecure,

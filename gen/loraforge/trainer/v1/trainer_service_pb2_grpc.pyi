@@ -145,6 +145,10 @@ class TrainerServiceStub:
     by example: how many got better, worse or stayed the same by a metric,
     and the examples that changed.
     """
+    CancelEvaluation: _grpc.UnaryUnaryMultiCallable[_evaluation_pb2.CancelEvaluationRequest, _evaluation_pb2.CancelEvaluationResponse]
+    """Stops a RUNNING evaluation; it ends CANCELLED with the results stored so
+    far. Refused with FAILED_PRECONDITION once it has ended.
+    """
 
 @_typing.type_check_only
 class TrainerServiceAsyncStub(TrainerServiceStub):
@@ -261,6 +265,10 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     """Compares two SUCCEEDED evaluations of the same dataset version example
     by example: how many got better, worse or stayed the same by a metric,
     and the examples that changed.
+    """
+    CancelEvaluation: _aio.UnaryUnaryMultiCallable[_evaluation_pb2.CancelEvaluationRequest, _evaluation_pb2.CancelEvaluationResponse]  # type: ignore[assignment]
+    """Stops a RUNNING evaluation; it ends CANCELLED with the results stored so
+    far. Refused with FAILED_PRECONDITION once it has ended.
     """
 
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -531,6 +539,16 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         """Compares two SUCCEEDED evaluations of the same dataset version example
         by example: how many got better, worse or stayed the same by a metric,
         and the examples that changed.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelEvaluation(
+        self,
+        request: _evaluation_pb2.CancelEvaluationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_evaluation_pb2.CancelEvaluationResponse, _abc.Awaitable[_evaluation_pb2.CancelEvaluationResponse]]:
+        """Stops a RUNNING evaluation; it ends CANCELLED with the results stored so
+        far. Refused with FAILED_PRECONDITION once it has ended.
         """
 
 def add_TrainerServiceServicer_to_server(servicer: TrainerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
