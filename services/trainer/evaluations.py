@@ -6,6 +6,7 @@ predictor for each prompt's completion in batches (greedy unless told otherwise;
 version answers with the prompt format it was trained with, as the predictor applies
 it), scores each completion against the example's own (`metrics.py`, in a thread) and
 stores results batch by batch, so progress is visible and nothing waits for the end.
+`cancel` ends one early (CANCELLED): every write of its task is fenced on RUNNING.
 
 A running evaluation holds a lease that its task renews. A trainer that stops gracefully
 fails its running evaluations at once; one that dies leaves leases that expire, and any
