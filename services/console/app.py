@@ -618,10 +618,11 @@ class Console:
         template_name: str = "",
     ) -> Response:
         app = f"apps/{request.path_params['app']}"
-        templates, versions, models = await asyncio.gather(
+        templates, versions, models, model_types = await asyncio.gather(
             self.backend.templates(ctx.key),
             self.backend.app_versions(app, ctx.key),
             self.backend.models(app, ctx.key),
+            self.backend.model_types(ctx.key),
         )
         chosen = template_name or request.query_params.get("template", "")
         if not chosen:
@@ -646,6 +647,7 @@ class Console:
             general=general or [],
             versions=ready,
             models=models,
+            model_types=model_types,
             field_json=lambda f: json.dumps(
                 {
                     "kind": f.kind,
@@ -681,7 +683,9 @@ class Console:
                 request, ctx, values=values, errors=errors, status=400, template_name=template.name
             )
         try:
-            model = await self.backend.ensure_model(app, model_id, ctx.key)
+            model = await self.backend.ensure_model(
+                app, model_id, template.model_type or values.get("model_type", ""), ctx.key
+            )
             run = await self.backend.train(
                 model.name,
                 template.name,

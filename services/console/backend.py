@@ -166,6 +166,10 @@ class Backend:
 
     # Training
 
+    async def model_types(self, key: str) -> list[tpb.ModelType]:
+        request = tpb.ListModelTypesRequest(page_size=PAGE_SIZE)
+        return await self.pages(self.trainer.ListModelTypes, request, "model_types", key)
+
     async def templates(self, key: str) -> list[tpb.Template]:
         request = tpb.ListTemplatesRequest(page_size=PAGE_SIZE)
         return await self.pages(self.trainer.ListTemplates, request, "templates", key)
@@ -178,15 +182,17 @@ class Backend:
         request = tpb.ListModelsRequest(parent=app, page_size=PAGE_SIZE)
         return await self.pages(self.trainer.ListModels, request, "models", key)
 
-    async def ensure_model(self, app: str, model_id: str, key: str) -> tpb.Model:
-        """The model `model_id` of `app`, created when it does not exist yet."""
+    async def ensure_model(self, app: str, model_id: str, model_type: str, key: str) -> tpb.Model:
+        """The model `model_id` of `app`, created (of `model_type`) when it does not exist."""
         try:
             request = tpb.GetModelRequest(name=f"{app}/models/{model_id}")
             return (await self.call(self.trainer.GetModel, request, key)).model
         except ClientError as err:
             if err.code != grpc.StatusCode.NOT_FOUND:
                 raise
-        create = tpb.CreateModelRequest(parent=app, model_id=model_id, model=tpb.Model())
+        create = tpb.CreateModelRequest(
+            parent=app, model_id=model_id, model=tpb.Model(model_type=model_type)
+        )
         try:
             return (await self.call(self.trainer.CreateModel, create, key)).model
         except ClientError as err:
