@@ -1017,7 +1017,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
                 evaluation = update
         _print_evaluation(evaluation)
         if evaluation.state != epb.EVALUATION_STATE_SUCCEEDED:
-            raise RunEnded(f"{escape(evaluation.name)}: {escape(evaluation.failure_reason)}")
+            why = f": {evaluation.failure_reason}" if evaluation.failure_reason else ""
+            raise RunEnded(escape(f"{evaluation.name} {_evaluation_state(evaluation)}{why}"))
     elif args.eval_command == "show":
         _print_evaluation(client.evaluation(args.evaluation))
     elif args.eval_command == "cancel":

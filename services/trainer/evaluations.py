@@ -422,16 +422,23 @@ class Evaluations:
         row = await asyncio.to_thread(self.store.get, name)
         examples: list[tuple[int, dpb.Input]] = []
         skipped = 0
+        capped = False
         async for index, inp in _enumerate(
             self.datasets.read_inputs(row.dataset_version, "dataset_version")
         ):
             if inp.example.kind == dpb.EXAMPLE_KIND_TEXT:
                 skipped += 1
                 continue
-            if row.max_examples and len(examples) >= row.max_examples:
+            if len(examples) >= (row.max_examples or MAX_EXAMPLES):
+                capped = not row.max_examples
                 break
             examples.append((index, inp))
         warnings = list(row.warnings)
+        if capped:
+            warnings.append(
+                f"the dataset version has more than {MAX_EXAMPLES} prompt-completion examples; "
+                f"the first {MAX_EXAMPLES} were scored"
+            )
         if skipped:
             warnings.append(
                 f"{skipped} plain-text example(s) have no completion to compare with and "
