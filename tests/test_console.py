@@ -282,8 +282,9 @@ def test_form_fields_parse_by_type_and_send_only_what_changed() -> None:
 
 
 def test_resume_points_histograms_and_clocks() -> None:
-    from loraforge.services.console.app import clock, histogram
+    from loraforge.services.console.data import histogram
     from loraforge.services.console.events import resume_point, sse
+    from loraforge.services.console.web import clock
 
     assert resume_point("41", "7") == 41 and resume_point(None, "7") == 7
     assert resume_point("junk", None) == 0
