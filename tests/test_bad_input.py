@@ -15,6 +15,7 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.message_factory import GetMessageClass
 
 from loraforge.dataset.v1 import dataset_service_pb2 as dpb
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as dpb_grpc
@@ -47,6 +48,12 @@ PARENTS: dict[str, dict[str, str]] = {
     "TrainerService.ListModelVersions": {"parent": MODEL},
     "TrainerService.GetModelVersionLogs": {"name": f"{MODEL}/versions/v1"},
     "TrainerService.ListCheckpoints": {"parent": f"{MODEL}/versions/v1"},
+    "TrainerService.ListEvaluations": {"parent": MODEL},
+    "TrainerService.ListEvaluationResults": {"parent": f"{MODEL}/evaluations/e1"},
+    "TrainerService.CompareEvaluations": {
+        "evaluation": f"{MODEL}/evaluations/e1",
+        "other": f"{MODEL}/evaluations/e2",
+    },
 }
 OTHER_PARENTS = {
     APP: "apps/other",
@@ -196,7 +203,7 @@ def test_every_paginated_method_refuses_crafted_page_tokens_as_invalid_argument(
         if key != "DatasetService.ListDatasets":
             tokens["ListDatasets' real token"] = real
         for label, token in tokens.items():
-            request = getattr(module, method.input_type.name)(**fields, page_token=token)
+            request = GetMessageClass(method.input_type)(**fields, page_token=token)
             with pytest.raises(grpc.RpcError) as info:
                 getattr(stub, method.name)(request)
             code, message = info.value.code(), info.value.details() or ""
