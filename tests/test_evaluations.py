@@ -34,6 +34,7 @@ from loraforge.services.common.errors import InvalidArgument, NotFound
 from loraforge.services.trainer.evaluation_store import EvaluationStore, Result
 from loraforge.services.trainer.predictor_client import AsyncPredictorClient
 from loraforge.services.trainer.store import EvaluationRow, TrainerStore
+from loraforge.services.trainer.training import TrainingExample
 from loraforge.trainer.v1 import evaluation_pb2 as epb
 from loraforge.trainer.v1 import trainer_service_pb2 as tpb
 from loraforge.trainer.v1 import trainer_service_pb2_grpc as tpb_grpc
@@ -558,3 +559,78 @@ def test_a_cancelled_evaluation_stops_and_keeps_the_results_it_has(stack: Stack)
     )
     assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "EVALUATION_NOT_RUNNING")
     stack.evaluations.DeleteEvaluation(epb.DeleteEvaluationRequest(name=created.name))
+
+
+def test_reference_perplexity_is_transformers_own_loss_on_the_completion_tokens(
+    tmp_path: Path,
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from loraforge.services.trainer import templates as tpl
+    from loraforge.services.trainer.perplexity import reference_nll
+    from loraforge.services.trainer.training import load_tokenizer, tokenize_examples
+
+    base = tiny_base(tmp_path)
+    params = tpl.resolve_params(
+        tpl.get_template(TEMPLATE),
+        {
+            "model_config": {"pretrained_model_name_or_path": str(base)},
+            "tokenizer_config": {"model_max_length": 24, "prompt_format": "raw"},
+        },
+    )
+    examples = [("Sentiment: 3 rose?", " positive"), ("Sentiment: 4 rose?", " negative")]
+    too_long = ("Sentiment: " + "rose " * 40, " positive")
+    found = reference_nll(params, None, [*examples, too_long])
+    assert found[2] is None
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(params)
+    features, _ = tokenize_examples(tokenizer, [TrainingExample(*e) for e in examples], params)
+    for feature, measured in zip(features, found, strict=False):
+        assert measured is not None
+        nll, tokens = measured
+        with torch.inference_mode():
+            loss = model(
+                input_ids=torch.tensor([feature.input_ids]),
+                labels=torch.tensor([feature.labels]),
+            ).loss
+        assert tokens == sum(label != -100 for label in feature.labels)
+        assert nll / tokens == pytest.approx(float(loss), rel=1e-5)
+
+
+def test_the_fine_tuned_version_gives_its_reference_completions_a_lower_perplexity(
+    stack: Stack,
+) -> None:
+    asked = {"dataset_version": HELD_OUT, "metrics": ["perplexity"], "params": PARAMS}
+    tuned = _finished(
+        stack.evaluations,
+        stack.evaluations.CreateEvaluation(
+            epb.CreateEvaluationRequest(parent=stack.version, **asked)  # type: ignore[arg-type]
+        ).evaluation.name,
+    )
+    base = _finished(
+        stack.evaluations,
+        stack.evaluations.CreateEvaluation(
+            epb.CreateEvaluationRequest(parent=MODEL, prompt_like=stack.version, **asked)  # type: ignore[arg-type]
+        ).evaluation.name,
+    )
+    for done in (tuned, base):
+        assert done.state == epb.EVALUATION_STATE_SUCCEEDED, done.failure_reason
+        assert done.primary_score == "perplexity" and done.scores["perplexity"] >= 1.0
+    assert tuned.scores["perplexity"] < base.scores["perplexity"]
+    worst_first = _results(stack, tuned.name, "score")
+    values = [r.scores["perplexity"] for r in worst_first]
+    assert values == sorted(values, reverse=True)  # lower is better: highest first
+    comparison = stack.evaluations.CompareEvaluations(
+        epb.CompareEvaluationsRequest(evaluation=base.name, other=tuned.name)
+    )
+    assert comparison.better_count > comparison.worse_count
+    assert all(
+        (c.change == epb.CHANGE_BETTER) == (c.other_score < c.score) for c in comparison.changes
+    )
+    code, _, fields = _refused(
+        lambda: stack.evaluations.CreateEvaluation(
+            epb.CreateEvaluationRequest(parent=MODEL, **asked)  # type: ignore[arg-type]
+        )
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "prompt_like" in fields

@@ -165,7 +165,11 @@ async def run(config: TrainerConfig) -> None:
     )
     predictor = AsyncPredictorClient(config.predictor_address, security_from(config))
     evaluations = Evaluations(
-        store, datasets, predictor, lease_seconds=config.evaluation_lease_seconds
+        store,
+        datasets,
+        predictor,
+        lease_seconds=config.evaluation_lease_seconds,
+        objects=objects,
     )
     servicer = TrainerServicer(
         store,

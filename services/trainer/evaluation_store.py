@@ -31,6 +31,7 @@ SCORE_COLUMNS = {
     "rouge2": EvaluationResultRow.rouge2,
     "rougeL": EvaluationResultRow.rouge_l,
     "bleu": EvaluationResultRow.bleu,
+    "perplexity": EvaluationResultRow.perplexity,
 }
 
 

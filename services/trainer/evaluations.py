@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import sys
+import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from google.protobuf import json_format
@@ -33,8 +37,10 @@ from loraforge.services.common.errors import (
     FailedPrecondition,
     FieldViolation,
     LoraforgeError,
+    Unavailable,
     invalid_field,
 )
+from loraforge.services.common.objectstore import ObjectStore, copy_store_to_tree
 from loraforge.services.common.prompts import PromptFormat
 from loraforge.services.common.resources import new_id, parse_name, validate_id
 from loraforge.services.predictor.params import validate_params
@@ -50,7 +56,7 @@ from loraforge.services.trainer.evaluation_store import (
 )
 from loraforge.services.trainer.predictor_client import AsyncPredictorClient
 from loraforge.services.trainer.runs import MODEL, VERSION
-from loraforge.services.trainer.store import EvaluationRow, State, TrainerStore
+from loraforge.services.trainer.store import EvaluationRow, State, TrainerStore, VersionRow
 
 log = logging.getLogger("loraforge.trainer.evaluations")
 
@@ -58,6 +64,8 @@ VERSION_EVALUATION = VERSION + "/evaluations/{evaluation}"
 BASE_EVALUATION = MODEL + "/evaluations/{evaluation}"
 DATASET_VERSION = "apps/{app}/datasets/{dataset}/versions/{version}"
 MAX_EXAMPLES = 100_000
+# Perplexity loads the model in a process of its own (`perplexity.py`), bounded in time.
+PERPLEXITY_TIMEOUT = 3600.0
 BATCH_SIZE = 16  # inputs per Predict call (the predictor takes up to 128)
 INTERRUPTED = (
     "interrupted: the trainer running this evaluation stopped before it finished; "
@@ -87,7 +95,7 @@ class Comparison:
     unchanged: int
     scores: dict[str, float]
     other_scores: dict[str, float]
-    # (result in the first, result in the other, delta), worse ones first.
+    # (result in the first, result in the other, gain: positive is better), worse ones first.
     changes: list[tuple[Result, Result, float]]
 
 
@@ -126,6 +134,7 @@ class Evaluations:
         lease_seconds: float = 30.0,
         batch_size: int = BATCH_SIZE,
         clock: Callable[[], float] = time.time,
+        objects: ObjectStore | None = None,
     ) -> None:
         self.trainer_store = store
         self.store = EvaluationStore(store)
@@ -134,6 +143,8 @@ class Evaluations:
         self.lease_seconds = lease_seconds
         self.batch_size = batch_size
         self.clock = clock
+        # Where adapters are, for perplexity; without it perplexity is refused.
+        self.objects = objects
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._reaper: asyncio.Task[None] | None = None
 
@@ -188,6 +199,8 @@ class Evaluations:
         if not params.HasField("temperature"):
             params.temperature = 0.0  # greedy, whatever the model's defaults say
         warnings: list[str] = []
+        if metrics.PERPLEXITY in chosen:
+            self._check_perplexity(of_version, new.prompt_like)
         asked = await self.datasets.get_ready_version(new.dataset_version, "dataset_version")
         if of_version:
             if new.prompt_like:
@@ -238,6 +251,20 @@ class Evaluations:
 
         task.add_done_callback(forget)
         return row
+
+    def _check_perplexity(self, of_version: bool, prompt_like: str) -> None:
+        if self.objects is None:
+            raise FailedPrecondition(
+                "this trainer has no object store to read adapters from, so it cannot measure "
+                "perplexity; choose other metrics",
+                reason="PERPLEXITY_UNAVAILABLE",
+            )
+        if not of_version and not prompt_like:
+            raise invalid_field(
+                "prompt_like",
+                "is required for the base model's perplexity: the version whose prompt format "
+                "and tokenization the reference completions are measured with",
+            )
 
     async def _version_of(self, new: NewEvaluation) -> Any:
         parse_name(new.prompt_like, VERSION, "prompt_like")
@@ -320,16 +347,17 @@ class Evaluations:
         if not words:
             return "", False
         score = row.primary_score if words[0] == "score" else words[0]
-        descending = words[1:] == ["desc"]
+        best_first = words[1:] == ["desc"]
         chosen = row.metrics or list(metrics.METRICS)
         known = [name for metric in chosen for name in metrics.SCORES[metric]]
-        if score not in known or len(words) > 2 or (len(words) == 2 and not descending):
+        if score not in known or len(words) > 2 or (len(words) == 2 and not best_first):
             raise invalid_field(
                 "order_by",
                 f"{order_by!r}: use a score name, worst first, or the name and ` desc`, best "
                 f"first (`score` is the primary one); this evaluation has {', '.join(known)}",
             )
-        return score, descending
+        # Worst first is ascending, but for perplexity, where lower is better.
+        return score, best_first != (score in metrics.LOWER_IS_BETTER)
 
     async def compare(self, name: str, other: str, score: str) -> Comparison:
         first = await self.get(name)
@@ -369,7 +397,11 @@ class Evaluations:
             match = theirs.get(mine.index)
             if match is None or match.input_name != mine.input_name:
                 continue
-            delta = match.scores.get(score, 0.0) - mine.scores.get(score, 0.0)
+            if score not in mine.scores or score not in match.scores:
+                continue  # e.g. too long for perplexity
+            delta = match.scores[score] - mine.scores[score]
+            if score in metrics.LOWER_IS_BETTER:
+                delta = -delta  # the gain: positive is better
             if abs(delta) < 1e-9:
                 unchanged += 1
                 continue
@@ -468,13 +500,24 @@ class Evaluations:
         ):
             return  # deleted or failed meanwhile
         scorer = metrics.Scorer(chosen, labels=labels)
+        likelihoods: list[tuple[float, int] | None] = [None] * len(examples)
+        if metrics.PERPLEXITY in chosen:
+            likelihoods = await self._likelihoods(row, examples)
+            too_long = likelihoods.count(None)
+            if too_long:
+                warnings.append(
+                    f"perplexity: {too_long} example(s) are longer than the version's "
+                    "model_max_length and have none"
+                )
         params = json_format.ParseDict(row.params, ppb.InferenceParams())
         for start in range(0, len(examples), self.batch_size):
             batch = examples[start : start + self.batch_size]
             outputs = await self.predictor.predict(
                 row.model_version, [inp.example.prompt for _, inp in batch], params
             )
-            results = await asyncio.to_thread(_score, scorer, batch, outputs)
+            results = await asyncio.to_thread(
+                _score, scorer, batch, outputs, likelihoods[start : start + self.batch_size]
+            )
             stored = await asyncio.to_thread(
                 self.store.add_results, name, results, self.clock() + self.lease_seconds
             )
@@ -494,6 +537,58 @@ class Evaluations:
         )
         log.info("evaluation %s succeeded: %s", name, aggregates)
 
+    async def _likelihoods(
+        self, row: EvaluationRow, examples: Sequence[tuple[int, dpb.Input]]
+    ) -> list[tuple[float, int] | None]:
+        """The reference completions' (nll, tokens) under the evaluated model, by teacher
+        forcing in a process of its own; None for an example too long to measure."""
+        version = await asyncio.to_thread(
+            self.trainer_store.get_version, row.model_version or row.prompt_like
+        )
+        with tempfile.TemporaryDirectory(prefix="loraforge-perplexity-") as scratch:
+            folder = Path(scratch)
+            await asyncio.to_thread(_write_inputs, folder, version, examples)
+            args = [
+                *("--params", str(folder / "params.json")),
+                *("--examples", str(folder / "examples.jsonl")),
+                *("--out", str(folder / "out.jsonl")),
+                *("--base-model", version.base_model),
+            ]
+            if row.model_version:  # the version's own adapter; the base model has none
+                assert self.objects is not None
+                await asyncio.to_thread(
+                    copy_store_to_tree, self.objects, version.adapter_prefix, folder / "adapter"
+                )
+                args += ["--adapter", str(folder / "adapter")]
+            proc = await asyncio.create_subprocess_exec(
+                *(sys.executable, "-m", "loraforge.services.trainer.perplexity", *args),
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            try:
+                _, err = await asyncio.wait_for(proc.communicate(), PERPLEXITY_TIMEOUT)
+            except BaseException:  # timed out, or the evaluation was cancelled
+                proc.kill()
+                await proc.wait()
+                raise
+            if proc.returncode != 0:
+                lines = err.decode(errors="replace").strip().splitlines()
+                why = lines[-1] if lines else f"exit status {proc.returncode}"
+                raise Unavailable(f"measuring perplexity failed: {why}")
+            text = await asyncio.to_thread((folder / "out.jsonl").read_text)
+            found = [json.loads(line) for line in text.splitlines()]
+        return [None if f is None else (float(f["nll"]), int(f["tokens"])) for f in found]
+
+
+def _write_inputs(
+    folder: Path, version: VersionRow, examples: Sequence[tuple[int, dpb.Input]]
+) -> None:
+    (folder / "params.json").write_text(json.dumps(version.params))
+    with open(folder / "examples.jsonl", "w") as out:
+        for _, inp in examples:
+            row = {"prompt": inp.example.prompt, "completion": inp.example.completion}
+            out.write(json.dumps(row) + "\n")
+
 
 async def _enumerate(items: AsyncIterator[dpb.Input]) -> AsyncIterator[tuple[int, dpb.Input]]:
     index = 0
@@ -506,10 +601,11 @@ def _score(
     scorer: metrics.Scorer,
     batch: list[tuple[int, dpb.Input]],
     outputs: list[ppb.PredictOutput],
+    likelihoods: list[tuple[float, int] | None],
 ) -> list[Result]:
     results = []
-    for (index, inp), out in zip(batch, outputs, strict=True):
-        scored = scorer.score(out.text, inp.example.completion)
+    for (index, inp), out, likelihood in zip(batch, outputs, likelihoods, strict=True):
+        scored = scorer.score(out.text, inp.example.completion, likelihood)
         results.append(
             Result(
                 index=index,

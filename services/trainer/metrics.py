@@ -10,6 +10,7 @@ confusion matrix.
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections import Counter
@@ -25,7 +26,10 @@ EXACT_MATCH = "exact_match"
 LABEL_ACCURACY = "label_accuracy"
 ROUGE = "rouge"
 BLEU = "bleu"
-METRICS = (EXACT_MATCH, LABEL_ACCURACY, ROUGE, BLEU)
+PERPLEXITY = "perplexity"
+METRICS = (EXACT_MATCH, LABEL_ACCURACY, ROUGE, BLEU, PERPLEXITY)
+# Scores where lower is better; for the others higher is.
+LOWER_IS_BETTER = frozenset({PERPLEXITY})
 ROUGE_SCORES = ("rouge1", "rouge2", "rougeL")
 # The score each metric contributes per example, and the one results sort by.
 SCORES = {
@@ -33,8 +37,15 @@ SCORES = {
     LABEL_ACCURACY: (LABEL_ACCURACY,),
     ROUGE: ROUGE_SCORES,
     BLEU: (BLEU,),
+    PERPLEXITY: (PERPLEXITY,),
 }
-PRIMARY = {EXACT_MATCH: EXACT_MATCH, LABEL_ACCURACY: LABEL_ACCURACY, ROUGE: "rougeL", BLEU: BLEU}
+PRIMARY = {
+    EXACT_MATCH: EXACT_MATCH,
+    LABEL_ACCURACY: LABEL_ACCURACY,
+    ROUGE: "rougeL",
+    BLEU: BLEU,
+    PERPLEXITY: PERPLEXITY,
+}
 OTHER_LABEL = "(other)"
 # Completions count as labels when each is this short and there are few distinct ones.
 MAX_LABEL_WORDS = 4
@@ -50,8 +61,9 @@ def normalize(text: str) -> str:
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
-def all_score_names() -> tuple[str, ...]:
-    return tuple(name for metric in METRICS for name in SCORES[metric])
+def perplexity(nll: float, tokens: int) -> float:
+    """exp of the mean negative log-likelihood per token (nats)."""
+    return math.exp(nll / tokens) if tokens else math.inf
 
 
 def check_metrics(metrics: Sequence[str], field_name: str = "metrics") -> list[str]:
@@ -124,6 +136,9 @@ class Scorer:
     references: list[str] = field(default_factory=list)
     sums: Counter[str] = field(default_factory=Counter)
     confusion: Counter[tuple[str, str]] = field(default_factory=Counter)
+    # Perplexity: the summed negative log-likelihood and token count over all examples.
+    nll: float = 0.0
+    tokens: int = 0
 
     def __post_init__(self) -> None:
         self._rouge = (
@@ -136,7 +151,10 @@ class Scorer:
     def primary(self) -> str:
         return PRIMARY[self.metrics[0]]
 
-    def score(self, output: str, reference: str) -> Scored:
+    def score(
+        self, output: str, reference: str, likelihood: tuple[float, int] | None = None
+    ) -> Scored:
+        """Scores one output; `likelihood`: the reference's (nll, tokens), for perplexity."""
         scores: dict[str, float] = {}
         predicted = ""
         if EXACT_MATCH in self.metrics:
@@ -155,6 +173,10 @@ class Scorer:
             self.outputs.append(output)
             self.references.append(reference)
         self.sums.update(scores)
+        if PERPLEXITY in self.metrics and likelihood is not None:
+            scores[PERPLEXITY] = perplexity(*likelihood)
+            self.nll += likelihood[0]
+            self.tokens += likelihood[1]
         return Scored(scores, predicted)
 
     def aggregates(self, count: int) -> dict[str, float]:
@@ -164,6 +186,8 @@ class Scorer:
         means = {name: total / count for name, total in self.sums.items()}
         if BLEU in self.metrics:
             means[BLEU] = float(sacrebleu.corpus_bleu(self.outputs, [self.references]).score)
+        if PERPLEXITY in self.metrics and self.tokens:
+            means[PERPLEXITY] = perplexity(self.nll, self.tokens)  # per token, over all
         return means
 
     def confusion_labels(self) -> list[str]:

@@ -238,6 +238,7 @@ class EvaluationResultRow(Base):
     rouge2: Mapped[float | None] = mapped_column(Float, nullable=True)
     rouge_l: Mapped[float | None] = mapped_column(Float, nullable=True)
     bleu: Mapped[float | None] = mapped_column(Float, nullable=True)
+    perplexity: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 @dataclass(frozen=True)

@@ -248,7 +248,9 @@ class Evaluation(_message.Message):
     """Output only. The base model that answered."""
     @_builtins.property
     def metrics(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The metrics asked for: `exact_match`, `label_accuracy`, `rouge`, `bleu`."""
+        """The metrics asked for: `exact_match`, `label_accuracy`, `rouge`, `bleu`,
+        `perplexity`.
+        """
 
     @_builtins.property
     def params(self) -> _predictor_service_pb2.InferenceParams:
@@ -265,7 +267,8 @@ class Evaluation(_message.Message):
         """Output only. Aggregate scores once SUCCEEDED, by score name:
         `exact_match` and `label_accuracy` (shares, 0 to 1), `rouge1`, `rouge2`,
         `rougeL` (mean F-measures, 0 to 1, from `rouge-score` with stemming),
-        `bleu` (corpus BLEU, 0 to 100, from `sacrebleu`).
+        `bleu` (corpus BLEU, 0 to 100, from `sacrebleu`), `perplexity` (of the
+        reference completions, per token over all of them; lower is better).
         """
 
     @_builtins.property
@@ -427,9 +430,11 @@ class CreateEvaluationRequest(_message.Message):
     def metrics(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Metrics to compute: `exact_match` (normalized: case, punctuation,
         articles and spacing ignored), `label_accuracy` (with a confusion
-        matrix; for completions that are short labels), `rouge` (ROUGE-1, 2, L)
-        and `bleu`. Empty: `exact_match`, `rouge` and `bleu`, plus
-        `label_accuracy` when every completion is a short label.
+        matrix; for completions that are short labels), `rouge` (ROUGE-1, 2, L),
+        `bleu`, and `perplexity` (of each reference completion under the model,
+        by teacher forcing with the version's tokenization; a base-model
+        evaluation needs `prompt_like` for it). Empty: `exact_match`, `rouge` and
+        `bleu`, plus `label_accuracy` when every completion is a short label.
         """
 
     @_builtins.property
@@ -730,8 +735,8 @@ class ListEvaluationResultsRequest(_message.Message):
     """The evaluation's name."""
     order_by: _builtins.str
     """Empty: dataset order. A score name (`exact_match`, `rougeL`, ...):
-    worst first; with ` desc` after it, best first. `score`: the
-    evaluation's primary score.
+    worst first (for `perplexity`, highest first); with ` desc` after it,
+    best first. `score`: the evaluation's primary score.
     """
     page_size: _builtins.int
     """Most results to return (default 50, at most 1000)."""
