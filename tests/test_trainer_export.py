@@ -353,3 +353,30 @@ def test_a_merge_that_runs_past_the_trainers_limit_is_stopped_and_says_so(stack:
         assert not list((stack.workdir / "home" / "exports").glob("export-*"))
     finally:
         hurried.stop()
+
+
+def test_the_predictor_serves_a_checkpoint_by_its_name(stack: Stack) -> None:
+    listed = stack.trainer_stub.ListCheckpoints(tpb.ListCheckpointsRequest(parent=stack.version))
+    last = listed.checkpoints[-1]
+    assert last.step == 8  # the final step is saved too
+    got = stack.trainer_stub.GetCheckpoint(tpb.GetCheckpointRequest(name=last.name)).checkpoint
+    assert got.adapter_prefix.endswith("/checkpoints/checkpoint-8")
+    assert got.base_model == str(stack.base.resolve())
+
+    def predict(model: str) -> ppb.PredictResponse:
+        return stack.predictor.Predict(
+            ppb.PredictRequest(
+                model=model,
+                inputs=[ppb.PredictInput(text=PROMPT)],
+                params=ppb.InferenceParams(max_tokens=MAX_TOKENS, temperature=0.0),
+            ),
+            timeout=120,
+        )
+
+    served = predict(last.name)
+    assert served.model_version == last.name
+    # The last checkpoint holds the version's final weights: the same answer.
+    assert served.outputs[0].text == predict(stack.version).outputs[0].text
+    with pytest.raises(grpc.RpcError) as caught:
+        predict(f"{stack.version}/checkpoints/3")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND

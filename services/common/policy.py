@@ -122,6 +122,7 @@ POLICY: dict[str, Rule] = {
     TRAINER + "GetModelVersionLogs": rule(on(READ, "name")),
     TRAINER + "ExportModelVersion": rule(on(READ, "name")),
     TRAINER + "ListCheckpoints": rule(on(READ, "parent")),
+    TRAINER + "GetCheckpoint": rule(on(READ, "name"), services=["predictor"]),
     TRAINER + "EstimateModelVersion": rule(_train_on_data),
     # Predictions and the adapters serving them
     # The trainer's evaluations predict with its own identity.

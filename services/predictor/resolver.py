@@ -1,7 +1,9 @@
 """Model names to adapters, through the TrainerService.
 
 A request names a Model (`apps/{app}/models/{model}`: its latest TRAINED
-version) or a ModelVersion (`apps/{app}/models/{model}/versions/{version}`).
+version), a ModelVersion (`apps/{app}/models/{model}/versions/{version}`) or a
+Checkpoint of one (`.../versions/{version}/checkpoints/{step}`: that step's
+adapter, prompted the way its version trains; a checkpoint never changes either).
 The trainer says which version that is, whether it is trained, its base model
 and where its adapter lies in the object store. A TRAINED version never
 changes, so its answer is kept; a model's latest version and its default
@@ -35,6 +37,7 @@ from loraforge.trainer.v1 import trainer_service_pb2, trainer_service_pb2_grpc
 
 MODEL_PATTERN = "apps/{app}/models/{model}"
 VERSION_PATTERN = "apps/{app}/models/{model}/versions/{version}"
+CHECKPOINT_PATTERN = VERSION_PATTERN + "/checkpoints/{step}"
 _KNOWN_VERSIONS = 4096
 _STATE = trainer_service_pb2.ModelVersionState
 
@@ -44,7 +47,7 @@ def _state_name(state: trainer_service_pb2.ModelVersionState.ValueType) -> str:
 
 
 def classify_name(name: str, field: str = "model") -> str:
-    """'model' or 'version' for a well-formed name; InvalidArgument otherwise."""
+    """'model', 'version' or 'checkpoint' for a well-formed name; InvalidArgument otherwise."""
     parts = name.split("/")
     ok_ids = all(ID_PATTERN.match(p) for p in parts[1::2])
     if len(parts) == 4 and parts[0] == "apps" and parts[2] == "models" and ok_ids:
@@ -57,9 +60,20 @@ def classify_name(name: str, field: str = "model") -> str:
         and ok_ids
     ):
         return "version"
+    if (
+        len(parts) == 8
+        and parts[0] == "apps"
+        and parts[2] == "models"
+        and parts[4] == "versions"
+        and parts[6] == "checkpoints"
+        and ok_ids
+        and parts[7].isdigit()
+    ):
+        return "checkpoint"
     raise invalid_field(
         field,
-        f"{name!r} is neither a model (`{MODEL_PATTERN}`) nor a model version (`{VERSION_PATTERN}`)",
+        f"{name!r} is neither a model (`{MODEL_PATTERN}`), a model version (`{VERSION_PATTERN}`) "
+        f"nor a checkpoint (`{CHECKPOINT_PATTERN}`)",
         reason="INVALID_NAME",
     )
 
@@ -103,9 +117,12 @@ class TrainerResolver:
             await self._channel.close()
 
     async def resolve(self, name: str, field: str = "model") -> AdapterSource:
-        """The adapter a model or model-version name means now."""
-        if classify_name(name, field) == "version":
+        """The adapter a model, model-version or checkpoint name means now."""
+        kind = classify_name(name, field)
+        if kind == "version":
             return await self._resolve_version(name)
+        if kind == "checkpoint":
+            return await self._resolve_checkpoint(name)
         cached = self._latest.get(name)
         if cached is not None and time.monotonic() - cached[0] < self.model_ttl:
             return await self._resolve_version(cached[1])
@@ -155,6 +172,32 @@ class TrainerResolver:
             name,
             version.artifacts.base_model,
             version.artifacts.adapter_prefix,
+            PromptFormat.from_params(json_format.MessageToDict(version.params)),
+        )
+        self._versions[name] = source
+        while len(self._versions) > _KNOWN_VERSIONS:
+            self._versions.popitem(last=False)
+        return source
+
+    async def _resolve_checkpoint(self, name: str) -> AdapterSource:
+        known = self._versions.get(name)
+        if known is not None:
+            self._versions.move_to_end(name)
+            return known
+        request = trainer_service_pb2.GetCheckpointRequest(name=name)
+        checkpoint = (await self._call("GetCheckpoint", request, name)).checkpoint
+        version_name = name.split("/checkpoints/", 1)[0]
+        version = (
+            await self._call(
+                "GetModelVersion",
+                trainer_service_pb2.GetModelVersionRequest(name=version_name),
+                version_name,
+            )
+        ).model_version
+        source = AdapterSource(
+            name,
+            checkpoint.base_model,
+            checkpoint.adapter_prefix,
             PromptFormat.from_params(json_format.MessageToDict(version.params)),
         )
         self._versions[name] = source

@@ -367,12 +367,16 @@ class Runs:
             )
         else:
             adapter_prefix = run.adapter_prefix
-        # A version records the base model as loaded once it is trained; before, as named.
-        trained_on = run.base_model
-        if run.state != State.TRAINED:
-            with contextlib.suppress(LoraforgeError):
-                trained_on = await asyncio.to_thread(self.models.resolve, run.params.base_model)
-        return Source(name, run, adapter_prefix, trained_on)
+        return Source(name, run, adapter_prefix, await self.loaded_base_model(run))
+
+    async def loaded_base_model(self, run: Run) -> str:
+        """The base model `run` trains on, as loaded: a version records it so once trained,
+        and as named before."""
+        if run.state == State.TRAINED:
+            return run.base_model
+        with contextlib.suppress(LoraforgeError):
+            return await asyncio.to_thread(self.models.resolve, run.params.base_model)
+        return run.params.base_model
 
     def _copy_init_adapter(self, source: Source, name: str) -> None:
         """Copies `source`'s adapter under the new run's prefix, where its worker reads it."""

@@ -24,7 +24,12 @@ from loraforge.services.common.updates import update_paths
 from loraforge.services.common.values import INT32_MAX, check_int
 from loraforge.services.predictor.protos import params_from_proto, params_to_proto
 from loraforge.services.trainer import templates as tpl
-from loraforge.services.trainer.checkpoints import CheckpointInfo, list_checkpoints
+from loraforge.services.trainer.checkpoints import (
+    CheckpointInfo,
+    get_checkpoint,
+    list_checkpoints,
+    parse_checkpoint,
+)
 from loraforge.services.trainer.dataset_client import AsyncDatasetClient
 from loraforge.services.trainer.estimates import Estimate, Estimates
 from loraforge.services.trainer.evaluation_servicer import EvaluationRpcs
@@ -488,6 +493,17 @@ class TrainerServicer(EvaluationRpcs, pb_grpc.TrainerServiceServicer):
             )
         )
         return estimate_to_pb(estimate)
+
+    async def GetCheckpoint(
+        self, request: pb.GetCheckpointRequest, context: Context
+    ) -> pb.GetCheckpointResponse:
+        version = parse_checkpoint(request.name)[0]
+        run = await self.runs.get(version)
+        found = await asyncio.to_thread(get_checkpoint, self.runs.objects, request.name)
+        message = checkpoint_to_pb(found)
+        message.adapter_prefix = found.prefix
+        message.base_model = await self.runs.loaded_base_model(run)
+        return pb.GetCheckpointResponse(checkpoint=message)
 
     async def ListCheckpoints(
         self, request: pb.ListCheckpointsRequest, context: Context

@@ -1849,6 +1849,8 @@ class Checkpoint(_message.Message):
     TRAIN_LOSS_FIELD_NUMBER: _builtins.int
     EVAL_LOSS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    ADAPTER_PREFIX_FIELD_NUMBER: _builtins.int
+    BASE_MODEL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name:
     `apps/{app}/models/{model}/versions/{version}/checkpoints/{step}`.
@@ -1861,6 +1863,14 @@ class Checkpoint(_message.Message):
     """The latest training loss logged before it was saved, if any."""
     eval_loss: _builtins.float
     """The latest evaluation loss before it was saved, if any."""
+    adapter_prefix: _builtins.str
+    """Output only. Where its files (the PEFT adapter among them) are in the
+    object store.
+    """
+    base_model: _builtins.str
+    """Output only. The base model its adapter belongs to, as the trainer
+    loads it.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it was saved."""
@@ -1874,10 +1884,12 @@ class Checkpoint(_message.Message):
         train_loss: _builtins.float | None = ...,
         eval_loss: _builtins.float | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        adapter_prefix: _builtins.str = ...,
+        base_model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_eval_loss", b"_eval_loss", "_train_loss", b"_train_loss", "create_time", b"create_time", "eval_loss", b"eval_loss", "train_loss", b"train_loss"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_eval_loss", b"_eval_loss", "_train_loss", b"_train_loss", "create_time", b"create_time", "epoch", b"epoch", "eval_loss", b"eval_loss", "name", b"name", "step", b"step", "train_loss", b"train_loss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_eval_loss", b"_eval_loss", "_train_loss", b"_train_loss", "adapter_prefix", b"adapter_prefix", "base_model", b"base_model", "create_time", b"create_time", "epoch", b"epoch", "eval_loss", b"eval_loss", "name", b"name", "step", b"step", "train_loss", b"train_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__eval_loss: _TypeAlias = _typing.Literal["eval_loss"]  # noqa: Y015
     _WhichOneofArgType__eval_loss: _TypeAlias = _typing.Literal["_eval_loss", b"_eval_loss"]  # noqa: Y015
@@ -1889,6 +1901,54 @@ class Checkpoint(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__train_loss) -> _WhichOneofReturnType__train_loss | None: ...
 
 Global___Checkpoint: _TypeAlias = Checkpoint  # noqa: Y015
+
+@_typing.final
+class GetCheckpointRequest(_message.Message):
+    """Request for GetCheckpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The checkpoint:
+    `apps/{app}/models/{model}/versions/{version}/checkpoints/{step}`.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCheckpointRequest: _TypeAlias = GetCheckpointRequest  # noqa: Y015
+
+@_typing.final
+class GetCheckpointResponse(_message.Message):
+    """Response for GetCheckpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def checkpoint(self) -> Global___Checkpoint:
+        """The checkpoint."""
+
+    def __init__(
+        self,
+        *,
+        checkpoint: Global___Checkpoint | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCheckpointResponse: _TypeAlias = GetCheckpointResponse  # noqa: Y015
 
 @_typing.final
 class ListCheckpointsRequest(_message.Message):

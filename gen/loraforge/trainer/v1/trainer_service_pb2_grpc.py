@@ -129,6 +129,11 @@ class TrainerServiceStub:
                 request_serializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ListCheckpointsRequest.SerializeToString,
                 response_deserializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ListCheckpointsResponse.FromString,
                 _registered_method=True)
+        self.GetCheckpoint = channel.unary_unary(
+                '/loraforge.trainer.v1.TrainerService/GetCheckpoint',
+                request_serializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.GetCheckpointRequest.SerializeToString,
+                response_deserializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.GetCheckpointResponse.FromString,
+                _registered_method=True)
         self.EstimateModelVersion = channel.unary_unary(
                 '/loraforge.trainer.v1.TrainerService/EstimateModelVersion',
                 request_serializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.EstimateModelVersionRequest.SerializeToString,
@@ -326,6 +331,14 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCheckpoint(self, request, context):
+        """Gets one checkpoint by name, with where its adapter is: what a
+        predictor needs to serve it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def EstimateModelVersion(self, request, context):
         """Dry-runs a training run without queueing it: checks the request as
         CreateModelVersion does, tokenizes the dataset version with the
@@ -504,6 +517,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.ListCheckpoints,
                     request_deserializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ListCheckpointsRequest.FromString,
                     response_serializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'GetCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCheckpoint,
+                    request_deserializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.GetCheckpointRequest.FromString,
+                    response_serializer=loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.GetCheckpointResponse.SerializeToString,
             ),
             'EstimateModelVersion': grpc.unary_unary_rpc_method_handler(
                     servicer.EstimateModelVersion,
@@ -1041,6 +1059,33 @@ class TrainerService:
             '/loraforge.trainer.v1.TrainerService/ListCheckpoints',
             loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ListCheckpointsRequest.SerializeToString,
             loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraforge.trainer.v1.TrainerService/GetCheckpoint',
+            loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.GetCheckpointRequest.SerializeToString,
+            loraforge_dot_trainer_dot_v1_dot_trainer__service__pb2.GetCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,

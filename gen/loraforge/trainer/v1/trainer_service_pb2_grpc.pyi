@@ -99,6 +99,10 @@ class TrainerServiceStub:
     from by its name. Older ones are removed as newer ones are saved
     (`trainer_config.save_total_limit`).
     """
+    GetCheckpoint: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.GetCheckpointRequest, _trainer_service_pb2.GetCheckpointResponse]
+    """Gets one checkpoint by name, with where its adapter is: what a
+    predictor needs to serve it.
+    """
     EstimateModelVersion: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.EstimateModelVersionRequest, _trainer_service_pb2.EstimateModelVersionResponse]
     """Dry-runs a training run without queueing it: checks the request as
     CreateModelVersion does, tokenizes the dataset version with the
@@ -219,6 +223,10 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     adapter then, with epoch and losses) that can be exported or continued
     from by its name. Older ones are removed as newer ones are saved
     (`trainer_config.save_total_limit`).
+    """
+    GetCheckpoint: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.GetCheckpointRequest, _trainer_service_pb2.GetCheckpointResponse]  # type: ignore[assignment]
+    """Gets one checkpoint by name, with where its adapter is: what a
+    predictor needs to serve it.
     """
     EstimateModelVersion: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.EstimateModelVersionRequest, _trainer_service_pb2.EstimateModelVersionResponse]  # type: ignore[assignment]
     """Dry-runs a training run without queueing it: checks the request as
@@ -445,6 +453,16 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         adapter then, with epoch and losses) that can be exported or continued
         from by its name. Older ones are removed as newer ones are saved
         (`trainer_config.save_total_limit`).
+        """
+
+    @_abc_1.abstractmethod
+    def GetCheckpoint(
+        self,
+        request: _trainer_service_pb2.GetCheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_service_pb2.GetCheckpointResponse, _abc.Awaitable[_trainer_service_pb2.GetCheckpointResponse]]:
+        """Gets one checkpoint by name, with where its adapter is: what a
+        predictor needs to serve it.
         """
 
     @_abc_1.abstractmethod
