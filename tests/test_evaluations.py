@@ -94,7 +94,7 @@ def _train(stub: tpb_grpc.TrainerServiceStub, base: Path) -> str:
         "trainer_config": {
             "max_steps": 40,
             "logging_steps": 4,
-            "save_steps": 100,
+            "save_steps": 20,  # a checkpoint half-way, evaluated on its own
             "per_device_train_batch_size": 8,
             "learning_rate": 1e-2,
             "eval_split_percent": 0,
@@ -634,3 +634,22 @@ def test_the_fine_tuned_version_gives_its_reference_completions_a_lower_perplexi
         )
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "prompt_like" in fields
+
+
+def test_a_checkpoint_is_evaluated_by_its_name_like_a_version(stack: Stack) -> None:
+    kept = stack.evaluations.ListCheckpoints(tpb.ListCheckpointsRequest(parent=stack.version))
+    halfway = next(c for c in kept.checkpoints if c.step == 20)
+    done = _evaluate(stack, halfway.name, "halfway")
+    assert done.name == f"{halfway.name}/evaluations/halfway"
+    assert done.model_version == halfway.name and not done.base_model
+    assert done.progress.completed_examples == 20
+    listed = stack.evaluations.ListEvaluations(epb.ListEvaluationsRequest(parent=halfway.name))
+    assert [e.name for e in listed.evaluations] == [done.name]
+    with pytest.raises(grpc.RpcError) as missing:
+        stack.evaluations.CreateEvaluation(
+            epb.CreateEvaluationRequest(
+                parent=f"{stack.version}/checkpoints/7", dataset_version=HELD_OUT, params=PARAMS
+            )
+        )
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "20" in (missing.value.details() or "")  # says which checkpoints were kept

@@ -46,6 +46,13 @@ from loraforge.services.common.resources import new_id, parse_name, validate_id
 from loraforge.services.predictor.params import validate_params
 from loraforge.services.predictor.protos import PROMPT_FORMATS, params_from_proto
 from loraforge.services.trainer import metrics
+from loraforge.services.trainer.checkpoints import (
+    CHECKPOINT,
+    CheckpointInfo,
+    get_checkpoint,
+    is_checkpoint_name,
+    parse_checkpoint,
+)
 from loraforge.services.trainer.dataset_client import AsyncDatasetClient, DatasetVersionInfo
 from loraforge.services.trainer.evaluation_store import (
     FAILED,
@@ -61,6 +68,7 @@ from loraforge.services.trainer.store import EvaluationRow, State, TrainerStore,
 log = logging.getLogger("loraforge.trainer.evaluations")
 
 VERSION_EVALUATION = VERSION + "/evaluations/{evaluation}"
+CHECKPOINT_EVALUATION = CHECKPOINT + "/evaluations/{evaluation}"
 BASE_EVALUATION = MODEL + "/evaluations/{evaluation}"
 DATASET_VERSION = "apps/{app}/datasets/{dataset}/versions/{version}"
 MAX_EXAMPLES = 100_000
@@ -100,8 +108,11 @@ class Comparison:
 
 
 def check_name(name: str, field: str = "name") -> str:
-    """An evaluation's name, of a model version or of a model's base model."""
-    if "/versions/" in name:
+    """An evaluation's name, of a model version, one of its checkpoints, or a model's base
+    model."""
+    if "/checkpoints/" in name:
+        parse_name(name, CHECKPOINT_EVALUATION, field)
+    elif "/versions/" in name:
         parse_name(name, VERSION_EVALUATION, field)
     else:
         parse_name(name, BASE_EVALUATION, field)
@@ -109,15 +120,20 @@ def check_name(name: str, field: str = "name") -> str:
 
 
 def check_parent(parent: str, field: str = "parent") -> bool:
-    """True for a model version, False for a model (its base model); else INVALID_ARGUMENT."""
+    """True for a model version or a checkpoint of one, False for a model (its base model);
+    else INVALID_ARGUMENT."""
+    if is_checkpoint_name(parent):
+        parse_checkpoint(parent, field)
+        return True
     if "/versions/" in parent:
         parse_name(parent, VERSION, field)
         return True
     if not parent:
         raise invalid_field(
             field,
-            "is required: a model version (`apps/{app}/models/{model}/versions/{version}`) "
-            "or a model (`apps/{app}/models/{model}`) for its base model",
+            "is required: a model version (`apps/{app}/models/{model}/versions/{version}`), "
+            "one of its checkpoints (`…/versions/{version}/checkpoints/{step}`) or a model "
+            "(`apps/{app}/models/{model}`) for its base model",
             reason="MISSING_NAME",
         )
     parse_name(parent, MODEL, field)
@@ -209,8 +225,11 @@ class Evaluations:
                     "is only for a base-model evaluation (a model as parent); a model version "
                     "is always prompted the way it was trained",
                 )
-            version = await asyncio.to_thread(self.trainer_store.get_version, new.parent)
-            if version.state != State.TRAINED.value:
+            checkpoint = await self._checkpoint(new.parent)
+            version_name = checkpoint.version if checkpoint else new.parent
+            version = await asyncio.to_thread(self.trainer_store.get_version, version_name)
+            # A saved checkpoint serves (and is evaluated) while its run goes on.
+            if checkpoint is None and version.state != State.TRAINED.value:
                 raise FailedPrecondition(
                     f"model version {new.parent!r} is {version.state}; only a TRAINED version "
                     "can be evaluated",
@@ -251,6 +270,18 @@ class Evaluations:
 
         task.add_done_callback(forget)
         return row
+
+    async def _checkpoint(self, parent: str) -> CheckpointInfo | None:
+        """The checkpoint `parent` names (NOT_FOUND when it was not kept); None for a version."""
+        if not is_checkpoint_name(parent):
+            return None
+        if self.objects is None:
+            raise FailedPrecondition(
+                "this trainer has no object store to find checkpoints in; evaluate the "
+                "model version instead",
+                reason="CHECKPOINTS_UNAVAILABLE",
+            )
+        return await asyncio.to_thread(get_checkpoint, self.objects, parent, "parent")
 
     def _check_perplexity(self, of_version: bool, prompt_like: str) -> None:
         if self.objects is None:
@@ -314,7 +345,10 @@ class Evaluations:
     async def page(
         self, parent: str, size: int, before: int | None
     ) -> tuple[list[EvaluationRow], int | None]:
-        if check_parent(parent):
+        if is_checkpoint_name(parent):
+            check_parent(parent)
+            await self._checkpoint(parent)
+        elif check_parent(parent):
             await asyncio.to_thread(self.trainer_store.get_version, parent)
         else:
             await asyncio.to_thread(self.trainer_store.get_model, parent)
@@ -542,8 +576,10 @@ class Evaluations:
     ) -> list[tuple[float, int] | None]:
         """The reference completions' (nll, tokens) under the evaluated model, by teacher
         forcing in a process of its own; None for an example too long to measure."""
+        checkpoint = await self._checkpoint(row.model_version) if row.model_version else None
         version = await asyncio.to_thread(
-            self.trainer_store.get_version, row.model_version or row.prompt_like
+            self.trainer_store.get_version,
+            checkpoint.version if checkpoint else row.model_version or row.prompt_like,
         )
         with tempfile.TemporaryDirectory(prefix="loraforge-perplexity-") as scratch:
             folder = Path(scratch)
@@ -556,8 +592,9 @@ class Evaluations:
             ]
             if row.model_version:  # the version's own adapter; the base model has none
                 assert self.objects is not None
+                prefix = checkpoint.prefix if checkpoint else version.adapter_prefix
                 await asyncio.to_thread(
-                    copy_store_to_tree, self.objects, version.adapter_prefix, folder / "adapter"
+                    copy_store_to_tree, self.objects, prefix, folder / "adapter"
                 )
                 args += ["--adapter", str(folder / "adapter")]
             proc = await asyncio.create_subprocess_exec(

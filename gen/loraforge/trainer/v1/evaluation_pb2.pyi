@@ -409,8 +409,10 @@ class CreateEvaluationRequest(_message.Message):
     PROMPT_LIKE_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """A TRAINED model version
-    (`apps/{app}/models/{model}/versions/{version}`), or a model
-    (`apps/{app}/models/{model}`) to evaluate the base model.
+    (`apps/{app}/models/{model}/versions/{version}`), one of a version's
+    checkpoints (`…/versions/{version}/checkpoints/{step}`, while its run
+    goes on too), or a model (`apps/{app}/models/{model}`) to evaluate the
+    base model.
     """
     evaluation_id: _builtins.str
     """Id of the evaluation; empty: one is generated."""
@@ -542,7 +544,9 @@ class ListEvaluationsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
-    """A model version, or a model for its base-model evaluations."""
+    """A model version, a checkpoint, or a model for its base-model
+    evaluations.
+    """
     page_size: _builtins.int
     """Most evaluations to return (default 50, at most 1000)."""
     page_token: _builtins.str
