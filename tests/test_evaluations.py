@@ -643,8 +643,22 @@ def test_a_checkpoint_is_evaluated_by_its_name_like_a_version(stack: Stack) -> N
     assert done.name == f"{halfway.name}/evaluations/halfway"
     assert done.model_version == halfway.name and not done.base_model
     assert done.progress.completed_examples == 20
+    perplexity = _finished(
+        stack.evaluations,
+        stack.evaluations.CreateEvaluation(
+            epb.CreateEvaluationRequest(
+                parent=halfway.name,
+                evaluation_id="halfway-ppl",
+                dataset_version=HELD_OUT,
+                metrics=["perplexity"],
+                params=PARAMS,
+            )
+        ).evaluation.name,
+    )  # measured with the checkpoint's own adapter
+    assert perplexity.state == epb.EVALUATION_STATE_SUCCEEDED, perplexity.failure_reason
+    assert perplexity.scores["perplexity"] >= 1.0
     listed = stack.evaluations.ListEvaluations(epb.ListEvaluationsRequest(parent=halfway.name))
-    assert [e.name for e in listed.evaluations] == [done.name]
+    assert {e.name for e in listed.evaluations} == {done.name, perplexity.name}
     with pytest.raises(grpc.RpcError) as missing:
         stack.evaluations.CreateEvaluation(
             epb.CreateEvaluationRequest(
