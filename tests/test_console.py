@@ -3,10 +3,10 @@
 One cluster for the module: dataset, trainer, a worker and a predictor (transformers +
 PEFT on a tiny Llama), with `loraforge-console` in front. The browser test drives the
 seed's no-code workflow end to end in Debian's Chromium through Playwright, saving a
-screenshot of each step to `LORAFORGE_SCREENSHOTS` (default: a temporary folder; the
-README's pictures are made with `LORAFORGE_SCREENSHOTS=docs/screenshots`). The HTTP
-tests check what a browser is overkill for: SSE resume by Last-Event-ID, the sign-in
-cookie, the key kept out of URLs and sent as gRPC metadata, refusals shown as messages.
+screenshot of each step to `LORAFORGE_SCREENSHOTS` (default: a temporary folder;
+`docs/screenshots/0*.png` are one such run). The HTTP tests check what a browser is
+overkill for: SSE resume by Last-Event-ID, the sign-in cookie, the key kept out of URLs
+and sent as gRPC metadata, refusals shown as messages.
 """
 
 from __future__ import annotations
@@ -426,8 +426,6 @@ def test_seed_workflow_in_a_browser(cluster: Cluster, tmp_path: Path) -> None:
         expect(loss_chart.locator("polyline")).to_have_count(2)  # train and eval loss
         assert _sequences(points) == _progress_sequences(cluster, version)
         shot("07-run-trained")
-        if _shots():
-            page.screenshot(path=str(shots / "run.png"))
 
         # 8. The playground streams the base model and the fine-tuned version side by side.
         page.get_by_role("link", name="Try it in the playground").click()
@@ -445,8 +443,6 @@ def test_seed_workflow_in_a_browser(cluster: Cluster, tmp_path: Path) -> None:
         tuned_text = tuned.get_by_role("status").inner_text()
         assert base_text and tuned_text and base_text != tuned_text, (base_text, tuned_text)
         shot("08-playground")
-        if _shots():
-            page.screenshot(path=str(shots / "playground.png"))
 
         # 9. At phone width the run page still reads: nothing wider than the screen.
         page.set_viewport_size({"width": 390, "height": 844})

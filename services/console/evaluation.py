@@ -86,7 +86,8 @@ class EvaluationPages(Web):
         if other:
             other_eval = await self.backend.evaluation(other, ctx.key)
             if done and evaluation_state(other_eval.state) == "SUCCEEDED":
-                comparison = await self.backend.compare(name, other, PAGE_ROWS, ctx.key)
+                # From the other one to this one: "better" is this one scoring higher.
+                comparison = await self.backend.compare(other, name, PAGE_ROWS, ctx.key)
         running = any(
             e is not None and evaluation_state(e.state) == "RUNNING"
             for e in (evaluation, other_eval)
