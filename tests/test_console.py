@@ -842,6 +842,7 @@ def test_sign_in_keeps_the_key_server_side(auth_console: tuple[str, _RecordingDa
     url, fake = auth_console
     with httpx.Client(base_url=url, timeout=30) as http:
         first = http.get("/apps/visible/runs")
+        before = http.cookies["loraforge_session"]
         assert first.status_code == 303
         assert first.headers["location"] == "/login?next=%2Fapps%2Fvisible%2Fruns"
         login = http.get(first.headers["location"])
@@ -856,6 +857,7 @@ def test_sign_in_keeps_the_key_server_side(auth_console: tuple[str, _RecordingDa
         cookie = signed.headers["set-cookie"]
         assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/" in cookie
         assert "lf_good" not in cookie and "lf_good" not in signed.headers["location"]
+        assert http.cookies["loraforge_session"] != before, "a fresh session id on sign-in"
         home = http.get("/")
         assert home.status_code == 200 and "visible" in home.text and "lf_good" not in home.text
         assert fake.seen[-1] == "Bearer lf_good", "the key travels as gRPC metadata"

@@ -143,6 +143,7 @@ class Web:
         self.env.filters["quote"] = lambda s: urllib.parse.quote(str(s), safe="")
 
     # ----- plumbing ---------------------------------------------------------------------
+
     def _session(self, request: Request) -> Ctx:
         session = self.sessions.get(request.cookies.get(COOKIE))
         if session is not None:
