@@ -349,3 +349,102 @@ def test_judging_by_eval_loss_without_an_evaluation_split_is_refused(
         "set trainer_config.eval_split_percent above 0"
         in (fields[f"param_overrides.trainer_config.{name}"])
     )
+
+
+def test_each_checkpoint_records_the_scores_of_its_answers_to_held_out_examples(
+    stack: Stack,
+) -> None:
+    trainer_config = {
+        **stack.overrides["trainer_config"],
+        "max_steps": 4,
+        "eval_split_percent": 25,
+        "save_steps": 2,
+        "eval_generate_examples": 4,
+        "eval_max_new_tokens": 4,
+    }
+    overrides = {**stack.overrides, "trainer_config": trainer_config}
+    created = stack.stub.CreateModelVersion(
+        pb.CreateModelVersionRequest(
+            parent=f"{APP}/models/sums",
+            version_id="scored",
+            dataset_version=stack.dataset_version,
+            template=TEMPLATE,
+            param_overrides=json_format.ParseDict(overrides, struct_pb2.Struct()),
+        )
+    ).model_version
+    trained = _wait(stack.stub, created.name)
+    found = list(
+        stack.stub.ListCheckpoints(pb.ListCheckpointsRequest(parent=trained.name)).checkpoints
+    )
+    assert [c.step for c in found] == [2, 4]
+    for checkpoint in found:
+        assert {"exact_match", "rouge1", "rouge2", "rougeL", "bleu"} <= set(checkpoint.eval_scores)
+        assert 0.0 <= checkpoint.eval_scores["exact_match"] <= 1.0
+    # The adapter is the last step's, so its scores are the last checkpoint's.
+    final = {k[len("eval_") :]: v for k, v in trained.metrics.items() if k.startswith("eval_")}
+    assert all(final[k] == pytest.approx(v) for k, v in found[-1].eval_scores.items())
+    logs = stack.stub.GetModelVersionLogs(pb.GetModelVersionLogsRequest(name=trained.name))
+    assert any("held-out answers at step 2" in e.log.message for e in logs.events)
+
+
+def test_held_out_answers_need_an_evaluation_split_and_completion_only_loss(
+    stack: Stack,
+) -> None:
+    for extra, needed in [
+        ({"eval_split_percent": 0}, "eval_split_percent above 0"),
+        ({"eval_split_percent": 25, "completion_only_loss": False}, "completion_only_loss"),
+    ]:
+        trainer_config = {
+            **stack.overrides["trainer_config"],
+            "eval_generate_examples": 4,
+            **extra,
+        }
+        with pytest.raises(grpc.RpcError) as caught:
+            stack.stub.CreateModelVersion(
+                pb.CreateModelVersionRequest(
+                    parent=f"{APP}/models/sums",
+                    version_id="unscored",
+                    dataset_version=stack.dataset_version,
+                    template=TEMPLATE,
+                    param_overrides=json_format.ParseDict(
+                        {**stack.overrides, "trainer_config": trainer_config}, struct_pb2.Struct()
+                    ),
+                )
+            )
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        fields = error_details(caught.value)[1]
+        assert needed in fields["param_overrides.trainer_config.eval_generate_examples"]
+
+
+def test_held_out_answers_are_scored_against_the_completion_after_the_prompt(
+    tmp_path: Path,
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loraforge.services.trainer.training import (
+        IGNORE_INDEX,
+        Feature,
+        PackedRow,
+        held_out_answers,
+        score_answers,
+    )
+
+    folder = build_tiny_model(tmp_path / "tiny")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompt = tokenizer("what is 2 plus 2?", add_special_tokens=False)["input_ids"]
+    greedy = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=3, do_sample=False)[
+        0, len(prompt) :
+    ].tolist()
+    other = [t for t in tokenizer(" elsewhere", add_special_tokens=False)["input_ids"]]
+    mask = [IGNORE_INDEX] * len(prompt)
+    right = Feature(prompt + greedy, mask + greedy)
+    wrong = Feature(prompt + other, mask + other)
+    text = Feature(prompt, list(prompt))  # a plain text: no prompt to answer
+    found = held_out_answers([text, PackedRow([right, wrong])], limit=5)
+    assert found == [(prompt, greedy), (prompt, other)]
+    assert held_out_answers([right, wrong], limit=1) == [(prompt, greedy)]
+    model.train()  # as the Trainer has it at a save
+    scores = score_answers(model, tokenizer, found, max_new_tokens=3)
+    assert scores["exact_match"] == pytest.approx(0.5)  # the greedy answer, and another
+    assert model.training  # handed back to training as it was

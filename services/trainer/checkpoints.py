@@ -3,7 +3,8 @@
 A worker uploads every checkpoint the Trainer saves to
 `trainer/{version}/checkpoints/checkpoint-{step}/` (the PEFT adapter of that step, the
 optimizer state a resume needs) and, last, `checkpoint.json`: step, epoch, the latest
-train and eval loss, and when it was saved. A checkpoint exists once that file does, so
+train and eval loss, the scores of its answers to held-out examples where the run asked
+for them (`trainer_config.eval_generate_examples`), and when it was saved. A checkpoint exists once that file does, so
 a half-uploaded one is never listed. Keeping only the last `trainer_config.save_total_limit`
 checkpoints deletes older ones as new ones arrive, so what the object store holds is the
 list. Any listed checkpoint can be exported, or continued from, like a version.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from loraforge.services.trainer.store import version_prefix
 VERSION = "apps/{app}/models/{model}/versions/{version}"
 CHECKPOINT = VERSION + "/checkpoints/{checkpoint}"
 INFO_FILE = "checkpoint.json"
+EVAL_SCORES_FILE = "eval_scores.json"  # written beside the checkpoint by `training.py`
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
@@ -38,6 +40,8 @@ class CheckpointInfo:
     eval_loss: float | None
     create_time: float
     prefix: str  # where its files are in the object store
+    # Its answers to held-out examples, scored: exact_match, rouge1, bleu, ...
+    eval_scores: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"step": self.step, "epoch": self.epoch}
@@ -45,6 +49,7 @@ class CheckpointInfo:
             out["train_loss"] = self.train_loss
         if self.eval_loss is not None:
             out["eval_loss"] = self.eval_loss
+        out.update({f"eval_{k}": v for k, v in self.eval_scores.items()})
         return out
 
 
@@ -75,6 +80,11 @@ def summary_of(folder: Path, step: int) -> dict[str, Any]:
     except (OSError, ValueError):
         return info
     info["epoch"] = float(state.get("epoch") or 0.0)
+    try:
+        scores = json.loads((folder / EVAL_SCORES_FILE).read_text(encoding="utf-8"))
+        info["eval_scores"] = {str(k): float(v) for k, v in scores.items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass  # none asked for (trainer_config.eval_generate_examples)
     for entry in state.get("log_history") or []:
         if "loss" in entry:
             info["train_loss"] = float(entry["loss"])
@@ -92,6 +102,7 @@ def _from_info(version: str, prefix: str, data: dict[str, Any]) -> CheckpointInf
         epoch=float(data.get("epoch", 0.0)),
         train_loss=float(data["train_loss"]) if "train_loss" in data else None,
         eval_loss=float(data["eval_loss"]) if "eval_loss" in data else None,
+        eval_scores={str(k): float(v) for k, v in (data.get("eval_scores") or {}).items()},
         create_time=float(data.get("time", 0.0)),
         prefix=prefix,
     )

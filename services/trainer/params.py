@@ -87,6 +87,9 @@ class TrainerConfig:
     early_stopping_patience: int = 0
     early_stopping_threshold: float = 0.0
     adapter_checkpoint: str = "last"  # or "best": the checkpoint with the lowest eval loss
+    # Held-out examples answered greedily and scored at every checkpoint (0: none).
+    eval_generate_examples: int = 0
+    eval_max_new_tokens: int = 16
 
 
 GROUP_TYPES: dict[str, type] = {

@@ -569,6 +569,7 @@ def checkpoint_to_pb(c: CheckpointInfo) -> pb.Checkpoint:
         message.train_loss = c.train_loss
     if c.eval_loss is not None:
         message.eval_loss = c.eval_loss
+    message.eval_scores.update(c.eval_scores)
     return message
 
 

@@ -392,6 +392,7 @@ def resolve_params(
             )
         )
     violations += _evaluation_needs(params["trainer_config"], f"{field_prefix}.trainer_config")
+    violations += _generation_needs(params["trainer_config"], f"{field_prefix}.trainer_config")
     if violations:
         summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
         raise InvalidArgument(
@@ -435,6 +436,29 @@ def _evaluation_needs(trc: Mapping[str, Any], prefix: str) -> list[FieldViolatio
             )
         ]
     return []
+
+
+def _generation_needs(trc: Mapping[str, Any], prefix: str) -> list[FieldViolation]:
+    """Scoring answers at checkpoints needs held-out examples with a completion of their own."""
+    if not trc.get("eval_generate_examples", 0):
+        return []
+    missing = [
+        why
+        for why, lacking in (
+            ("trainer_config.eval_split_percent above 0", not trc["eval_split_percent"]),
+            ("trainer_config.completion_only_loss", not trc["completion_only_loss"]),
+        )
+        if lacking
+    ]
+    if not missing:
+        return []
+    return [
+        FieldViolation(
+            f"{prefix}.eval_generate_examples",
+            "scores answers to held-out examples against their completions, which needs "
+            + " and ".join(missing),
+        )
+    ]
 
 
 def stored_params(template_name: str, stored: Mapping[str, Any]) -> TrainingParams:

@@ -27,7 +27,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast
@@ -35,6 +35,7 @@ from typing import Any, Literal, Protocol, cast
 from loraforge.services.common.base_models import resolve_base_model
 from loraforge.services.common.model_access import refuse_model_code
 from loraforge.services.common.prompts import has_chat_template, render_prompt
+from loraforge.services.trainer.checkpoints import EVAL_SCORES_FILE
 from loraforge.services.trainer.params import TrainingParams
 
 IGNORE_INDEX = -100
@@ -556,7 +557,74 @@ def _make_trainer_class() -> type:
     return CountingTrainer
 
 
-def _make_callback(reporter: Reporter, counter: TokenCounter) -> Any:
+def held_out_answers(held_out: Sequence[Any], limit: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids) of up to `limit` held-out examples that have a prompt
+    (features, or the packed rows holding them)."""
+    features: list[Feature] = []
+    for row in held_out:
+        features.extend(row.examples if isinstance(row, PackedRow) else [row])
+    found = []
+    for feature in features:
+        start = next((i for i, label in enumerate(feature.labels) if label != IGNORE_INDEX), 0)
+        if start == 0:
+            continue  # a plain text, or no prompt masked out: nothing to answer
+        completion = [
+            t
+            for t, label in zip(feature.input_ids, feature.labels, strict=True)
+            if label != IGNORE_INDEX
+        ]
+        found.append((feature.input_ids[:start], completion))
+        if len(found) == limit:
+            break
+    return found
+
+
+def score_answers(
+    model: Any, tokenizer: Any, examples: Sequence[tuple[list[int], list[int]]], max_new_tokens: int
+) -> dict[str, float]:
+    """Greedy answers to `examples`, one at a time (so no padding changes them), scored against
+    their completions with the evaluations' metrics; {} for no examples."""
+    import torch
+
+    from loraforge.services.trainer import metrics as scoring
+
+    if not examples:
+        return {}
+    references = [tokenizer.decode(c, skip_special_tokens=True) for _, c in examples]
+    scorer = scoring.Scorer(
+        scoring.default_metrics(references),
+        labels=sorted({scoring.normalize(r) for r in references}),
+    )
+    training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    try:
+        with torch.no_grad():
+            for (prompt, _), reference in zip(examples, references, strict=True):
+                ids = torch.tensor([prompt], device=device)
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=pad,
+                )
+                scorer.score(
+                    tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True), reference
+                )
+    finally:
+        model.train(training)
+    return scorer.aggregates(len(examples))
+
+
+def _make_callback(
+    reporter: Reporter,
+    counter: TokenCounter,
+    score: Callable[[Any], dict[str, float]] | None = None,
+) -> Any:
+    """The callback that reports progress and checkpoints; `score(model)`, when given, scores
+    held-out answers at each checkpoint (written beside it as `eval_scores.json`)."""
     from transformers import TrainerCallback
 
     class ReportingCallback(TrainerCallback):
@@ -610,6 +678,11 @@ def _make_callback(reporter: Reporter, counter: TokenCounter) -> Any:
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if score is not None and kwargs.get("model") is not None:
+                scores = score(kwargs["model"])
+                (folder / EVAL_SCORES_FILE).write_text(json.dumps(scores))
+                shown = ", ".join(f"{k} {v:.3g}" for k, v in sorted(scores.items()))
+                reporter.log(f"held-out answers at step {state.global_step}: {shown}")
             reporter.checkpoint_saved(state.global_step, folder)
 
     return ReportingCallback()
@@ -741,6 +814,11 @@ def run_training(
         f"loaded {params.base_model}: {trainable:,} trainable LoRA parameters of {total:,}"
     )
     counter = TokenCounter()
+    answers = held_out_answers(eval_rows, trc.eval_generate_examples)
+
+    def score(scored_model: Any) -> dict[str, float]:
+        return score_answers(scored_model, tokenizer, answers, trc.eval_max_new_tokens)
+
     args = training_arguments(params, work_dir / "checkpoints", has_eval=bool(eval_rows))
     trainer_cls = _make_trainer_class()
     trainer = trainer_cls(
@@ -749,7 +827,7 @@ def run_training(
         train_dataset=train_rows,
         eval_dataset=eval_rows or None,
         data_collator=collator,
-        callbacks=[_make_callback(reporter, counter)],
+        callbacks=[_make_callback(reporter, counter, score if answers else None)],
     )
     early = None
     if trc.early_stopping_patience and eval_rows:
@@ -788,6 +866,8 @@ def run_training(
     metrics["early_stopped"] = 1.0 if early is not None and early.stopped_at is not None else 0.0
     if best:
         reporter.log(f"the adapter is the best checkpoint's, step {int(metrics['adapter_step'])}")
+    if answers:  # the adapter's own answers, whichever checkpoint it is
+        metrics.update({f"eval_{k}": v for k, v in score(model).items()})
     adapter_dir = work_dir / "adapter"
     model.save_pretrained(adapter_dir, safe_serialization=True)
     return TrainingResult(

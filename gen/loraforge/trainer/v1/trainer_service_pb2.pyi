@@ -1843,6 +1843,26 @@ class Checkpoint(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class EvalScoresEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
@@ -1851,6 +1871,7 @@ class Checkpoint(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     ADAPTER_PREFIX_FIELD_NUMBER: _builtins.int
     BASE_MODEL_FIELD_NUMBER: _builtins.int
+    EVAL_SCORES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name:
     `apps/{app}/models/{model}/versions/{version}/checkpoints/{step}`.
@@ -1875,6 +1896,14 @@ class Checkpoint(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it was saved."""
 
+    @_builtins.property
+    def eval_scores(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Its greedy answers to held-out examples, scored against their
+        completions (`exact_match`, `label_accuracy`, `rouge1`, `rouge2`,
+        `rougeL`, `bleu`), where the run set
+        `trainer_config.eval_generate_examples`.
+        """
+
     def __init__(
         self,
         *,
@@ -1886,10 +1915,11 @@ class Checkpoint(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         adapter_prefix: _builtins.str = ...,
         base_model: _builtins.str = ...,
+        eval_scores: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_eval_loss", b"_eval_loss", "_train_loss", b"_train_loss", "create_time", b"create_time", "eval_loss", b"eval_loss", "train_loss", b"train_loss"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_eval_loss", b"_eval_loss", "_train_loss", b"_train_loss", "adapter_prefix", b"adapter_prefix", "base_model", b"base_model", "create_time", b"create_time", "epoch", b"epoch", "eval_loss", b"eval_loss", "name", b"name", "step", b"step", "train_loss", b"train_loss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_eval_loss", b"_eval_loss", "_train_loss", b"_train_loss", "adapter_prefix", b"adapter_prefix", "base_model", b"base_model", "create_time", b"create_time", "epoch", b"epoch", "eval_loss", b"eval_loss", "eval_scores", b"eval_scores", "name", b"name", "step", b"step", "train_loss", b"train_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__eval_loss: _TypeAlias = _typing.Literal["eval_loss"]  # noqa: Y015
     _WhichOneofArgType__eval_loss: _TypeAlias = _typing.Literal["_eval_loss", b"_eval_loss"]  # noqa: Y015
