@@ -43,7 +43,7 @@ SERVERS = {
     "loraforge-predictor": ("loraforge.predictor.v1.PredictorService", 50053),
 }
 # HTTP servers: entry point -> (health path, port by convention).
-HTTP_SERVERS = {"loraforge-openai": ("/health", 8000)}
+HTTP_SERVERS = {"loraforge-openai": ("/health", 8000), "loraforge-console": ("/health", 8080)}
 WORKER = "loraforge-worker"
 # The processes that call others with a service identity of their own: entry point -> name.
 IDENTITIES = {"loraforge-trainer": "trainer", WORKER: "worker", "loraforge-predictor": "predictor"}
@@ -64,6 +64,7 @@ DOCUMENTED = {
     "loraforge-worker": {"LORAFORGE_DATASET_ADDRESS"},
     "loraforge-predictor": {"LORAFORGE_TRAINER_ADDRESS", "LORAFORGE_BASE_MODEL"},
     "loraforge-openai": set(),
+    "loraforge-console": set(),
 }
 SERVER_FIELDS = {"LORAFORGE_" + f.name.upper() for f in dataclasses.fields(ServerConfig)}
 

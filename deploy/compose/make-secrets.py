@@ -28,7 +28,7 @@ KEYS = (
     "LORAFORGE_WORKER_KEY",
     "LORAFORGE_PREDICTOR_KEY",
 )
-NAMES = ("dataset", "trainer", "predictor", "openai", "localhost")
+NAMES = ("dataset", "trainer", "predictor", "openai", "console", "localhost")
 
 
 def api_key() -> str:
