@@ -240,3 +240,37 @@ class Databases:
                 conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
         admin.dispose()
         self._created.clear()
+
+
+def start_worker(
+    workdir: Path, dataset_address: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Starts a training worker (`python -m loraforge.services.trainer.worker`) on the
+    trainer database in `workdir`'s home, polling every 0.2 s; its log is `worker.log`."""
+    full_env = {
+        **os.environ,
+        "LORAFORGE_HOME": str(workdir / "home"),
+        "LORAFORGE_DATASET_ADDRESS": dataset_address,
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        **(env or {}),
+    }
+    with open(workdir / "worker.log", "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "loraforge.services.trainer.worker", "--poll-seconds", "0.2"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=REPO,
+        )
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL after `timeout` seconds; nothing for one already gone."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

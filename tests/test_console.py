@@ -15,7 +15,6 @@ import concurrent.futures
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -33,7 +32,16 @@ from loraforge.dataset.v1 import dataset_service_pb2 as dpb
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as dgrpc
 from loraforge.trainer.v1 import trainer_service_pb2 as tpb
 from loraforge.trainer.v1 import trainer_service_pb2_grpc as tgrpc
-from tests.support import REPO, ServiceProcess, channel, free_port, start_service, wait_until
+from tests.support import (
+    REPO,
+    ServiceProcess,
+    channel,
+    free_port,
+    start_service,
+    start_worker,
+    stop_process,
+    wait_until,
+)
 from tests.test_predictor_helpers import tiny_base
 
 pytestmark = pytest.mark.slow
@@ -73,17 +81,6 @@ class Cluster:
         return dgrpc.DatasetServiceStub(channel(self.dataset.address))
 
 
-def _stop_worker(worker: subprocess.Popen[bytes] | None) -> None:
-    if worker is None or worker.poll() is not None:
-        return
-    worker.send_signal(signal.SIGTERM)
-    try:
-        worker.wait(30)
-    except subprocess.TimeoutExpired:
-        worker.kill()
-        worker.wait()
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     workdir = tmp_path_factory.mktemp("console-cluster")
@@ -119,27 +116,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             ],
             timeout=300,
         )
-        env = {
-            **os.environ,
-            "LORAFORGE_HOME": str(workdir / "home"),
-            "LORAFORGE_DATASET_ADDRESS": dataset.address,
-            "LORAFORGE_AUTH": "off",
-            "LORAFORGE_MODEL_ROOTS": f"tests={workdir}",
-        }
-        with open(workdir / "worker.log", "ab") as log:
-            worker = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "loraforge.services.trainer.worker",
-                    "--poll-seconds",
-                    "0.2",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=REPO,
-            )
+        worker = start_worker(
+            workdir, dataset.address, env={"LORAFORGE_MODEL_ROOTS": f"tests={workdir}"}
+        )
         predictor = predictor_start.result()
         started.append(predictor)
         console = start_service(
@@ -154,7 +133,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield Cluster(base, dataset, trainer, predictor, console)
     finally:
         pool.shutdown()
-        _stop_worker(worker)
+        stop_process(worker)
         for service in reversed(started):
             service.stop()
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -39,12 +38,13 @@ from loraforge.trainer.v1 import evaluation_pb2 as epb
 from loraforge.trainer.v1 import trainer_service_pb2 as tpb
 from loraforge.trainer.v1 import trainer_service_pb2_grpc as tpb_grpc
 from tests.support import (
-    REPO,
     ServiceProcess,
     channel,
     error_details,
     free_port,
     start_service,
+    start_worker,
+    stop_process,
     wait_until,
 )
 from tests.test_predictor_helpers import tiny_base
@@ -141,26 +141,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         tstub = tpb_grpc.TrainerServiceStub(channel(trainer.address))
         tstub.CreateModel(tpb.CreateModelRequest(parent=APP, model_id="parity"))
         version = _train(tstub, base)
-        env = {
-            **os.environ,
-            **roots,
-            "LORAFORGE_HOME": str(workdir / "home"),
-            "LORAFORGE_DATASET_ADDRESS": dataset.address,
-        }
-        with open(workdir / "worker.log", "ab") as log:
-            worker = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "loraforge.services.trainer.worker",
-                    "--poll-seconds",
-                    "0.2",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=REPO,
-            )
+        worker = start_worker(workdir, dataset.address, env=roots)
         predictor = start_service(
             "loraforge.services.predictor",
             workdir,
@@ -187,12 +168,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             version,
         )
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        stop_process(worker)
         for service in reversed(started):
             service.stop()
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -32,7 +31,15 @@ from loraforge.predictor.v1 import predictor_service_pb2 as pb
 from loraforge.predictor.v1 import predictor_service_pb2_grpc as pb_grpc
 from loraforge.trainer.v1 import trainer_service_pb2 as tpb
 from loraforge.trainer.v1 import trainer_service_pb2_grpc as tpb_grpc
-from tests.support import REPO, ServiceProcess, channel, free_port, start_service
+from tests.support import (
+    REPO,
+    ServiceProcess,
+    channel,
+    free_port,
+    start_service,
+    start_worker,
+    stop_process,
+)
 from tests.test_predictor_helpers import tiny_base
 
 pytestmark = pytest.mark.slow
@@ -157,26 +164,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         for model in ("adder", "untrained"):
             tstub.CreateModel(tpb.CreateModelRequest(parent=APP, model_id=model))
         version = _train(tstub, base, dataset_version)
-        env = {
-            **os.environ,
-            "LORAFORGE_HOME": str(workdir / "home"),
-            "LORAFORGE_DATASET_ADDRESS": dataset.address,
-            "LORAFORGE_MODEL_ROOTS": f"tests={workdir}",
-        }
-        with open(workdir / "worker.log", "ab") as log:
-            worker = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "loraforge.services.trainer.worker",
-                    "--poll-seconds",
-                    "0.2",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=REPO,
-            )
+        worker = start_worker(
+            workdir, dataset.address, env={"LORAFORGE_MODEL_ROOTS": f"tests={workdir}"}
+        )
         # The predictor starts while the worker trains.
         predictor = start_service(
             "loraforge.services.predictor",
@@ -221,12 +211,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             client,
         )
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        stop_process(worker)
         for service in reversed(started):
             service.stop()
 

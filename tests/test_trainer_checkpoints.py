@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
 import subprocess
-import sys
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +23,14 @@ from loraforge.dataset.v1 import dataset_service_pb2_grpc as dpb_grpc
 from loraforge.services.common.objectstore import copy_store_to_tree, open_object_store
 from loraforge.trainer.v1 import trainer_service_pb2 as pb
 from loraforge.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
-from tests.support import REPO, channel, error_details, start_service, wait_until
+from tests.support import (
+    channel,
+    error_details,
+    start_service,
+    start_worker,
+    stop_process,
+    wait_until,
+)
 from tests.tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -123,35 +127,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 param_overrides=json_format.ParseDict(overrides, struct_pb2.Struct()),
             )
         ).model_version.name
-        env = {
-            **os.environ,
-            "LORAFORGE_HOME": str(workdir / "home"),
-            "LORAFORGE_DATASET_ADDRESS": dataset.address,
-            "LORAFORGE_AUTH": "off",
-            **roots,
-        }
-        with open(workdir / "worker.log", "ab") as log:
-            worker = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "loraforge.services.trainer.worker",
-                    "--poll-seconds",
-                    "0.2",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=REPO,
-            )
+        worker = start_worker(workdir, dataset.address, env=roots)
         yield Stack(workdir, trainer.address, stub, dataset_version, _wait(stub, name), overrides)
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        stop_process(worker)
         trainer.stop()
         dataset.stop()
 

@@ -5,10 +5,7 @@ LoRA shape does not match. Dataset service, trainer and a worker are real proces
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +22,14 @@ from loraforge.dataset.v1 import dataset_service_pb2_grpc as dpb_grpc
 from loraforge.services.common.objectstore import copy_store_to_tree, open_object_store
 from loraforge.trainer.v1 import trainer_service_pb2 as pb
 from loraforge.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
-from tests.support import REPO, channel, error_details, start_service, wait_until
+from tests.support import (
+    channel,
+    error_details,
+    start_service,
+    start_worker,
+    stop_process,
+    wait_until,
+)
 from tests.tiny_model import TinyModelSpec, build_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -142,27 +146,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             for model in ("sums", "pending")
         )
         stub.CancelModelVersion(pb.CancelModelVersionRequest(name=cancelled))
-        env = {
-            **os.environ,
-            "LORAFORGE_HOME": str(workdir / "home"),
-            "LORAFORGE_DATASET_ADDRESS": dataset.address,
-            "LORAFORGE_AUTH": "off",
-            **roots,
-        }
-        with open(workdir / "worker.log", "ab") as log:
-            worker = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "loraforge.services.trainer.worker",
-                    "--poll-seconds",
-                    "0.2",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=REPO,
-            )
+        worker = start_worker(workdir, dataset.address, env=roots)
         _wait(stub, source)
         yield Stack(
             workdir,
@@ -176,12 +160,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             cancelled,
         )
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        stop_process(worker)
         trainer.stop()
         dataset.stop()
 

@@ -10,10 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import signal
 import subprocess
-import sys
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +28,15 @@ from loraforge.predictor.v1 import predictor_service_pb2 as ppb
 from loraforge.predictor.v1 import predictor_service_pb2_grpc as ppb_grpc
 from loraforge.trainer.v1 import trainer_service_pb2 as tpb
 from loraforge.trainer.v1 import trainer_service_pb2_grpc as tpb_grpc
-from tests.support import REPO, ServiceProcess, channel, error_details, start_service, wait_until
+from tests.support import (
+    ServiceProcess,
+    channel,
+    error_details,
+    start_service,
+    start_worker,
+    stop_process,
+    wait_until,
+)
 from tests.test_predictor_helpers import peft_greedy, tiny_base
 
 pytestmark = pytest.mark.slow
@@ -129,27 +134,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             ).model_version.name
             if model == "pending":  # cancelled before any worker runs: never TRAINED
                 tstub.CancelModelVersion(tpb.CancelModelVersionRequest(name=versions[model]))
-        env = {
-            **os.environ,
-            "LORAFORGE_HOME": str(workdir / "home"),
-            "LORAFORGE_DATASET_ADDRESS": dataset.address,
-            "LORAFORGE_AUTH": "off",
-            **roots,
-        }
-        with open(workdir / "worker.log", "ab") as log:
-            worker = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "loraforge.services.trainer.worker",
-                    "--poll-seconds",
-                    "0.2",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=REPO,
-            )
+        worker = start_worker(workdir, dataset.address, env=roots)
         # The predictor starts while the worker trains.
         predictor = start_service(
             "loraforge.services.predictor",
@@ -181,12 +166,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             versions["pending"],
         )
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        stop_process(worker)
         for service in reversed(started):
             service.stop()
 
