@@ -94,18 +94,22 @@ class Figure:
         return self.prompt_tps if mix.rate == "prompt" else self.output_tps
 
 
-def prompt_ids(tokenizer: Any, mix: Mix, n: int, limit: int) -> list[list[int]]:
+def prompt_ids(tokenizer: Any, mix: Mix, n: int, limit: int, salt: str) -> list[list[int]]:
+    """`n` prompts of `mix`, each beginning with its own tag (`salt` and its number), so no
+    prompt shares a first block with another: the engines' prefix caches (vLLM's is on by
+    default) cannot answer a prompt from an earlier round, and every prompt token is
+    computed, as with real traffic of distinct requests."""
     if mix.max_tokens > 8:
         return [
-            tokenizer(f"Write a short story about {TOPICS[i % len(TOPICS)]}, number {i}.")[
-                "input_ids"
-            ]
+            tokenizer(
+                f"[{salt}-{i}] Write a short story about {TOPICS[i % len(TOPICS)]}, number {i}."
+            )["input_ids"]
             for i in range(n)
         ]
     news = [json.loads(line)["prompt"] for line in DATA.read_text().splitlines()]
     out = []
     for i in range(n):
-        text = "Classify the sentiment of these headlines.\n" + "\n".join(
+        text = f"[{salt}-{i}] Classify the sentiment of these headlines.\n" + "\n".join(
             news[(i * 9 + k) % len(news)] for k in range(12)
         )
         out.append(tokenizer(text)["input_ids"][: min(250, limit - mix.max_tokens - 1)])
@@ -158,15 +162,19 @@ async def measure_engine(
     limit = engine.max_model_len
     # Warm-up: loads every adapter and runs each shape once.
     for mix in MIXES:
-        await run_round(engine, prompt_ids(tokenizer, mix, 8, limit), list(refs), 2, 8)
+        prompts = prompt_ids(tokenizer, mix, 8, limit, "warm-up")
+        await run_round(engine, prompts, list(refs), 2, 8)
     results: dict[tuple[str, int, str], Figure] = {}
     for mix in MIXES:
         for concurrency in CONCURRENCY:
-            prompts = prompt_ids(tokenizer, mix, REQUESTS[concurrency], limit)
             figures: dict[str, list[Figure]] = {s: [] for s in SETUPS}
             for r in range(rounds):
                 order = SETUPS if r % 2 == 0 else tuple(reversed(SETUPS))
                 for setup in order:
+                    # New prompts for every round of every setup: none was seen before.
+                    prompts = prompt_ids(
+                        tokenizer, mix, REQUESTS[concurrency], limit, f"{setup}-{concurrency}-{r}"
+                    )
                     figures[setup].append(
                         await run_round(
                             engine, prompts, choices[setup], mix.max_tokens, concurrency
