@@ -123,7 +123,8 @@ async def run_round(
     max_tokens: int,
     concurrency: int,
 ) -> Figure:
-    sampling = SamplingSettings(max_tokens=max_tokens)
+    # Every request generates all its tokens, whatever the model (or adapter) would say.
+    sampling = SamplingSettings(max_tokens=max_tokens, ignore_eos=True)
     gate = asyncio.Semaphore(concurrency)
 
     async def one(i: int, ids: list[int]) -> int:

@@ -239,7 +239,7 @@ def test_transformers_engine_serves_gpt_neo_adapters(tmp_path: Path, loop) -> No
 
 
 @pytest.mark.slow
-def test_default_generation_stops_at_end_of_sequence(tmp_path: Path, loop) -> None:
+def test_generation_stops_at_end_of_sequence_unless_told_to_ignore_it(tmp_path: Path, loop) -> None:
     from transformers import AutoTokenizer
 
     from loraforge.services.predictor.engines.transformers_engine import (
@@ -258,6 +258,18 @@ def test_default_generation_stops_at_end_of_sequence(tmp_path: Path, loop) -> No
     assert reason is FinishReason.STOP
     assert ids[-1] == tokenizer.eos_token_id and len(ids) < 256
     assert "</s>" not in text
+    # Measurements ask for every token whatever the model says (ignore_eos).
+    ids, _, reason = loop.run_until_complete(
+        collect(
+            engine,
+            GenerationRequest(
+                "f",
+                tokenizer(PROMPTS[0])["input_ids"],
+                SamplingSettings(max_tokens=12, ignore_eos=True),
+            ),
+        )
+    )
+    assert len(ids) == 12 and reason is FinishReason.LENGTH
     loop.run_until_complete(engine.shutdown())
 
 

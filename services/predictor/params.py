@@ -63,6 +63,8 @@ class SamplingSettings:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # Generate all `max_tokens` whatever the model says (benchmarks: equal work per request).
+    ignore_eos: bool = False
 
     @property
     def greedy(self) -> bool:

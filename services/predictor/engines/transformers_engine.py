@@ -243,6 +243,8 @@ class TransformersEngine:
             "streamer": streamer,
             "stopping_criteria": StoppingCriteriaList([_Stop()]),
         }
+        if s.ignore_eos:
+            kwargs["min_new_tokens"] = s.max_tokens
         if not s.greedy:
             kwargs.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
         else:

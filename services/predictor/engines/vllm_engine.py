@@ -138,6 +138,7 @@ class VllmEngine:
             repetition_penalty=s.repetition_penalty,
             stop=list(s.stop) or None,
             seed=s.seed,
+            ignore_eos=s.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
             skip_special_tokens=True,
         )
