@@ -33,7 +33,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from loraforge.client import Client, ClientError
 from loraforge.client.demo import demo_file
-from loraforge.client.local import new_api_key
+from loraforge.services.common.auth import new_api_key
 from loraforge.services.common.channels import ChannelSecurity
 from loraforge.services.common.healthcheck import check
 from tests.support import REPO, ServiceProcess, start_service
@@ -219,7 +219,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     server = ca.issue("server", server=True)
     client = ca.issue("client", server=False)
     base = build_tiny_model(workdir / "models" / "tiny-llama")
-    keys = {name: new_api_key() for name in ("trainer", "worker", "predictor")}
+    keys = {name: new_api_key()[1] for name in ("trainer", "worker", "predictor")}
     keys_file = workdir / "service-keys"
     keys_file.write_text("".join(f"{name}={key}\n" for name, key in keys.items()))
     keys_file.chmod(0o600)

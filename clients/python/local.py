@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -30,6 +29,7 @@ from pathlib import Path
 import httpx
 
 from loraforge.client.client import DEFAULT_ADDRESSES
+from loraforge.services.common.auth import new_api_key, write_secret_file
 from loraforge.services.common.channels import read_key_file
 from loraforge.services.common.errors import InvalidArgument
 from loraforge.services.common.healthcheck import check
@@ -150,15 +150,10 @@ class LocalCluster:
 
     def _write_service_keys(self) -> None:
         """New keys for the trainer, the workers and the predictor, in a file only we read."""
-        self.service_keys = {name: new_api_key() for name in SERVICE_IDENTITIES}
-        path = self.home / SERVICE_KEYS_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write("# service identities' keys for the dataset service (`loraforge up`)\n")
-            fh.writelines(f"{name}={key}\n" for name, key in self.service_keys.items())
-        tmp.replace(path)
+        self.service_keys = {name: new_api_key()[1] for name in SERVICE_IDENTITIES}
+        header = "# service identities' keys for the dataset service (`loraforge up`)\n"
+        lines = "".join(f"{name}={key}\n" for name, key in self.service_keys.items())
+        write_secret_file(self.home / SERVICE_KEYS_FILE, header + lines)
 
     def _stores(self, database: str | None) -> list[str]:
         """The flags that point a process at its metadata store and the object store."""
@@ -324,11 +319,6 @@ class LocalCluster:
 def auth_from_env() -> bool:
     """API keys on, unless `LORAFORGE_AUTH` says off (the services' own variable)."""
     return os.environ.get("LORAFORGE_AUTH", "on").strip().lower() not in ("off", "false", "0")
-
-
-def new_api_key() -> str:
-    """A key in the services' format: `lf_{12 hex}_{43 urlsafe base64 characters}`."""
-    return f"lf_{secrets.token_hex(6)}_{secrets.token_urlsafe(32)}"
 
 
 def _free_port() -> int:

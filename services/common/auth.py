@@ -31,12 +31,14 @@ import hashlib
 import hmac
 import inspect
 import ipaddress
+import os
 import re
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
@@ -91,6 +93,20 @@ def key_id_of(key: str) -> str | None:
     """The id of a well-formed key; None for anything else."""
     match = KEY_PATTERN.match(key)
     return match.group(1) if match else None
+
+
+def write_secret_file(path: Path, text: str) -> None:
+    """Writes `text` to `path`, readable by its owner only (its folder too, if made here),
+    through a temporary file, so a reader never sees a partial key."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    tmp.replace(path)
 
 
 def same_hash(a: str, b: str) -> bool:
@@ -484,7 +500,7 @@ def _unary(
     async def wrapper(request_or_iterator: Any, context: Context) -> Any:
         if streaming_in:
             first, request_or_iterator = await _first_and_rest(request_or_iterator)
-            principal = await authorize(_stream_head(first))
+            principal = await authorize(first if first is not None else _EmptyRequest())
         else:
             principal = await authorize(request_or_iterator)
         _CURRENT.set(principal)
@@ -503,7 +519,7 @@ def _stream(
     async def wrapper(request_or_iterator: Any, context: Context) -> AsyncIterator[Any]:
         if streaming_in:
             first, request_or_iterator = await _first_and_rest(request_or_iterator)
-            principal = await authorize(_stream_head(first))
+            principal = await authorize(first if first is not None else _EmptyRequest())
         else:
             principal = await authorize(request_or_iterator)
         _CURRENT.set(principal)
@@ -518,10 +534,3 @@ def _stream(
                 yield item
 
     return wrapper
-
-
-def _stream_head(first: Any | None) -> Any:
-    """The message a streamed request's rule reads: its header where it has one."""
-    if first is None:
-        return _EmptyRequest()
-    return first

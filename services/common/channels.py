@@ -51,7 +51,8 @@ class ChannelSecurity:
         return ChannelSecurity(self.ca_file, self.cert_file, self.key_file)
 
 
-def _read(path: str, what: str) -> bytes:
+def read_file(path: str, what: str) -> bytes:
+    """The file's bytes; InvalidArgument naming `what` (a setting) when it cannot be read."""
     try:
         return Path(path).read_bytes()
     except OSError as exc:
@@ -62,7 +63,7 @@ def _read(path: str, what: str) -> bytes:
 
 def read_key_file(path: str, what: str) -> str:
     """The key a key file holds (its first non-empty, non-comment line), stripped."""
-    text = _read(path, what).decode("utf-8", errors="replace")
+    text = read_file(path, what).decode("utf-8", errors="replace")
     for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
@@ -82,7 +83,7 @@ def security_from(config: ProcessConfig) -> ChannelSecurity:
     }
     for name, path in settings.items():
         if path:
-            _read(path, describe(name))
+            read_file(path, describe(name))
     if bool(config.tls_client_cert_file) != bool(config.tls_client_key_file):
         raise InvalidArgument(
             f"{describe('tls_client_cert_file')} and {describe('tls_client_key_file')} go "
@@ -105,9 +106,9 @@ def security_from(config: ProcessConfig) -> ChannelSecurity:
 
 def channel_credentials(security: ChannelSecurity) -> grpc.ChannelCredentials:
     """TLS credentials from `security`'s files (InvalidArgument naming a file it cannot read)."""
-    root = _read(security.ca_file, "TLS CA bundle")
-    cert = _read(security.cert_file, "TLS client certificate") if security.cert_file else None
-    key = _read(security.key_file, "TLS client key") if security.key_file else None
+    root = read_file(security.ca_file, "TLS CA bundle")
+    cert = read_file(security.cert_file, "TLS client certificate") if security.cert_file else None
+    key = read_file(security.key_file, "TLS client key") if security.key_file else None
     if (cert is None) != (key is None):
         raise InvalidArgument(
             "a TLS client certificate needs its private key, and the key its certificate",

@@ -19,12 +19,12 @@ import signal
 import socket
 import ssl
 from collections.abc import Callable, Generator
-from pathlib import Path
 from typing import Any
 
 import uvicorn
 
 from loraforge.services.common.auth import is_loopback
+from loraforge.services.common.channels import read_file
 from loraforge.services.common.config import ServerConfig, describe
 from loraforge.services.common.errors import InvalidArgument, Unavailable
 from loraforge.services.common.server import write_ready_file
@@ -85,16 +85,8 @@ def tls_settings(config: ServerConfig, whose_keys: str = "callers' API keys") ->
             reason="CLIENT_CA_WITHOUT_TLS",
         )
     for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
-        path = getattr(config, name)
-        if not path:
-            continue
-        try:
-            Path(path).read_bytes()
-        except OSError as exc:
-            raise InvalidArgument(
-                f"{describe(name)}: cannot read {path!r} ({exc.strerror or exc})",
-                reason="UNREADABLE_FILE",
-            ) from None
+        if getattr(config, name):
+            read_file(getattr(config, name), describe(name))
     if not config.tls_cert_file:
         if not is_loopback(config.host) and not config.insecure:
             raise InvalidArgument(

@@ -30,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from loraforge.services.common.auth import AuthInterceptor, Verifier, is_loopback
+from loraforge.services.common.channels import read_file
 from loraforge.services.common.config import ServerConfig, describe
 from loraforge.services.common.errors import InvalidArgument, Unavailable
 from loraforge.services.common.interceptor import ErrorMappingInterceptor
@@ -86,16 +87,6 @@ class ServerTLS:
         )
 
 
-def _read_setting_file(name: str, path: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise InvalidArgument(
-            f"{describe(name)}: cannot read {path!r} ({exc.strerror or exc})",
-            reason="UNREADABLE_FILE",
-        ) from None
-
-
 def server_tls(config: ServerConfig) -> ServerTLS | None:
     """The TLS a server's settings ask for (None: plaintext); files are read here, at start."""
     if not config.tls_cert_file and not config.tls_key_file:
@@ -110,13 +101,13 @@ def server_tls(config: ServerConfig) -> ServerTLS | None:
             f"{describe('tls_cert_file')} and {describe('tls_key_file')} go together: set both"
         )
     client_ca = (
-        _read_setting_file("tls_client_ca_file", config.tls_client_ca_file)
+        read_file(config.tls_client_ca_file, describe("tls_client_ca_file"))
         if config.tls_client_ca_file
         else None
     )
     return ServerTLS(
-        _read_setting_file("tls_cert_file", config.tls_cert_file),
-        _read_setting_file("tls_key_file", config.tls_key_file),
+        read_file(config.tls_cert_file, describe("tls_cert_file")),
+        read_file(config.tls_key_file, describe("tls_key_file")),
         client_ca,
     )
 

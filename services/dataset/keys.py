@@ -8,7 +8,6 @@ id does not inherit them.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from loraforge.services.common.auth import (
     new_api_key,
     same_hash,
     unknown_key,
+    write_secret_file,
 )
 from loraforge.services.common.errors import InvalidArgument, NotFound, invalid_field
 from loraforge.services.dataset.catalog import app_row
@@ -246,19 +246,6 @@ class ApiKeys:
         return record
 
 
-def write_key_file(path: Path, key: str) -> None:
-    """Writes `key` to `path` readable by its owner only (its folder too, if made here)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, (key + "\n").encode())
-    finally:
-        os.close(fd)
-    tmp.replace(path)
-
-
 def bootstrap_admin(keys: ApiKeys, key_file: Path, *, admin_key: str, new_admin_key: bool) -> str:
     """Makes sure an admin can get in: what the log should say about it.
 
@@ -271,5 +258,5 @@ def bootstrap_admin(keys: ApiKeys, key_file: Path, *, admin_key: str, new_admin_
     if keys.has_active_admin() and not new_admin_key:
         return f"admin keys exist; a new one is made with --new-admin-key (into {key_file})"
     record, key = keys.create("", [ADMIN], description="made at start")
-    write_key_file(key_file, key)
+    write_secret_file(key_file, key + "\n")
     return f"new admin key {record.prefix} written to {key_file} (mode 0600)"
