@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import grpc
 
 from loraforge.services.common.config import ProcessConfig, describe
-from loraforge.services.common.errors import InvalidArgument
+from loraforge.services.common.errors import FailedPrecondition, InvalidArgument
 
 MiB = 1024 * 1024
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
@@ -116,6 +116,22 @@ def channel_credentials(security: ChannelSecurity) -> grpc.ChannelCredentials:
         )
     return grpc.ssl_channel_credentials(
         root_certificates=root, private_key=key, certificate_chain=cert
+    )
+
+
+def service_key_refused(err: grpc.RpcError, whom: str, what: str = "") -> FailedPrecondition | None:
+    """The error for `whom` (a service, "the predictor at host:port") refusing this process's
+    own service key: a setting to fix, not a retry (FAILED_PRECONDITION, never the caller's
+    UNAUTHENTICATED). None for any other error."""
+    code = err.code()
+    if code not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return None
+    purpose = f" for {what}" if what else ""
+    return FailedPrecondition(
+        f"{whom} refused this process's service key{purpose} ({code.name}: {err.details()}); "
+        f"check its {describe('service_key')} or {describe('service_key_file')} against the "
+        "dataset service's service_keys",
+        reason="SERVICE_KEY_REFUSED",
     )
 
 

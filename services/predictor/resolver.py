@@ -19,8 +19,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from loraforge.services.common.channels import ChannelSecurity, aio_channel
-from loraforge.services.common.config import describe
+from loraforge.services.common.channels import ChannelSecurity, aio_channel, service_key_refused
 from loraforge.services.common.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -234,15 +233,9 @@ class TrainerResolver:
                 ) from None
             if code == grpc.StatusCode.INVALID_ARGUMENT:
                 raise InvalidArgument(f"model: {exc.details()}", reason="INVALID_NAME") from None
-            if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-                # The predictor's own credential, not the caller's: a setting to fix.
-                raise FailedPrecondition(
-                    f"the TrainerService at {self.address} refused the predictor's service key "
-                    f"for {method} ({code.name}: {exc.details()}); check its "
-                    f"{describe('service_key')} or {describe('service_key_file')} against the "
-                    "dataset service's service_keys",
-                    reason="SERVICE_KEY_REFUSED",
-                ) from None
+            refused = service_key_refused(exc, f"the TrainerService at {self.address}", method)
+            if refused is not None:
+                raise refused from None
             raise Unavailable(
                 f"the TrainerService at {self.address} did not answer {method} for {name}: "
                 f"{code.name} {exc.details()}",

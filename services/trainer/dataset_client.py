@@ -12,8 +12,12 @@ from grpc_status import rpc_status
 
 from loraforge.dataset.v1 import dataset_service_pb2 as pb
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as pb_grpc
-from loraforge.services.common.channels import ChannelSecurity, aio_channel, sync_channel
-from loraforge.services.common.config import describe
+from loraforge.services.common.channels import (
+    ChannelSecurity,
+    aio_channel,
+    service_key_refused,
+    sync_channel,
+)
 from loraforge.services.common.errors import (
     DataLoss,
     FailedPrecondition,
@@ -72,14 +76,9 @@ def _translate(err: grpc.RpcError, address: str, what: str, field: str) -> Loraf
         )
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         return FailedPrecondition(f"{what}: {details}")
-    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-        # This process's own credential, not the caller's: a setting to fix, not a retry.
-        return FailedPrecondition(
-            f"the dataset service at {address} refused this process's service key for {what} "
-            f"({code.name}: {details}); check its {describe('service_key')} or "
-            f"{describe('service_key_file')} against the dataset service's service_keys",
-            reason="SERVICE_KEY_REFUSED",
-        )
+    refused = service_key_refused(err, f"the dataset service at {address}", what)
+    if refused is not None:
+        return refused
     if code == grpc.StatusCode.DATA_LOSS:  # the version's data is gone: retrying cannot help
         return DataLoss(
             details or f"{what}: its data is lost",

@@ -10,7 +10,7 @@ import grpc
 
 from loraforge.predictor.v1 import predictor_service_pb2 as pb
 from loraforge.predictor.v1 import predictor_service_pb2_grpc as pb_grpc
-from loraforge.services.common.channels import ChannelSecurity, aio_channel
+from loraforge.services.common.channels import ChannelSecurity, aio_channel, service_key_refused
 from loraforge.services.common.config import describe
 from loraforge.services.common.errors import (
     FailedPrecondition,
@@ -37,12 +37,9 @@ def _translate(err: grpc.RpcError, address: str) -> LoraforgeError:
         return InvalidArgument(f"the predictor refused the request: {details}")
     if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
         return FailedPrecondition(f"the predictor cannot answer: {details}")
-    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-        return FailedPrecondition(
-            f"the predictor at {address} refused this process's service key ({code.name}: "
-            f"{details}); check its {describe('service_key')} or {describe('service_key_file')}",
-            reason="SERVICE_KEY_REFUSED",
-        )
+    refused = service_key_refused(err, f"the predictor at {address}")
+    if refused is not None:
+        return refused
     return Unavailable(
         f"the predictor at {address} did not answer ({code.name}: {details}); retry later",
         reason="PREDICTOR_UNAVAILABLE",
