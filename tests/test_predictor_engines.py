@@ -121,6 +121,47 @@ def test_vllm_multi_lora_batch_equals_peft(vllm_engine: Any, llama: dict[str, Pa
 
 
 @pytest.mark.slow
+def test_vllm_reusing_adapter_slots_serves_each_adapters_own_weights(
+    vllm_engine: Any, llama: dict[str, Path], loop, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Six adapters through an engine of four slots: vLLM loads later adapters into slots
+    earlier ones used, rewriting its stacked weights in place, and the CPU LoRA path's packed
+    copies must follow. Some adapters skip layers (q and v only), so a slot's layer can hold
+    zeros for one adapter and weights for the next."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama["base"])
+    root = tmp_path_factory.mktemp("six-adapters")
+    paths = [
+        make_adapter(
+            llama["base"],
+            root / f"s{i}",
+            seed=40 + i,
+            targets=["q_proj", "v_proj"] if i % 2 else None,
+        )
+        for i in range(6)
+    ]
+    refs = [AdapterRef(100 + i, f"s{i}", path) for i, path in enumerate(paths)]
+    prompt = tokenizer(PROMPTS[1])["input_ids"]
+    expected = [peft_greedy(llama["base"], path, prompt, GREEDY.max_tokens) for path in paths]
+    assert len({tuple(e) for e in expected}) > 1, "the adapters answer differently"
+
+    async def wave(adapters: list[int]) -> list[list[int]]:
+        results = await asyncio.gather(
+            *[
+                collect(vllm_engine, GenerationRequest(uuid.uuid4().hex, prompt, GREEDY, refs[i]))
+                for i in adapters
+            ]
+        )
+        return [ids for ids, _, _ in results]
+
+    for adapters in ([0, 1, 2, 3], [4, 5, 0, 1], [2, 3, 4, 5], [1, 2, 3, 4, 5, 0]):
+        answers = loop.run_until_complete(wave(adapters))
+        for i, ids in zip(adapters, answers, strict=True):
+            assert ids == expected[i], f"adapter s{i} in wave {adapters}"
+
+
+@pytest.mark.slow
 def test_vllm_closing_the_stream_aborts_the_request(
     vllm_engine: Any, llama: dict[str, Path], loop
 ) -> None:

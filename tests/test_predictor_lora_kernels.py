@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -129,3 +131,142 @@ def test_bfloat16_activations_give_the_reference_within_bfloat16_precision(
     kernels.bgmv_expand(shrunk, lora_b, y, indices, add_inputs=True)
     expected_y = reference(shrunk.to(torch.bfloat16).float(), lora_b.float(), indices)
     torch.testing.assert_close(y.float(), expected_y, rtol=2e-2, atol=5e-1)
+
+
+# --- a linear layer's whole LoRA, fused across its slices (PunicaWrapperCPU.add_lora_linear) ---
+
+# A packed q/k/v layer: slices of different widths; the last adapter slot left empty (zeros),
+# as vLLM leaves a slot no adapter is loaded into.
+PACKED_SLICES, PACKED_IN = (48, 16, 16), 40
+
+
+def punica(indices: list[int]) -> Any:
+    """vLLM's CPU punica wrapper, with our replacements installed, mapping tokens to slots."""
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    kernels.register()
+    wrapper = PunicaWrapperCPU(4096, 256, "cpu")
+    wrapper._token_lora_indices[: len(indices)].copy_(torch.tensor(indices))
+    wrapper._sampler_indices[: len(indices)].copy_(torch.tensor(indices))  # one token each
+    wrapper.indices_len[:] = [len(indices)] * 4
+    return wrapper
+
+
+def packed_weights(
+    g: torch.Generator, dtype: torch.dtype
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    lora_a = tuple(torch.randn(SLOTS, 1, RANK, PACKED_IN, generator=g) for _ in PACKED_SLICES)
+    lora_b = tuple(torch.randn(SLOTS, 1, size, RANK, generator=g) for size in PACKED_SLICES)
+    for a, b in zip(lora_a, lora_b, strict=True):
+        a[SLOTS - 1].zero_()
+        b[SLOTS - 1].zero_()
+    return tuple(a.to(dtype) for a in lora_a), tuple(b.to(dtype) for b in lora_b)
+
+
+def linear_reference(
+    x: torch.Tensor,
+    lora_a: tuple[torch.Tensor, ...],
+    lora_b: tuple[torch.Tensor, ...],
+    indices: list[int],
+    scale: float,
+) -> torch.Tensor:
+    """Token by token, slice by slice, in float64: what each token's adapter adds."""
+    rows = []
+    for i, slot in enumerate(indices):
+        parts = []
+        for a, b in zip(lora_a, lora_b, strict=True):
+            if slot < 0:
+                parts.append(torch.zeros(b.shape[2], dtype=torch.float64))
+            else:
+                h = x[i].double() @ a[slot, 0].double().T * scale
+                parts.append(h @ b[slot, 0].double().T)
+        rows.append(torch.cat(parts))
+    return torch.stack(rows)
+
+
+LINEAR_BATCHES = {
+    "decode, one adapter": [2] * 16,
+    "decode, one token": [1],
+    "decode, mixed with base tokens": [0, 1, 2, -1, 2, 1, 0, -1, 3, 3, 0, 1],
+    "decode, adapters in slots 2 and 0 only": [2, 0, 2, 0],
+    "decode, base tokens only": [-1] * 6,
+    "decode, only the empty slot": [SLOTS - 1] * 5,
+    "prefill, one adapter": [1] * 300,
+    "prefill, sequences of several adapters": [0] * 120 + [-1] * 90 + [2] * 80 + [0] * 40,
+    "prefill, many short sequences (by rows)": [i % 4 - 1 for i in range(600)],
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("token_indices", LINEAR_BATCHES.values(), ids=LINEAR_BATCHES.keys())
+def test_a_packed_layers_lora_equals_each_tokens_own_adapter_slice_by_slice(
+    token_indices: list[int], dtype: torch.dtype
+) -> None:
+    g = torch.Generator().manual_seed(len(token_indices))
+    lora_a, lora_b = packed_weights(g, dtype)
+    x = torch.randn(len(token_indices), PACKED_IN, generator=g).to(dtype)
+    y = torch.randn(len(token_indices), sum(PACKED_SLICES), generator=g).to(dtype)
+    before = y.clone()
+    punica(token_indices).add_lora_linear(y, x, lora_a, lora_b, 0.5, PACKED_SLICES)
+    expected = before.double() + linear_reference(x, lora_a, lora_b, token_indices, 0.5)
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4)
+    else:  # one rounding of the output and of the rank-sized intermediate to bfloat16
+        torch.testing.assert_close(y.double(), expected, rtol=3e-2, atol=0.5)
+    base_rows = torch.tensor(token_indices) < 0
+    assert torch.equal(y[base_rows], before[base_rows]), "a base-model token gets no LoRA"
+
+
+def test_a_slot_rewritten_with_another_adapter_is_computed_with_the_new_weights() -> None:
+    """vLLM loads an adapter into a slot an evicted one used, writing the stacked weights in
+    place (set_lora); the packed copy must follow."""
+    from vllm.lora.layers import MergedColumnParallelLinearWithLoRA
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+    g = torch.Generator().manual_seed(7)
+    lora_a, lora_b = packed_weights(g, torch.float32)
+    indices = [0, 0, 1, 1]
+    wrapper = punica(indices)
+    x = torch.randn(4, PACKED_IN, generator=g)
+    y = torch.zeros(4, sum(PACKED_SLICES))
+    wrapper.add_lora_linear(y, x, lora_a, lora_b, 1.0, PACKED_SLICES)  # packs the weights
+    expected = linear_reference(x, lora_a, lora_b, indices, 1.0)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4)
+
+    # vLLM's own set_lora, on a layer holding our stacked tensors: slot 0 gets a new adapter.
+    layer = MergedColumnParallelLinearWithLoRA.__new__(MergedColumnParallelLinearWithLoRA)
+    layer.lora_a_stacked, layer.lora_b_stacked = lora_a, lora_b
+    layer.n_slices, layer.tp_size = len(PACKED_SLICES), 1
+    new_a = [torch.randn(RANK, PACKED_IN, generator=g) for _ in PACKED_SLICES]
+    new_b = [torch.randn(size, RANK, generator=g) for size in PACKED_SLICES]
+    layer.set_lora(0, new_a, new_b)
+    assert torch.equal(lora_a[1][0, 0], new_a[1])
+    assert getattr(BaseLinearLayerWithLoRA.reset_lora, "__loraforge_written__", False)
+
+    y.zero_()
+    wrapper.add_lora_linear(y, x, lora_a, lora_b, 1.0, PACKED_SLICES)
+    expected = linear_reference(x, lora_a, lora_b, indices, 1.0)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "token_indices",
+    [[0, 1, -1, 1], [SLOTS - 1, -1, SLOTS - 1], [1] * 3],
+    ids=["adapters with a head", "only adapters without one", "one adapter"],
+)
+def test_the_lm_heads_lora_is_applied_only_for_adapters_that_have_one(
+    token_indices: list[int],
+) -> None:
+    """vLLM gives every adapter an LM-head LoRA slot (zeros for the many that have none)."""
+    g = torch.Generator().manual_seed(5)
+    vocab, hidden = 96, 32
+    lora_a = torch.randn(SLOTS, 1, RANK, hidden, generator=g)
+    lora_b = torch.randn(SLOTS, 1, vocab, RANK, generator=g)
+    lora_a[SLOTS - 1].zero_()  # an adapter without an LM-head LoRA
+    x = torch.randn(len(token_indices), hidden, generator=g)
+    y = torch.randn(len(token_indices), vocab, generator=g)
+    before = y.clone()
+    punica(token_indices).add_lora_logits(y, x, lora_a, lora_b, 1.0)
+    slots = torch.tensor(token_indices)
+    expected = before + reference(reference(x, lora_a, slots), lora_b, slots)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
