@@ -656,6 +656,6 @@ def register() -> None:
     if wrapper.add_lora_linear is not add_lora_linear:
         _stock_add_lora_linear = wrapper.add_lora_linear
         _stock_add_lora_logits = wrapper.add_lora_logits
-        wrapper.add_lora_linear = add_lora_linear
-        wrapper.add_lora_logits = add_lora_logits
+        setattr(wrapper, "add_lora_linear", add_lora_linear)  # noqa: B010
+        setattr(wrapper, "add_lora_logits", add_lora_logits)  # noqa: B010
     log.debug("loraforge LoRA kernels installed for vLLM's CPU punica path")
