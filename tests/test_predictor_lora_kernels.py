@@ -189,6 +189,7 @@ LINEAR_BATCHES = {
     "decode, one token": [1],
     "decode, mixed with base tokens": [0, 1, 2, -1, 2, 1, 0, -1, 3, 3, 0, 1],
     "decode, adapters in slots 2 and 0 only": [2, 0, 2, 0],
+    "decode, one adapter in a far slot beside base tokens": [2, -1, 2, -1],
     "decode, base tokens only": [-1] * 6,
     "decode, only the empty slot": [SLOTS - 1] * 5,
     "prefill, one adapter": [1] * 300,

@@ -77,17 +77,21 @@ class _Grouping:
             if slot >= 0:
                 members[slot].append(token)
         self.width = max(len(m) for m in members.values())
-        source = [0] * (len(self.adapters) * self.width)  # padding rows read token 0
+        # Block b computes with the weights of slot b (a view of the stacked weights, slots
+        # 0..top-1, blocks of slots not in the batch left to padding) unless the batch's slots
+        # are few and far apart: then block b is the batch's b-th adapter, its weights copied.
+        n, top = len(self.adapters), self.adapters[-1] + 1
+        block_slots = list(range(top)) if top <= 2 * n else self.adapters
+        self.blocks = len(block_slots)
+        self.slots = slice(0, top) if top <= 2 * n else torch.tensor(self.adapters)
+        source = [0] * (self.blocks * self.width)  # padding rows read token 0
         position = [0] * len(token_slots)  # base-model tokens read row 0, then are zeroed
-        for block, slot in enumerate(self.adapters):
-            for k, token in enumerate(members[slot]):
+        for block, slot in enumerate(block_slots):
+            for k, token in enumerate(members.get(slot, ())):
                 source[block * self.width + k] = token
                 position[token] = block * self.width + k
         self.source = torch.tensor(source)
         self.position = torch.tensor(position)
-        # Adapters in slots 0..n-1 (the usual case) are a view of the stacked weights.
-        n = len(self.adapters)
-        self.slots = slice(0, n) if self.adapters == list(range(n)) else torch.tensor(self.adapters)
         self.base_rows = (indices < 0).unsqueeze(1) if self.has_base else None
 
 
@@ -162,7 +166,7 @@ def _grouped_matmul(inputs: Any, weights: Any, group: _Grouping, dtype: Any) -> 
     if group.single:  # the whole batch uses one adapter
         return x @ stacked[group.adapters[0]].to(dtype=dtype).T
     if group.padded:
-        blocks = x.index_select(0, group.source).view(len(group.adapters), group.width, -1)
+        blocks = x.index_select(0, group.source).view(group.blocks, group.width, -1)
         w = (
             stacked[group.slots]
             if isinstance(group.slots, slice)
@@ -367,16 +371,19 @@ _dirty: dict[int, set[int]] = {}
 
 
 class _Packed:
-    """One LoRA layer's weights, laid out for one matmul per shrink and per expand.
+    """One LoRA layer's weights, laid out for few matmuls per batch.
 
-    `a(dtype)` stacks the slices' A matrices along their rank: (slots, sum of ranks, in).
-    `bt(dtype)` holds the slices' B matrices as one block-diagonal, transposed: (slots, sum
-    of ranks, sum of outputs), so a module's expand is one matmul too, written into whole
-    rows of the output (a matmul reads B about three times as fast this way round as
-    through a transposed view). Each is made on first use in a dtype: the weights' own
-    for large batches, float32 for small ones. `dead` holds the slots that add nothing to
-    this layer: empty, or holding an adapter that does not target it (vLLM gives every
-    adapter every LoRA layer, zeros where it has none).
+    `a(dtype)` stacks the slices' A matrices along their rank: (slots, sum of ranks, in),
+    so a layer's shrink is one matmul. For small batches (float32), `b_t(dtype)` holds each
+    slice's B transposed: (slots, rank, out), one matmul per slice (a batched matmul reads
+    B about three times as fast this way round as through a transposed view). For large
+    batches (the weights' dtype), `bt(dtype)` holds the slices' B matrices as one
+    block-diagonal, transposed: (slots, sum of ranks, sum of outputs), so an expand is one
+    matmul into whole rows of the output; its zeros cost memory reads that a decode step,
+    which reads every active adapter's weights for a few tokens, cannot afford. Each is
+    made on first use. `dead` holds the slots that add nothing to this layer: empty, or
+    holding an adapter that does not target it (vLLM gives every adapter every LoRA
+    layer, zeros where it has none).
     """
 
     def __init__(self, lora_a: tuple[Any, ...], lora_b: tuple[Any, ...], slices: tuple[int, ...]):
@@ -414,6 +421,15 @@ class _Packed:
             self._bt[dtype] = bt
         return self._bt[dtype]
 
+    def b_t(self, dtype: Any) -> list[Any]:
+        key = ("slices", dtype)
+        if key not in self._bt:
+            self._bt[key] = [
+                b[:, :size, :rank].transpose(1, 2).to(dtype=dtype).contiguous()
+                for (_, size, _, rank), b in zip(self.slice_offsets(), self.b_slices, strict=True)
+            ]
+        return self._bt[key]
+
     def _fill_bt(self, bt: Any, slots: int | slice) -> None:
         for (row, size, col, rank), b in zip(self.slice_offsets(), self.b_slices, strict=True):
             bt[slots, col : col + rank, row : row + size] = b[slots, :size, :rank].transpose(-2, -1)
@@ -425,8 +441,14 @@ class _Packed:
         for a in self._a.values():
             if a.data_ptr() != self.a_slices[0].data_ptr():
                 a[slot] = torch.cat([w[slot] for w in self.a_slices], dim=0)
-        for bt in self._bt.values():
-            self._fill_bt(bt, slot)
+        for key, bt in self._bt.items():
+            if isinstance(key, tuple):  # per slice
+                for (_, size, _, rank), b, t in zip(
+                    self.slice_offsets(), self.b_slices, bt, strict=True
+                ):
+                    t[slot] = b[slot, :size, :rank].T
+            else:
+                self._fill_bt(bt, slot)
         self.dead.discard(slot)
         if not self._adds(slot):
             self.dead.add(slot)
@@ -575,29 +597,34 @@ def add_lora_logits(
 
 
 def _small_batch(y: Any, x: Any, pack: _Packed, group: _Grouping, scale: float) -> None:
-    """A decode step: float32, one shrink and one (block-diagonal) expand per module."""
+    """A decode step: float32, one shrink per layer and one expand per slice."""
     import torch
 
     xf = x.to(dtype=torch.float32)
+    a, b_t = pack.a(torch.float32), pack.b_t(torch.float32)
+    offsets = pack.slice_offsets()
     if group.single:
         slot = group.adapters[0]
-        h = xf @ pack.a(torch.float32)[slot].T
+        h = xf @ a[slot].T
         if scale != 1.0:
             h.mul_(scale)
-        out = h @ pack.bt(torch.float32)[slot]
+        parts = [h[:, c : c + r] @ b[slot] for (_, _, c, r), b in zip(offsets, b_t, strict=True)]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     else:
-        n = len(group.adapters)
+        n = group.blocks
         blocks = xf.index_select(0, group.source).view(n, group.width, -1)
-        a, bt = pack.a(torch.float32), pack.bt(torch.float32)
         if isinstance(group.slots, slice):
-            a, bt = a[group.slots], bt[group.slots]
+            a, b_t = a[group.slots], [b[group.slots] for b in b_t]
         else:
-            a, bt = a.index_select(0, group.slots), bt.index_select(0, group.slots)
+            a, b_t = a.index_select(0, group.slots), [b.index_select(0, group.slots) for b in b_t]
         h = torch.bmm(blocks, a.transpose(1, 2))
         if scale != 1.0:
             h.mul_(scale)
-        out = torch.bmm(h, bt).view(n * group.width, -1)
-        out = out.index_select(0, group.position)
+        parts = [
+            torch.bmm(h[:, :, c : c + r], b) for (_, _, c, r), b in zip(offsets, b_t, strict=True)
+        ]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        out = out.view(n * group.width, -1).index_select(0, group.position)
         if group.base_rows is not None:
             out.masked_fill_(group.base_rows, 0)
     target = y if pack.width == y.shape[1] else y[:, : pack.width]
