@@ -20,12 +20,13 @@ apply in every vLLM process, the engine core included.
 
 A linear layer's LoRA (vLLM's `add_lora_linear`, the path of every q/k/v/o and
 gate/up/down projection) is replaced as a whole: vLLM runs a shrink and an expand
-per slice of a packed module (q, k and v; gate and up), each a separate small
+per slice of a packed layer (q, k and v; gate and up), each a separate small
 matmul, and on this CPU a small bfloat16 matmul costs 25-45 us whatever its size
-(float32: about 6). Here a packed module's A matrices are stacked once per adapter
-change, so a module's shrink is one matmul whatever its slices, and a small batch
-(a decode step) runs in float32 on weights kept in float32, with one block-diagonal
-expand per module: four small matmuls per layer instead of fourteen.
+(float32: about 6). Here a layer's A matrices are stacked once per adapter change,
+so its shrink is one matmul whatever its slices; a small batch (a decode step) runs
+in float32 on weights kept in float32; a large one (a prefill) in the model's dtype
+with the slices' B matrices as one block-diagonal, one expand per run of tokens.
+Layers and LM heads that no adapter of the batch targets are skipped.
 """
 
 from __future__ import annotations
