@@ -429,7 +429,8 @@ class _Packed:
                 b[:, :size, :rank].transpose(1, 2).to(dtype=dtype).contiguous()
                 for (_, size, _, rank), b in zip(self.slice_offsets(), self.b_slices, strict=True)
             ]
-        return self._bt[key]
+        per_slice: list[Any] = self._bt[key]
+        return per_slice
 
     def _fill_bt(self, bt: Any, slots: int | slice) -> None:
         for (row, size, col, rank), b in zip(self.slice_offsets(), self.b_slices, strict=True):
