@@ -547,7 +547,6 @@ def add_lora_linear(
         or x2.shape[0] != indices.shape[0]
         or y2.shape[0] != x2.shape[0]
         or sum(output_slices) > y2.shape[1]
-        or y2.data_ptr() != y.data_ptr()
     ):  # a layout this path does not know: vLLM's own, with the kernels above
         _stock_add_lora_linear(
             self,
