@@ -92,9 +92,9 @@ def _train(stub: tpb_grpc.TrainerServiceStub, base: Path) -> str:
         "peft_config": {"r": 8},
         "tokenizer_config": {"model_max_length": 32, "prompt_format": "raw"},
         "trainer_config": {
-            "max_steps": 40,
+            "max_steps": 80,
             "logging_steps": 4,
-            "save_steps": 20,  # a checkpoint half-way, evaluated on its own
+            "save_steps": 40,  # a checkpoint half-way, evaluated on its own
             "per_device_train_batch_size": 8,
             "learning_rate": 1e-2,
             "eval_split_percent": 0,
@@ -614,7 +614,7 @@ def test_the_fine_tuned_version_gives_its_reference_completions_a_lower_perplexi
 
 def test_a_checkpoint_is_evaluated_by_its_name_like_a_version(stack: Stack) -> None:
     kept = stack.evaluations.ListCheckpoints(tpb.ListCheckpointsRequest(parent=stack.version))
-    halfway = next(c for c in kept.checkpoints if c.step == 20)
+    halfway = next(c for c in kept.checkpoints if c.step == 40)
     done = _evaluate(stack, halfway.name, "halfway")
     assert done.name == f"{halfway.name}/evaluations/halfway"
     assert done.model_version == halfway.name and not done.base_model
@@ -642,4 +642,4 @@ def test_a_checkpoint_is_evaluated_by_its_name_like_a_version(stack: Stack) -> N
             )
         )
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
-    assert "20" in (missing.value.details() or "")  # says which checkpoints were kept
+    assert "40" in (missing.value.details() or "")  # says which checkpoints were kept
