@@ -18,7 +18,8 @@ an adapter than transformers + PEFT.
 
 Then, for vLLM: gRPC `Predict` end to end (a real predictor process) vs the engine
 in-process (target >= 0.9), and a cold adapter's latency from the object store to
-its first token.
+its first token. The predictor process starts once the in-process engine has stopped,
+so that each has the machine's cores to itself.
 
     python bench/bench_predictor.py [--model real|tiny] [--rounds 3] [--dtype auto]
         [--engines vllm,vllm-stock,transformers] [--no-serving-path] [--workdir DIR]
@@ -290,20 +291,21 @@ class GrpcClient:
         self.process.stop()
 
 
-async def serving_path(
-    engine: Any, tokenizer: Any, base: Path, cold: list[Path], work: Path, client: GrpcClient
+SERVING_TEXTS = [f"Question: what is {i} plus {i}? The answer is" for i in range(16)]
+SERVING_ROUNDS = 4
+
+
+async def in_process_path(
+    engine: Any, tokenizer: Any, base: Path, cold: list[Path], work: Path
 ) -> dict[str, float]:
-    texts = [f"Question: what is {i} plus {i}? The answer is" for i in range(16)]
-    ids = [tokenizer(t)["input_ids"] for t in texts]
+    """The engine in this process (base model, concurrency 16), then cold adapters' latency."""
+    ids = [tokenizer(t)["input_ids"] for t in SERVING_TEXTS]
     out: dict[str, float] = {}
-    await asyncio.to_thread(client.round, texts)  # warm-up
-    direct, grpc_rates = [], []
-    for _ in range(4):
-        direct.append((await run_round(engine, ids, [None], 32, 16)).output_tps)
-        tokens, seconds = await asyncio.to_thread(client.round, texts)
-        grpc_rates.append(tokens / seconds)
+    await run_round(engine, ids, [None], 32, 16)  # warm-up
+    direct = [
+        (await run_round(engine, ids, [None], 32, 16)).output_tps for _ in range(SERVING_ROUNDS)
+    ]
     out["direct_tps"] = statistics.median(direct)
-    out["grpc_tps"] = statistics.median(grpc_rates)
 
     store = LocalObjectStore(work / "objects")
     cache = AdapterCache(
@@ -339,6 +341,16 @@ async def serving_path(
     out["cold_first_token_s"] = statistics.median(latencies)
     out["cold_download_s"] = statistics.median(downloads)
     return out
+
+
+def grpc_path(client: GrpcClient) -> dict[str, float]:
+    """The same requests through gRPC `Predict` to a predictor process."""
+    client.round(SERVING_TEXTS)  # warm-up
+    rates = []
+    for _ in range(SERVING_ROUNDS):
+        tokens, seconds = client.round(SERVING_TEXTS)
+        rates.append(tokens / seconds)
+    return {"grpc_tps": statistics.median(rates)}
 
 
 # --- the run ----------------------------------------------------------------------
@@ -461,15 +473,19 @@ def main() -> int:
         try:
             results[kind] = await measure_engine(engine, tokenizer, refs, args.rounds)
             if kind == "vllm" and not args.no_serving_path:
-                client = GrpcClient(base, work, 32, dtype.dtype)
-                try:
-                    serving.update(await serving_path(engine, tokenizer, base, cold, work, client))
-                finally:
-                    client.close()
+                serving.update(await in_process_path(engine, tokenizer, base, cold, work))
         finally:
             await engine.shutdown()
             del engine
             gc.collect()  # vLLM's client finalises now, not at interpreter exit
+        if kind == "vllm" and not args.no_serving_path:
+            # The predictor process runs once this process's engine has stopped: two vLLM
+            # engines on one host would share its cores (vLLM binds each worker on its own).
+            client = GrpcClient(base, work, 32, dtype.dtype)
+            try:
+                serving.update(grpc_path(client))
+            finally:
+                client.close()
 
     for kind in engines:
         asyncio.run(run_engine(kind))

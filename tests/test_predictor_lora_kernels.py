@@ -195,6 +195,8 @@ LINEAR_BATCHES = {
     "prefill, one adapter": [1] * 300,
     "prefill, sequences of several adapters": [0] * 120 + [-1] * 90 + [2] * 80 + [0] * 40,
     "prefill, many short sequences (by rows)": [i % 4 - 1 for i in range(600)],
+    "prefill, one adapter in a far slot beside base tokens": [2] * 150 + [-1] * 150,
+    "prefill, adapters beside the empty slot": [0] * 100 + [SLOTS - 1] * 120 + [1] * 90,
 }
 
 

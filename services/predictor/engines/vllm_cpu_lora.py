@@ -25,8 +25,11 @@ matmul, and on this CPU a small bfloat16 matmul costs 25-45 us whatever its size
 (float32: about 6). Here a layer's A matrices are stacked once per adapter change,
 so its shrink is one matmul whatever its slices; a small batch (a decode step) runs
 in float32 on weights kept in float32; a large one (a prefill) in the model's dtype
-with the slices' B matrices as one block-diagonal, one expand per run of tokens.
-Layers and LM heads that no adapter of the batch targets are skipped.
+with the slices' B matrices as one block-diagonal: in float32 one expand per run of
+tokens, in bfloat16 (where a matmul's fixed cost dominates and its products are
+cheap) one shrink and one expand for all the batch's adapters together, each token
+masked to its own. Layers and LM heads that no adapter of the batch targets are
+skipped.
 """
 
 from __future__ import annotations
@@ -47,7 +50,9 @@ class _Grouping:
     that any number of adapters costs one batched matmul. A large one (prefill)
     holds each sequence's tokens together: it runs one matmul per run of tokens of
     one adapter, on views of the batch (no copies); where the runs are too many,
-    one matmul per adapter over the rows of its tokens.
+    one matmul per adapter over the rows of its tokens. Or, for all its adapters at
+    once, one matmul with every block's weights and a mask that keeps each token's
+    own block (`mask`).
     """
 
     PADDED_LIMIT = 256  # tokens
@@ -64,20 +69,9 @@ class _Grouping:
         self.padded = not self.single and len(token_slots) <= self.PADDED_LIMIT
         self.rows: dict[int, Any] = {}
         self.runs: list[tuple[int, int, int]] = []  # (start, end, slot), adapter tokens only
+        self._masks: dict[tuple[int, Any, float], Any] = {}
         if self.single or not self.adapters:
             return
-        if not self.padded:
-            runs = _runs(token_slots)
-            if len(runs) <= self.MAX_RUNS:
-                self.runs = [run for run in runs if run[2] >= 0]
-            else:
-                self.rows = {i: (indices == i).nonzero(as_tuple=True)[0] for i in self.adapters}
-            return
-        members: dict[int, list[int]] = {i: [] for i in self.adapters}
-        for token, slot in enumerate(token_slots):
-            if slot >= 0:
-                members[slot].append(token)
-        self.width = max(len(m) for m in members.values())
         # Block b computes with the weights of slot b (a view of the stacked weights, slots
         # 0..top-1, blocks of slots not in the batch left to padding) unless the batch's slots
         # are few and far apart: then block b is the batch's b-th adapter, its weights copied.
@@ -85,6 +79,22 @@ class _Grouping:
         block_slots = list(range(top)) if top <= 2 * n else self.adapters
         self.blocks = len(block_slots)
         self.slots = slice(0, top) if top <= 2 * n else torch.tensor(self.adapters)
+        block_of = {slot: block for block, slot in enumerate(block_slots)}
+        if not self.padded:
+            runs = _runs(token_slots)
+            if len(runs) <= self.MAX_RUNS:
+                self.runs = [run for run in runs if run[2] >= 0]
+            else:
+                self.rows = {i: (indices == i).nonzero(as_tuple=True)[0] for i in self.adapters}
+            tokens = [t for t, slot in enumerate(token_slots) if slot >= 0]
+            self.mask_tokens = torch.tensor(tokens)
+            self.mask_blocks = torch.tensor([block_of[token_slots[t]] for t in tokens])
+            return
+        members: dict[int, list[int]] = {i: [] for i in self.adapters}
+        for token, slot in enumerate(token_slots):
+            if slot >= 0:
+                members[slot].append(token)
+        self.width = max(len(m) for m in members.values())
         source = [0] * (self.blocks * self.width)  # padding rows read token 0
         position = [0] * len(token_slots)  # base-model tokens read row 0, then are zeroed
         for block, slot in enumerate(block_slots):
@@ -94,6 +104,18 @@ class _Grouping:
         self.source = torch.tensor(source)
         self.position = torch.tensor(position)
         self.base_rows = (indices < 0).unsqueeze(1) if self.has_base else None
+
+    def mask(self, rank: int, dtype: Any, scale: float) -> Any:
+        """(tokens, blocks * rank): `scale` in the `rank` columns of each token's own block,
+        zero elsewhere (and in every column of a base-model token). Large batches only."""
+        key = (rank, dtype, scale)
+        if key not in self._masks:
+            import torch
+
+            mask = torch.zeros(self.indices.shape[0], self.blocks, rank, dtype=dtype)
+            mask[self.mask_tokens, self.mask_blocks] = scale
+            self._masks[key] = mask.view(self.indices.shape[0], -1)
+        return self._masks[key]
 
 
 def _runs(token_slots: list[int]) -> list[tuple[int, int, int]]:
@@ -634,8 +656,14 @@ def _small_batch(y: Any, x: Any, pack: _Packed, group: _Grouping, scale: float) 
 
 
 def _large_batch(y: Any, x: Any, pack: _Packed, group: _Grouping, scale: float) -> None:
-    """A prefill: in the output's dtype, one shrink and one expand per run of tokens of one
-    adapter (or per adapter, over the rows of its tokens), for all slices at once."""
+    """A prefill, in the output's dtype, for all slices at once. One adapter: one shrink and
+    one expand. Several, in float32: one shrink and one expand per run of tokens of one
+    adapter (or per adapter, over the rows of its tokens). Several, in a reduced precision
+    (bfloat16: oneDNN's AMX kernels, where a call costs 25-50 us whatever its size and the
+    products themselves little): one shrink with every block's A matrices, a mask that keeps
+    each token's own block (and holds the scale), one expand with every block's B."""
+    import torch
+
     dtype = y.dtype
     xw = x.to(dtype=dtype)
     a, bt = pack.a(dtype), pack.bt(dtype)
@@ -648,6 +676,15 @@ def _large_batch(y: Any, x: Any, pack: _Packed, group: _Grouping, scale: float) 
     if group.single:
         slot = group.adapters[0]
         target.addmm_(shrunk(xw, slot), bt[slot])
+        return
+    if dtype != torch.float32:
+        if isinstance(group.slots, slice):
+            a, bt = a[group.slots], bt[group.slots]
+        else:
+            a, bt = a.index_select(0, group.slots), bt.index_select(0, group.slots)
+        h = xw @ a.reshape(-1, a.shape[-1]).T
+        h.mul_(group.mask(a.shape[1], dtype, scale))
+        target.addmm_(h, bt.reshape(-1, bt.shape[-1]))
         return
     for start, end, slot in group.runs:
         target[start:end].addmm_(shrunk(xw[start:end], slot), bt[slot])
