@@ -123,9 +123,11 @@ async def run_round(
     adapters: list[AdapterRef | None],
     max_tokens: int,
     concurrency: int,
+    ignore_eos: bool = True,
 ) -> Figure:
-    # Every request generates all its tokens, whatever the model (or adapter) would say.
-    sampling = SamplingSettings(max_tokens=max_tokens, ignore_eos=True)
+    # By default every request generates all its tokens, whatever the model (or adapter)
+    # would say, so that setups compare equal work.
+    sampling = SamplingSettings(max_tokens=max_tokens, ignore_eos=ignore_eos)
     gate = asyncio.Semaphore(concurrency)
 
     async def one(i: int, ids: list[int]) -> int:
@@ -291,7 +293,14 @@ class GrpcClient:
         self.process.stop()
 
 
-SERVING_TEXTS = [f"Question: what is {i} plus {i}? The answer is" for i in range(16)]
+# Greedy answers longer than SERVING_TOKENS: both sides generate the same tokens (the
+# public API has no ignore_eos), which `serving` reports per request.
+SERVING_TEXTS = [
+    f"Once upon a time, in a town known for its {TOPICS[i % len(TOPICS)]} office number {i},"
+    " there lived"
+    for i in range(16)
+]
+SERVING_TOKENS = 32
 SERVING_ROUNDS = 4
 
 
@@ -301,11 +310,13 @@ async def in_process_path(
     """The engine in this process (base model, concurrency 16), then cold adapters' latency."""
     ids = [tokenizer(t)["input_ids"] for t in SERVING_TEXTS]
     out: dict[str, float] = {}
-    await run_round(engine, ids, [None], 32, 16)  # warm-up
+    await run_round(engine, ids, [None], SERVING_TOKENS, 16, ignore_eos=False)  # warm-up
     direct = [
-        (await run_round(engine, ids, [None], 32, 16)).output_tps for _ in range(SERVING_ROUNDS)
+        await run_round(engine, ids, [None], SERVING_TOKENS, 16, ignore_eos=False)
+        for _ in range(SERVING_ROUNDS)
     ]
-    out["direct_tps"] = statistics.median(direct)
+    out["direct_tps"] = statistics.median(f.output_tps for f in direct)
+    out["direct_tokens"] = direct[0].output_tps / direct[0].rps  # per request
 
     store = LocalObjectStore(work / "objects")
     cache = AdapterCache(
@@ -350,7 +361,7 @@ def grpc_path(client: GrpcClient) -> dict[str, float]:
     for _ in range(SERVING_ROUNDS):
         tokens, seconds = client.round(SERVING_TEXTS)
         rates.append(tokens / seconds)
-    return {"grpc_tps": statistics.median(rates)}
+    return {"grpc_tps": statistics.median(rates), "grpc_tokens": tokens / len(SERVING_TEXTS)}
 
 
 # --- the run ----------------------------------------------------------------------
@@ -481,7 +492,7 @@ def main() -> int:
         if kind == "vllm" and not args.no_serving_path:
             # The predictor process runs once this process's engine has stopped: two vLLM
             # engines on one host would share its cores (vLLM binds each worker on its own).
-            client = GrpcClient(base, work, 32, dtype.dtype)
+            client = GrpcClient(base, work, SERVING_TOKENS, dtype.dtype)
             try:
                 serving.update(grpc_path(client))
             finally:
@@ -494,7 +505,10 @@ def main() -> int:
     if serving:
         ratio = serving["grpc_tps"] / serving["direct_tps"]
         print()
-        print("serving path (vLLM, base model, concurrency 16, 32 tokens)")
+        print(
+            f"serving path (vLLM, base model, concurrency 16, greedy; output tokens per request:"
+            f" {serving['direct_tokens']:.1f} in-process, {serving['grpc_tokens']:.1f} gRPC)"
+        )
         print(
             f"  engine in-process                      {serving['direct_tps']:8.1f} output tokens/s"
         )

@@ -156,8 +156,14 @@ def test_a_trainer_given_a_port_that_is_no_number_says_so_and_exits_2(tmp_path: 
             "error: --dtype (LORAFORGE_DTYPE) must be one of auto, float32, float16, bfloat16 "
             "(got 'int4')",
         ),
+        (
+            ["--trainer-address", "127.0.0.1:1"],
+            {"LORAFORGE_VLLM_RESERVED_CORES": "-2"},
+            "error: --vllm-reserved-cores (LORAFORGE_VLLM_RESERVED_CORES) must be at least -1 "
+            "(got -2)",
+        ),
     ],
-    ids=["bad-port", "no-trainer-address", "unknown-engine", "unknown-dtype"],
+    ids=["bad-port", "no-trainer-address", "unknown-engine", "unknown-dtype", "negative-cores"],
 )
 def test_a_predictor_given_a_bad_setting_says_so_in_one_line_and_exits_2(
     tmp_path: Path, args: list[str], env: dict[str, str], message: str

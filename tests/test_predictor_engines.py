@@ -76,6 +76,53 @@ def vllm_engine(llama: dict[str, Path], loop: asyncio.AbstractEventLoop) -> Iter
     loop.run_until_complete(engine.shutdown())
 
 
+def _pinned_cpus(pid: int) -> set[int]:
+    """The CPUs that threads of process `pid` are bound to one by one (OpenMP's workers)."""
+    pinned: set[int] = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            cpus = os.sched_getaffinity(int(tid))
+        except OSError:  # the thread ended
+            continue
+        if len(cpus) == 1:
+            pinned |= cpus
+    return pinned
+
+
+def test_on_a_small_host_the_vllm_worker_computes_on_every_core(vllm_engine: Any) -> None:
+    """vLLM keeps one core from its CPU worker for its engine process by default; on a host
+    of a few cores the predictor gives the worker all of them (`--vllm-reserved-cores`)."""
+    import psutil
+
+    from loraforge.services.predictor.engines.vllm_engine import SMALL_HOST_CPUS, host_cpus
+
+    if host_cpus() > SMALL_HOST_CPUS:
+        pytest.skip(f"{host_cpus()} CPUs: vLLM's own reservation applies")
+    workers = [
+        p for p in psutil.Process().children(recursive=True) if p.name().startswith("VLLM::Worker")
+    ]
+    assert len(workers) == 1, [p.name() for p in psutil.Process().children(recursive=True)]
+    assert _pinned_cpus(workers[0].pid) == os.sched_getaffinity(0)
+
+
+def test_the_reserved_cores_setting_wins_then_vllms_own_variable_then_the_host_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from loraforge.services.predictor.engines import vllm_engine
+
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    monkeypatch.setattr(vllm_engine, "host_cpus", lambda: 2)
+    assert vllm_engine.reserved_cpu_cores(-1) == 0
+    assert vllm_engine.reserved_cpu_cores(1) == 1
+    monkeypatch.setattr(vllm_engine, "host_cpus", lambda: 32)
+    assert vllm_engine.reserved_cpu_cores(-1) is None  # vLLM's own: one core
+    assert vllm_engine.reserved_cpu_cores(0) == 0
+    monkeypatch.setattr(vllm_engine, "host_cpus", lambda: 2)
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    assert vllm_engine.reserved_cpu_cores(-1) is None  # the operator's variable stands
+    assert vllm_engine.reserved_cpu_cores(0) == 0
+
+
 @pytest.mark.slow
 def test_vllm_multi_lora_batch_equals_peft(vllm_engine: Any, llama: dict[str, Path], loop) -> None:
     from transformers import AutoTokenizer

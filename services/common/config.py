@@ -1,11 +1,13 @@
 """Configuration from command-line flags and `LORAFORGE_*` environment variables.
 
 Each process describes its settings as a dataclass whose fields carry a help
-text, and optionally the choices a value must be one of or that it is required.
+text, and optionally the choices a value must be one of, a least value, or that it
+is required.
 Precedence: flag > environment variable > default. The variable for field
 `object_store_url` is `LORAFORGE_OBJECT_STORE_URL`; `--help` lists every
 setting with its variable and default. `load_config` refuses a value that is
-not of its setting's type, not among its choices, or missing where required,
+not of its setting's type, not among its choices, below its minimum, or missing
+where required,
 with an `InvalidArgument` naming the flag and the variable; entry points load
 their settings inside `server.run_main`, which makes that one line and exit 2.
 """
@@ -28,15 +30,27 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 
 
-def setting(default: Any, help: str, *, choices: Sequence[str] = (), required: bool = False) -> Any:
+def setting(
+    default: Any,
+    help: str,
+    *,
+    choices: Sequence[str] = (),
+    required: bool = False,
+    minimum: float | None = None,
+) -> Any:
     """Declares a setting: a dataclass field with a default and a help text.
 
     `choices`: the values it may take (matched ignoring case). `required`: an
-    empty value is refused.
+    empty value is refused. `minimum`: a number below it is refused.
     """
     return dataclasses.field(
         default=default,
-        metadata={"help": help, "choices": tuple(choices), "required": required},
+        metadata={
+            "help": help,
+            "choices": tuple(choices),
+            "required": required,
+            "minimum": minimum,
+        },
     )
 
 
@@ -175,6 +189,9 @@ def _check(f: dataclasses.Field[Any], value: Any) -> Any:
         raise InvalidArgument(
             f"{describe(f.name)} is required: {f.metadata.get('help', '')}".rstrip()
         )
+    minimum = f.metadata.get("minimum")
+    if minimum is not None and value < minimum:
+        raise InvalidArgument(f"{describe(f.name)} must be at least {minimum} (got {value!r})")
     if choices:
         match = next((c for c in choices if c.lower() == str(value).lower()), None)
         if match is None:

@@ -63,6 +63,13 @@ class PredictorConfig(ServerConfig):
         True, "vLLM: run eagerly, without CUDA graphs or compilation (faster start)."
     )
     gpu_memory_utilization: float = setting(0.9, "vLLM on a GPU: share of GPU memory it may use.")
+    vllm_reserved_cores: int = setting(
+        -1,
+        "vLLM on a CPU: cores its worker leaves to its engine process. -1 (auto): none on a "
+        "host of up to 4 CPUs (the engine process mostly waits on the worker), else vLLM's "
+        "own (VLLM_CPU_NUM_OF_RESERVED_CPU, or one core).",
+        minimum=-1,
+    )
     adapter_cache_dir: str = setting(
         "", "Local folder of downloaded adapters. Default `home`/adapter-cache."
     )

@@ -476,6 +476,7 @@ def _start_engine(kind: EngineKind, path: str, config: PredictorConfig) -> Engin
                 enforce_eager=config.enforce_eager,
                 gpu_memory_utilization=config.gpu_memory_utilization,
                 trust_remote_code=config.trust_remote_code,
+                reserved_cpu_cores=config.vllm_reserved_cores,
             )
         )
     from loraforge.services.predictor.engines.transformers_engine import (

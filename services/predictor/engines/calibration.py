@@ -40,7 +40,7 @@ from loraforge.services.predictor.params import SamplingSettings
 log = logging.getLogger("loraforge.predictor.calibration")
 
 # Bumped whenever the workload or an engine's kernels change what a measurement means.
-WORKLOAD_VERSION = 1
+WORKLOAD_VERSION = 2
 ADAPTER_ID = 2**31 - 1  # never an id of the adapter cache (they count up from 1)
 CONCURRENT = 8
 PREFILL_PROMPT_TOKENS, PREFILL_MAX_TOKENS = 192, 4
