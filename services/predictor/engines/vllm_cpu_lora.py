@@ -105,6 +105,13 @@ class _Grouping:
         self.position = torch.tensor(position)
         self.base_rows = (indices < 0).unsqueeze(1) if self.has_base else None
 
+    def block_weights(self, stacked: Any) -> Any:
+        """The rows of `stacked` (slots first) that the blocks compute with, in block order:
+        a view where the blocks are slots 0..top-1, else a copy of the batch's slots."""
+        if isinstance(self.slots, slice):
+            return stacked[self.slots]
+        return stacked.index_select(0, self.slots)
+
     def mask(self, rank: int, dtype: Any, scale: float) -> Any:
         """(tokens, blocks * rank): `scale` in the `rank` columns of each token's own block,
         zero elsewhere (and in every column of a base-model token). Large batches only."""
@@ -190,11 +197,7 @@ def _grouped_matmul(inputs: Any, weights: Any, group: _Grouping, dtype: Any) -> 
         return x @ stacked[group.adapters[0]].to(dtype=dtype).T
     if group.padded:
         blocks = x.index_select(0, group.source).view(group.blocks, group.width, -1)
-        w = (
-            stacked[group.slots]
-            if isinstance(group.slots, slice)
-            else stacked.index_select(0, group.slots)
-        ).to(dtype=dtype)
+        w = group.block_weights(stacked).to(dtype=dtype)
         products = torch.bmm(blocks, w.transpose(1, 2)).view(-1, stacked.shape[1])
         out = products.index_select(0, group.position)
         if group.base_rows is not None:
@@ -636,10 +639,7 @@ def _small_batch(y: Any, x: Any, pack: _Packed, group: _Grouping, scale: float) 
     else:
         n = group.blocks
         blocks = xf.index_select(0, group.source).view(n, group.width, -1)
-        if isinstance(group.slots, slice):
-            a, b_t = a[group.slots], [b[group.slots] for b in b_t]
-        else:
-            a, b_t = a.index_select(0, group.slots), [b.index_select(0, group.slots) for b in b_t]
+        a, b_t = group.block_weights(a), [group.block_weights(b) for b in b_t]
         h = torch.bmm(blocks, a.transpose(1, 2))
         if scale != 1.0:
             h.mul_(scale)
@@ -678,10 +678,7 @@ def _large_batch(y: Any, x: Any, pack: _Packed, group: _Grouping, scale: float) 
         target.addmm_(shrunk(xw, slot), bt[slot])
         return
     if dtype != torch.float32:
-        if isinstance(group.slots, slice):
-            a, bt = a[group.slots], bt[group.slots]
-        else:
-            a, bt = a.index_select(0, group.slots), bt.index_select(0, group.slots)
+        a, bt = group.block_weights(a), group.block_weights(bt)
         h = xw @ a.reshape(-1, a.shape[-1]).T
         h.mul_(group.mask(a.shape[1], dtype, scale))
         target.addmm_(h, bt.reshape(-1, bt.shape[-1]))
