@@ -35,6 +35,7 @@ from loraforge.services.predictor.engines.base import (
     EngineKind,
     GenerationRequest,
 )
+from loraforge.services.predictor.engines.vllm_engine import host_cpus
 from loraforge.services.predictor.params import SamplingSettings
 
 log = logging.getLogger("loraforge.predictor.calibration")
@@ -101,7 +102,7 @@ def signature(base_model: str, dtype: str) -> str:
         "model": config,
         "dtype": dtype,
         "cpu": _cpu_model(),
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0,
+        "cores": host_cpus(),
         "versions": versions,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
