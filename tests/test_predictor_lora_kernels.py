@@ -205,6 +205,59 @@ LINEAR_BATCHES = {
 def test_a_packed_layers_lora_equals_each_tokens_own_adapter_slice_by_slice(
     token_indices: list[int], dtype: torch.dtype
 ) -> None:
+    check_packed_layer(token_indices, dtype)
+
+
+SEVERAL_ADAPTER_PREFILLS = {
+    name: indices
+    for name, indices in LINEAR_BATCHES.items()
+    if name.startswith("prefill") and len({i for i in indices if 0 <= i < SLOTS - 1}) > 1
+}
+
+
+@pytest.mark.parametrize("plan", ["runs", "rows", "masked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "token_indices", SEVERAL_ADAPTER_PREFILLS.values(), ids=SEVERAL_ADAPTER_PREFILLS.keys()
+)
+def test_every_layout_of_a_prefill_of_several_adapters_equals_each_tokens_own_adapter(
+    token_indices: list[int], dtype: torch.dtype, plan: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whichever layout the machine's costs pick, the numbers are the same."""
+    monkeypatch.setattr(kernels, "_large_batch_plan", lambda *args, **kwargs: plan)
+    check_packed_layer(token_indices, dtype)
+
+
+def test_a_prefill_of_several_adapters_takes_the_layout_cheapest_at_the_machines_costs() -> None:
+    g = torch.Generator().manual_seed(5)
+    slices = (576, 192, 192)  # SmolLM2-135M's q, k and v, rank 8, 8 adapter slots
+    lora_a = tuple(torch.randn(8, 1, RANK, 576, generator=g) for _ in slices)
+    lora_b = tuple(torch.randn(8, 1, size, RANK, generator=g) for size in slices)
+    pack = kernels._Packed(lora_a, lora_b, slices)
+
+    def plan(sequences: int, length: int, adapters: int, costs: Any) -> str:
+        indices = [i % adapters for i in range(sequences) for _ in range(length)]
+        return kernels._large_batch_plan(
+            kernels._Grouping(torch.tensor(indices)), pack, torch.bfloat16, costs
+        )
+
+    # Calls dear, arithmetic cheap (oneDNN's AMX bfloat16 kernels): all adapters at once.
+    amx = kernels._Costs(run=60e-6, madd=0.5e-12, copy=70e-12)
+    # Arithmetic ten times dearer (bfloat16 without AMX): one shrink and expand per run...
+    avx512 = kernels._Costs(run=65e-6, madd=4.7e-12, copy=70e-12)
+    assert plan(16, 250, 8, amx) == "masked"
+    assert plan(16, 250, 8, avx512) == "runs"
+    # ... unless the runs are many and short: per adapter, over its rows.
+    assert plan(48, 40, 4, avx512) == "rows"
+
+
+def test_the_layout_costs_are_measured_once_per_dtype() -> None:
+    costs = kernels._measured_costs(torch.float32)
+    assert costs.run > 0 and costs.madd > 0 and costs.copy > 0
+    assert kernels._measured_costs(torch.float32) is costs
+
+
+def check_packed_layer(token_indices: list[int], dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(len(token_indices))
     lora_a, lora_b = packed_weights(g, dtype)
     x = torch.randn(len(token_indices), PACKED_IN, generator=g).to(dtype)

@@ -25,16 +25,21 @@ matmul, and on this CPU a small bfloat16 matmul costs 25-45 us whatever its size
 (float32: about 6). Here a layer's A matrices are stacked once per adapter change,
 so its shrink is one matmul whatever its slices; a small batch (a decode step) runs
 in float32 on weights kept in float32; a large one (a prefill) in the model's dtype
-with the slices' B matrices as one block-diagonal: in float32 one expand per run of
-tokens, in bfloat16 (where a matmul's fixed cost dominates and its products are
-cheap) one shrink and one expand for all the batch's adapters together, each token
-masked to its own. Layers and LM heads that no adapter of the batch targets are
-skipped.
+with the slices' B matrices as one block-diagonal. A prefill of several adapters
+takes the cheapest of three layouts by a cost model measured once per process (a
+call's fixed cost, a multiply-add, a row copy): one shrink and one expand per run of
+tokens of one adapter, per adapter over the rows of its tokens, or for all the
+batch's adapters together, each token masked to its own (three calls, every token
+computed with every adapter: the cheapest where a call costs much and arithmetic
+little, as with oneDNN's AMX kernels for bfloat16; on a CPU without AMX the runs cost
+half as much). Layers and LM heads that no adapter of the batch targets are skipped.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger("loraforge.predictor.vllm")
@@ -49,10 +54,11 @@ class _Grouping:
     A small batch (decode steps) is laid out as one padded block per adapter, so
     that any number of adapters costs one batched matmul. A large one (prefill)
     holds each sequence's tokens together: it runs one matmul per run of tokens of
-    one adapter, on views of the batch (no copies); where the runs are too many,
-    one matmul per adapter over the rows of its tokens. Or, for all its adapters at
+    one adapter (`adapter_runs`), on views of the batch (no copies); or one matmul per
+    adapter over the rows of its tokens (`token_rows`); or, for all its adapters at
     once, one matmul with every block's weights and a mask that keeps each token's
-    own block (`mask`).
+    own block (`mask`). The per-token kernels (bgmv, sgmv) use `runs` where the runs
+    are at most MAX_RUNS, else `rows`.
     """
 
     PADDED_LIMIT = 256  # tokens
@@ -69,6 +75,9 @@ class _Grouping:
         self.padded = not self.single and len(token_slots) <= self.PADDED_LIMIT
         self.rows: dict[int, Any] = {}
         self.runs: list[tuple[int, int, int]] = []  # (start, end, slot), adapter tokens only
+        self.adapter_runs: list[tuple[int, int, int]] = []  # the same, however many
+        self.adapter_tokens = sum(1 for i in token_slots if i >= 0)
+        self._plans: dict[tuple[Any, ...], str] = {}
         self._masks: dict[tuple[int, Any, float], Any] = {}
         if self.single or not self.adapters:
             return
@@ -82,10 +91,13 @@ class _Grouping:
         block_of = {slot: block for block, slot in enumerate(block_slots)}
         if not self.padded:
             runs = _runs(token_slots)
+            self.adapter_runs = [run for run in runs if run[2] >= 0]
+            self._token_slots = indices
+            self._token_rows: dict[int, Any] = {}
             if len(runs) <= self.MAX_RUNS:
-                self.runs = [run for run in runs if run[2] >= 0]
+                self.runs = self.adapter_runs
             else:
-                self.rows = {i: (indices == i).nonzero(as_tuple=True)[0] for i in self.adapters}
+                self.rows = self.token_rows()
             tokens = [t for t, slot in enumerate(token_slots) if slot >= 0]
             self.mask_tokens = torch.tensor(tokens)
             self.mask_blocks = torch.tensor([block_of[token_slots[t]] for t in tokens])
@@ -104,6 +116,14 @@ class _Grouping:
         self.source = torch.tensor(source)
         self.position = torch.tensor(position)
         self.base_rows = (indices < 0).unsqueeze(1) if self.has_base else None
+
+    def token_rows(self) -> dict[int, Any]:
+        """The rows of each adapter's tokens in the batch (large batches)."""
+        if not self._token_rows:
+            self._token_rows = {
+                i: (self._token_slots == i).nonzero(as_tuple=True)[0] for i in self.adapters
+            }
+        return self._token_rows
 
     def block_weights(self, stacked: Any) -> Any:
         """The rows of `stacked` (slots first) that the blocks compute with, in block order:
@@ -655,39 +675,105 @@ def _small_batch(y: Any, x: Any, pack: _Packed, group: _Grouping, scale: float) 
     target += out.to(dtype=y.dtype)
 
 
-def _large_batch(y: Any, x: Any, pack: _Packed, group: _Grouping, scale: float) -> None:
+def _large_batch(
+    y: Any, x: Any, pack: _Packed, group: _Grouping, scale: float, plan: str | None = None
+) -> None:
     """A prefill, in the output's dtype, for all slices at once. One adapter: one shrink and
-    one expand. Several, in float32: one shrink and one expand per run of tokens of one
-    adapter (or per adapter, over the rows of its tokens). Several, in a reduced precision
-    (bfloat16: oneDNN's AMX kernels, where a call costs 25-50 us whatever its size and the
-    products themselves little): one shrink with every block's A matrices, a mask that keeps
-    each token's own block (and holds the scale), one expand with every block's B."""
+    one expand. Several: the layout `_large_batch_plan` expects to cost least here (or
+    `plan`): one shrink and one expand per run of tokens of one adapter (`runs`, on views
+    of the batch), per adapter over the rows of its tokens (`rows`, gathered and added
+    back), or one shrink with every block's A matrices, a mask that keeps each token's own
+    block (and holds the scale) and one expand with every block's B (`masked`: three calls
+    whatever the adapters, at the price of computing every token with every block)."""
     import torch
 
     dtype = y.dtype
     xw = x.to(dtype=dtype)
     a, bt = pack.a(dtype), pack.bt(dtype)
     target = y if pack.width == y.shape[1] else y[:, : pack.width]
-
-    def shrunk(rows: Any, slot: int) -> Any:
-        h = rows @ a[slot].T
-        return h.mul_(scale) if scale != 1.0 else h
-
     if group.single:
         slot = group.adapters[0]
-        target.addmm_(shrunk(xw, slot), bt[slot])
+        target.addmm_(xw @ a[slot].T, bt[slot], alpha=scale)
         return
-    if dtype != torch.float32:
+    plan = plan or _large_batch_plan(group, pack, dtype)
+    if plan == "masked":
         a, bt = group.block_weights(a), group.block_weights(bt)
         h = xw @ a.reshape(-1, a.shape[-1]).T
         h.mul_(group.mask(a.shape[1], dtype, scale))
         target.addmm_(h, bt.reshape(-1, bt.shape[-1]))
-        return
-    for start, end, slot in group.runs:
-        target[start:end].addmm_(shrunk(xw[start:end], slot), bt[slot])
-    for slot in group.adapters if group.rows else ():
-        rows = group.rows[slot]
-        target.index_add_(0, rows, shrunk(xw.index_select(0, rows), slot) @ bt[slot])
+    elif plan == "runs":
+        for start, end, slot in group.adapter_runs:
+            target[start:end].addmm_(xw[start:end] @ a[slot].T, bt[slot], alpha=scale)
+    else:
+        for slot, rows in group.token_rows().items():
+            h = xw.index_select(0, rows) @ a[slot].T
+            target.index_add_(0, rows, torch.mm(h, bt[slot]), alpha=scale)
+
+
+@dataclass(frozen=True)
+class _Costs:
+    """What the layouts of a large batch cost on this machine, in one dtype."""
+
+    run: float  # seconds: one run's shrink and expand on a few tokens (their fixed cost)
+    madd: float  # seconds per multiply-add of a large matmul
+    copy: float  # seconds per element gathered (or added back) by row
+
+
+_costs: dict[Any, _Costs] = {}
+
+
+def _measured_costs(dtype: Any) -> _Costs:
+    """Measured once per process and dtype, in a few milliseconds: the best of several tries
+    of a tiny run, a large matmul and a row gather. Where a call's fixed cost is high and
+    arithmetic cheap (oneDNN's AMX kernels for bfloat16) the masked layout wins; where calls
+    are cheap (float32, or bfloat16 without AMX) the runs do."""
+    if dtype not in _costs:
+        import torch
+
+        def best(step: Any, tries: int = 7) -> float:
+            step()
+            times = []
+            for _ in range(tries):
+                started = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - started)
+            return min(times)
+
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(16, 64, generator=g).to(dtype)
+        a, b, out = x[:8].clone(), x[:8].clone(), torch.zeros(16, 64, dtype=dtype)
+        run = best(lambda: out.addmm_(x @ a.T, b, alpha=0.5))
+        m, k, n = 256, 512, 256
+        big_x = torch.randn(m, k, generator=g).to(dtype)
+        big_w = torch.randn(n, k, generator=g).to(dtype)
+        madd = max(best(lambda: big_x @ big_w.T) - run / 2, 0.0) / (m * k * n)
+        order = torch.randperm(m, generator=g)
+        copy = best(lambda: big_x.index_select(0, order)) / (m * k)
+        _costs[dtype] = _Costs(run, madd, copy)
+        log.debug("LoRA layout costs for %s: %s", dtype, _costs[dtype])
+    return _costs[dtype]
+
+
+def _large_batch_plan(
+    group: _Grouping, pack: _Packed, dtype: Any, costs: _Costs | None = None
+) -> str:
+    """`runs`, `rows` or `masked`: the layout of a large batch of several adapters that is
+    expected to cost least for this layer, from the machine's measured costs."""
+    inner, ranks = pack.a_slices[0].shape[-1], sum(pack.ranks)
+    key = (inner, ranks, pack.width, dtype, costs)
+    if key not in group._plans:
+        c = costs or _measured_costs(dtype)
+        tokens, adapted = group.indices.shape[0], group.adapter_tokens
+        madds = ranks * (inner + pack.width)  # per token and block
+        work = adapted * madds * c.madd
+        copies = adapted * (inner + pack.width) * c.copy  # gathered in, added back
+        estimates = {
+            "runs": len(group.adapter_runs) * c.run + work,
+            "rows": 2 * len(group.adapters) * c.run + work + copies,
+            "masked": 2 * c.run + tokens * group.blocks * (madds * c.madd + ranks * c.copy),
+        }
+        group._plans[key] = min(estimates, key=lambda plan: estimates[plan])
+    return group._plans[key]
 
 
 _REPLACEMENTS = {
