@@ -178,7 +178,11 @@ def test_python_client_runs_the_seed_workflow_and_the_fine_tuned_model_beats_the
     one = model.predict_by_bytes(
         held[0][0].encode(), input_type="text", inference_params={"maxTokens": 4}
     )
-    assert one.outputs[0].data.text.raw == tuned[0].data.text.raw
+    # Against the same prompt sent alone as text: in bfloat16 a prompt's greedy answer may
+    # differ between alone and in a batch of 60 (other kernels, other roundings), and this
+    # barely trained tiny model has near ties.
+    alone = model.predict([held[0][0]], inference_params={"maxTokens": 4}).outputs
+    assert one.outputs[0].data.text.raw == alone[0].data.text.raw
     assert one.outputs[0].completion_tokens > 0 and one.outputs[0].finish_reason in (
         "stop",
         "length",

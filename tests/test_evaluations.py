@@ -96,7 +96,7 @@ def _train(stub: tpb_grpc.TrainerServiceStub, base: Path) -> str:
             "logging_steps": 4,
             "save_steps": 40,  # a checkpoint half-way, evaluated on its own
             "per_device_train_batch_size": 8,
-            "learning_rate": 1e-2,
+            "learning_rate": 5e-3,
             "eval_split_percent": 0,
             "seed": 1,
         },
