@@ -76,7 +76,6 @@ class _Grouping:
         self.rows: dict[int, Any] = {}
         self.runs: list[tuple[int, int, int]] = []  # (start, end, slot), adapter tokens only
         self.adapter_runs: list[tuple[int, int, int]] = []  # the same, however many
-        self.adapter_tokens = sum(1 for i in token_slots if i >= 0)
         self._plans: dict[tuple[Any, ...], str] = {}
         self._masks: dict[tuple[int, Any, float], Any] = {}
         if self.single or not self.adapters:
@@ -763,7 +762,7 @@ def _large_batch_plan(
     key = (inner, ranks, pack.width, dtype, costs)
     if key not in group._plans:
         c = costs or _measured_costs(dtype)
-        tokens, adapted = group.indices.shape[0], group.adapter_tokens
+        tokens, adapted = group.indices.shape[0], group.mask_tokens.shape[0]
         madds = ranks * (inner + pack.width)  # per token and block
         work = adapted * madds * c.madd
         copies = adapted * (inner + pack.width) * c.copy  # gathered in, added back
