@@ -57,8 +57,12 @@ def start_service(
     env: dict[str, str] | None = None,
     timeout: float = 120,
     name: str | None = None,
+    new_session: bool = False,
 ) -> ServiceProcess:
-    """Starts `python -m module --port 0 ...` and waits until it has written its port."""
+    """Starts `python -m module --port 0 ...` and waits until it has written its port.
+
+    `new_session`: in a process group of its own (with any children it starts), as a
+    process manager runs a service, so that a test can signal the whole group."""
     name = name or module.rsplit(".", 1)[-1]
     workdir.mkdir(parents=True, exist_ok=True)
     ready = workdir / f"{name}.port"
@@ -83,6 +87,7 @@ def start_service(
             stderr=subprocess.STDOUT,
             env=full_env,
             cwd=REPO,
+            start_new_session=new_session,
         )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -33,7 +33,7 @@ def _list_services(ch: grpc.Channel) -> set[str]:
 @pytest.mark.parametrize(
     ("module", "service"), SERVICES, ids=[s[0].rsplit(".", 1)[1] for s in SERVICES]
 )
-def test_service_process_answers_health_and_reflection_and_stops_on_sigterm(
+def test_service_process_answers_health_and_reflection_and_stops_cleanly_on_sigterm_to_its_group(
     module: str, service: str, tmp_path: Path
 ) -> None:
     extra: list[str] = []
@@ -51,7 +51,7 @@ def test_service_process_answers_health_and_reflection_and_stops_on_sigterm(
     if module.endswith("trainer"):
         # Required; nothing listens there, which only the trainer's reference sweep notices.
         extra = ["--dataset-address", f"127.0.0.1:{free_port()}"]
-    svc = start_service(module, tmp_path, args=extra, timeout=240)
+    svc = start_service(module, tmp_path, args=extra, timeout=240, new_session=True)
     try:
         with channel(svc.address) as ch:
             health = health_pb2_grpc.HealthStub(ch)
@@ -67,9 +67,15 @@ def test_service_process_answers_health_and_reflection_and_stops_on_sigterm(
                 "grpc.health.v1.Health",
                 "grpc.reflection.v1alpha.ServerReflection",
             } <= names
-        svc.proc.send_signal(signal.SIGTERM)
+        # A process manager's stop: SIGTERM to the group, which reaches any engine process
+        # the service started as well (the predictor's vLLM engine core and worker).
+        os.killpg(svc.proc.pid, signal.SIGTERM)
         assert svc.proc.wait(60) == 0, svc.log()
-        assert "stopped" in svc.log()
+        log = svc.log()
+        assert "stopped" in log
+        if module.endswith("predictor"):  # the others log their unreachable peers' errors
+            # An engine process ended by the same signal is part of the stop, not an error.
+            assert " ERROR " not in log and "Traceback" not in log, log
     finally:
         svc.stop()
 

@@ -228,12 +228,16 @@ def test_every_layout_of_a_prefill_of_several_adapters_equals_each_tokens_own_ad
     check_packed_layer(token_indices, dtype)
 
 
-def test_a_prefill_of_several_adapters_takes_the_layout_cheapest_at_the_machines_costs() -> None:
+def qkv_pack(dtype: torch.dtype = torch.float32) -> Any:
     g = torch.Generator().manual_seed(5)
     slices = (576, 192, 192)  # SmolLM2-135M's q, k and v, rank 8, 8 adapter slots
-    lora_a = tuple(torch.randn(8, 1, RANK, 576, generator=g) for _ in slices)
-    lora_b = tuple(torch.randn(8, 1, size, RANK, generator=g) for size in slices)
-    pack = kernels._Packed(lora_a, lora_b, slices)
+    lora_a = tuple(torch.randn(8, 1, RANK, 576, generator=g).to(dtype) for _ in slices)
+    lora_b = tuple(torch.randn(8, 1, size, RANK, generator=g).to(dtype) for size in slices)
+    return kernels._Packed(lora_a, lora_b, slices)
+
+
+def test_a_prefill_of_several_adapters_takes_the_layout_cheapest_at_the_machines_costs() -> None:
+    pack = qkv_pack()
 
     def plan(sequences: int, length: int, adapters: int, costs: Any) -> str:
         indices = [i % adapters for i in range(sequences) for _ in range(length)]
@@ -241,20 +245,47 @@ def test_a_prefill_of_several_adapters_takes_the_layout_cheapest_at_the_machines
             kernels._Grouping(torch.tensor(indices)), pack, torch.bfloat16, costs
         )
 
-    # Calls dear, arithmetic cheap (oneDNN's AMX bfloat16 kernels): all adapters at once.
-    amx = kernels._Costs(run=60e-6, madd=0.5e-12, copy=70e-12)
-    # Arithmetic ten times dearer (bfloat16 without AMX): one shrink and expand per run...
-    avx512 = kernels._Costs(run=65e-6, madd=4.7e-12, copy=70e-12)
+    def costs(per_call: tuple[float, ...], per_row: tuple[float, ...]) -> Any:
+        return kernels._LayoutCosts(
+            dict(zip(kernels._LAYOUTS, per_call, strict=True)),
+            dict(zip(kernels._LAYOUTS, per_row, strict=True)),
+        )
+
+    # (runs, rows, masked). Calls dear, arithmetic cheap (oneDNN's AMX bfloat16 kernels, as
+    # timed on a Xeon): all adapters at once, though masked computes every token 8 times.
+    amx = costs((57e-6, 52e-6, 122e-6), (160e-9, 620e-9, 30e-9))
+    # Arithmetic dearer (bfloat16 without AMX, as on an AMD EPYC): one shrink and expand
+    # per run...
+    avx512 = costs((65e-6, 65e-6, 130e-6), (600e-9, 800e-9, 170e-9))
     assert plan(16, 250, 8, amx) == "masked"
     assert plan(16, 250, 8, avx512) == "runs"
     # ... unless the runs are many and short: per adapter, over its rows.
-    assert plan(48, 40, 4, avx512) == "rows"
+    assert plan(64, 32, 8, avx512) == "rows"
 
 
-def test_the_layout_costs_are_measured_once_per_dtype() -> None:
-    costs = kernels._measured_costs(torch.float32)
-    assert costs.run > 0 and costs.madd > 0 and costs.copy > 0
-    assert kernels._measured_costs(torch.float32) is costs
+def test_a_layouts_costs_are_fitted_per_call_and_per_row_never_below_zero() -> None:
+    # Exact points: 40 us a call, 0.5 us a row.
+    exact = [(c, r, c * 40e-6 + r * 0.5e-6) for c, r in ((4, 512), (8, 2048), (32, 2048))]
+    per_call, per_row = kernels._fit(exact)
+    assert per_call == pytest.approx(40e-6) and per_row == pytest.approx(0.5e-6)
+    # Times that fall with more calls (noise) put it all on the rows, not a negative cost.
+    per_call, per_row = kernels._fit([(1, 1000, 2e-3), (30, 1000, 1e-3)])
+    assert per_call == 0.0 and per_row > 0
+
+
+def test_the_layout_costs_are_measured_once_per_layer_shape_and_dtype() -> None:
+    pack = qkv_pack()
+    costs = kernels._measured_layout_costs(pack, torch.float32)
+    assert all(v >= 0 for v in (*costs.per_call.values(), *costs.per_row.values()))
+    assert sum(costs.per_row.values()) > 0
+    assert kernels._measured_layout_costs(qkv_pack(), torch.float32) is costs
+    g = torch.Generator().manual_seed(6)
+    narrow = kernels._Packed(
+        (torch.randn(8, 1, RANK, 576, generator=g),),
+        (torch.randn(8, 1, 576, RANK, generator=g),),
+        (576,),
+    )
+    assert kernels._measured_layout_costs(narrow, torch.float32) is not costs
 
 
 def check_packed_layer(token_indices: list[int], dtype: torch.dtype) -> None:

@@ -195,8 +195,12 @@ async def serve(
     label: str,
     verifier: Verifier | None = None,
     on_shutdown: Sequence[Callable[[], Awaitable[None]]] = (),
+    on_stopping: Sequence[Callable[[], None]] = (),
 ) -> None:
     """Runs a server until SIGTERM or SIGINT, then shuts down gracefully.
+
+    `on_stopping` hooks run as soon as the signal arrives, before requests drain;
+    `on_shutdown` hooks after.
 
     `verifier` checks API keys; it is required when the settings have auth on.
     """
@@ -229,8 +233,14 @@ async def serve(
     # Our own pool for blocking work (asyncio.to_thread), so shutdown can bound its wait.
     work = concurrent.futures.ThreadPoolExecutor(thread_name_prefix=f"{label}-work")
     loop.set_default_executor(work)
+
+    def request_stop() -> None:
+        for notify in on_stopping:
+            notify()
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, request_stop)
     await stop.wait()
     grace = max(config.shutdown_grace_seconds, 0.0)
     deadline = loop.time() + grace

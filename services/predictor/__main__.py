@@ -30,7 +30,14 @@ async def run(config: PredictorConfig) -> None:
         SERVICE_NAME, servicer, predictor_service_pb2_grpc.add_PredictorServiceServicer_to_server
     )
     hooks = [predictor.shutdown] if verifier is None else [predictor.shutdown, verifier.close]
-    await serve([binding], config, label="predictor", verifier=verifier, on_shutdown=hooks)
+    await serve(
+        [binding],
+        config,
+        label="predictor",
+        verifier=verifier,
+        on_shutdown=hooks,
+        on_stopping=[predictor.engine.stopping],
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

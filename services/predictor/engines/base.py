@@ -86,4 +86,9 @@ class Engine(Protocol):
 
     def stats(self) -> EngineStats: ...
 
+    def stopping(self) -> None:
+        """The service has been told to stop; the same signal may be ending the engine's own
+        processes. Called at once, before requests drain and before `shutdown`."""
+        ...
+
     async def shutdown(self) -> None: ...

@@ -336,5 +336,8 @@ class TransformersEngine:
     def stats(self) -> EngineStats:
         return EngineStats(self._running, self._aborted)
 
+    def stopping(self) -> None:
+        pass  # one process: nothing ends before shutdown
+
     async def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

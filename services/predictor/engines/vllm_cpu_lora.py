@@ -26,13 +26,12 @@ matmul, and on this CPU a small bfloat16 matmul costs 25-45 us whatever its size
 so its shrink is one matmul whatever its slices; a small batch (a decode step) runs
 in float32 on weights kept in float32; a large one (a prefill) in the model's dtype
 with the slices' B matrices as one block-diagonal. A prefill of several adapters
-takes the cheapest of three layouts by a cost model measured once per process (a
-call's fixed cost, a multiply-add, a row copy): one shrink and one expand per run of
-tokens of one adapter, per adapter over the rows of its tokens, or for all the
-batch's adapters together, each token masked to its own (three calls, every token
-computed with every adapter: the cheapest where a call costs much and arithmetic
-little, as with oneDNN's AMX kernels for bfloat16; on a CPU without AMX the runs cost
-half as much). Layers and LM heads that no adapter of the batch targets are skipped.
+takes the cheapest of three layouts, by costs each layer shape's layouts are timed
+for once per process: one shrink and one expand per run of tokens of one adapter,
+per adapter over the rows of its tokens, or for all the batch's adapters together,
+each token masked to its own (three calls, every token computed with every adapter:
+the cheapest where a call costs much and arithmetic little, as with oneDNN's AMX
+kernels for bfloat16; on a CPU without AMX the runs cost half as much). Layers and LM heads that no adapter of the batch targets are skipped.
 """
 
 from __future__ import annotations
@@ -709,69 +708,109 @@ def _large_batch(
             target.index_add_(0, rows, torch.mm(h, bt[slot]), alpha=scale)
 
 
+_LAYOUTS = ("runs", "rows", "masked")
+# Large batches each layout is timed on, once per layer shape and dtype: (tokens, runs of
+# tokens of one adapter, adapters). vLLM's CPU prefill steps hold up to 2,048 tokens.
+_PROBES = ((512, 4, 4), (2048, 8, 8), (2048, 32, 8))
+
+
+def _layout_units(plan: str, group: _Grouping) -> tuple[int, int]:
+    """What a layout's time grows with: a number of calls and a number of rows computed.
+    `runs`: two calls per run, over the adapters' tokens; `rows`: per adapter, over the
+    same tokens (gathered and added back); `masked`: a fixed three calls, over every token
+    with every block."""
+    tokens, adapted = group.indices.shape[0], group.mask_tokens.shape[0]
+    if plan == "runs":
+        return len(group.adapter_runs), adapted
+    if plan == "rows":
+        return len(group.adapters), adapted
+    return 1, tokens * group.blocks
+
+
 @dataclass(frozen=True)
-class _Costs:
-    """What the layouts of a large batch cost on this machine, in one dtype."""
+class _LayoutCosts:
+    """Seconds per unit of each layout's `_layout_units` (per call, per row) for one layer
+    shape on this machine."""
 
-    run: float  # seconds: one run's shrink and expand on a few tokens (their fixed cost)
-    madd: float  # seconds per multiply-add of a large matmul
-    copy: float  # seconds per element gathered (or added back) by row
+    per_call: dict[str, float]
+    per_row: dict[str, float]
+
+    def estimate(self, plan: str, group: _Grouping) -> float:
+        calls, rows = _layout_units(plan, group)
+        return self.per_call[plan] * calls + self.per_row[plan] * rows
 
 
-_costs: dict[Any, _Costs] = {}
+def _fit(points: list[tuple[int, int, float]]) -> tuple[float, float]:
+    """(per call, per row) >= 0 that fit (calls, rows, seconds) by least squares."""
+    import torch
+
+    units = torch.tensor([[c, r] for c, r, _ in points], dtype=torch.float64)
+    seconds = torch.tensor([[t] for _, _, t in points], dtype=torch.float64)
+    per_call, per_row = (float(v) for v in torch.linalg.lstsq(units, seconds).solution[:, 0])
+    if per_call < 0:  # noise: all of it per row
+        return 0.0, max(float((seconds[:, 0] / units[:, 1]).mean()), 0.0)
+    if per_row < 0:
+        return max(float((seconds[:, 0] / units[:, 0]).mean()), 0.0), 0.0
+    return per_call, per_row
 
 
-def _measured_costs(dtype: Any) -> _Costs:
-    """Measured once per process and dtype, in a few milliseconds: the best of several tries
-    of a tiny run, a large matmul and a row gather. Where a call's fixed cost is high and
-    arithmetic cheap (oneDNN's AMX kernels for bfloat16) the masked layout wins; where calls
-    are cheap (float32, or bfloat16 without AMX) the runs do."""
-    if dtype not in _costs:
+_layout_costs: dict[tuple[Any, ...], _LayoutCosts] = {}
+
+
+def _measured_layout_costs(pack: _Packed, dtype: Any) -> _LayoutCosts:
+    """Each layout timed on `_PROBES` with random adapters of this layer's shape, once per
+    process, shape and dtype (about 0.1 s), and fitted to its units. Which layout wins
+    depends on the machine: where a call costs much and arithmetic little (oneDNN's AMX
+    kernels for bfloat16) the masked one, elsewhere mostly the runs, or the rows when the
+    runs are many and short."""
+    inner = pack.a_slices[0].shape[-1]
+    key = (inner, tuple(pack.ranks), tuple(pack.slices), dtype)
+    if key not in _layout_costs:
         import torch
 
-        def best(step: Any, tries: int = 7) -> float:
-            step()
-            times = []
-            for _ in range(tries):
-                started = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - started)
-            return min(times)
-
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(16, 64, generator=g).to(dtype)
-        a, b, out = x[:8].clone(), x[:8].clone(), torch.zeros(16, 64, dtype=dtype)
-        run = best(lambda: out.addmm_(x @ a.T, b, alpha=0.5))
-        m, k, n = 256, 512, 256
-        big_x = torch.randn(m, k, generator=g).to(dtype)
-        big_w = torch.randn(n, k, generator=g).to(dtype)
-        madd = max(best(lambda: big_x @ big_w.T) - run / 2, 0.0) / (m * k * n)
-        order = torch.randperm(m, generator=g)
-        copy = best(lambda: big_x.index_select(0, order)) / (m * k)
-        _costs[dtype] = _Costs(run, madd, copy)
-        log.debug("LoRA layout costs for %s: %s", dtype, _costs[dtype])
-    return _costs[dtype]
+        slots = max(adapters for _, _, adapters in _PROBES)
+        probe = _Packed(
+            tuple(torch.randn(slots, r, inner, generator=g).to(dtype) for r in pack.ranks),
+            tuple(
+                torch.randn(slots, size, r, generator=g).to(dtype)
+                for size, r in zip(pack.slices, pack.ranks, strict=True)
+            ),
+            tuple(pack.slices),
+        )
+        points: dict[str, list[tuple[int, int, float]]] = {plan: [] for plan in _LAYOUTS}
+        for tokens, runs, adapters in _PROBES:
+            slot_of_run = [run % adapters for run in range(runs)]
+            group = _Grouping(torch.tensor([s for s in slot_of_run for _ in range(tokens // runs)]))
+            x = torch.randn(tokens, inner, generator=g).to(dtype)
+            y = torch.zeros(tokens, probe.width, dtype=dtype)
+            for plan in _LAYOUTS:
+                _large_batch(y, x, probe, group, 0.5, plan)  # warm-up
+                seconds = []
+                for _ in range(3):
+                    started = time.perf_counter()
+                    _large_batch(y, x, probe, group, 0.5, plan)
+                    seconds.append(time.perf_counter() - started)
+                points[plan].append((*_layout_units(plan, group), min(seconds)))
+        fits = {plan: _fit(points[plan]) for plan in _LAYOUTS}
+        _layout_costs[key] = _LayoutCosts(
+            {plan: fit[0] for plan, fit in fits.items()},
+            {plan: fit[1] for plan, fit in fits.items()},
+        )
+        log.debug("LoRA layout costs for %s in %s: %s", key[:3], dtype, _layout_costs[key])
+    return _layout_costs[key]
 
 
 def _large_batch_plan(
-    group: _Grouping, pack: _Packed, dtype: Any, costs: _Costs | None = None
+    group: _Grouping, pack: _Packed, dtype: Any, costs: _LayoutCosts | None = None
 ) -> str:
     """`runs`, `rows` or `masked`: the layout of a large batch of several adapters that is
     expected to cost least for this layer, from the machine's measured costs."""
     inner, ranks = pack.a_slices[0].shape[-1], sum(pack.ranks)
-    key = (inner, ranks, pack.width, dtype, costs)
+    key = (inner, ranks, pack.width, dtype, id(costs))
     if key not in group._plans:
-        c = costs or _measured_costs(dtype)
-        tokens, adapted = group.indices.shape[0], group.mask_tokens.shape[0]
-        madds = ranks * (inner + pack.width)  # per token and block
-        work = adapted * madds * c.madd
-        copies = adapted * (inner + pack.width) * c.copy  # gathered in, added back
-        estimates = {
-            "runs": len(group.adapter_runs) * c.run + work,
-            "rows": 2 * len(group.adapters) * c.run + work + copies,
-            "masked": 2 * c.run + tokens * group.blocks * (madds * c.madd + ranks * c.copy),
-        }
-        group._plans[key] = min(estimates, key=lambda plan: estimates[plan])
+        c = costs or _measured_layout_costs(pack, dtype)
+        group._plans[key] = min(_LAYOUTS, key=lambda plan: c.estimate(plan, group))
     return group._plans[key]
 
 

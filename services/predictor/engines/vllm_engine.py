@@ -87,6 +87,32 @@ class VllmSettings:
     reserved_cpu_cores: int = -1  # on a CPU; -1: auto (reserved_cpu_cores)
 
 
+class _StopNotice(logging.Filter):
+    """Turns vLLM's report that its engine process has gone into one INFO line once the
+    predictor is stopping.
+
+    A stop by a signal to the process group (a cluster's stop, systemd's default) reaches
+    vLLM's engine process too, which ends before the predictor shuts vLLM down; vLLM's output
+    handler then logs an ERROR with an EngineDeadError traceback. At any other time that
+    report is a real failure and stays an ERROR.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopping = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        dead = (
+            record.exc_info is not None and type(record.exc_info[1]).__name__ == "EngineDeadError"
+        )
+        if self.stopping and dead and record.levelno >= logging.ERROR:
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+            record.msg, record.args = "vLLM's engine process has stopped with the predictor", None
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_OUTPUT_HANDLER_LOGGER = "vllm.v1.engine.async_llm"
 _WORKER_FAILED = re.compile(r"Worker failed with error '(.*)', please check the stack trace", re.S)
 
 
@@ -121,6 +147,8 @@ class VllmEngine:
         self._aborted = 0
         self._tokenizer: Any = None
         self._usable: set[int] = set()  # adapters vLLM has loaded once
+        self._stop_notice = _StopNotice()
+        logging.getLogger(_OUTPUT_HANDLER_LOGGER).addFilter(self._stop_notice)
 
     def _decode(self, token_ids: list[int]) -> str:
         if self._tokenizer is None:
@@ -283,5 +311,20 @@ class VllmEngine:
     def stats(self) -> EngineStats:
         return EngineStats(self._llm.get_num_unfinished_requests(), self._aborted)
 
+    def stopping(self) -> None:
+        self._stop_notice.stopping = True
+
     async def shutdown(self) -> None:
-        await asyncio.to_thread(self._llm.shutdown)
+        self.stopping()  # vLLM's output handler sees the engine process end
+        try:
+            await asyncio.to_thread(self._llm.shutdown)
+            # vLLM cancels its output handler from that thread: let it end before the notice
+            # goes, so its last report is still seen as part of the stop.
+            handler = getattr(self._llm, "output_handler", None)
+            if isinstance(handler, asyncio.Task):
+                await asyncio.wait([handler], timeout=5)
+            # AsyncLLM.__del__ shuts down again; where the object lives until interpreter exit
+            # that call fails on vLLM's emptied module globals with a TypeError traceback.
+            self._llm.shutdown = lambda timeout=None: None
+        finally:
+            logging.getLogger(_OUTPUT_HANDLER_LOGGER).removeFilter(self._stop_notice)
