@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import logging
 import shutil
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -307,3 +309,33 @@ def test_engine_choice_is_automatic_and_explained(tmp_path: Path, models) -> Non
         choose_engine(str(tiny_base(tmp_path, "gpt_neo")), "vllm")
     forced = choose_engine(str(models["base"]), "transformers")
     assert forced.kind is EngineKind.TRANSFORMERS
+
+
+def _engine_dead_record() -> logging.LogRecord:
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    try:
+        raise EngineDeadError()
+    except EngineDeadError:
+        return logging.LogRecord(
+            "vllm.v1.engine.async_llm", logging.ERROR, __file__, 1,
+            "AsyncLLM output_handler failed.", None, sys.exc_info(),
+        )  # fmt: skip
+
+
+def test_vllms_engine_process_ending_is_an_error_until_the_predictor_stops_then_one_info_line() -> (
+    None
+):
+    from loraforge.services.predictor.engines.vllm_engine import _StopNotice
+
+    notice = _StopNotice()
+    running = _engine_dead_record()
+    assert notice.filter(running)
+    assert running.levelno == logging.ERROR and running.exc_info is not None
+    notice.stopping = True
+    stopping = _engine_dead_record()
+    assert notice.filter(stopping)
+    assert stopping.levelno == logging.INFO and stopping.levelname == "INFO"
+    assert stopping.exc_info is None and "stopped with the predictor" in stopping.getMessage()
+    other = logging.LogRecord("vllm", logging.ERROR, __file__, 1, "worker failed", None, None)
+    assert notice.filter(other) and other.levelno == logging.ERROR  # any other error stays

@@ -31,7 +31,8 @@ for once per process: one shrink and one expand per run of tokens of one adapter
 per adapter over the rows of its tokens, or for all the batch's adapters together,
 each token masked to its own (three calls, every token computed with every adapter:
 the cheapest where a call costs much and arithmetic little, as with oneDNN's AMX
-kernels for bfloat16; on a CPU without AMX the runs cost half as much). Layers and LM heads that no adapter of the batch targets are skipped.
+kernels for bfloat16; on a CPU without AMX the runs cost half as much). Layers and
+LM heads that no adapter of the batch targets are skipped.
 """
 
 from __future__ import annotations
