@@ -758,17 +758,22 @@ def _fit(points: list[tuple[int, int, float]]) -> tuple[float, float]:
 _layout_costs: dict[tuple[Any, ...], _LayoutCosts] = {}
 
 
+def _layout_key(pack: _Packed, dtype: Any) -> tuple[Any, ...]:
+    """What a layer's layout costs depend on: its input width, slices, ranks and dtype."""
+    return (pack.a_slices[0].shape[-1], tuple(pack.ranks), tuple(pack.slices), dtype)
+
+
 def _measured_layout_costs(pack: _Packed, dtype: Any) -> _LayoutCosts:
     """Each layout timed on `_PROBES` with random adapters of this layer's shape, once per
     process, shape and dtype (about 0.1 s), and fitted to its units. Which layout wins
     depends on the machine: where a call costs much and arithmetic little (oneDNN's AMX
     kernels for bfloat16) the masked one, elsewhere mostly the runs, or the rows when the
     runs are many and short."""
-    inner = pack.a_slices[0].shape[-1]
-    key = (inner, tuple(pack.ranks), tuple(pack.slices), dtype)
+    key = _layout_key(pack, dtype)
     if key not in _layout_costs:
         import torch
 
+        inner = pack.a_slices[0].shape[-1]
         g = torch.Generator().manual_seed(0)
         slots = max(adapters for _, _, adapters in _PROBES)
         probe = _Packed(
@@ -807,8 +812,7 @@ def _large_batch_plan(
 ) -> str:
     """`runs`, `rows` or `masked`: the layout of a large batch of several adapters that is
     expected to cost least for this layer, from the machine's measured costs."""
-    inner, ranks = pack.a_slices[0].shape[-1], sum(pack.ranks)
-    key = (inner, ranks, pack.width, dtype, id(costs))
+    key = (*_layout_key(pack, dtype), id(costs))
     if key not in group._plans:
         c = costs or _measured_layout_costs(pack, dtype)
         group._plans[key] = min(_LAYOUTS, key=lambda plan: c.estimate(plan, group))
