@@ -166,7 +166,121 @@ def best_of(repeats: int, runs: dict[str, Any]) -> dict[str, float]:
     return best
 
 
+REVIEW_WORDS = (
+    "the film was slow but the acting felt honest and the score carried scenes that the "
+    "script could not while the ending dragged on far too long for a story this thin yet "
+    "some moments of real warmth made me care about characters I expected to forget"
+).split()
+
+
+def make_reviews(n: int, seed: int) -> list[TrainingExample]:
+    """Review-length prompts (about 150 to 1,300 tokens, a few over 1,000) with a one-word label."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        words = rng.choice([120, 200, 300, 450, 600, 1000]) + rng.randint(0, 60)
+        review = " ".join(rng.choice(REVIEW_WORDS) for _ in range(words))
+        label = rng.choice(["positive", "negative"])
+        out.append(TrainingExample(f"Review: {review}\nSentiment:", f" {label}", ref=f"row {i}"))
+    return out
+
+
+def long_params(model: Path, overrides: dict[str, Any]) -> TrainingParams:
+    """The recommended SmolLM2 template's defaults at model_max_length 2,048."""
+    template = tpl.get_template("templates/HF_SmolLM2_135m_instruct_lora")
+    tree: dict[str, Any] = {
+        "model_config": {"pretrained_model_name_or_path": str(model)},
+        "tokenizer_config": {"model_max_length": 2048},
+        "trainer_config": {"eval_split_percent": 0, "save_steps": 100000},
+    }
+    for path, value in overrides.items():
+        group, name = path.split(".")
+        tree.setdefault(group, {})[name] = value
+    return tpl.resolve_params(template, tree)
+
+
+def long_child(spec: str) -> None:
+    """One configuration in a process of its own, so its peak RSS is its own: prints JSON."""
+    import resource
+
+    config = json.loads(spec)
+    if not config["labelled_logits"]:  # the loss over every position's logits, as before
+        training.labelled_positions = lambda labels: None
+    torch.set_num_threads(config["threads"])
+    params = long_params(Path(config["model"]), config["overrides"])
+    examples = make_reviews(config["examples"], seed=3)
+    with tempfile.TemporaryDirectory() as work:
+        result = training.run_training(
+            params, examples, Path(work), CountingReporter(), memory_limit=config["memory_limit"]
+        )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(
+        json.dumps(
+            {
+                "peak_rss": peak,
+                "tokens_per_second": result.tokens_per_second,
+                "truncated": result.metrics.get("truncated_examples", 0),
+                "invalid": result.metrics.get("invalid_examples", 0),
+            }
+        )
+    )
+
+
+LONG_RUNS = {
+    "before: every position's logits": ({"labelled_logits": False, "memory_limit": 0}, {}),
+    "labelled positions' logits": ({"labelled_logits": True, "memory_limit": 0}, {}),
+    "  + gradient checkpointing": (
+        {"labelled_logits": True, "memory_limit": 0},
+        {"trainer_config.gradient_checkpointing": True},
+    ),
+    "  planned for a 4 GiB worker": ({"labelled_logits": True, "memory_limit": 4 * 2**30}, {}),
+}
+
+
+def long_data(args: argparse.Namespace, model: Path, model_name: str) -> None:
+    """Peak RSS and tokens/s of the default template on review-length examples, before/after."""
+    import subprocess
+
+    rows = []
+    for label, (flags, overrides) in LONG_RUNS.items():
+        overrides = {"trainer_config.max_steps": args.steps, **overrides}
+        spec = {
+            **flags,
+            "overrides": overrides,
+            "model": str(model),
+            "examples": args.examples or 64,
+            "threads": args.threads or torch.get_num_threads(),
+        }
+        done = subprocess.run(
+            [sys.executable, __file__, "--long-child", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            tail = done.stderr.strip().splitlines()[-1:] or ["(no output)"]
+            rows.append((label, None, f"failed (exit {done.returncode}): {tail[0]}"))
+            continue
+        rows.append((label, json.loads(done.stdout.strip().splitlines()[-1]), ""))
+    print(
+        f"model: {model_name}; template HF_SmolLM2_135m_instruct_lora defaults, "
+        f"model_max_length 2048, {args.steps} steps of batch 8; review-length prompts"
+    )
+    print(f"{'run':<36}{'peak RSS GiB':>14}{'tokens/s':>10}{'truncated':>11}")
+    for label, figures, failure in rows:
+        if figures is None:
+            print(f"{label:<36}{failure}")
+            continue
+        print(
+            f"{label:<36}{figures['peak_rss'] / 2**30:>14.2f}"
+            f"{figures['tokens_per_second']:>10.1f}{figures['truncated']:>11.0f}"
+        )
+    print(json.dumps({label: figures for label, figures, _ in rows}))
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--long-child":
+        long_child(sys.argv[2])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--model", choices=["real", "tiny"], default="real", help=f"real: {DEFAULT_BASE_MODEL}"
@@ -180,6 +294,15 @@ def main() -> None:
     )
     parser.add_argument(
         "--model-dir", default=str(Path(tempfile.gettempdir()) / "loraforge-bench-model")
+    )
+    parser.add_argument(
+        "--data",
+        choices=["short", "long"],
+        default="short",
+        help="long: peak RSS and tokens/s of the default template on review-length prompts",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=4, help="optimizer steps of each --data long run"
     )
     args = parser.parse_args()
     if args.threads:
@@ -200,6 +323,9 @@ def main() -> None:
         )
         model_name = "Llama-style 4x256 (random)"
     device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+    if args.data == "long":
+        long_data(args, model, model_name)
+        return
 
     mixed = make_examples(args.examples, 8, 40, seed=1)
     params = params_for(model, 256, args.epochs, args.batch)

@@ -249,3 +249,128 @@ def test_the_chosen_parameters_reach_the_trainer_the_optimizer_and_the_adapter(
     weights = _adapter(result)
     assert {k.split(".")[-3] for k in weights} == {"q_proj", "v_proj"}
     assert all(v.shape[0] == 4 for k, v in weights.items() if "lora_A" in k)
+
+
+def test_the_loss_on_labelled_positions_alone_equals_the_models_own_loss(tiny_model: Path) -> None:
+    # Long prompts, short completions: a classifier's batch, where the logits of the labelled
+    # positions alone are a small part of the full ones.
+    params = params_for(tiny_model, max_steps=1)
+    tokenizer = training.load_tokenizer(params)
+    examples = [
+        TrainingExample("Review: " + "a fine film " * (3 + 2 * i) + "Label:", " pos", ref=str(i))
+        for i in range(4)
+    ]
+    features, invalid = training.tokenize_examples(tokenizer, examples, params)
+    assert invalid == []
+    batch = training.PaddingCollator(tokenizer.pad_token_id)(features)
+    batch.pop(training.REAL_TOKENS, None)
+    keep = training.labelled_positions(batch["labels"])
+    assert keep is not None and 0 < keep.numel() * 4 < batch["labels"].shape[1]
+    model = training.load_model(params).eval()  # no LoRA dropout: both passes see the same
+    trainer = training._make_trainer_class()(
+        model=model, args=training.training_arguments(params, tiny_model.parent / "out", False)
+    )
+    expected = model(**batch).loss
+    got = trainer.compute_loss(model, dict(batch))
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+    expected.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    trainer.compute_loss(model, dict(batch)).backward()
+    for name, grad in want.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad)
+
+
+def test_a_long_prompt_is_cut_in_its_middle_and_the_completion_kept_whole(
+    tiny_model: Path,
+) -> None:
+    params = params_for(tiny_model)  # model_max_length 64
+    tokenizer = training.load_tokenizer(params)
+    prompt = "Review: the start of it. " + "and then more words " * 40 + "The end. Label:"
+    long = TrainingExample(prompt, " negative", ref="long")
+    short = TrainingExample("Review: short. Label:", " positive", ref="short")
+    (cut, kept), invalid = training.tokenize_examples(tokenizer, [long, short], params)
+    assert invalid == [] and cut.truncated and not kept.truncated
+    assert len(cut.input_ids) == 64
+    completion = tokenizer(" negative", add_special_tokens=False)["input_ids"]
+    end = [tokenizer.eos_token_id]
+    assert cut.input_ids[-len(completion) - 1 :] == completion + end
+    labelled = [t for t, label in zip(cut.input_ids, cut.labels, strict=True) if label != -100]
+    assert labelled == completion + end  # only the completion is learned
+    text = tokenizer.decode(cut.input_ids)
+    assert "Review: the start" in text and "The end. Label:" in text and "…" in text
+
+    def tokenize_with(mode: str) -> tuple[list[training.Feature], list[training.InvalidRow]]:
+        changed = dataclasses.replace(
+            params,
+            tokenizer_config=dataclasses.replace(params.tokenizer_config, truncation=mode),
+        )
+        return training.tokenize_examples(tokenizer, [long, short], changed)
+
+    (start_cut, _), _ = tokenize_with("prompt_start")
+    text = tokenizer.decode(start_cut.input_ids)
+    assert "Review: the start" not in text and "The end. Label:" in text
+    features, invalid = tokenize_with("drop")
+    assert [f.truncated for f in features] == [False] and [r.ref for r in invalid] == ["long"]
+
+
+def test_a_completion_that_leaves_no_room_for_the_prompt_is_still_an_invalid_row(
+    tiny_model: Path,
+) -> None:
+    params = params_for(tiny_model)
+    tokenizer = training.load_tokenizer(params)
+    examples = [TrainingExample("Question: long?", " word" * 200, ref="line 1")]
+    features, invalid = training.tokenize_examples(tokenizer, examples, params)
+    assert features == [] and [r.ref for r in invalid] == ["line 1"]
+    assert "completion alone leaves the prompt under" in invalid[0].reason
+
+
+def test_runs_stored_before_truncation_existed_keep_dropping_long_examples() -> None:
+    template = tpl.get_template("templates/HF_Llama_3_2_1b_instruct_lora")
+    stored = template.defaults().to_dict()
+    del stored["tokenizer_config"]["truncation"]
+    assert tpl.stored_params(template.resource_name, stored).tokenizer_config.truncation == "drop"
+    assert template.defaults().tokenizer_config.truncation == "prompt_middle"
+
+
+class LogReporter(training.QuietReporter):
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def log(self, message: str, level: str = "INFO") -> None:
+        self.lines.append(message)
+
+
+def test_a_run_too_big_for_the_memory_it_has_trains_smaller_micro_batches_of_the_same_batch(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    from loraforge.services.trainer.estimates import peak_memory
+
+    params = params_for(tiny_model, max_steps=3)  # micro-batch 4, no accumulation
+    smallest = dataclasses.replace(
+        params,
+        trainer_config=dataclasses.replace(
+            params.trainer_config,
+            per_device_train_batch_size=1,
+            gradient_accumulation_steps=4,
+            gradient_checkpointing=True,
+        ),
+    )
+    longest = max(
+        len(f.input_ids)
+        for f in training.tokenize_examples(training.load_tokenizer(params), EXAMPLES, params)[0]
+    )
+    budget = peak_memory(smallest, str(tiny_model), longest, False, 4) + 1
+    assert budget < peak_memory(params, str(tiny_model), longest, False, 4)
+    reporter = LogReporter()
+    planned = training.run_training(
+        params, EXAMPLES, tmp_path / "planned", reporter, memory_limit=budget
+    )
+    plan = [line for line in reporter.lines if "this worker has" in line]
+    assert len(plan) == 1, reporter.lines
+    assert "micro-batch 1 x 4 accumulation steps" in plan[0]
+    assert "the same global batch of 4" in plan[0] and "gradient checkpointing on" in plan[0]
+    unplanned = training.run_training(params, EXAMPLES, tmp_path / "unplanned", memory_limit=0)
+    assert planned.global_step == unplanned.global_step == 3
+    # The same examples in each optimizer step: the trained tokens match.
+    assert planned.train_tokens == unplanned.train_tokens

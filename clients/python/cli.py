@@ -688,6 +688,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 def _print_estimate(e: tpb.EstimateModelVersionResponse) -> None:
     table = Table(show_header=False, title="estimate (nothing queued)")
     table.add_row("examples", f"{e.examples_kept:,} of {e.examples_total:,} kept")
+    if e.examples_truncated:
+        table.add_row("truncated", f"{e.examples_truncated:,} cut to model_max_length")
     for code, count in sorted(e.dropped_by_code.items()):
         table.add_row("dropped", f"{count:,} {escape(code)}")
     table.add_row("split", f"{e.train_examples:,} train, {e.eval_examples:,} eval")

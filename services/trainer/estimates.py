@@ -52,6 +52,7 @@ class Dropped:
 class Estimate:
     examples_total: int = 0
     examples_kept: int = 0
+    examples_truncated: int = 0
     dropped: list[Dropped] = field(default_factory=list)
     dropped_by_code: dict[str, int] = field(default_factory=dict)
     train_examples: int = 0
@@ -135,6 +136,7 @@ def _tokenize(params: TrainingParams, loadable: str, examples: list[Any], cuda: 
         if len(result.dropped) < MAX_LISTED_DROPPED:
             result.dropped.append(Dropped(row.ref, code, f"{row.ref} {row.reason}"))
     result.examples_kept = len(features)
+    result.examples_truncated = sum(f.truncated for f in features)
     try:
         training.check_tolerance(len(examples), invalid, params.invalid_data_tolerance_percent)
     except training.TrainingError as exc:
@@ -162,12 +164,22 @@ def _tokenize(params: TrainingParams, loadable: str, examples: list[Any], cuda: 
         result.epochs = trc.num_train_epochs
     result.total_tokens = round(result.tokens_per_epoch * result.epochs)
     longest = max(lengths, default=0)
-    result.peak_memory_bytes = peak_memory(params, loadable, longest, cuda)
+    labelled = max(
+        (sum(label != training.IGNORE_INDEX for label in f.labels) for f in train), default=0
+    )
+    result.peak_memory_bytes = peak_memory(params, loadable, longest, cuda, labelled)
     return result
 
 
-def peak_memory(params: TrainingParams, loadable: str, sequence: int, cuda: bool) -> int:
-    """The formula of the module docstring; 0 when the model's files are not on this machine."""
+def peak_memory(
+    params: TrainingParams, loadable: str, sequence: int, cuda: bool, labelled: int | None = None
+) -> int:
+    """The formula of the module docstring; 0 when the model's files are not on this machine.
+
+    `labelled`: the most labelled tokens of one example; where a batch's labelled positions
+    are under half its length, training computes the logits there alone
+    (`training.labelled_positions`).
+    """
     from loraforge.services.common.base_models import resolve_base_model
 
     folder = Path(resolve_base_model(loadable))
@@ -203,7 +215,10 @@ def peak_memory(params: TrainingParams, loadable: str, sequence: int, cuda: bool
     per_layer = 34 * (width / 2) * batch * sequence * hidden
     if trc.gradient_checkpointing:
         per_layer /= 10
-    activations = per_layer * layers + 2 * 4 * batch * sequence * vocab
+    logit_positions = sequence
+    if labelled is not None and not trc.packing and 2 * batch * labelled <= sequence:
+        logit_positions = batch * labelled
+    activations = per_layer * layers + 2 * 4 * batch * logit_positions * vocab
     return int(n_params * width + lora * 16 + activations)
 
 

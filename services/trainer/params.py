@@ -57,6 +57,8 @@ class TokenizerConfig:
     pad_token: str | None
     prompt_format: str
     system_prompt: str | None
+    # An example longer than model_max_length: "prompt_middle", "prompt_start" or "drop".
+    truncation: str = "prompt_middle"
 
     def prompt(self) -> PromptFormat:
         return PromptFormat(self.prompt_format, self.system_prompt or "")

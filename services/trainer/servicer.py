@@ -555,6 +555,7 @@ def estimate_to_pb(e: Estimate) -> pb.EstimateModelVersionResponse:
         calibration=e.calibration,
         estimated_peak_memory_bytes=e.peak_memory_bytes,
         worker_kind=e.worker_kind,
+        examples_truncated=e.examples_truncated,
     )
     if e.seconds is not None:
         message.estimated_time.FromNanoseconds(int(e.seconds * 1e9))

@@ -461,12 +461,17 @@ def _generation_needs(trc: Mapping[str, Any], prefix: str) -> list[FieldViolatio
     ]
 
 
+# Parameters whose template default differs from what runs stored before the parameter
+# existed did: those runs take this value, so continuing one trains as it did.
+_EARLIER_BEHAVIOUR = {"tokenizer_config.truncation": "drop"}
+
+
 def stored_params(template_name: str, stored: Mapping[str, Any]) -> TrainingParams:
     """A run's stored parameters, typed; ValueError when they cannot be read.
 
     A parameter added to the templates after the run was stored takes its
-    template's default, which is what the run trained with (every such default
-    keeps the earlier behaviour).
+    template's default, which is what the run trained with, or, where the default
+    changed that behaviour, the earlier one (`_EARLIER_BEHAVIOUR`).
     """
     try:
         return TrainingParams.from_dict(stored)
@@ -475,6 +480,9 @@ def stored_params(template_name: str, stored: Mapping[str, Any]) -> TrainingPara
         if template is None:
             raise
     tree = template._default_tree()
+    for path, value in _EARLIER_BEHAVIOUR.items():
+        group, name = path.split(".")
+        tree[group][name] = value
     for key, value in stored.items():
         if isinstance(value, Mapping) and isinstance(tree.get(key), dict):
             tree[key].update(value)

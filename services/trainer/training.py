@@ -28,7 +28,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast
 
@@ -65,6 +65,13 @@ class InvalidRow:
 class Feature:
     input_ids: list[int]
     labels: list[int]
+    truncated: bool = False  # cut to model_max_length (tokenizer_config.truncation)
+
+
+# A truncated prompt keeps at least this many of its own tokens; a completion that leaves
+# fewer makes the example invalid, as dropping would.
+MIN_PROMPT_TOKENS = 8
+ELLIPSIS = " … "  # marks where a prompt was cut
 
 
 class Reporter(Protocol):
@@ -189,6 +196,8 @@ def tokenize_examples(
         if examples
         else []
     )
+    marker = tokenizer(ELLIPSIS, add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids)
     features: list[Feature] = []
     invalid: list[InvalidRow] = []
     for example, prompt_ids, completion_ids in zip(examples, prompts, completions, strict=True):
@@ -198,13 +207,34 @@ def tokenize_examples(
             continue
         if example.is_text:
             # The whole text is the target; the prompt side only contributes special tokens (BOS).
-            prompt_ids = [t for t in prompt_ids if t in tokenizer.all_special_ids]
+            prompt_ids = [t for t in prompt_ids if t in special]
         ids = list(prompt_ids) + list(completion_ids) + eos
+        truncated = False
+        if len(ids) > max_len and tc.truncation != "drop":
+            if example.is_text:
+                room = max_len - len(prompt_ids) - len(eos)
+                if room >= MIN_PROMPT_TOKENS:
+                    completion_ids, truncated = completion_ids[:room], True
+            else:
+                room = max_len - len(completion_ids) - len(eos)
+                lead = next(
+                    (i for i, t in enumerate(prompt_ids) if t not in special), len(prompt_ids)
+                )
+                cut = truncate_prompt(prompt_ids, room, marker, tc.truncation, lead)
+                if cut is not None:
+                    prompt_ids, truncated = cut, True
+            ids = list(prompt_ids) + list(completion_ids) + eos
         if len(ids) > max_len:
             invalid.append(
                 InvalidRow(
                     example.ref,
-                    f"is {len(ids)} tokens long, longer than model_max_length {max_len}",
+                    f"is {len(ids)} tokens long, longer than model_max_length {max_len}"
+                    + (
+                        ""
+                        if tc.truncation == "drop"
+                        else f", and its completion alone leaves the prompt under "
+                        f"{MIN_PROMPT_TOKENS} tokens"
+                    ),
                 )
             )
             continue
@@ -212,8 +242,27 @@ def tokenize_examples(
             labels = list(ids)
         else:
             labels = [IGNORE_INDEX] * len(prompt_ids) + list(completion_ids) + eos
-        features.append(Feature(ids, labels))
+        features.append(Feature(ids, labels, truncated))
     return features, invalid
+
+
+def truncate_prompt(
+    prompt_ids: Sequence[int], room: int, marker: Sequence[int], mode: str, lead: int = 0
+) -> list[int] | None:
+    """`prompt_ids` cut to `room` tokens, `marker` where the cut is, or None where that would
+    leave fewer than MIN_PROMPT_TOKENS of the prompt.
+
+    "prompt_middle" keeps a quarter of the room from the start (a chat template's header and
+    system prompt, an instruction) and the rest from the end (the end of the input and the
+    assistant's header, next to what the model answers); "prompt_start" keeps the end alone.
+    Either keeps the first `lead` tokens (a BOS token) whole.
+    """
+    keep = room - len(marker)
+    if keep < MIN_PROMPT_TOKENS:
+        return None
+    head = max(keep // 4 if mode == "prompt_middle" else 0, min(lead, keep - MIN_PROMPT_TOKENS))
+    tail = keep - head
+    return [*prompt_ids[:head], *marker, *prompt_ids[len(prompt_ids) - tail :]]
 
 
 def check_tolerance(total: int, invalid: Sequence[InvalidRow], tolerance_percent: float) -> None:
@@ -554,7 +603,69 @@ def _make_trainer_class() -> type:
             )
             return super().training_step(model, inputs, num_items_in_batch)
 
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
+            keep = labelled_positions(inputs.get("labels"))
+            if keep is None or not _takes_logits_to_keep(model):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            labels = inputs["labels"]
+            outputs = model(
+                **{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep
+            )
+            loss = labelled_loss(outputs.logits, labels[:, keep + 1])
+            if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+                # The Trainer's own convention: a sum over the whole accumulated batch's labels.
+                loss = loss / num_items_in_batch
+            else:
+                loss = loss / (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
+            return (loss, outputs) if return_outputs else loss
+
     return CountingTrainer
+
+
+def labelled_positions(labels: Any) -> Any:
+    """The positions whose next token is a label in some row of the batch, as a 1-D tensor, or
+    None where they are most of the batch (a plain forward pass then costs no more).
+
+    A completion-only batch of long prompts and short completions (a classifier's) scores a
+    few positions of each row: computing the logits there alone, rather than a vocabulary's
+    worth of them for every token, is most of a training step's memory
+    (8 × 1,024 tokens × 49,152 words in float32 is 1.6 GB, and as much again for the gradient).
+    """
+    if labels is None or labels.dim() != 2 or labels.shape[1] < 2:
+        return None
+    keep = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+    if keep.numel() == 0 or keep.numel() * 2 > labels.shape[1]:
+        return None
+    return keep
+
+
+def labelled_loss(logits: Any, targets: Any) -> Any:
+    """Summed cross-entropy of `logits` [batch, positions, vocabulary] against `targets`
+    [batch, positions] (IGNORE_INDEX where a row has no label), in float32 as the models'
+    own loss functions compute it."""
+    import torch
+
+    return torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1).to(logits.device),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def _takes_logits_to_keep(model: Any) -> bool:
+    """Whether the (PEFT-wrapped) causal LM's forward takes `logits_to_keep` (transformers'
+    Llama, Qwen2, Mistral, GPT-Neo and most decoder models do)."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 def held_out_answers(held_out: Sequence[Any], limit: int) -> list[tuple[list[int], list[int]]]:
@@ -736,12 +847,21 @@ class EarlyStopping:
         return True
 
 
+@dataclass
+class PreparedData:
+    train_rows: list[Any]
+    eval_rows: list[Any]
+    invalid: list[InvalidRow]
+    truncated: int  # examples cut to model_max_length
+    collator: Any
+
+
 def prepare_data(
     tokenizer: Any,
     examples: Sequence[TrainingExample],
     params: TrainingParams,
     reporter: Reporter,
-) -> tuple[list[Any], list[Any], list[InvalidRow], Any]:
+) -> PreparedData:
     """Tokenized, validated, split and (optionally) packed data plus its collator."""
     tc, trc = params.tokenizer_config, params.trainer_config
     features, invalid = tokenize_examples(tokenizer, examples, params)
@@ -750,6 +870,13 @@ def prepare_data(
     if len(invalid) > 20:
         reporter.log(f"skipping {len(invalid) - 20} more invalid rows", "WARNING")
     check_tolerance(len(examples), invalid, params.invalid_data_tolerance_percent)
+    truncated = sum(f.truncated for f in features)
+    if truncated:
+        reporter.log(
+            f"truncated {truncated} examples longer than model_max_length {tc.model_max_length} "
+            f"to fit (tokenizer_config.truncation {tc.truncation}; a cut prompt is marked "
+            f"{ELLIPSIS.strip()!r})"
+        )
     train, held_out = split_eval(features, trc.eval_split_percent, trc.seed)
     if trc.packing:
         train_rows: list[Any] = list(pack(train, tc.model_max_length))
@@ -762,9 +889,10 @@ def prepare_data(
         train_rows, eval_rows = list(train), list(held_out)
         collator = PaddingCollator(tokenizer.pad_token_id, tc.padding_side)
     reporter.log(
-        f"{len(features)} valid examples ({len(invalid)} invalid): {len(train)} for training, {len(held_out)} for evaluation"
+        f"{len(features)} valid examples ({len(invalid)} invalid, {truncated} truncated): "
+        f"{len(train)} for training, {len(held_out)} for evaluation"
     )
-    return train_rows, eval_rows, invalid, collator
+    return PreparedData(train_rows, eval_rows, invalid, truncated, collator)
 
 
 def library_versions() -> dict[str, str]:
@@ -777,6 +905,89 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def memory_budget() -> int:
+    """The bytes this process may still grow to: the least of the machine's available memory,
+    its cgroup's room and its address-space limit, each plus what it already holds, less a
+    sixth for what the estimate leaves out (the allocator, libraries, the data)."""
+    import resource
+
+    held = _proc_kib("/proc/self/status", "VmRSS") * 1024
+    rooms = [_proc_kib("/proc/meminfo", "MemAvailable") * 1024]
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            rooms.append(int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        rooms.append(soft - _proc_kib("/proc/self/status", "VmSize") * 1024)
+    rooms = [room for room in rooms if room > 0]
+    return int((held + min(rooms)) * 5 / 6) if rooms else 0
+
+
+def _proc_kib(path: str, key: str) -> int:
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def plan_memory(
+    params: TrainingParams, data: PreparedData, model_path: str, budget: int, reporter: Reporter
+) -> TrainingParams:
+    """The parameters to train with in `budget` bytes: as given where their estimate fits;
+    else with gradient checkpointing, then with a smaller micro-batch and as many more
+    accumulation steps, so the global batch (and what the run learns) stays the same."""
+    from loraforge.services.trainer.estimates import peak_memory
+
+    trc = params.trainer_config
+    rows = data.train_rows
+    longest = max(
+        (len(r.input_ids) if isinstance(r, Feature) else r.length for r in rows), default=0
+    )
+    labelled = None
+    if rows and all(isinstance(r, Feature) for r in rows):
+        labelled = max(sum(label != IGNORE_INDEX for label in r.labels) for r in rows)
+
+    def estimate(candidate: TrainingParams) -> int:
+        return peak_memory(candidate, model_path or candidate.base_model, longest, False, labelled)
+
+    first = estimate(params)
+    if budget <= 0 or first <= budget or first == 0:
+        return params
+    planned = params
+    if not trc.gradient_checkpointing:
+        planned = _with_trainer(planned, gradient_checkpointing=True)
+    while estimate(planned) > budget and planned.trainer_config.per_device_train_batch_size > 1:
+        p = planned.trainer_config
+        planned = _with_trainer(
+            planned,
+            per_device_train_batch_size=p.per_device_train_batch_size // 2,
+            gradient_accumulation_steps=p.gradient_accumulation_steps * 2,
+        )
+    p = planned.trainer_config
+    gib = 2**30
+    reporter.log(
+        f"estimated {first / gib:.2f} GiB with micro-batch {trc.per_device_train_batch_size}, more "
+        f"than the {budget / gib:.2f} GiB this worker has: training with micro-batch "
+        f"{p.per_device_train_batch_size} x {p.gradient_accumulation_steps} accumulation steps "
+        f"(the same global batch of {p.per_device_train_batch_size * p.gradient_accumulation_steps})"
+        f"{', gradient checkpointing on' if p.gradient_checkpointing else ''}, estimated "
+        f"{estimate(planned) / gib:.2f} GiB",
+        "WARNING",
+    )
+    return planned
+
+
+def _with_trainer(params: TrainingParams, **changes: Any) -> TrainingParams:
+    return replace(params, trainer_config=replace(params.trainer_config, **changes))
+
+
 def run_training(
     params: TrainingParams,
     examples: Sequence[TrainingExample],
@@ -787,10 +998,13 @@ def run_training(
     model_path: str = "",
     trust_remote_code: bool = False,
     init_adapter: Path | None = None,
+    memory_limit: int | None = None,
 ) -> TrainingResult:
     """Trains a LoRA adapter; writes checkpoints under `work_dir/checkpoints`, the adapter to `work_dir/adapter`.
 
     `model_path` and `trust_remote_code` come from the worker's settings (see `base_model_path`).
+    `memory_limit`: the bytes training may use on a CPU (`plan_memory`); None: what this
+    process has (`memory_budget`); 0: no planning.
 
     Raises ToleranceExceeded / TrainingError for problems the user must fix, and
     TrainingStopped when the reporter asks to stop.
@@ -798,9 +1012,20 @@ def run_training(
     from transformers import PrinterCallback, set_seed
 
     reporter = reporter or QuietReporter()
-    trc = params.trainer_config
     tokenizer = load_tokenizer(params, model_path=model_path, trust_remote_code=trust_remote_code)
-    train_rows, eval_rows, invalid, collator = prepare_data(tokenizer, examples, params, reporter)
+    data = prepare_data(tokenizer, examples, params, reporter)
+    if memory_limit is None:
+        import torch
+
+        memory_limit = 0 if torch.cuda.is_available() else memory_budget()
+    params = plan_memory(params, data, model_path, memory_limit, reporter)
+    trc = params.trainer_config
+    train_rows, eval_rows, invalid, collator = (
+        data.train_rows,
+        data.eval_rows,
+        data.invalid,
+        data.collator,
+    )
 
     set_seed(trc.seed)
     model = load_model(
@@ -849,6 +1074,7 @@ def run_training(
             sum(len(r.examples) for r in train_rows) if trc.packing else len(train_rows)
         ),
         "invalid_examples": float(len(invalid)),
+        "truncated_examples": float(data.truncated),
         "train_tokens": float(counter.tokens),
         "train_seconds": train_seconds,
         "tokens_per_second": counter.tokens / train_seconds if train_seconds > 0 else 0.0,

@@ -2154,6 +2154,7 @@ class EstimateModelVersionResponse(_message.Message):
     CALIBRATION_FIELD_NUMBER: _builtins.int
     ESTIMATED_PEAK_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     WORKER_KIND_FIELD_NUMBER: _builtins.int
+    EXAMPLES_TRUNCATED_FIELD_NUMBER: _builtins.int
     examples_total: _builtins.int
     """Examples in the dataset version."""
     examples_kept: _builtins.int
@@ -2185,6 +2186,10 @@ class EstimateModelVersionResponse(_message.Message):
     """
     worker_kind: _builtins.str
     """The kind of worker the estimate is for: `cpu` or `cuda`."""
+    examples_truncated: _builtins.int
+    """Kept examples longer than `tokenizer_config.model_max_length`, cut to
+    fit as `tokenizer_config.truncation` says.
+    """
     @_builtins.property
     def dropped_by_code(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Dropped examples by code."""
@@ -2219,10 +2224,11 @@ class EstimateModelVersionResponse(_message.Message):
         calibration: _builtins.str = ...,
         estimated_peak_memory_bytes: _builtins.int = ...,
         worker_kind: _builtins.str = ...,
+        examples_truncated: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["estimated_time", b"estimated_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "dropped", b"dropped", "dropped_by_code", b"dropped_by_code", "epochs", b"epochs", "estimated_peak_memory_bytes", b"estimated_peak_memory_bytes", "estimated_time", b"estimated_time", "eval_examples", b"eval_examples", "examples_dropped", b"examples_dropped", "examples_kept", b"examples_kept", "examples_total", b"examples_total", "steps", b"steps", "tokens_per_epoch", b"tokens_per_epoch", "tokens_per_second", b"tokens_per_second", "total_tokens", b"total_tokens", "train_examples", b"train_examples", "worker_kind", b"worker_kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "dropped", b"dropped", "dropped_by_code", b"dropped_by_code", "epochs", b"epochs", "estimated_peak_memory_bytes", b"estimated_peak_memory_bytes", "estimated_time", b"estimated_time", "eval_examples", b"eval_examples", "examples_dropped", b"examples_dropped", "examples_kept", b"examples_kept", "examples_total", b"examples_total", "examples_truncated", b"examples_truncated", "steps", b"steps", "tokens_per_epoch", b"tokens_per_epoch", "tokens_per_second", b"tokens_per_second", "total_tokens", b"total_tokens", "train_examples", b"train_examples", "worker_kind", b"worker_kind"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
