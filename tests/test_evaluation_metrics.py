@@ -94,3 +94,25 @@ def test_the_trainer_may_read_dataset_versions_and_predict_with_its_own_identity
         assert "trainer" in POLICY[f"/loraforge.predictor.v1.PredictorService/{rpc}"].services
     read = POLICY["/loraforge.dataset.v1.DatasetService/ReadDatasetVersion"]
     assert "trainer" in read.services
+
+
+def test_label_accuracy_reads_the_first_label_like_word_its_abbreviations_and_aliases() -> None:
+    labels = ["neg", "pos"]
+    # A base model that answers in words, counted by hand: 5 of the 7 say the right label.
+    outputs = [
+        ("negative", "neg"),  # spelled out
+        ("The review is Positive.", "pos"),  # the first label-like word
+        ("POS", "pos"),  # case
+        ("I think it is negative, not positive", "neg"),  # the first one counts
+        ("The film", "pos"),  # no label
+        ("nothing to say", "neg"),  # "no..." is too short to abbreviate anything
+        ("positively great", "pos"),
+    ]
+    scorer = metrics.Scorer([metrics.LABEL_ACCURACY], labels=labels)
+    read = [scorer.score(o, r).predicted_label for o, r in outputs]
+    assert read == ["neg", "pos", "pos", "neg", "(other)", "(other)", "pos"]
+    assert scorer.aggregates(len(outputs)) == {"label_accuracy": pytest.approx(5 / 7)}
+    # An abbreviation two labels share is no label; a declared alias decides.
+    assert metrics.read_label("neutr", ["neutral", "neutron"]) == "(other)"
+    assert metrics.read_label("meh", ["pos", "neg", "neutral"], {"meh": "neutral"}) == "neutral"
+    assert metrics.read_label("meh", ["pos", "neg"], {"meh": "neutral"}) == "(other)"

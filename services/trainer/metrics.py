@@ -4,8 +4,9 @@ ROUGE comes from Google's `rouge-score` (F-measure, Porter stemming) and BLEU fr
 `sacrebleu` (sentence BLEU per example, corpus BLEU overall, 0 to 100), so the figures
 are the ones those libraries give anyone. Exact match normalizes as SQuAD's official
 script does (lowercase, no punctuation, no articles, single spaces). Label accuracy reads
-an output as one of the references' labels (itself, or its first words) and keeps a
-confusion matrix.
+an output as one of the references' labels (its first label-like words: the label, a
+declared alias, or an abbreviation such as `neg` for `negative`) and keeps a confusion
+matrix.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import re
 import string
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import sacrebleu
@@ -100,18 +101,41 @@ def default_metrics(references: Sequence[str]) -> list[str]:
     return metrics
 
 
-def read_label(output: str, labels: Sequence[str]) -> str:
+# A word of an output is read as a one-word label it abbreviates or spells out (`neg` for
+# `negative`, `negative` for `neg`) when both have at least this many letters and no
+# other label fits it so.
+MIN_ABBREVIATION = 3
+
+
+def read_label(output: str, labels: Sequence[str], aliases: Mapping[str, str] | None = None) -> str:
     """The label `output` gives: one of `labels` (normalized), or OTHER_LABEL.
 
-    An output is its label when, normalized, it is the label or starts with the label's
-    words (`positive.` and `positive, because ...` are `positive`); the longest label
-    that fits wins, so `very positive` is not read as `positive`.
+    The first label-like words of the normalized output say it: a label's own words (the
+    longest label that fits wins, so `very positive` is not read as `positive`), a declared
+    alias (`aliases`: normalized alias to label), or one word that abbreviates or spells out
+    exactly one one-word label (`neg`, `negative`). So `positive.`, `positive, because ...`
+    and `The news is positive.` are `positive`; a base model that answers in words is read
+    as fairly as one trained to answer with the label itself.
     """
     words = normalize(output).split()
-    for label in sorted(labels, key=lambda lab: -len(lab.split())):
-        size = len(label.split())
-        if words[:size] == label.split():
-            return label
+    ordered = sorted(labels, key=lambda lab: -len(lab.split()))
+    one_word = [lab for lab in labels if len(lab.split()) == 1]
+    declared = {normalize(alias): normalize(label) for alias, label in (aliases or {}).items()}
+    for i, word in enumerate(words):
+        for label in ordered:
+            size = len(label.split())
+            if words[i : i + size] == label.split():
+                return label
+        if declared.get(word) in labels:
+            return declared[word]
+        fits = [
+            lab
+            for lab in one_word
+            if min(len(word), len(lab)) >= MIN_ABBREVIATION
+            and (word.startswith(lab) or lab.startswith(word))
+        ]
+        if len(fits) == 1:
+            return fits[0]
     return OTHER_LABEL
 
 
@@ -132,6 +156,7 @@ class Scorer:
 
     metrics: list[str]
     labels: list[str] = field(default_factory=list)
+    aliases: dict[str, str] = field(default_factory=dict)  # alias -> label, for label accuracy
     outputs: list[str] = field(default_factory=list)
     references: list[str] = field(default_factory=list)
     sums: Counter[str] = field(default_factory=Counter)
@@ -160,7 +185,7 @@ class Scorer:
         if EXACT_MATCH in self.metrics:
             scores[EXACT_MATCH] = float(normalize(output) == normalize(reference))
         if LABEL_ACCURACY in self.metrics:
-            predicted = read_label(output, self.labels)
+            predicted = read_label(output, self.labels, self.aliases)
             expected = normalize(reference)
             scores[LABEL_ACCURACY] = float(predicted == expected)
             self.confusion[(expected, predicted)] += 1
