@@ -243,7 +243,11 @@ def long_data(args: argparse.Namespace, model: Path, model_name: str) -> None:
 
     rows = []
     for label, (flags, overrides) in LONG_RUNS.items():
-        overrides = {"trainer_config.max_steps": args.steps, **overrides}
+        overrides = {
+            "trainer_config.max_steps": args.steps,
+            "trainer_config.per_device_train_batch_size": args.batch,
+            **overrides,
+        }
         spec = {
             **flags,
             "overrides": overrides,
@@ -256,6 +260,9 @@ def long_data(args: argparse.Namespace, model: Path, model_name: str) -> None:
             capture_output=True,
             text=True,
         )
+        if done.returncode == -9:
+            rows.append((label, None, "killed (SIGKILL: out of memory)"))
+            continue
         if done.returncode != 0:
             tail = done.stderr.strip().splitlines()[-1:] or ["(no output)"]
             rows.append((label, None, f"failed (exit {done.returncode}): {tail[0]}"))
@@ -263,7 +270,7 @@ def long_data(args: argparse.Namespace, model: Path, model_name: str) -> None:
         rows.append((label, json.loads(done.stdout.strip().splitlines()[-1]), ""))
     print(
         f"model: {model_name}; template HF_SmolLM2_135m_instruct_lora defaults, "
-        f"model_max_length 2048, {args.steps} steps of batch 8; review-length prompts"
+        f"model_max_length 2048, {args.steps} steps of batch {args.batch}; review-length prompts"
     )
     print(f"{'run':<36}{'peak RSS GiB':>14}{'tokens/s':>10}{'truncated':>11}")
     for label, figures, failure in rows:

@@ -11,6 +11,9 @@ from tests.support import Databases, postgres_available
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Predictors choose their engine by rule, not by a background measurement of this (busy)
+# machine that could switch engines in the middle of a test; the calibration tests turn it on.
+os.environ.setdefault("LORAFORGE_CALIBRATE_ENGINES", "false")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -324,6 +324,19 @@ def test_an_expired_key_is_unauthenticated_on_every_rpc(cluster: Cluster) -> Non
     assert all(k.prefix != key[:15] for k in inactive.api_keys)
 
 
+def test_a_key_lifetime_beyond_any_calendar_is_invalid_argument_not_an_overflow(
+    cluster: Cluster,
+) -> None:
+    for seconds in (2**62, 101 * 365 * 86400):
+        request = apb.CreateApiKeyRequest(
+            app="apps/a", scopes=["read"], ttl=duration_pb2.Duration(seconds=seconds)
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            cluster.auth().CreateApiKey(request, metadata=bearer(cluster.admin_key))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "ttl" in (info.value.details() or "") and "days" in (info.value.details() or "")
+
+
 def _app_bound() -> list[tuple[str, MethodDescriptor]]:
     return [(svc, m) for svc, m in every_method() if POLICY[path_of(m)].users and app_fields(m)]
 

@@ -923,3 +923,50 @@ def test_an_app_key_sees_its_own_app_and_refusals_are_messages(tmp_path: Path) -
     finally:
         for service in reversed(started):
             service.stop()
+
+
+# ----- host names: the console answers only for the names it serves -----------------------
+
+
+def test_a_request_for_a_host_the_console_does_not_serve_is_refused(tmp_path: Path) -> None:
+    dataset = start_service("loraforge.services.dataset", tmp_path / "dataset")
+    addresses = [
+        *("--dataset-address", dataset.address, "--trainer-address", dataset.address),
+        *("--predictor-address", dataset.address),
+    ]
+    console = start_service("loraforge.services.console", tmp_path / "console", args=addresses)
+    proxied = start_service(
+        "loraforge.services.console",
+        tmp_path / "proxied",
+        args=[*addresses, "--allowed-hosts", "console.example.org"],
+    )
+    try:
+        url = f"http://127.0.0.1:{console.port}"
+        for host in (f"127.0.0.1:{console.port}", f"localhost:{console.port}", "localhost"):
+            assert httpx.get(url, headers={"Host": host}, timeout=30).status_code == 200, host
+        # A name rebound to this machine by another site: refused before any page runs.
+        evil = f"rebound.example.net:{console.port}"
+        page = httpx.get(url, headers={"Host": evil}, timeout=30)
+        assert page.status_code == 421
+        assert "rebound.example.net" in page.text and "--allowed-hosts" in page.text
+        posted = httpx.post(
+            f"{url}/apps",
+            data={"app_id": "rebound"},
+            headers={"Host": evil, "Origin": f"http://{evil}"},
+            timeout=30,
+        )
+        assert posted.status_code == 421
+        apps = dgrpc.DatasetServiceStub(channel(dataset.address)).ListApps(dpb.ListAppsRequest())
+        assert [a.name for a in apps.apps] == []
+        # Probes keep working whatever name they use.
+        assert httpx.get(f"{url}/health", headers={"Host": evil}, timeout=30).status_code == 200
+        # A name the operator allows (a proxy's) is served.
+        proxy_url = f"http://127.0.0.1:{proxied.port}"
+        allowed = httpx.get(proxy_url, headers={"Host": "console.example.org"}, timeout=30)
+        assert allowed.status_code == 200
+        other = httpx.get(proxy_url, headers={"Host": "other.example.org"}, timeout=30)
+        assert other.status_code == 421
+    finally:
+        proxied.stop()
+        console.stop()
+        dataset.stop()

@@ -461,6 +461,37 @@ def test_unusable_files_are_refused_whole_with_a_field_violation(
     assert stub.GetDataset(pb.GetDatasetRequest(name=dataset)).dataset.input_count == 0
 
 
+@pytest.mark.parametrize(
+    ("columns", "reason", "words"),
+    [
+        (1_000_000, "LINE_TOO_LONG", f"longer than the limit of {MAX_CHARS:,} characters on one"),
+        (1_200, "TOO_MANY_COLUMNS", "the CSV header has 1,200 columns, more than the 1,000"),
+    ],
+    ids=["a-million-columns", "too-many-columns"],
+)
+def test_a_csv_header_too_wide_is_refused_saying_so_not_as_empty(
+    stub: pb_grpc.DatasetServiceStub, dataset: str, columns: int, reason: str, words: str
+) -> None:
+    header = ",".join(["input", *(f"c{i}" for i in range(1, columns))])
+    data = f"{header}\nhello,{',' * (columns - 2)}\n".encode()
+    with pytest.raises(grpc.RpcError) as caught:
+        upload(stub, dataset, data, "wide.csv", chunk=1024 * 1024)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request(caught.value) == (reason, ["chunk"])
+    message = caught.value.details() or ""
+    assert words in message and "keep only the columns" in message
+    assert "empty" not in message
+
+
+def test_a_jsonl_file_whose_first_line_is_too_long_keeps_its_other_rows(
+    stub: pb_grpc.DatasetServiceStub, dataset: str
+) -> None:
+    data = jsonl({"text": "x" * (MAX_CHARS + 1)}, {"text": "fine"})
+    report = upload(stub, dataset, data, "long.jsonl")
+    assert (report.rows_accepted, report.rows_rejected) == (1, 1)
+    assert report.row_errors[0].line == 1 and "max_example_chars" in report.row_errors[0].reason
+
+
 def test_wrong_columns_message_names_the_columns_found_and_the_ones_needed(
     stub: pb_grpc.DatasetServiceStub, dataset: str
 ) -> None:

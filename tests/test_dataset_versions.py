@@ -373,3 +373,67 @@ def test_an_unexpected_error_while_writing_a_version_is_internal_with_an_inciden
     assert "ExampleKind" not in version.failure_reason and "99" not in version.failure_reason
     assert "create the version again" in version.failure_reason
     stub.DeleteDatasetVersion(pb.DeleteDatasetVersionRequest(name=version.name))
+
+
+def test_a_retry_after_a_crash_mid_build_builds_the_version_it_asked_for(tmp_path: Path) -> None:
+    from tests.support import s3_server, wait_until
+    from tests.test_dataset_integrity import HangingProxy, add_examples, make_dataset
+
+    with s3_server() as s3:
+        proxy = HangingProxy(s3.endpoint)
+        # The store never answers while hung, and the service waits for it: the build is
+        # under way when the process is killed.
+        url = f"s3://loraforge/?endpoint={proxy.endpoint}&secure=false&retries=0"
+        args = ["--object-store-url", url, "--lease-seconds", "2"]
+        svc = start_service("loraforge.services.dataset", tmp_path / "svc", args=args)
+        restarted: ServiceProcess | None = None
+        try:
+            stub = stub_for(svc)
+            dataset = make_dataset(stub)
+            add_examples(stub, dataset, 10)
+            name = f"{dataset}/versions/v1"
+            request = pb.CreateDatasetVersionRequest(
+                parent=dataset, version_id="v1", request_id="build-v1"
+            )
+            proxy.hung.set()
+            pending = stub.CreateDatasetVersion.future(request, timeout=300)
+
+            def state(stub: pb_grpc.DatasetServiceStub) -> int:
+                try:
+                    version = stub.GetDatasetVersion(pb.GetDatasetVersionRequest(name=name))
+                except grpc.RpcError as err:  # not created yet
+                    assert err.code() == grpc.StatusCode.NOT_FOUND, err
+                    return 0
+                return int(version.dataset_version.state)
+
+            assert wait_until(lambda: state(stub) == pb.DATASET_VERSION_STATE_IN_PROGRESS, 120)
+            svc.proc.kill()
+            svc.proc.wait(timeout=60)
+            with pytest.raises(grpc.RpcError):
+                pending.result()
+            proxy.hung.clear()
+            restarted = start_service(
+                "loraforge.services.dataset", tmp_path / "svc", args=args, name="restarted"
+            )
+            stub = stub_for(restarted)
+            # The next start finds the build cut off and fails the version.
+            assert wait_until(lambda: state(stub) == pb.DATASET_VERSION_STATE_FAILED, 120)
+            retried = stub.CreateDatasetVersion(request, timeout=300).dataset_version
+            assert retried.name == name
+            assert retried.state == pb.DATASET_VERSION_STATE_READY, retried.failure_reason
+            assert retried.stats.example_count == 10
+            rows = [
+                i
+                for batch in stub.ReadDatasetVersion(pb.ReadDatasetVersionRequest(name=name))
+                for i in batch.inputs
+            ]
+            assert len(rows) == 10
+            # Once built, the request id answers with the version as it is.
+            again = stub.CreateDatasetVersion(request).dataset_version
+            assert again.state == pb.DATASET_VERSION_STATE_READY
+            assert again.content_sha256 == retried.content_sha256
+        finally:
+            svc.stop()
+            if restarted is not None:
+                restarted.stop()
+            proxy.close()

@@ -43,7 +43,12 @@ SERVERS = {
     "loraforge-predictor": ("loraforge.predictor.v1.PredictorService", 50053),
 }
 # HTTP servers: entry point -> (health path, port by convention).
-HTTP_SERVERS = {"loraforge-openai": ("/health", 8000), "loraforge-console": ("/health", 8080)}
+# Readiness and liveness paths: the OpenAI API is ready while the predictor serves and alive
+# while it answers (a restart of the API would not bring the predictor back).
+HTTP_SERVERS = {
+    "loraforge-openai": ("/health", "/livez", 8000),
+    "loraforge-console": ("/health", "/health", 8080),
+}
 WORKER = "loraforge-worker"
 # The processes that call others with a service identity of their own: entry point -> name.
 IDENTITIES = {"loraforge-trainer": "trainer", WORKER: "worker", "loraforge-predictor": "predictor"}
@@ -156,7 +161,7 @@ def test_compose_servers_have_grpc_health_checks(compose: dict[str, Any]) -> Non
             assert "ports" not in svc, "the worker serves no port"
             continue
         if script in HTTP_SERVERS:
-            path, port = HTTP_SERVERS[script]
+            path, _, port = HTTP_SERVERS[script]
             assert svc["environment"]["LORAFORGE_PORT"] == str(port), name
             assert f"http://127.0.0.1:{port}{path}" in " ".join(svc["healthcheck"]["test"]), name
             assert svc["ports"] == [f"127.0.0.1:{port}:{port}"], name
@@ -456,10 +461,10 @@ def test_servers_have_health_probes_on_their_port(k8s: list[dict[str, Any]]) -> 
             )
             continue
         if script in HTTP_SERVERS:
-            path, port = HTTP_SERVERS[script]
+            ready, live, port = HTTP_SERVERS[script]
             assert [p["containerPort"] for p in c["ports"]] == [port], name
             assert {"name": "LORAFORGE_PORT", "value": str(port)} in c["env"], name
-            for probe in ("readinessProbe", "livenessProbe"):
+            for probe, path in (("readinessProbe", ready), ("livenessProbe", live)):
                 assert c[probe]["httpGet"] == {"path": path, "port": port, "scheme": "HTTPS"}, (
                     f"{name} {probe}"
                 )

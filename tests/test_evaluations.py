@@ -321,6 +321,36 @@ def test_bad_evaluations_are_refused_naming_the_field(stack: Stack) -> None:
     assert code == grpc.StatusCode.NOT_FOUND
 
 
+def test_training_rows_uploaded_again_elsewhere_are_found_by_content(stack: Stack) -> None:
+    dstub = dpb_grpc.DatasetServiceStub(channel(stack.dataset.address))
+    # The very rows the version trained on, in another dataset: refused, saying how many.
+    _upload(dstub, "numbers-copy", _labelled(range(0, 64)), "v1")
+    code, reason, fields = _refused(
+        lambda: stack.evaluations.CreateEvaluation(
+            epb.CreateEvaluationRequest(
+                parent=stack.version,
+                dataset_version=f"{APP}/datasets/numbers-copy/versions/v1",
+                params=PARAMS,
+            )
+        )
+    )
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "DATASET_VERSION_TRAINED_ON")
+    assert (
+        f"64 of the 64 examples it would score are rows of {TRAIN!r}" in fields["dataset_version"]
+    )
+    # Some of them among new rows: evaluated, with a warning that counts them.
+    _upload(dstub, "numbers-mixed", _labelled(range(60, 70)), "v1")
+    created = stack.evaluations.CreateEvaluation(
+        epb.CreateEvaluationRequest(
+            parent=stack.version,
+            dataset_version=f"{APP}/datasets/numbers-mixed/versions/v1",
+            params=PARAMS,
+        )
+    ).evaluation
+    assert any("4 of the 10 examples it would score" in w for w in created.warnings)
+    assert _finished(stack.evaluations, created.name).state == epb.EVALUATION_STATE_SUCCEEDED
+
+
 def test_a_trainer_without_a_predictor_refuses_evaluations_naming_the_setting(
     stack: Stack, tmp_path: Path
 ) -> None:
@@ -552,7 +582,12 @@ def test_reference_perplexity_is_transformers_own_loss_on_the_completion_tokens(
         tpl.get_template(TEMPLATE),
         {
             "model_config": {"pretrained_model_name_or_path": str(base)},
-            "tokenizer_config": {"model_max_length": 24, "prompt_format": "raw"},
+            # An example too long is left out rather than cut, so it has no measure.
+            "tokenizer_config": {
+                "model_max_length": 24,
+                "prompt_format": "raw",
+                "truncation": "drop",
+            },
         },
     )
     examples = [("Sentiment: 3 rose?", " positive"), ("Sentiment: 4 rose?", " negative")]

@@ -36,6 +36,19 @@ class RaisingServicer(pb_grpc.DatasetServiceServicer):
     async def ListApps(self, request: pb.ListAppsRequest, context: object) -> pb.ListAppsResponse:
         raise KeyError("secret internal detail")
 
+    async def UpdateApp(
+        self, request: pb.UpdateAppRequest, context: object
+    ) -> pb.UpdateAppResponse:
+        # Far more than gRPC's response headers hold: every element bad, every text long.
+        raise errors.InvalidArgument(
+            "é" * 100_000,
+            field_violations=[
+                errors.FieldViolation(f"items[{i}].{'deep.' * 200}name", "is bad " * 1000)
+                for i in range(100_000)
+            ],
+            metadata={f"key{i}": "v" * 10_000 for i in range(100)},
+        )
+
     async def DeleteDataset(
         self, request: pb.DeleteDatasetRequest, context: object
     ) -> pb.DeleteDatasetResponse:
@@ -104,6 +117,23 @@ def test_invalid_field_carries_a_bad_request_field_violation(
     assert [(v.field, v.description) for v in bad.field_violations] == [
         ("app_id", "must be lowercase")
     ]
+
+
+def test_an_error_with_huge_details_stays_invalid_argument_with_the_first_violations(
+    stub: pb_grpc.DatasetServiceStub,
+) -> None:
+    """Past gRPC's limit on response headers a caller would get RESOURCE_EXHAUSTED and no
+    details: the status is cut to fit, the first violations kept and the rest counted."""
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.UpdateApp(pb.UpdateAppRequest())
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert exc.value.details().startswith("é" * 100)
+    assert "more characters" in exc.value.details()
+    info, bad = _details(exc.value)
+    assert info is not None and bad is not None
+    assert 1 < len(bad.field_violations) <= errors.MAX_FIELD_VIOLATIONS + 1
+    assert bad.field_violations[0].field.startswith("items[0].")
+    assert "more problems like these" in bad.field_violations[-1].description
 
 
 def test_failed_precondition_keeps_metadata(stub: pb_grpc.DatasetServiceStub) -> None:

@@ -218,3 +218,19 @@ def test_a_worker_that_polls_less_often_than_its_lease_is_refused(tmp_path: Path
         "error: --poll-seconds (LORAFORGE_POLL_SECONDS) must be shorter than "
         "--lease-seconds (LORAFORGE_LEASE_SECONDS) (got 20 and 10)"
     ), output
+
+
+def test_a_starting_service_reports_its_steps_and_ends_with_serving(tmp_path: Path) -> None:
+    from loraforge.services.common.progress import PROGRESS_FILE_ENV, read_progress
+
+    progress = tmp_path / "dataset.progress"
+    svc = start_service(
+        "loraforge.services.dataset", tmp_path, env={PROGRESS_FILE_ENV: str(progress)}
+    )
+    try:
+        reported = read_progress(progress)
+        assert reported is not None and reported.pid == svc.proc.pid
+        assert reported.step == "serving"
+        assert "opening port (any free one)" in svc.log()  # each step is a log line too
+    finally:
+        svc.stop()

@@ -1,9 +1,12 @@
-"""`engine: auto` on a CPU: the engine that serves adapters fastest here, measured once."""
+"""`engine: auto` on a CPU: the engine that serves adapters fastest here, measured once
+(in the background, while the predictor serves)."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +17,11 @@ from loraforge.services.predictor.engines.base import EngineKind
 from loraforge.services.predictor.engines.calibration import (
     Calibration,
     CalibrationStore,
+    combined_rate,
+    missing_workloads,
     signature,
 )
-from tests.support import ServiceProcess, channel, free_port, start_service
+from tests.support import REPO, ServiceProcess, channel, free_port, start_service, wait_until
 from tests.test_predictor_helpers import tiny_base
 
 
@@ -106,25 +111,74 @@ def test_an_engine_set_by_the_operator_is_served_whatever_was_measured(tmp_path:
         predictor.stop()
 
 
+_PUT_FIGURES = """
+import sys
+from pathlib import Path
+from loraforge.services.predictor.engines.base import EngineKind
+from loraforge.services.predictor.engines.calibration import CalibrationStore
+store, writer = CalibrationStore(Path(sys.argv[1])), int(sys.argv[2])
+for i in range(20):
+    kind = (EngineKind.VLLM, EngineKind.TRANSFORMERS)[i % 2]
+    store.put_figure(f"shape-{writer}-{i % 5}", kind, ("prefill", "decode")[i // 10], writer + i + 1)
+"""
+
+
+def test_predictors_storing_figures_at_once_lose_none_of_them(tmp_path: Path) -> None:
+    path = tmp_path / "calibration.json"
+    writers = [
+        subprocess.Popen([sys.executable, "-c", _PUT_FIGURES, str(path), str(w)], cwd=REPO)
+        for w in range(4)
+    ]
+    assert [w.wait(120) for w in writers] == [0] * 4
+    store = CalibrationStore(path)
+    for w in range(4):
+        for i in range(20):
+            kind = ("vllm", "transformers")[i % 2]
+            workload = ("prefill", "decode")[i // 10]
+            assert store.figures(f"shape-{w}-{i % 5}")[kind][workload] == w + i + 1
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_figures_stored_per_workload_make_a_calibration_only_when_complete(
+    tmp_path: Path,
+) -> None:
+    store = CalibrationStore(tmp_path / "calibration.json")
+    store.put_figure("k", EngineKind.VLLM, "prefill", 4.0)
+    store.put_figure("k", EngineKind.VLLM, "decode", 1.0)
+    assert store.get("k") is None
+    assert missing_workloads(store.figures("k")) == 2
+    store.put(Calibration("k", {"vllm": combined_rate({"prefill": 4.0, "decode": 1.0})}, "x"))
+    assert store.figures("k")["vllm"] == {"prefill": 4.0, "decode": 1.0}  # kept by put
+    found = store.get("k")
+    assert found is not None and found.requests_per_second["vllm"] == pytest.approx(1.6)
+
+
 @pytest.mark.slow
-def test_without_a_stored_measurement_both_engines_are_measured_and_the_faster_serves(
+def test_without_a_stored_measurement_vllm_serves_at_once_and_the_faster_once_measured(
     tmp_path: Path,
 ) -> None:
     base = tiny_base(tmp_path)
     calibration_file = tmp_path / "calibration.json"
     predictor = _predictor(tmp_path / "auto", base, calibration_file, "--dtype", "float32")
     try:
-        stored = CalibrationStore(calibration_file).get(signature(str(base), "float32"))
-        assert stored is not None, predictor.log()
+        store = CalibrationStore(calibration_file)
+        key = signature(str(base), "float32")
+        assert "serving with vLLM meanwhile" in _served(predictor).engine_reason
+        assert wait_until(lambda: store.get(key) is not None, 900), predictor.log()
+        stored = store.get(key)
+        assert stored is not None
         rates = stored.requests_per_second
         assert set(rates) == {"vllm", "transformers"} and min(rates.values()) > 0
-        served = _served(predictor)
         winner = (
             pb.ENGINE_VLLM if rates["vllm"] >= rates["transformers"] else pb.ENGINE_TRANSFORMERS
         )
-        assert served.engine == winner and served.engine_reason == stored.reason()
+        # The predictor takes the measurement up (switching engines if vLLM lost).
+        assert wait_until(lambda: _served(predictor).engine_reason == stored.reason(), 600), (
+            predictor.log()
+        )
+        assert _served(predictor).engine == winner
         stub = pb_grpc.PredictorServiceStub(channel(predictor.address))
-        # The measurement's adapter is gone; the base model answers.
+        # The measurement's adapter never reaches the serving engine; the base model answers.
         assert not stub.ListAdapters(pb.ListAdaptersRequest(), timeout=30).adapters
         reply = stub.Predict(
             pb.PredictRequest(

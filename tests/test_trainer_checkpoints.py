@@ -427,3 +427,76 @@ def test_held_out_answers_are_scored_against_the_completion_after_the_prompt(
     scores = score_answers(model, tokenizer, found, max_new_tokens=3)
     assert scores["exact_match"] == pytest.approx(0.5)  # the greedy answer, and another
     assert model.training  # handed back to training as it was
+
+
+def _create(stack: Stack, version_id: str, trainer_config: dict[str, Any], **kw: str) -> str:
+    overrides = {
+        **stack.overrides,
+        "trainer_config": {**stack.overrides["trainer_config"], **trainer_config},
+    }
+    if "from_model_version" in kw:
+        overrides = {"trainer_config": trainer_config}
+    return str(
+        stack.stub.CreateModelVersion(
+            pb.CreateModelVersionRequest(
+                parent=f"{APP}/models/sums",
+                version_id=version_id,
+                dataset_version=stack.dataset_version,
+                template="" if "from_model_version" in kw else TEMPLATE,
+                param_overrides=json_format.ParseDict(overrides, struct_pb2.Struct()),
+                **kw,
+            )
+        ).model_version.name
+    )
+
+
+def test_a_cancelled_run_keeps_its_checkpoints_to_export_and_continue_from(
+    stack: Stack, tmp_path: Path
+) -> None:
+    name = _create(stack, "cancelled", {"max_steps": 100000, "save_steps": 2})
+
+    def saved() -> list[pb.Checkpoint]:
+        return list(stack.stub.ListCheckpoints(pb.ListCheckpointsRequest(parent=name)).checkpoints)
+
+    assert wait_until(lambda: bool(saved()), 300), "the run saved no checkpoint"
+    stack.stub.CancelModelVersion(pb.CancelModelVersionRequest(name=name))
+    # The one worker trains the next run only once it has stopped the cancelled one.
+    _wait(stack.stub, _create(stack, "after-cancel", {"max_steps": 2}))
+    kept = saved()
+    assert kept, "cancelling the run deleted its checkpoints"
+    last = kept[-1]
+    info = next(stack.stub.ExportModelVersion(pb.ExportModelVersionRequest(name=last.name))).info
+    assert info.file_name == f"sums-cancelled-step{last.step}-adapter.tar"
+    continued = _wait(
+        stack.stub,
+        _create(stack, "from-cancelled", {"max_steps": 2}, from_model_version=last.name),
+    )
+    assert continued.from_model_version == last.name
+    # A step it never reached is missing because the run stopped, not because of rotation.
+    reached = stack.stub.GetModelVersion(
+        pb.GetModelVersionRequest(name=name)
+    ).model_version.progress.step
+    with pytest.raises(grpc.RpcError) as caught:
+        stack.stub.GetCheckpoint(
+            pb.GetCheckpointRequest(name=f"{name}/checkpoints/{reached + 1000}")
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    details = caught.value.details() or ""
+    assert f"the run stopped at step {reached} (CANCELLED)" in details
+    assert "save_total_limit" not in details
+    # Deleting the version deletes its checkpoints.
+    stack.stub.DeleteModelVersion(pb.DeleteModelVersionRequest(name=name))
+    store = open_object_store(str(stack.workdir / "home" / "objects"))
+    assert not list(store.list(f"trainer/{name}/"))
+
+
+def test_a_checkpoint_removed_by_rotation_or_never_saved_says_which(stack: Stack) -> None:
+    for step, words in [
+        (2, "removed when newer ones were saved: the run keeps its last 2"),
+        (3, "saves one every 2 steps (trainer_config.save_steps) and at its last step"),
+    ]:
+        name = f"{stack.version.name}/checkpoints/{step}"
+        with pytest.raises(grpc.RpcError) as caught:
+            stack.stub.GetCheckpoint(pb.GetCheckpointRequest(name=name))
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        assert words in (caught.value.details() or "")

@@ -442,9 +442,9 @@ def test_cancel_while_running(stack: Stack, shared_worker: subprocess.Popen[byte
     # the cancelled one.
     follow = _create(stack, "after-cancel", _overrides(stack, max_steps=2))
     assert _states(list(_watch(stack, follow.name)))[-1] == S.MODEL_VERSION_STATE_TRAINED
-    # By then it had stopped, written nothing more, and cleaned up the run's checkpoints.
+    # By then it had stopped and written no adapter (the checkpoints it saved are kept).
     store = open_object_store(str(stack.workdir / "home" / "objects"))
-    assert not list(store.list(f"trainer/{created.name}/"))
+    assert not list(store.list(f"trainer/{created.name}/adapter/"))
     assert list(_watch(stack, created.name, after=events[-1].sequence)) == []
     # A finished run can be deleted; its artifacts and dataset reference go with it.
     stack.trainer_stub.DeleteModelVersion(pb.DeleteModelVersionRequest(name=follow.name))

@@ -43,7 +43,7 @@ from loraforge.client.client import (
     resource_name,
 )
 from loraforge.client.client import version_name as full_version_name
-from loraforge.client.local import CONSOLE_PORT, OPENAI_PORT
+from loraforge.client.local import CONSOLE_PORT, OPENAI_PORT, LocalCluster
 from loraforge.client.params import load_yaml, merge, parameter_default, template_defaults
 from loraforge.dataset.v1 import dataset_service_pb2 as dpb
 from loraforge.predictor.v1 import predictor_service_pb2 as ppb
@@ -130,14 +130,29 @@ def _chosen_ports(args: argparse.Namespace) -> dict[str, int]:
     return chosen
 
 
-def cmd_up(args: argparse.Namespace) -> None:
-    from loraforge.client.local import LocalCluster
+def start_cluster(cluster: LocalCluster, what: str) -> None:
+    """Starts `cluster`, showing what each process reports while it starts."""
+    with console.status(f"starting {what}...") as status:
 
+        def show(name: str, step: str) -> None:
+            console.print(
+                f"  [dim]{escape(name)}: {escape(step)}[/dim]", highlight=False, soft_wrap=True
+            )
+            status.update(f"{escape(name)}: {escape(step)}...")
+
+        cluster.start(on_progress=show)
+
+
+def cmd_up(args: argparse.Namespace) -> None:
     home = Path(args.home)
     if LocalCluster.attach(home):
         raise UsageError(f"services are already running from {home}; `loraforge down` stops them")
     base_model = args.base_model or os.environ.get("LORAFORGE_BASE_MODEL") or DEFAULT_BASE_MODEL
     cluster = LocalCluster(home=home, base_model=base_model, workers=args.workers)
+    if args.stall_timeout is not None:
+        if args.stall_timeout <= 0:
+            raise UsageError(f"--stall-timeout must be above 0 (got {args.stall_timeout})")
+        cluster.stall_timeout = args.stall_timeout
     cluster.ports.update(_chosen_ports(args))
     for name in ("openai", "console"):
         port = getattr(args, f"{name}_port")
@@ -146,11 +161,10 @@ def cmd_up(args: argparse.Namespace) -> None:
         if not 0 <= port <= 65535:
             raise UsageError(f"--{name}-port must be 0 (any free port) to 65535 (got {port})")
         cluster.ports[name] = port
-    with console.status(
-        "starting dataset, trainer, worker, predictor, the OpenAI-compatible API and the "
-        "web console (the predictor's engine takes a while)..."
-    ):
-        cluster.start()
+    start_cluster(
+        cluster,
+        "dataset, trainer, worker, predictor, the OpenAI-compatible API and the web console",
+    )
     table = Table(title=f"loraforge services (home {escape(str(home))})")
     for col in ("service", "address", "pid", "log"):
         table.add_column(col)
@@ -194,8 +208,6 @@ def _print_key_hint(admin_key: Path) -> None:
 
 
 def cmd_down(args: argparse.Namespace) -> None:
-    from loraforge.client.local import LocalCluster
-
     cluster = LocalCluster.attach(Path(args.home))
     if cluster is None:
         console.print("no services running")
@@ -1223,6 +1235,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help=f"port of the web console (0: any free one); default {CONSOLE_PORT}",
+    )
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=None,
+        help="seconds a starting service may go without reporting progress before `up` "
+        "gives up (a slow start that keeps reporting never fails) "
+        "[env LORAFORGE_START_STALL_SECONDS; 600]",
     )
     p = add("down", cmd_down, "stop the services `up` started")
     p.add_argument("--home", default=str(default_home()))

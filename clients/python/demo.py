@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from loraforge.client.cli import follow
+from loraforge.client.cli import follow, start_cluster
 from loraforge.client.client import Client
 from loraforge.client.local import LocalCluster
 from loraforge.services.common.base_models import DEFAULT_BASE_MODEL, lookup
@@ -41,6 +41,7 @@ SYSTEM_PROMPT = (
 # Room for an answer in a sentence ("The sentiment of this news is positive."), so the base
 # model is scored on what it says, not cut off before its label.
 ANSWER_TOKENS = 16
+DEMO_PORTS = ("dataset", "trainer", "predictor", "openai", "console")
 
 
 def demo_file(name: str) -> Path:
@@ -96,12 +97,12 @@ def run_demo(
     console.print(f"base model: {base_model}")
     if entry is not None:
         console.print(f"[dim]{escape(entry.description)}[/dim]")
-    cluster = LocalCluster(home=home, base_model=base_model)
-    with console.status(
-        "starting dataset, trainer, worker and predictor (the first start converts the base "
-        "model; the predictor's vLLM engine takes a while)..."
-    ):
-        cluster.start()
+    # Free ports: the demo runs beside any `loraforge up` on the well-known ones.
+    cluster = LocalCluster(home=home, base_model=base_model, ports=dict.fromkeys(DEMO_PORTS, 0))
+    start_cluster(
+        cluster,
+        "dataset, trainer, worker and predictor (the first start converts the base model)",
+    )
     for name, proc in cluster.procs.items():
         console.print(
             f"  {name:10} pid {proc.pid:<7} {'127.0.0.1:' + str(proc.port) if proc.port else ''}"
@@ -113,11 +114,15 @@ def run_demo(
     finally:
         if keep_running:
             console.print(f"\nservices keep running; stop them with `loraforge down --home {home}`")
+            console.print(f"web console: {cluster.console_url}")
+            console.print(f"OpenAI-compatible API: {cluster.openai_url}")
+            reach = " ".join(
+                f"LORAFORGE_{service.upper()}_ADDRESS={address}"
+                for service, address in cluster.addresses.items()
+            )
             if cluster.auth:
-                console.print(
-                    f"other commands reach them with LORAFORGE_API_KEY_FILE={cluster.admin_key_file}"
-                    " and the addresses above"
-                )
+                reach += f" LORAFORGE_API_KEY_FILE={cluster.admin_key_file}"
+            console.print(f"other commands reach them with {reach}", soft_wrap=True)
         else:
             with console.status("stopping services..."):
                 cluster.stop()

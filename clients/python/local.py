@@ -12,6 +12,12 @@ each start makes new keys for the trainer, the workers and the predictor, writes
 to `<home>/service-keys` (mode 0600) for the dataset service, and gives each process its
 own; the dataset service writes the admin key to `<home>/admin.key` (0600), which the
 CLI and the demo then use. The services listen on 127.0.0.1 only, in plaintext.
+
+A start waits on what each process reports, not on a fixed clock: every service keeps
+`<home>/logs/<name>.progress` current (its step and a heartbeat) until it serves, and
+the wait fails only if the process exits or its reports stop changing for
+`stall_timeout` seconds. A first start on a busy machine may take long; it does not fail
+for that.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +40,7 @@ from loraforge.services.common.auth import new_api_key, write_secret_file
 from loraforge.services.common.channels import read_key_file
 from loraforge.services.common.errors import InvalidArgument
 from loraforge.services.common.healthcheck import check
+from loraforge.services.common.progress import PROGRESS_FILE_ENV, Progress, read_progress
 
 STATE_FILE = "cluster.json"
 SERVICE_KEYS_FILE = "service-keys"
@@ -42,6 +50,10 @@ SERVICE_IDENTITIES = ("trainer", "worker", "predictor")
 OPENAI_PORT = 8000  # the port vLLM's OpenAI-compatible server uses, which clients often assume
 CONSOLE_PORT = 8080  # the web console
 HTTP_SERVICES = ("openai", "console")  # health-checked over HTTP, not gRPC
+STALL_TIMEOUT_ENV = "LORAFORGE_START_STALL_SECONDS"
+DEFAULT_STALL_TIMEOUT = 600.0
+# Called with a process's name and its step each time a starting process reports a new one.
+ProgressCallback = Callable[[str, str], None]
 
 
 @dataclass
@@ -78,6 +90,9 @@ class LocalCluster:
     auth: bool = field(default_factory=lambda: auth_from_env())
     # This start's service keys, by identity (empty with auth off).
     service_keys: dict[str, str] = field(default_factory=dict)
+    # How long a starting process may go without reporting progress before the start fails
+    # (None: LORAFORGE_START_STALL_SECONDS, else DEFAULT_STALL_TIMEOUT).
+    stall_timeout: float | None = None
 
     @property
     def admin_key_file(self) -> Path:
@@ -170,39 +185,62 @@ class LocalCluster:
         log = logs / f"{name}.log"
         cmd = [sys.executable, "-m", module, *args]
         ready = logs / f"{name}.port"
+        env = self._env(name)
         if port is not None:
             ready.unlink(missing_ok=True)
+            progress = logs / f"{name}.progress"
+            progress.unlink(missing_ok=True)
             cmd += ["--port", str(port), "--ready-file", str(ready)]
+            env[PROGRESS_FILE_ENV] = str(progress)
         with open(log, "ab") as fh:
             popen = subprocess.Popen(
                 cmd,
                 stdout=fh,
                 stderr=subprocess.STDOUT,
-                env=self._env(name),
+                env=env,
                 start_new_session=True,
             )
         proc = Proc(name, popen, popen.pid, port or 0, log)
         self.procs[name] = proc
         return proc
 
-    def _wait_ready(self, proc: Proc, timeout: float) -> None:
-        ready = self.home / "logs" / f"{proc.name}.port"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if ready.exists() and ready.read_text().strip():
-                proc.port = int(ready.read_text())
-                check = _http_serving if proc.name in HTTP_SERVICES else _serving
-                if check(f"127.0.0.1:{proc.port}"):
-                    return
-            if proc.popen is not None and proc.popen.poll() is not None:
-                raise RuntimeError(_exit_line(proc, "service"))
-            time.sleep(0.2)
-        raise RuntimeError(
-            f"the {proc.name} service did not start within {timeout:.0f}s; see {proc.log}"
+    def _wait_ready(
+        self, proc: Proc, stall_timeout: float, on_progress: ProgressCallback | None
+    ) -> None:
+        logs = self.home / "logs"
+        proc.port = wait_until_serving(
+            proc,
+            logs / f"{proc.name}.port",
+            logs / f"{proc.name}.progress",
+            stall_timeout,
+            on_progress,
+            http=proc.name in HTTP_SERVICES,
         )
 
-    def start(self, timeout: float = 300) -> None:
-        """Starts every service and waits until each answers its health check."""
+    def _check_ports_free(self) -> None:
+        """A port another program holds (another `loraforge up`, say) is named before any
+        process starts, with what to do about it."""
+        taken = [
+            f"{port} ({name})" for name, port in self.ports.items() if port and not _port_free(port)
+        ]
+        if taken:
+            raise RuntimeError(
+                f"port {', '.join(taken)} on 127.0.0.1 is in use, perhaps by another "
+                "`loraforge up`; choose other ports (--base-port N, or 0 for any free port: "
+                "--dataset-port 0 and the like) or stop what holds them"
+            )
+
+    def start(
+        self, timeout: float | None = None, on_progress: ProgressCallback | None = None
+    ) -> None:
+        """Starts every service and waits until each answers its health check.
+
+        `timeout` is the stall deadline (default `stall_timeout`): how long a starting
+        process may go without reporting progress, not a bound on the whole start.
+        `on_progress(name, step)` hears each step a starting process reports.
+        """
+        stall = timeout or self.stall_timeout or stall_timeout_from_env()
+        self._check_ports_free()
         self.home.mkdir(parents=True, exist_ok=True)
         if self.auth:
             self._write_service_keys()
@@ -213,7 +251,7 @@ class LocalCluster:
                 self._stores("dataset"),
                 self.ports["dataset"],
             )
-            self._wait_ready(dataset, timeout)
+            self._wait_ready(dataset, stall, on_progress)
             self.api_key()  # the admin key is there (or the start stops, saying where to look)
             dataset_flag = ["--dataset-address", self.address("dataset")]
             trainer_flags = [*dataset_flag, *self._stores("trainer")]
@@ -226,7 +264,7 @@ class LocalCluster:
                 [*trainer_flags, "--predictor-address", f"127.0.0.1:{predictor_port}"],
                 self.ports["trainer"],
             )
-            self._wait_ready(trainer, timeout)
+            self._wait_ready(trainer, stall, on_progress)
             predictor = self._spawn(
                 "predictor",
                 "loraforge.services.predictor",
@@ -241,7 +279,7 @@ class LocalCluster:
                 self._spawn(
                     f"worker-{i + 1}", "loraforge.services.trainer.worker", trainer_flags, None
                 )
-            self._wait_ready(predictor, timeout)
+            self._wait_ready(predictor, stall, on_progress)
             api = self._spawn(
                 "openai",
                 "loraforge.services.openai_api",
@@ -262,8 +300,8 @@ class LocalCluster:
                 ],
                 self.ports.get("console", 0),
             )
-            self._wait_ready(api, timeout)
-            self._wait_ready(console, timeout)
+            self._wait_ready(api, stall, on_progress)
+            self._wait_ready(console, stall, on_progress)
             for proc in self.procs.values():  # a worker that could not start is gone by now
                 if proc.name.startswith("worker") and not _alive(proc):
                     raise RuntimeError(_exit_line(proc, "worker"))
@@ -319,6 +357,82 @@ class LocalCluster:
 def auth_from_env() -> bool:
     """API keys on, unless `LORAFORGE_AUTH` says off (the services' own variable)."""
     return os.environ.get("LORAFORGE_AUTH", "on").strip().lower() not in ("off", "false", "0")
+
+
+def stall_timeout_from_env() -> float:
+    """`LORAFORGE_START_STALL_SECONDS`, else DEFAULT_STALL_TIMEOUT."""
+    text = os.environ.get(STALL_TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_STALL_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if seconds <= 0:
+        raise RuntimeError(
+            f"{STALL_TIMEOUT_ENV}={text!r}: give the seconds a starting service may go "
+            "without reporting progress, a number above 0"
+        )
+    return seconds
+
+
+def wait_until_serving(
+    proc: Proc,
+    ready: Path,
+    progress: Path,
+    stall_timeout: float,
+    on_progress: ProgressCallback | None = None,
+    *,
+    http: bool = False,
+) -> int:
+    """Waits until `proc` has written its port to `ready` and answers its health check;
+    returns the port. Fails if the process exits, or if what it reports in `progress` (its
+    step and heartbeat) stays the same for `stall_timeout` seconds."""
+    last: Progress | None = None
+    step = ""
+    changed = time.monotonic()  # the start counts as progress
+    while True:
+        text = _read_text(ready)
+        if text:
+            port = int(text)
+            if (_http_serving if http else _serving)(f"127.0.0.1:{port}"):
+                return port
+        if proc.popen is not None and proc.popen.poll() is not None:
+            raise RuntimeError(_exit_line(proc, "service"))
+        now = time.monotonic()
+        seen = read_progress(progress)
+        if seen is not None and seen != last:
+            last, changed = seen, now
+            if seen.step != step:
+                step = seen.step
+                if on_progress is not None:
+                    on_progress(proc.name, step)
+        elif now - changed > stall_timeout:
+            doing = f" (its last report: {step})" if step else " (it reported nothing)"
+            raise RuntimeError(
+                f"the {proc.name} service has reported no progress for {stall_timeout:.0f}s"
+                f"{doing}; see {proc.log}. On a very busy machine, allow longer with "
+                f"{STALL_TIMEOUT_ENV}"
+            )
+        time.sleep(0.2)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        # As the services bind: a port left in TIME_WAIT by a stopped service is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def _free_port() -> int:

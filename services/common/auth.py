@@ -177,6 +177,9 @@ class Rule:
     needs: Callable[[Any], Sequence[Need]]
     services: frozenset[str] = frozenset()
     users: bool = True
+    # Scopes that also meet a need for another (`{READ: (PREDICT,)}`: a list of what a
+    # predict-only key may call).
+    alternatives: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def check(self, principal: Principal, request: Any, method: str) -> None:
         short = method.rsplit("/", 1)[-1]
@@ -193,7 +196,9 @@ class Rule:
                 reason="INTERNAL_RPC",
             )
         for scope, app in self.needs(request):
-            if principal.allows(scope, app):
+            if principal.allows(scope, app) or any(
+                principal.allows(other, app) for other in self.alternatives.get(scope, ())
+            ):
                 continue
             if scope == ADMIN:
                 raise PermissionDenied(
@@ -201,8 +206,9 @@ class Rule:
                     reason="ADMIN_REQUIRED",
                 )
             where = "any app" if app == ANY_APP else f"`apps/{app}`"
+            named = " or ".join(f"`{s}`" for s in (scope, *self.alternatives.get(scope, ())))
             raise PermissionDenied(
-                f"{short} needs the `{scope}` scope on {where}; {principal.describe()} "
+                f"{short} needs the {named} scope on {where}; {principal.describe()} "
                 "does not have it",
                 reason="SCOPE_MISSING",
                 metadata={"scope": scope, "app": "" if app == ANY_APP else app},
@@ -265,8 +271,9 @@ def rule(
     *,
     services: Iterable[str] = (),
     users: bool = True,
+    alternatives: Mapping[str, tuple[str, ...]] | None = None,
 ) -> Rule:
-    return Rule(needs, frozenset(services), users)
+    return Rule(needs, frozenset(services), users, dict(alternatives or {}))
 
 
 def internal(*services: str) -> Rule:

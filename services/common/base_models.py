@@ -29,11 +29,13 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from loraforge.services.common.errors import FailedPrecondition
+from loraforge.services.common.progress import report as report_progress
 
 log = logging.getLogger("loraforge.base_models")
 
@@ -251,10 +253,16 @@ def check_available(name: str) -> None:
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
+def _exclusive(lock_path: Path, waiting: str = "") -> Iterator[None]:
+    """Holds an exclusive file lock; `waiting` is reported while another process holds it."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                report_progress(waiting)
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -272,16 +280,20 @@ def _sha256(path: Path) -> str:
 def materialise(entry: BaseModel, gguf: Path, root: Path | None = None) -> Path:
     """Converts a packaged GGUF into a float32 safetensors folder, once per machine."""
     final = materialised_folder(entry, root)
-    with _exclusive(final.parent / f".{entry.id}.lock"):
+    waiting = f"waiting for another process's conversion of {entry.model_id} in {final.parent}"
+    with _exclusive(final.parent / f".{entry.id}.lock", waiting):
         if (final / MARKER).is_file():
             return final
         for stale in final.parent.glob(f"{entry.id}{_PARTIAL}*"):
             shutil.rmtree(stale, ignore_errors=True)  # left by a process that died converting
         if final.exists():
             shutil.rmtree(final)  # no marker: not a finished conversion
-        partial = final.parent / f"{entry.id}{_PARTIAL}{os.getpid()}"
+        # Unique even across PID namespaces (containers sharing one cache folder).
+        partial = final.parent / f"{entry.id}{_PARTIAL}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         started = time.monotonic()
-        log.info("converting %s from %s (first use on this machine)", entry.model_id, gguf)
+        report_progress(
+            f"converting {entry.model_id} from its packaged GGUF (first use on this machine)"
+        )
         _convert_gguf(entry, gguf, partial)
         marker = {
             "model_id": entry.model_id,

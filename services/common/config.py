@@ -99,8 +99,10 @@ class ProcessConfig:
     tls_client_key_file: str = setting("", "Private key (PEM) of `tls_client_cert_file`.")
 
     def home_path(self) -> Path:
+        """The service's home; one made here is owner-only (it holds training data, keys and
+        logs). An existing folder keeps the modes its owner gave it."""
         path = Path(self.home) if self.home else default_home()
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
         return path
 
     def database_url_for(self, service: str) -> str:

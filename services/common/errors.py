@@ -8,8 +8,12 @@ what to do.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+# Most field violations one error carries: a request with thousands of bad elements gets the
+# first ones and a count of the rest, so its error still fits a response's headers.
+MAX_FIELD_VIOLATIONS = 20
 
 
 @dataclass(frozen=True)
@@ -18,6 +22,36 @@ class FieldViolation:
 
     field: str
     description: str
+
+
+def bounded_violations(
+    violations: Iterable[FieldViolation], limit: int = MAX_FIELD_VIOLATIONS
+) -> tuple[FieldViolation, ...]:
+    """The first `limit` violations, then (if there were more) one saying how many more."""
+    kept: list[FieldViolation] = []
+    more = 0
+    for violation in violations:
+        if len(kept) < limit:
+            kept.append(violation)
+        else:
+            more += 1
+    if more:
+        kept.append(
+            FieldViolation(
+                "",
+                f"and {more} more problem{'s' if more > 1 else ''} like these; "
+                "fix these and send the request again to see the rest",
+            )
+        )
+    return tuple(kept)
+
+
+def summarize(violations: Sequence[FieldViolation], limit: int = MAX_FIELD_VIOLATIONS) -> str:
+    """A message naming the first few violations (`field: description; …`) and how many more."""
+    shown = [f"{v.field}: {v.description}" if v.field else v.description for v in violations]
+    head = "; ".join(shown[:limit])
+    rest = len(shown) - limit
+    return f"{head}; and {rest} more" if rest > 0 else head
 
 
 class LoraforgeError(Exception):
@@ -40,7 +74,7 @@ class LoraforgeError(Exception):
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
-        self.field_violations = tuple(field_violations)
+        self.field_violations = bounded_violations(field_violations)
         self.metadata = dict(metadata or {})
 
 
@@ -74,8 +108,15 @@ class Unavailable(LoraforgeError):
     default_reason = "UNAVAILABLE"
 
 
+# ErrorInfo metadata key of a ResourceExhausted whose limit passes (a rate or a load): how
+# many seconds to wait before retrying. HTTP faces answer only such a refusal with 429 and
+# Retry-After; a limit without it stays until something changes, so retrying cannot help.
+RETRY_AFTER_SECONDS = "retry_after_seconds"
+
+
 class ResourceExhausted(LoraforgeError):
-    """A limit was hit (size, count, capacity)."""
+    """A limit was hit (size, count, capacity); `RETRY_AFTER_SECONDS` in `metadata` marks
+    one that passes with time."""
 
     default_reason = "RESOURCE_EXHAUSTED"
 

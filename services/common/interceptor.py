@@ -47,31 +47,74 @@ def status_code_for(err: errors.LoraforgeError) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-def to_rpc_status(err: errors.LoraforgeError) -> grpc.Status:
-    """Builds the gRPC status (code, message, details) for a domain error."""
-    code = status_code_for(err)
-    details: list[any_pb2.Any] = []
-    info = error_details_pb2.ErrorInfo(
-        reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata
-    )
+# gRPC refuses response headers past 8 KiB (its receivers' default soft limit), and the
+# message travels twice: percent-encoded as `grpc-message`, and inside the base64
+# `grpc-status-details-bin`. These bounds keep both, together, well under it.
+MAX_MESSAGE_BYTES = 1024
+MAX_DESCRIPTION_CHARS = 300
+MAX_METADATA_CHARS = 128
+MAX_METADATA_ENTRIES = 8
+MAX_DETAILS_BYTES = 3072
+
+
+def _clip(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` UTF-8 bytes, saying how much was left off."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    kept = data[: max(limit - 40, 0)].decode(errors="ignore")
+    return f"{kept}… ({len(text) - len(kept)} more characters)"
+
+
+def _pack(message: Any) -> any_pb2.Any:
     packed = any_pb2.Any()
-    packed.Pack(info)
-    details.append(packed)
-    if err.field_violations:
-        bad = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
-                )
-                for v in err.field_violations
-            ]
-        )
-        packed = any_pb2.Any()
-        packed.Pack(bad)
-        details.append(packed)
-    status = status_pb2.Status(
-        code=getattr(code_pb2, code.name), message=err.message, details=details
+    packed.Pack(message)
+    return packed
+
+
+def to_rpc_status(err: errors.LoraforgeError) -> grpc.Status:
+    """Builds the gRPC status (code, message, details) for a domain error.
+
+    Long messages, descriptions and lists of violations are cut, so that the status always
+    fits gRPC's limit on response headers: past it the caller would get RESOURCE_EXHAUSTED
+    and no details at all."""
+    code = status_code_for(err)
+    info = error_details_pb2.ErrorInfo(
+        reason=_clip(err.reason, MAX_METADATA_CHARS),
+        domain=ERROR_DOMAIN,
+        metadata={
+            _clip(k, MAX_METADATA_CHARS): _clip(v, MAX_METADATA_CHARS)
+            for k, v in list(err.metadata.items())[:MAX_METADATA_ENTRIES]
+        },
     )
+    violations = [
+        error_details_pb2.BadRequest.FieldViolation(
+            field=_clip(v.field, MAX_DESCRIPTION_CHARS),
+            description=_clip(v.description, MAX_DESCRIPTION_CHARS),
+        )
+        # Already bounded by LoraforgeError: the first ones and one counting the rest.
+        for v in err.field_violations[: errors.MAX_FIELD_VIOLATIONS + 1]
+    ]
+    message = _clip(err.message, MAX_MESSAGE_BYTES)
+    keep = len(violations)
+    while True:
+        shown = violations[:keep]
+        if keep < len(violations):  # long field paths: fewer, and a line saying so
+            shown.append(
+                error_details_pb2.BadRequest.FieldViolation(
+                    description="and more problems like these; fix these and send the "
+                    "request again to see the rest"
+                )
+            )
+        details = [_pack(info)]
+        if shown:
+            details.append(_pack(error_details_pb2.BadRequest(field_violations=shown)))
+        status = status_pb2.Status(
+            code=getattr(code_pb2, code.name), message=message, details=details
+        )
+        if keep == 0 or status.ByteSize() <= MAX_DETAILS_BYTES:
+            break
+        keep //= 2
     return cast(grpc.Status, rpc_status.to_status(status))
 
 

@@ -16,6 +16,7 @@ endpoint that hangs fails a call in bounded time instead of blocking it.
 from __future__ import annotations
 
 import abc
+import contextlib
 import io
 import os
 import tempfile
@@ -208,8 +209,13 @@ class LocalObjectStore(ObjectStore):
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / _INCOMING).mkdir(exist_ok=True)
+        # Objects are training data and adapters: the folder is its owner's only, also one
+        # made before this rule (the files in it are then out of others' reach).
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(PermissionError):
+            if self.root.stat().st_mode & 0o077:
+                self.root.chmod(0o700)
+        (self.root / _INCOMING).mkdir(exist_ok=True, mode=0o700)
 
     def __repr__(self) -> str:
         return f"LocalObjectStore({str(self.root)!r})"
@@ -233,7 +239,7 @@ class LocalObjectStore(ObjectStore):
                 os.fsync(fh.fileno())
             if path.is_dir():
                 raise InvalidArgument(f"object key {key!r} names a folder of other objects")
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -4,7 +4,8 @@ One entry per RPC, by its full method name. Reads need `read`; creating, changin
 deleting an app's datasets, models and adapters need `write`; starting and cancelling
 training runs, and starting evaluations, `train`; predictions `predict`. Apps and keys
 are an admin's. Lists that name no parent (apps, adapters) are open to any key and show
-it only its own app.
+it only its own app. A `predict` key may also list its app, models and model versions,
+so that it can see which models it may call.
 Internal RPCs accept only the service identity that calls them.
 """
 
@@ -32,6 +33,11 @@ DATASET = "/loraforge.dataset.v1.DatasetService/"
 TRAINER = "/loraforge.trainer.v1.TrainerService/"
 PREDICTOR = "/loraforge.predictor.v1.PredictorService/"
 AUTH = "/loraforge.auth.v1.AuthService/"
+
+
+# The lists `GET /v1/models` is built from: a key that may predict may list what it may
+# call (its own app, its models and their versions).
+LISTING = {READ: (PREDICT,)}
 
 
 def _admin(_request: Any) -> list[Need]:
@@ -76,7 +82,7 @@ POLICY: dict[str, Rule] = {
     DATASET + "CreateApp": rule(_admin),
     DATASET + "GetApp": rule(on(READ, "name"), services=["trainer"]),
     DATASET + "UpdateApp": rule(on(WRITE, "app.name")),
-    DATASET + "ListApps": rule(anywhere(READ), services=["trainer"]),
+    DATASET + "ListApps": rule(anywhere(READ), services=["trainer"], alternatives=LISTING),
     DATASET + "DeleteApp": rule(_admin),
     # Datasets and their inputs
     DATASET + "CreateDataset": rule(on(WRITE, "parent")),
@@ -111,11 +117,13 @@ POLICY: dict[str, Rule] = {
     TRAINER + "CreateModel": rule(on(WRITE, "parent")),
     TRAINER + "GetModel": rule(on(READ, "name"), services=["predictor"]),
     TRAINER + "UpdateModel": rule(on(WRITE, "model.name")),
-    TRAINER + "ListModels": rule(on(READ, "parent")),
+    TRAINER + "ListModels": rule(on(READ, "parent"), alternatives=LISTING),
     TRAINER + "DeleteModel": rule(on(WRITE, "name")),
     TRAINER + "CreateModelVersion": rule(_train_on_data),
     TRAINER + "GetModelVersion": rule(on(READ, "name"), services=["predictor"]),
-    TRAINER + "ListModelVersions": rule(on(READ, "parent"), services=["predictor"]),
+    TRAINER + "ListModelVersions": rule(
+        on(READ, "parent"), services=["predictor"], alternatives=LISTING
+    ),
     TRAINER + "DeleteModelVersion": rule(on(WRITE, "name")),
     TRAINER + "CancelModelVersion": rule(on(TRAIN, "name")),
     TRAINER + "WatchModelVersion": rule(on(READ, "name")),

@@ -35,6 +35,8 @@ from loraforge.services.common.config import ServerConfig, describe
 from loraforge.services.common.errors import InvalidArgument, Unavailable
 from loraforge.services.common.interceptor import ErrorMappingInterceptor
 from loraforge.services.common.policy import POLICY
+from loraforge.services.common.progress import finish as finish_progress
+from loraforge.services.common.progress import report as report_progress
 
 log = logging.getLogger("loraforge.server")
 
@@ -65,6 +67,21 @@ class RunningServer:
     port: int
     health: health.aio.HealthServicer
     service_names: list[str] = field(default_factory=list)
+
+    async def set_serving(self, serving: bool) -> None:
+        """Reports each service of the server SERVING or NOT_SERVING (no-op once stopping).
+
+        The server as a whole ("") stays SERVING while its process answers: probes of a
+        service's name are readiness (take traffic elsewhere), a probe of "" is liveness, and
+        a process that is replacing its engine by itself must not be killed for it.
+        """
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in self.service_names:
+            await self.health.set(name, status)
 
     async def stop(self, grace: float | None = None) -> None:
         await self.health.enter_graceful_shutdown()
@@ -182,6 +199,7 @@ def shutdown_reserve(grace: float) -> float:
 
 
 def write_ready_file(path: str, port: int) -> None:
+    finish_progress()  # serving: nothing left to report to whoever waits for the start
     # Written then renamed, so a reader never sees an empty or partial port number.
     tmp = Path(path).with_suffix(".tmp")
     tmp.write_text(str(port))
@@ -196,11 +214,13 @@ async def serve(
     verifier: Verifier | None = None,
     on_shutdown: Sequence[Callable[[], Awaitable[None]]] = (),
     on_stopping: Sequence[Callable[[], None]] = (),
+    on_started: Sequence[Callable[[RunningServer], None]] = (),
 ) -> None:
     """Runs a server until SIGTERM or SIGINT, then shuts down gracefully.
 
-    `on_stopping` hooks run as soon as the signal arrives, before requests drain;
-    `on_shutdown` hooks after.
+    `on_started` hooks get the running server once its port is open (to report health
+    with `RunningServer.set_serving`); `on_stopping` hooks run as soon as the signal
+    arrives, before requests drain; `on_shutdown` hooks after.
 
     `verifier` checks API keys; it is required when the settings have auth on.
     """
@@ -208,6 +228,7 @@ async def serve(
     if config.auth == "on" and verifier is None:
         raise InvalidArgument(f"{label} has auth on but no way to verify keys")
     tls = server_tls(config)
+    report_progress(f"opening port {config.port or '(any free one)'}")
     running = await create_server(
         bindings,
         config.host,
@@ -226,6 +247,8 @@ async def serve(
         else "plaintext",
     )
     print(f"{label} listening on {config.host}:{running.port}", flush=True)
+    for started in on_started:
+        started(running)
     if config.ready_file:
         write_ready_file(config.ready_file, running.port)
     stop = asyncio.Event()
@@ -282,6 +305,8 @@ def run_main(main: Coroutine[Any, Any, None] | Callable[[], None]) -> int:
     """
     from loraforge.services.common.errors import LoraforgeError
 
+    # Homes hold training data, keys and logs: whatever a process creates is its owner's only.
+    os.umask(0o077)
     try:
         if inspect.iscoroutine(main):
             asyncio.run(main)

@@ -13,6 +13,7 @@ together and names their routes.
 from __future__ import annotations
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -20,6 +21,7 @@ from loraforge.services.console.backend import Backend
 from loraforge.services.console.config import ConsoleConfig
 from loraforge.services.console.data import DataPages
 from loraforge.services.console.evaluation import EvaluationPages
+from loraforge.services.console.hosts import AllowedHosts, parse_allowed_hosts
 from loraforge.services.console.playground import PlaygroundPages
 from loraforge.services.console.training import TrainingPages
 from loraforge.services.console.web import package_dir
@@ -68,4 +70,13 @@ class Console(DataPages, TrainingPages, EvaluationPages, PlaygroundPages):
 
 
 def create_app(config: ConsoleConfig, backend: Backend) -> Starlette:
-    return Starlette(routes=Console(config, backend).routes())
+    return Starlette(
+        routes=Console(config, backend).routes(),
+        middleware=[
+            Middleware(
+                AllowedHosts,
+                bound_host=config.host,
+                allowed=parse_allowed_hosts(config.allowed_hosts),
+            )
+        ],
+    )

@@ -28,6 +28,18 @@ class ConsoleConfig(ServerConfig):
         "reached through an HTTPS proxy (with `tls_cert_file` it is always Secure).",
     )
     max_upload_bytes: int = setting(2 * 1024**3, "Largest file one upload may send, in bytes.")
+    max_request_bytes: int = setting(
+        1024**2,
+        "Largest body of any other request (forms, prompts), in bytes; a larger one is "
+        "refused with 413 before it is read.",
+        minimum=1,
+    )
+    allowed_hosts: str = setting(
+        "",
+        "Host names (comma-separated) the console answers for besides localhost, the host it "
+        "listens on and the address a request reached: the name of a proxy in front of it, "
+        "say. Any other Host header is refused (a guard against DNS rebinding); `*` allows any.",
+    )
     call_timeout_seconds: float = setting(
         30.0, "Deadline of one call to a service (uploads and streams excepted), in seconds."
     )

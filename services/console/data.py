@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from loraforge.client.client import ClientError
 from loraforge.dataset.v1 import dataset_service_pb2 as dpb
-from loraforge.services.console.web import PAGE_ROWS, STATUS, Ctx, Web, error_text, short_name
+from loraforge.services.console.web import PAGE_ROWS, Ctx, Web, error_text, short_name, status_of
 
 PREVIEW_ROWS = 10
 HISTOGRAM_SAMPLE = 1000
@@ -83,7 +83,7 @@ class DataPages(Web):
                 errors = {
                     ("app_id" if f in ("app_id", "name") else f): d for f, d in errors.items()
                 }
-                return await self.apps_page(request, ctx, errors, STATUS[err.code])
+                return await self.apps_page(request, ctx, errors, status_of(err))
             raise
         return self._back(f"/apps/{app_id}", f"Created app {app_id}.")
 
@@ -150,7 +150,7 @@ class DataPages(Web):
                     ("dataset_id" if f in ("dataset_id", "name") else f): d
                     for f, d in errors.items()
                 }
-                return await self.app_page(request, ctx, errors, STATUS[err.code])
+                return await self.app_page(request, ctx, errors, status_of(err))
             raise
         return self._back(f"/apps/{app}/datasets/{dataset_id}", f"Created dataset {dataset_id}.")
 

@@ -10,7 +10,14 @@ from starlette.responses import Response
 
 from loraforge.client.client import ClientError
 from loraforge.dataset.v1 import dataset_service_pb2 as dpb
-from loraforge.services.console.web import PAGE_ROWS, STATUS, Ctx, Web, error_text, evaluation_state
+from loraforge.services.console.web import (
+    PAGE_ROWS,
+    Ctx,
+    Web,
+    error_text,
+    evaluation_state,
+    status_of,
+)
 from loraforge.trainer.v1 import evaluation_pb2 as epb
 
 
@@ -71,7 +78,7 @@ class EvaluationPages(Web):
                 raise
             errors = {f: d for f, d in err.fields if f in ("dataset_version", "max_examples")}
             return await self.evaluations_page(
-                request, ctx, errors or {"general": error_text(err)}, STATUS[err.code]
+                request, ctx, errors or {"general": error_text(err)}, status_of(err)
             )
         return self._back(f"/{mine.name}", vs=other)
 

@@ -9,12 +9,36 @@ then, which cancels their watches and predictions) and closes the gRPC channels.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from starlette.responses import PlainTextResponse, Response
+
+from loraforge.services.common.http_limits import BodyLimit, MiB, Scope
 from loraforge.services.common.http_server import bind, serve_http, tls_settings
 from loraforge.services.console.app import create_app
 from loraforge.services.console.backend import Backend
 from loraforge.services.console.config import ConsoleConfig
 
 LABEL = "console"
+
+
+def body_limit(config: ConsoleConfig) -> Callable[[Scope], int | None]:
+    """An upload's body may be a whole file (and its multipart framing); any other request's
+    is at most `max_request_bytes`."""
+
+    def limit_for(scope: Scope) -> int | None:
+        if scope["method"] == "POST" and scope["path"].endswith("/upload"):
+            return config.max_upload_bytes + MiB
+        return config.max_request_bytes
+
+    return limit_for
+
+
+def too_large(limit: int) -> Response:
+    return PlainTextResponse(
+        f"This request is larger than the console accepts ({limit:,} bytes); send less.",
+        status_code=413,
+    )
 
 
 async def serve(config: ConsoleConfig) -> None:
@@ -24,6 +48,7 @@ async def serve(config: ConsoleConfig) -> None:
     sock = bind(config.host, config.port)
     backend = Backend(config)
     try:
-        await serve_http(create_app(config, backend), config, tls, sock, label=LABEL)
+        app = BodyLimit(create_app(config, backend), body_limit(config), too_large)
+        await serve_http(app, config, tls, sock, label=LABEL)
     finally:
         await backend.close()

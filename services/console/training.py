@@ -17,7 +17,14 @@ from starlette.responses import RedirectResponse, Response, StreamingResponse
 from loraforge.client.client import ClientError
 from loraforge.dataset.v1 import dataset_service_pb2 as dpb
 from loraforge.services.console import events, forms
-from loraforge.services.console.web import FINAL_STATES, STATUS, Ctx, Web, error_text, run_state
+from loraforge.services.console.web import (
+    FINAL_STATES,
+    Ctx,
+    Web,
+    error_text,
+    run_state,
+    status_of,
+)
 from loraforge.trainer.v1 import trainer_service_pb2 as tpb
 
 
@@ -129,7 +136,7 @@ class TrainingPages(Web):
                 values=values,
                 errors=by_field,
                 general=rest,
-                status=STATUS[err.code],
+                status=status_of(err),
                 template_name=template.name,
             )
         return RedirectResponse(f"/{run.name}", 303)

@@ -55,8 +55,16 @@ STATUS = {
     grpc.StatusCode.UNAUTHENTICATED: 401,
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
 }
+
+
+def status_of(err: ClientError) -> int:
+    """The HTTP status of a failed call. RESOURCE_EXHAUSTED is never 429 here: with no
+    reason of ours it is gRPC's refusal of a message too large (the request's own 400),
+    with one a limit the operator sets (503)."""
+    if err.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return 503 if err.reason else 400
+    return STATUS.get(err.code, 500)
 
 
 def package_dir(name: str) -> Path:
@@ -214,7 +222,7 @@ class Web:
                 message=f"The services ask for an API key: {err.message}",
                 login=True,
             )
-        status = STATUS.get(err.code, 500)
+        status = status_of(err)
         if status == 500:
             log.warning("%s %s failed: %s", request.method, request.url.path, err)
         return self.render(
@@ -289,6 +297,10 @@ class Web:
             nxt = "/"
         if not key:
             return self._login_page(request, ctx, "Enter an API key.", 400)
+        if not (key.isascii() and key.isprintable()):
+            # gRPC metadata is printable ASCII, as every key is: this cannot be one.
+            text = "That is not an API key: a key is printable ASCII (`lf_…`)."
+            return self._login_page(request, ctx, text, 401)
         try:
             await self.backend.check_key(key)
         except ClientError as err:
@@ -296,7 +308,7 @@ class Web:
                 text = f"The services refused this key: {err.message}"
             else:
                 text = error_text(err)
-            return self._login_page(request, ctx, text, STATUS.get(err.code, 500))
+            return self._login_page(request, ctx, text, status_of(err))
         # A fresh session id on sign-in, so an id known before it is worth nothing after.
         self.sessions.end(ctx.session.id)
         session = self.sessions.create(key)

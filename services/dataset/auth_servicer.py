@@ -25,6 +25,9 @@ from loraforge.services.common.rpc import Context
 from loraforge.services.dataset.keys import ApiKeys, KeyRecord
 from loraforge.services.dataset.pages import parse_page
 
+# A key that should outlive this has no ttl at all.
+MAX_KEY_TTL_SECONDS = 100 * 365 * 86400
+
 
 class LocalVerifier:
     """Looks keys up in this service's own store (and its service identities)."""
@@ -101,9 +104,17 @@ class AuthServicer(pb_grpc.AuthServiceServicer):
         self, request: pb.CreateApiKeyRequest, context: Context
     ) -> pb.CreateApiKeyResponse:
         app_id = _app_id(request.app, "app")
-        ttl = request.ttl.ToTimedelta().total_seconds() if request.HasField("ttl") else 0.0
+        # Read as numbers, not with ToTimedelta: a Duration of any int64 seconds is a user's
+        # mistake to name, not an overflow.
+        ttl = request.ttl.seconds + request.ttl.nanos / 1e9 if request.HasField("ttl") else 0.0
         if ttl < 0:
             raise invalid_field("ttl", "must not be negative")
+        if ttl > MAX_KEY_TTL_SECONDS:
+            raise invalid_field(
+                "ttl",
+                f"must be at most {MAX_KEY_TTL_SECONDS // 86400:,} days (got {ttl:.0f} s); "
+                "leave it unset for a key that does not expire",
+            )
         record, secret = await asyncio.to_thread(
             lambda: self.keys.create(
                 app_id,

@@ -56,6 +56,7 @@ EXCERPT_CHARS = 200
 SNIFF_CHARS = 64 * 1024
 SNIFF_LINES = 50
 CSV_BATCH_ROWS = 4096
+MAX_CSV_COLUMNS = 1000  # a header wider than this is not a layout this service reads
 CSV_BATCH_BYTES = 4 * 1024 * 1024
 
 PORTAL_TEXT_COLUMN = "input.data.text.raw"
@@ -682,7 +683,15 @@ class UploadParser:
             size += sum(len(line) for line in block[1])
             if len(sample) >= SNIFF_LINES or size >= SNIFF_CHARS:
                 break
-        detected = detect_format(self.file_name, self.requested, sample)
+        oversize_first = self._oversize_first_line(sniffed)
+        try:
+            detected = detect_format(self.file_name, self.requested, sample)
+        except InvalidArgument:
+            if oversize_first:  # what the file holds was on that line
+                raise self._too_long_first_line(oversize_first) from None
+            raise
+        if oversize_first and detected.format in CSV_FORMATS:
+            raise self._too_long_first_line(oversize_first)  # its header
         if self.labels is not None:
             _check_labelled(detected)
         self.detected_format = detected.format
@@ -693,6 +702,31 @@ class UploadParser:
             yield from self._plain_batches(all_blocks)
         else:
             yield from self._jsonl_batches(all_blocks, _JSONL_READERS[detected.format])
+
+    def _oversize_first_line(self, sniffed: list[tuple[int, list[str]]]) -> int:
+        """The number of the file's first non-blank line if it was too long to keep, else 0.
+
+        Such a line reads as blank: the file would look empty, or a CSV's first row would be
+        taken for its header."""
+        assert self._splitter is not None
+        for first, lines in sniffed:
+            for number, line in enumerate(lines, start=first):
+                if number in self._splitter.oversize_lines:
+                    return number
+                if line.strip():
+                    return 0
+        return 0
+
+    def _too_long_first_line(self, number: int) -> InvalidArgument:
+        return _refuse(
+            f"line {number}, the file's first, is longer than the limit of "
+            f"{self.max_example_chars:,} characters on one line (max_example_chars), so it "
+            "cannot be read as a CSV header or as an example; a CSV header that long has far "
+            f"too many columns: keep only the columns this service reads (`{SDK_TEXT_COLUMN}`, "
+            f"or `{PORTAL_TEXT_COLUMN}`, with their concepts and metadata), or shorten the "
+            "line, and upload again",
+            "LINE_TOO_LONG",
+        )
 
     def _blank(self, line_number: int, batch: Batch) -> None:
         """A blank line is skipped, unless it stands for a line too long to keep."""
@@ -832,6 +866,14 @@ class UploadParser:
                     self._blank(number, batch)
                 continue
             if not columns:
+                if len(record) > MAX_CSV_COLUMNS:
+                    raise _refuse(
+                        f"the CSV header has {len(record):,} columns, more than the "
+                        f"{MAX_CSV_COLUMNS:,} this service reads; keep only the columns it "
+                        f"reads (`{SDK_TEXT_COLUMN}`, or `{PORTAL_TEXT_COLUMN}`, with their "
+                        "concepts and metadata) and upload again",
+                        "TOO_MANY_COLUMNS",
+                    )
                 columns = tuple(column.strip() for column in record)
                 continue
             self.rows_read += 1

@@ -11,7 +11,9 @@ winner's claim.
 An id is bound to the method and dataset of its first call: reusing it for another call is
 refused, since answering with the other call's result would be wrong. An upload's claim
 lasts as long as its upload: one that fails or is cancelled stores nothing and frees its id,
-so a retry does the upload. Claims go with their dataset when it is deleted.
+so a retry does the upload. A version whose build failed (its server stopped, the store was
+unreachable) is built again by a retry, under the same name. Claims go with their dataset
+when it is deleted.
 """
 
 from __future__ import annotations

@@ -149,7 +149,9 @@ class VersionRows:
         """Inserts a PENDING version; returns (version_pk, dataset_pk).
 
         With a request id that an earlier call claimed, inserts nothing and returns the
-        version that call created, as it is now.
+        version that call created, as it is now; unless that call's build failed (its
+        server stopped, the store was unreachable), when the version is PENDING again under
+        this call's lease and its (version_pk, dataset_pk) are returned, to build it again.
         """
         now = time.time()
         try:
@@ -162,7 +164,10 @@ class VersionRows:
                     )
                     claimed = requests.find(conn, key)
                     if claimed is not None:
-                        return self._replayed(conn, app_id, dataset_id, ds.pk, claimed, request_id)
+                        replayed = self._replayed(
+                            conn, app_id, dataset_id, ds.pk, claimed, request_id
+                        )
+                        return self._rebuilt(conn, replayed, ds.pk) or replayed
                 if ds.input_count <= 0:
                     raise FailedPrecondition(
                         f"dataset `apps/{app_id}/datasets/{dataset_id}` has no inputs; upload "
@@ -227,6 +232,49 @@ class VersionRows:
                 reason="DATASET_VERSION_NOT_FOUND",
             )
         return self._version_record(conn, app_id, dataset_id, row)
+
+    def _rebuilt(
+        self, conn: Connection, version: VersionRecord, dataset_pk: int
+    ) -> tuple[int, int] | None:
+        """Makes a version whose build failed PENDING again, leased to this process, and
+        returns (version_pk, dataset_pk); None if it did not fail, or failed after it was
+        READY (a lost snapshot: rebuilding it would change what its users read)."""
+        if version.state is not VersionState.FAILED or version.stats is not None:
+            return None
+        if version.referenced_by:
+            return None
+        row = conn.execute(
+            select(versions.c.pk).where(
+                versions.c.dataset_pk == dataset_pk, versions.c.version_id == version.version_id
+            )
+        ).one()
+        rebuilt = conn.execute(
+            update(versions)
+            .where(versions.c.pk == row.pk, versions.c.state == VersionState.FAILED)
+            .values(
+                state=VersionState.PENDING,
+                failure_reason="",
+                content_sha256="",
+                snapshot_key="",
+            )
+        ).rowcount
+        if not rebuilt:
+            return None  # another retry got there first
+        conn.execute(
+            delete(lease_rows).where(
+                lease_rows.c.kind == leases.VERSION, lease_rows.c.ref_pk == row.pk
+            )
+        )
+        self.leases.take(conn, leases.VERSION, int(row.pk))
+        log.info(
+            "rebuilding dataset version apps/%s/datasets/%s/versions/%s, whose first build "
+            "failed (%s), for a retry of its request",
+            version.app_id,
+            version.dataset_id,
+            version.version_id,
+            version.failure_reason,
+        )
+        return int(row.pk), dataset_pk
 
     def start_build(self, version_pk: int) -> None:
         """PENDING to IN_PROGRESS; Aborted if the version's lease was lost."""

@@ -44,7 +44,8 @@ class Versions:
         is full or unreachable (the reason says which, and what to do). Any other error
         marks the version FAILED too, so it can be deleted, and then reaches the caller.
         With a request id an earlier call already carried, freezes nothing and returns the
-        version that call created, as it is now (still being written, if it is).
+        version that call created, as it is now (still being written, if it is); if that
+        call's build failed, builds the version again under the same name.
         """
         version_id = version_id or new_id("v")
         created = self.rows.create_version_row(

@@ -15,23 +15,32 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from loraforge.predictor.v1 import predictor_service_pb2
+from loraforge.services.common.channels import aio_channel
+from loraforge.services.common.http_limits import ASGIApp, BodyLimit, BodyTooLarge
 from loraforge.services.openai_api import convert
 from loraforge.services.openai_api.convert import CHAT, TEXT, ApiError, CompletionRequest, Kind
 from loraforge.services.openai_api.upstream import ChoiceStreams, Metadata, Upstream, UpstreamError
 
+# The predictor's readiness: its service's health, NOT_SERVING while it replaces its engine.
+PREDICTOR_SERVICE = predictor_service_pb2.DESCRIPTOR.services_by_name["PredictorService"].full_name
 log = logging.getLogger("loraforge.openai")
 
 Handler = Callable[[Request], Awaitable[Response]]
 T = TypeVar("T")
+# Bodies up to this size are parsed on the event loop (less time than a thread hand-off).
+INLINE_PARSE_BYTES = 64 * 1024
 
 
 def _error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 def _unexpected(exc: BaseException, where: str) -> ApiError:
@@ -48,6 +57,8 @@ def _unexpected(exc: BaseException, where: str) -> ApiError:
 def _as_api_error(exc: Exception, request: CompletionRequest | None, where: str) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, BodyTooLarge):
+        return convert.too_large(exc.limit)
     if isinstance(exc, UpstreamError):
         return convert.error_from_rpc(exc.error, request, exc.service)
     return _unexpected(exc, where)
@@ -57,19 +68,24 @@ def _metadata(request: Request) -> Metadata:
     """What the services get from the HTTP request: its bearer key, as `authorization`
     metadata, which they check (this API has no key of its own)."""
     auth = request.headers.get("authorization")
+    if auth and not (auth.isascii() and auth.isprintable()):
+        # gRPC metadata is printable ASCII, as every key is: this cannot be one.
+        raise ApiError(
+            401,
+            "the Authorization header is not a valid API key (a key is printable ASCII, "
+            "`Bearer lf_…`); send the key `loraforge keys create` printed",
+            type="authentication_error",
+            code="invalid_api_key",
+        )
     return (("authorization", auth),) if auth else ()
 
 
 async def _body(request: Request) -> Any:
-    try:
-        return json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(
-            400,
-            "the request body is not valid JSON; send a JSON object with "
-            "Content-Type: application/json",
-            code="invalid_json",
-        ) from None
+    """The body's JSON (`convert.parse_body`); a large one is parsed off the event loop."""
+    raw = await request.body()
+    if len(raw) <= INLINE_PARSE_BYTES:
+        return convert.parse_body(raw)
+    return await asyncio.to_thread(convert.parse_body, raw)
 
 
 async def _unless_disconnected(http: Request, work: Awaitable[T]) -> T | None:
@@ -109,6 +125,7 @@ class Api:
             Route("/v1/models", self._guard(self.models), methods=["GET"]),
             Route("/v1/models/{model:path}", self._guard(self.model), methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
+            Route("/livez", self.live, methods=["GET"]),
         ]
 
     def _guard(self, handler: Handler) -> Handler:
@@ -121,7 +138,26 @@ class Api:
         return guarded
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        """200 while the predictor serves; 503 while it does not (its engine is being
+        replaced, or it is down), so that traffic goes to an API that can complete."""
+        config = self.upstream.config
+        try:
+            # A channel of its own: health is open, so it carries no caller's key.
+            async with aio_channel(config.predictor_address, self.upstream.security) as channel:
+                answer = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=PREDICTOR_SERVICE), timeout=3
+                )
+            predictor = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+        except grpc.aio.AioRpcError as exc:
+            predictor = exc.code().name
+        if predictor == "SERVING":
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable", "predictor": predictor}, status_code=503)
+
+    async def live(self, request: Request) -> Response:
+        """200 while this process answers, whatever the predictor's state: the liveness
+        probe (`/health` is readiness; a restart would not bring the predictor back)."""
+        return JSONResponse({"status": "alive"})
 
     async def chat(self, request: Request) -> Response:
         return await self._complete(request, CHAT)
@@ -192,5 +228,28 @@ class Api:
             streams.cancel()
 
 
-def create_app(upstream: Upstream) -> Starlette:
-    return Starlette(routes=Api(upstream).routes())
+async def _no_route(request: Request, exc: Exception) -> Response:
+    """A path or method this API does not serve, in OpenAI's error shape."""
+    if getattr(exc, "status_code", 404) == 405:
+        message = f"{request.method} is not allowed on {request.url.path}"
+        allowed = dict(getattr(exc, "headers", None) or {})
+        return _error_response(ApiError(405, message, code="method_not_allowed", headers=allowed))
+    message = (
+        f"no such endpoint: {request.method} {request.url.path}; this API serves "
+        "/v1/chat/completions, /v1/completions and /v1/models"
+    )
+    return _error_response(ApiError(404, message, code="unknown_url"))
+
+
+def create_app(upstream: Upstream) -> ASGIApp:
+    """The routes, behind the request-body bound (`max_request_bytes`): a larger body is
+    answered 413 before it is read."""
+    limit = upstream.config.max_request_bytes
+    return BodyLimit(
+        Starlette(
+            routes=Api(upstream).routes(),
+            exception_handlers={404: _no_route, 405: _no_route},
+        ),
+        lambda _scope: limit,
+        lambda limit: _error_response(convert.too_large(limit)),
+    )

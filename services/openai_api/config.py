@@ -36,6 +36,11 @@ class OpenAIConfig(ServerConfig):
     models_cache_seconds: float = setting(
         10.0, "How long GET /v1/models reuses the list it built from the trainer."
     )
+    max_request_bytes: int = setting(
+        4 * 1024**2,
+        "Largest request body, in bytes; a larger one is refused with 413 before it is read.",
+        minimum=1,
+    )
     max_listed_models: int = setting(
         1000, "Most models and model versions GET /v1/models lists (the base model comes first)."
     )

@@ -20,6 +20,7 @@ code (`error_from_rpc`). Field paths the predictor names (`params.top_p`,
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -33,7 +34,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from loraforge.predictor.v1 import predictor_service_pb2 as pb
-from loraforge.services.common.errors import InvalidArgument
+from loraforge.services.common.errors import RETRY_AFTER_SECONDS, InvalidArgument
 from loraforge.services.predictor.params import MAX_INPUTS
 from loraforge.services.predictor.resolver import classify_name
 
@@ -58,6 +59,7 @@ class ApiError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -65,6 +67,7 @@ class ApiError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
         return {
@@ -82,6 +85,95 @@ def bad_param(param: str, message: str, code: str = "invalid_value") -> ApiError
 
 
 # --- requests --------------------------------------------------------------------------
+
+# Deepest nesting of arrays and objects a request body may have (OpenAI's requests need 4).
+MAX_JSON_DEPTH = 32
+
+
+def too_large(limit: int) -> ApiError:
+    """The 413 for a request body over `limit` bytes."""
+    return ApiError(
+        413,
+        f"the request body is larger than this API accepts ({limit:,} bytes); send a "
+        "shorter prompt or fewer messages",
+        code="request_too_large",
+    )
+
+
+def _not_json(why: str) -> ApiError:
+    return ApiError(
+        400,
+        f"the request body is not valid JSON ({why}); send a JSON object with "
+        "Content-Type: application/json",
+        code="invalid_json",
+    )
+
+
+def parse_body(raw: bytes) -> Any:
+    """A request body's JSON: ApiError (400) for one that is not JSON, is nested more than
+    `MAX_JSON_DEPTH` deep, or holds text that is not Unicode (a lone UTF-16 surrogate such
+    as `\\ud800`, which JSON can spell but no prompt can hold)."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise ApiError(
+            400,
+            f"the request body is nested too deeply; JSON arrays and objects may nest at most "
+            f"{MAX_JSON_DEPTH} levels",
+            code="invalid_json",
+        ) from None
+    except UnicodeDecodeError:
+        raise _not_json("it is not UTF-8") from None
+    except ValueError as exc:
+        raise _not_json(str(exc)) from None
+    _check_json(body)
+    return body
+
+
+def _check_json(body: Any) -> None:
+    """Walks `body` without recursion: its depth and every string (keys too)."""
+    stack: list[tuple[Any, str, int]] = [(body, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            _check_text(value, path)
+            continue
+        if not isinstance(value, dict | list):
+            continue
+        if depth >= MAX_JSON_DEPTH:
+            raise ApiError(
+                400,
+                f"the request body is nested too deeply at {path or 'the top'}; JSON arrays "
+                f"and objects may nest at most {MAX_JSON_DEPTH} levels",
+                param=path or None,
+                code="invalid_json",
+            )
+        if isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else str(key)
+                _check_text(key, where)
+                stack.append((item, where, depth + 1))
+        else:
+            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+
+
+def _check_text(text: str, path: str) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        # The path may hold the surrogate itself (a key): escaped, so the answer is text.
+        path = path.encode(errors="backslashreplace").decode()
+        raise ApiError(
+            400,
+            f"{path or 'the request body'}: holds a lone UTF-16 surrogate (\\u{ord(bad):04x}) "
+            f"at character {exc.start}, which is not text; send valid Unicode (a surrogate "
+            "must be one of a pair)",
+            param=path or None,
+            code="invalid_unicode",
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -547,7 +639,6 @@ _STATUS = {
     grpc.StatusCode.ABORTED: (409, "invalid_request_error"),
     grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
     grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
     grpc.StatusCode.UNAVAILABLE: (503, "server_error"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "server_error"),
 }
@@ -601,6 +692,8 @@ def error_from_rpc(
     """OpenAI's error for a failed call to `service` (e.g. `the predictor at host:port`)."""
     code = exc.code()
     reason, metadata, fields = _details(exc)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return _exhausted(exc, reason, metadata, service)
     status, kind = _STATUS.get(code, (500, "server_error"))
     if status == 500:
         incident = metadata.get("incident", "")
@@ -623,4 +716,42 @@ def error_from_rpc(
         param = "model"
     if code == grpc.StatusCode.UNAVAILABLE and not reason:
         message = f"{service} is not reachable ({message}); retry once it is up"
-    return ApiError(status, message, type=kind, param=param, code=reason.lower() or None)
+    headers = None
+    if code == grpc.StatusCode.UNAVAILABLE and RETRY_AFTER_SECONDS in metadata:
+        headers = {"Retry-After": str(_retry_after(metadata[RETRY_AFTER_SECONDS]))}
+    return ApiError(
+        status, message, type=kind, param=param, code=reason.lower() or None, headers=headers
+    )
+
+
+def _retry_after(seconds: str) -> int:
+    """A service's `retry_after_seconds` as whole seconds for a Retry-After header."""
+    try:
+        return max(1, math.ceil(float(seconds)))
+    except (ValueError, OverflowError):
+        return 1
+
+
+def _exhausted(
+    exc: grpc.aio.AioRpcError, reason: str, metadata: dict[str, str], service: str
+) -> ApiError:
+    """RESOURCE_EXHAUSTED as OpenAI's error: 429 with Retry-After only for a limit that
+    passes; a call too large for gRPC (no reason of ours) is the request's own 400; any
+    other limit is the server's (its operator's setting), 503 saying so."""
+    message = exc.details() or "RESOURCE_EXHAUSTED"
+    if RETRY_AFTER_SECONDS in metadata:
+        return ApiError(
+            429,
+            message,
+            type="rate_limit_error",
+            code=reason.lower() or "rate_limit_exceeded",
+            headers={"Retry-After": str(_retry_after(metadata[RETRY_AFTER_SECONDS]))},
+        )
+    if not reason:
+        return ApiError(
+            400,
+            f"the request is larger than {service} accepts ({message}); send a shorter "
+            "prompt or fewer prompts",
+            code="request_too_large",
+        )
+    return ApiError(503, message, type="server_error", code=reason.lower())

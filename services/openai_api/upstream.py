@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
@@ -48,6 +49,10 @@ MODEL_ROUTING_HEADER = "x-loraforge-model"
 
 
 def _routed(metadata: Metadata, model: str) -> Metadata:
+    # Metadata is printable ASCII: any other name (no model's, which the predictor says) is
+    # routed by its percent-encoding.
+    if not (model.isascii() and model.isprintable()):
+        model = urllib.parse.quote(model)
     return (*metadata, (MODEL_ROUTING_HEADER, model or "base"))
 
 

@@ -12,8 +12,10 @@ from loraforge.services.common.logs import setup_logging
 from loraforge.services.common.server import ServiceBinding, check_exposure, run_main, serve
 from loraforge.services.common.verify import remote_verifier
 from loraforge.services.predictor.config import PredictorConfig
-from loraforge.services.predictor.predictor import build_predictor
+from loraforge.services.predictor.engines.base import Engine
+from loraforge.services.predictor.predictor import _start_engine, build_predictor
 from loraforge.services.predictor.servicer import PredictorServicer
+from loraforge.services.predictor.supervision import EngineSupervisor
 
 SERVICE_NAME = predictor_service_pb2.DESCRIPTOR.services_by_name["PredictorService"].full_name
 
@@ -26,6 +28,17 @@ async def run(config: PredictorConfig) -> None:
     # The engine starts before the port opens: a predictor that answers is ready to generate.
     predictor = await build_predictor(config)
     servicer = PredictorServicer(predictor)
+
+    def new_engine() -> Engine:  # the same kind and model as the one that served
+        return _start_engine(predictor.choice.kind, predictor.engine.base_model, config)
+
+    supervisor = EngineSupervisor(
+        predictor,
+        new_engine,
+        attempts=config.engine_restart_attempts,
+        backoff_seconds=config.engine_restart_backoff_seconds,
+    )
+    supervisor.start()
     binding = ServiceBinding(
         SERVICE_NAME, servicer, predictor_service_pb2_grpc.add_PredictorServiceServicer_to_server
     )
@@ -36,7 +49,8 @@ async def run(config: PredictorConfig) -> None:
         label="predictor",
         verifier=verifier,
         on_shutdown=hooks,
-        on_stopping=[predictor.engine.stopping],
+        on_stopping=[supervisor.stop, predictor.stopping],
+        on_started=[lambda running: supervisor.report_health(running.set_serving)],
     )
 
 

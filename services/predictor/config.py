@@ -37,8 +37,8 @@ class PredictorConfig(ServerConfig):
     calibrate_engines: bool = setting(
         True,
         "With engine auto on a CPU: measure both engines once per model shape and machine "
-        "(a short LoRA workload at start) and serve with the faster; off: vLLM wherever it "
-        "can serve the model.",
+        "(short LoRA workloads, in a low-priority background process while vLLM serves) and "
+        "switch to the faster; off: vLLM wherever it can serve the model.",
     )
     calibration_file: str = setting(
         "",
@@ -57,7 +57,28 @@ class PredictorConfig(ServerConfig):
     max_model_len: int = setting(
         0, "Longest prompt plus completion in tokens; 0: the model's own limit."
     )
+    max_prompt_chars: int = setting(
+        0,
+        "Longest prompt in characters (template and system prompt included), refused before "
+        "it is tokenized; 0: max_model_len times 64.",
+        minimum=0,
+    )
     max_num_seqs: int = setting(64, "Most sequences the engine runs at once.")
+    max_num_batched_tokens: int = setting(
+        0,
+        "vLLM: most tokens one engine step computes; longer prompts are prefilled in chunks. "
+        "0: vLLM's default.",
+        minimum=0,
+    )
+    engine_restart_attempts: int = setting(
+        3,
+        "Starts of a new engine tried after the engine dies, before the predictor exits "
+        "(non-zero) for its process manager to restart it.",
+        minimum=1,
+    )
+    engine_restart_backoff_seconds: float = setting(
+        2.0, "Wait before the second start of a new engine; doubled before each further one."
+    )
     kv_cache_gib: float = setting(1.0, "KV-cache size in GiB (vLLM).")
     enforce_eager: bool = setting(
         True, "vLLM: run eagerly, without CUDA graphs or compilation (faster start)."

@@ -12,7 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from loraforge.services.common.errors import FieldViolation, InvalidArgument
+from loraforge.services.common.errors import FieldViolation, InvalidArgument, summarize
 from loraforge.services.common.prompts import PROMPT_FORMATS
 
 DEFAULT_MAX_TOKENS = 256
@@ -137,7 +137,8 @@ def check_params(
 
     if len(params.stop) > MAX_STOP_STRINGS:
         violation("stop", f"at most {MAX_STOP_STRINGS} stop strings (got {len(params.stop)})")
-    for i, stop in enumerate(params.stop):
+    # Past the bound each string is not looked at: one violation says what to fix.
+    for i, stop in enumerate(params.stop[: MAX_STOP_STRINGS + 1]):
         if not stop:
             violation(f"stop[{i}]", "is empty; a stop string needs at least one character")
         elif len(stop) > MAX_STOP_CHARS:
@@ -192,8 +193,9 @@ def raise_if_bad(violations: list[FieldViolation]) -> None:
     """One InvalidArgument naming every bad field, or nothing."""
     if not violations:
         return
-    message = "; ".join(f"{v.field}: {v.description}" for v in violations)
-    raise InvalidArgument(message, reason="INVALID_INFERENCE_PARAMS", field_violations=violations)
+    raise InvalidArgument(
+        summarize(violations), reason="INVALID_INFERENCE_PARAMS", field_violations=violations
+    )
 
 
 def validate_params(params: RequestedParams, prefix: str = "params") -> ValidatedParams:

@@ -10,12 +10,14 @@ All inputs of one request run concurrently, so the engine batches them.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from jinja2 import TemplateError
 
@@ -24,6 +26,7 @@ from loraforge.services.common.channels import security_from
 from loraforge.services.common.errors import FieldViolation, InvalidArgument
 from loraforge.services.common.model_access import refuse_model_code
 from loraforge.services.common.objectstore import open_object_store
+from loraforge.services.common.progress import report as report_progress
 from loraforge.services.common.prompts import (
     CHAT,
     CHAT_ROLES,
@@ -44,9 +47,18 @@ from loraforge.services.predictor.engines.base import (
     Engine,
     EngineKind,
     FinishReason,
+    GenerationDelta,
     GenerationRequest,
+    engine_stopped,
 )
-from loraforge.services.predictor.engines.calibration import CalibrationStore, calibrate
+from loraforge.services.predictor.engines.calibration import (
+    MEASURED_KINDS,
+    WORKLOADS,
+    CalibrationStore,
+    engine_name,
+    measure_in_background,
+    missing_workloads,
+)
 from loraforge.services.predictor.engines.calibration import signature as calibration_signature
 from loraforge.services.predictor.engines.selection import (
     DtypeChoice,
@@ -67,6 +79,12 @@ from loraforge.services.predictor.params import (
 from loraforge.services.predictor.resolver import TrainerResolver, classify_name
 
 log = logging.getLogger("loraforge.predictor")
+T = TypeVar("T")
+
+
+def _input_name(field: str, index: int, count: int) -> str:
+    """The request path of input `index`: `input` for PredictStream's one, else `inputs[i]`."""
+    return field if count == 1 and field == "input" else f"{field}[{index}]"
 
 
 @dataclass(frozen=True)
@@ -127,12 +145,63 @@ class ServedModel:
     source: str
 
 
-class PromptRenderer:
-    """Turns one input into the prompt string the engine gets, the way training rendered it."""
+# A token of the vocabularies served is at most this many characters in practice (runs of
+# spaces or dashes are the longest), so a prompt past max_model_len times it cannot fit.
+CHARS_PER_TOKEN_BOUND = 64
 
-    def __init__(self, tokenizer: Any, base_model: str) -> None:
+
+class PromptRenderer:
+    """Turns one input into the prompt string the engine gets, the way training rendered it.
+
+    Rendering and tokenizing are CPU work: `run` does them on this renderer's own thread,
+    never on the event loop, and only for prompts within the size bound, checked first (a
+    prompt of megabytes is refused before any of it is rendered). `max_chars` is that bound
+    in characters; 0: the model's context length times `CHARS_PER_TOKEN_BOUND`."""
+
+    def __init__(self, tokenizer: Any, base_model: str, max_chars: int = 0) -> None:
         self.tokenizer = tokenizer
         self.base_model = base_model
+        self.max_chars = max_chars
+        # One thread: a tokenizer is not safe to call from several threads at once.
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prompts")
+
+    def size_violations(
+        self,
+        inputs: Sequence[PredictInput],
+        validated: ValidatedParams,
+        field: str,
+        max_model_len: int,
+    ) -> list[FieldViolation]:
+        """The inputs longer than the size bound, template and system prompt included (cheap:
+        nothing is rendered)."""
+        limit = self.max_chars or max_model_len * CHARS_PER_TOKEN_BOUND
+        if limit <= 0:
+            return []
+        template = validated.template
+        around = len(template.template) + len(template.system_prompt)
+        bad = []
+        for i, item in enumerate(inputs):
+            size = around + len(item.text) + sum(len(r) + len(c) for r, c in item.messages)
+            if size > limit:
+                name = _input_name(field, i, len(inputs))
+                where = f"{name}.messages" if item.messages else f"{name}.text"
+                bad.append(
+                    FieldViolation(
+                        where,
+                        f"is {size:,} characters with the prompt template, more than this "
+                        f"predictor takes ({limit:,}; the model reads at most "
+                        "its context length in tokens); shorten the prompt",
+                    )
+                )
+        return bad
+
+    async def run(self, work: Callable[[], T]) -> T:
+        """`work()` on the renderer's thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, work)
+
+    def close(self) -> None:
+        """Ends the renderer's thread (prompts still queued are not rendered)."""
+        self._thread.shutdown(wait=False, cancel_futures=True)
 
     def render(
         self,
@@ -227,6 +296,7 @@ class Predictor:
         *,
         base_model: str = "",
         dtype: DtypeChoice | None = None,
+        max_prompt_chars: int = 0,
     ) -> None:
         self.engine = engine
         self.choice = choice
@@ -234,8 +304,77 @@ class Predictor:
         self.cache = cache
         self.resolver = resolver
         self.base_model = base_model or engine.base_model  # the name users know it by
-        self.prompts = PromptRenderer(tokenizer, self.base_model)
+        self.prompts = PromptRenderer(tokenizer, self.base_model, max_prompt_chars)
         self.dtype = dtype or DtypeChoice("auto", "the engine's default")
+        self._in_flight = _InFlight()
+        self._switching = asyncio.Lock()
+        self._retry_after: int | None = None  # set while the engine is down
+
+    # --- the engine ---------------------------------------------------------------------
+
+    def engine_down(self, retry_after_seconds: int) -> None:
+        """The engine has died: requests fail UNAVAILABLE, retry in `retry_after_seconds`."""
+        self._retry_after = max(1, retry_after_seconds)
+
+    def engine_up(self) -> None:
+        self._retry_after = None
+
+    @property
+    def serving(self) -> bool:
+        return self._retry_after is None
+
+    def _refuse_while_down(self) -> None:
+        if self._retry_after is not None:
+            raise engine_stopped(engine_name(self.engine.kind), self._retry_after)
+
+    def stopping(self) -> None:
+        """The service has been told to stop (see `Engine.stopping`)."""
+        self.engine.stopping()
+
+    async def switch_engine(self, engine: Engine, choice: EngineChoice) -> None:
+        """Serves from `engine` (started) from now on, and shuts the engine it replaces down.
+
+        New requests go to `engine` at once; requests running on the old engine finish
+        there (or fail UNAVAILABLE, if it has died) before it is shut down. The adapter
+        cache evicts from the new engine, and pinned adapters are loaded and pinned in it.
+        """
+        async with self._switching:
+            old = self.engine
+            if engine is old:
+                return
+            self.engine = engine
+            self.choice = choice
+            self.cache.on_evict = engine.unload_adapter
+            await self._load_pinned(engine)
+            await self._in_flight.idle(old)
+            try:
+                await old.shutdown()
+            except Exception:  # a dead engine may fail to stop cleanly; its successor serves
+                log.warning("the replaced %s engine did not shut down cleanly", old.kind.value)
+                log.debug("shutdown failure", exc_info=True)
+
+    async def _load_pinned(self, engine: Engine) -> None:
+        for entry in self.cache.entries():
+            if entry.pinned and entry.state is CacheState.ON_DISK:
+                try:
+                    await engine.load_adapter(entry.ref(), pin=True)
+                except Exception as exc:  # one adapter's failure must not stop the switch
+                    log.warning("pinned adapter %s not loaded: %s", entry.model_version, exc)
+
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+        """The current engine's stream for `request`, counted as in flight on that engine."""
+        self._refuse_while_down()
+        engine = self.engine
+        stream = engine.generate(request)
+        self._in_flight.enter(engine)
+        try:
+            async for delta in stream:
+                yield delta
+        finally:
+            try:
+                await stream.aclose()  # type: ignore[attr-defined]
+            finally:
+                self._in_flight.leave(engine)
 
     # --- checks -----------------------------------------------------------------------
 
@@ -267,7 +406,7 @@ class Predictor:
         prepared = []
         bad: list[FieldViolation] = []
         for i, item in enumerate(inputs):
-            name = field if len(inputs) == 1 and field == "input" else f"{field}[{i}]"
+            name = _input_name(field, i, len(inputs))
             ids = self.prompts.encode(item, validated, trained, name, bad)
             if ids is None:
                 continue
@@ -304,13 +443,18 @@ class Predictor:
                 FieldViolation("inputs", f"give 1 to {MAX_INPUTS} inputs (got {len(inputs)})")
             )
         validated, param_bad = check_params(params)
-        raise_if_bad(bad + param_bad)
+        too_long = self.prompts.size_violations(inputs, validated, field, self.engine.max_model_len)
+        raise_if_bad(bad + param_bad + too_long)
         source = await self.resolver.resolve(model) if model else None
         if model:
             # What the request leaves unset, the model's own defaults set.
             validated = validate_params(params.over(await self.resolver.defaults(model)))
+            raise_if_bad(
+                self.prompts.size_violations(inputs, validated, field, self.engine.max_model_len)
+            )
         trained = source.prompt_format if source else PromptFormat()
-        return source, self._tokenize(inputs, validated, trained, field)
+        prepared = await self.prompts.run(lambda: self._tokenize(inputs, validated, trained, field))
+        return source, prepared
 
     @contextlib.asynccontextmanager
     async def _adapter(self, source: AdapterSource | None) -> AsyncIterator[CacheEntry | None]:
@@ -339,7 +483,7 @@ class Predictor:
                 pieces: list[str] = []
                 tokens = 0
                 reason = FinishReason.ABORTED
-                async for delta in self.engine.generate(request):
+                async for delta in self._generate(request):
                     pieces.append(delta.text)
                     tokens += len(delta.token_ids)
                     if delta.finish_reason is not None:
@@ -370,7 +514,7 @@ class Predictor:
                 uuid.uuid4().hex, ids, sampling, entry.ref() if entry else None
             )
             tokens = 0
-            stream = self.engine.generate(request)
+            stream = self._generate(request)
             try:
                 async for delta in stream:
                     tokens += len(delta.token_ids)
@@ -389,6 +533,7 @@ class Predictor:
         bad: list[FieldViolation] = []
         self._check_target(model, False, bad)
         raise_if_bad(bad)
+        self._refuse_while_down()
         source = await self.resolver.resolve(model)
         entry = await self.cache.acquire(source)
         try:
@@ -411,7 +556,8 @@ class Predictor:
         return self._view(removed, set())
 
     async def list_adapters(self) -> list[AdapterView]:
-        loaded = await self.engine.loaded_adapter_ids()
+        # While a new engine starts, no adapter is loaded in any.
+        loaded = await self.engine.loaded_adapter_ids() if self.serving else set()
         return [self._view(e, loaded) for e in self.cache.entries()]
 
     def _view(self, entry: CacheEntry, loaded: set[int]) -> AdapterView:
@@ -455,7 +601,35 @@ class Predictor:
     async def shutdown(self) -> None:
         await self.resolver.close()
         await self.cache.settled()
-        await self.engine.shutdown()
+        async with self._switching:
+            await self.engine.shutdown()
+        self.prompts.close()
+
+
+class _InFlight:
+    """Counts the generations running on each engine, so that an engine being replaced is
+    shut down only once its own requests have finished."""
+
+    def __init__(self) -> None:
+        self._counts: dict[int, int] = {}
+        self._idle: dict[int, asyncio.Event] = {}
+
+    def enter(self, engine: Engine) -> None:
+        key = id(engine)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        self._idle.setdefault(key, asyncio.Event()).clear()
+
+    def leave(self, engine: Engine) -> None:
+        key = id(engine)
+        self._counts[key] -= 1
+        if not self._counts[key]:
+            del self._counts[key]
+            self._idle.pop(key).set()
+
+    async def idle(self, engine: Engine) -> None:
+        event = self._idle.get(id(engine))
+        if event is not None:
+            await event.wait()
 
 
 def _start_engine(kind: EngineKind, path: str, config: PredictorConfig) -> Engine:
@@ -471,6 +645,7 @@ def _start_engine(kind: EngineKind, path: str, config: PredictorConfig) -> Engin
                 max_lora_rank=config.max_lora_rank,
                 max_model_len=config.max_model_len,
                 max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
                 kv_cache_bytes=int(config.kv_cache_gib * GiB),
                 dtype=dtype,
                 enforce_eager=config.enforce_eager,
@@ -496,34 +671,71 @@ def _start_engine(kind: EngineKind, path: str, config: PredictorConfig) -> Engin
     )
 
 
-async def _engine_by_measurement(
-    choice: EngineChoice, path: str, config: PredictorConfig, tokenizer: Any
-) -> tuple[EngineChoice, Engine]:
+# The background measurements running (a task is kept only by its references).
+_MEASUREMENTS: set[asyncio.Task[None]] = set()
+
+
+def _engine_by_measurement(
+    choice: EngineChoice, path: str, config: PredictorConfig
+) -> tuple[EngineChoice, Callable[[Predictor], Coroutine[Any, Any, None]] | None]:
     """`engine: auto` on a CPU where both engines serve the model: the faster with adapters,
-    from the stored calibration of this model shape and machine, or measured now."""
+    from the stored calibration of this model shape and machine. Without one, the engine
+    `choice` names serves at once, and the returned coroutine function measures both in the
+    background and switches the predictor to the faster."""
     store = CalibrationStore(config.calibration_path())
     # Keyed by the dtype setting: each engine computes in its own choice of it.
-    stored = store.get(calibration_signature(path, config.dtype))
+    key = calibration_signature(path, config.dtype)
+    stored = store.get(key)
     if stored is not None:
-        chosen = EngineChoice(stored.winner(), stored.reason(), choice.architecture)
-        return chosen, _start_engine(chosen.kind, path, config)
+        return EngineChoice(stored.winner(), stored.reason(), choice.architecture), None
+    total = len(MEASURED_KINDS) * len(WORKLOADS)
+    done = total - missing_workloads(store.figures(key))
     log.info(
-        "measuring vLLM and transformers + PEFT with a LoRA adapter on this machine "
-        "(once per model shape; kept in %s)",
+        "measuring vLLM and transformers + PEFT with a LoRA adapter on this machine in the "
+        "background (once per model shape; kept in %s); serving with %s meanwhile",
         store.path,
+        engine_name(choice.kind),
     )
-    calibration, engine = await calibrate(
-        [EngineKind.TRANSFORMERS, EngineKind.VLLM],
-        lambda kind: _start_engine(kind, path, config),
-        path,
-        config.dtype,
-        tokenizer,
-        config.max_lora_rank,
-        config.home_path() / "calibration",
-        config.trust_remote_code,
+    serving = EngineChoice(
+        choice.kind,
+        f"measuring vLLM and transformers + PEFT with a LoRA adapter on this machine "
+        f"({done} of {total} workloads measured); serving with {engine_name(choice.kind)} "
+        f"meanwhile ({choice.reason})",
+        choice.architecture,
     )
-    store.put(calibration)
-    return EngineChoice(calibration.winner(), calibration.reason(), choice.architecture), engine
+    settings = {"config": dataclasses.asdict(config), "path": path, "signature": key}
+
+    async def measure_and_switch(predictor: Predictor) -> None:
+        try:
+            calibration = await measure_in_background(settings, store, key)
+        except Exception as exc:
+            log.warning(
+                "the engine measurement failed (%s); serving with %s",
+                exc,
+                engine_name(choice.kind),
+            )
+            predictor.choice = EngineChoice(
+                choice.kind,
+                f"{choice.reason} (the measurement of the engines on this machine failed; "
+                "see the predictor's log)",
+                choice.architecture,
+            )
+            return
+        chosen = EngineChoice(calibration.winner(), calibration.reason(), choice.architecture)
+        if chosen.kind is predictor.engine.kind:
+            predictor.choice = chosen
+            return
+        log.info("%s; switching to it", chosen.reason)
+        engine = await asyncio.to_thread(_start_engine, chosen.kind, path, config)
+        try:
+            # New requests go to the new engine; running ones finish on the old one.
+            await predictor.switch_engine(engine, chosen)
+        except BaseException:
+            await engine.shutdown()
+            raise
+        predictor.dtype = choose_dtype(config.dtype, engine=chosen.kind)
+
+    return serving, measure_and_switch
 
 
 async def build_predictor(config: PredictorConfig) -> Predictor:
@@ -533,12 +745,14 @@ async def build_predictor(config: PredictorConfig) -> Predictor:
 
     base_model = config.base_model or DEFAULT_BASE_MODEL
     choose_dtype(config.dtype)  # a bad setting fails before any model is touched
+    report_progress(f"finding the base model {base_model}")
     path = resolve_base_model(base_model)
     # The base model is the operator's; whether its own code may run is the operator's too.
     refuse_model_code(path, config.trust_remote_code, base_model)
     if config.trust_remote_code:
         log.warning("trust_remote_code is on: a base model's own Python code runs in this process")
     choice = choose_engine(path, config.engine, config.trust_remote_code)
+    report_progress(f"loading the tokenizer of {base_model}")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
     measured = (
         config.engine == "auto"
@@ -546,11 +760,11 @@ async def build_predictor(config: PredictorConfig) -> Predictor:
         and choice.kind is EngineKind.VLLM
         and not torch.cuda.is_available()
     )
-    engine: Engine
+    measurement: Callable[[Predictor], Coroutine[Any, Any, None]] | None = None
     if measured:
-        choice, engine = await _engine_by_measurement(choice, path, config, tokenizer)
-    else:
-        engine = _start_engine(choice.kind, path, config)
+        choice, measurement = _engine_by_measurement(choice, path, config)
+    report_progress(f"starting {engine_name(choice.kind)} with {base_model}")
+    engine = _start_engine(choice.kind, path, config)
     dtype = choose_dtype(config.dtype, engine=engine.kind)
     log.info(
         "base model %s from %s (%s): %s; dtype %s: %s",
@@ -574,7 +788,7 @@ async def build_predictor(config: PredictorConfig) -> Predictor:
         model_ttl=config.model_resolution_ttl_seconds,
         security=security_from(config),  # TLS and the predictor's own key
     )
-    return Predictor(
+    predictor = Predictor(
         engine,
         choice,
         tokenizer,
@@ -582,4 +796,10 @@ async def build_predictor(config: PredictorConfig) -> Predictor:
         resolver,
         base_model=base_model,
         dtype=dtype,
+        max_prompt_chars=config.max_prompt_chars,
     )
+    if measurement is not None:
+        task = asyncio.create_task(measurement(predictor), name="engine-measurement")
+        _MEASUREMENTS.add(task)
+        task.add_done_callback(_MEASUREMENTS.discard)
+    return predictor

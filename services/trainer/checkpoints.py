@@ -7,7 +7,9 @@ train and eval loss, the scores of its answers to held-out examples where the ru
 for them (`trainer_config.eval_generate_examples`), and when it was saved. A checkpoint exists once that file does, so
 a half-uploaded one is never listed. Keeping only the last `trainer_config.save_total_limit`
 checkpoints deletes older ones as new ones arrive, so what the object store holds is the
-list. Any listed checkpoint can be exported, or continued from, like a version.
+list. Any listed checkpoint can be exported, or continued from, like a version, whatever
+the state of its run: a cancelled or failed run keeps what it saved until the version is
+deleted.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loraforge.services.common.errors import NotFound, invalid_field
 from loraforge.services.common.objectstore import ObjectStore
 from loraforge.services.common.resources import parse_name
-from loraforge.services.trainer.store import version_prefix
+from loraforge.services.trainer.store import ACTIVE_STATES, version_prefix
+
+if TYPE_CHECKING:
+    from loraforge.services.trainer.runs import Run
 
 VERSION = "apps/{app}/models/{model}/versions/{version}"
 CHECKPOINT = VERSION + "/checkpoints/{checkpoint}"
@@ -124,16 +129,49 @@ def list_checkpoints(objects: ObjectStore, version: str) -> list[CheckpointInfo]
     return sorted(found, key=lambda c: c.step)
 
 
-def get_checkpoint(objects: ObjectStore, name: str, field: str = "name") -> CheckpointInfo:
+def get_checkpoint(
+    objects: ObjectStore, name: str, field: str = "name", run: Run | None = None
+) -> CheckpointInfo:
+    """The checkpoint `name`; NOT_FOUND says why it is missing when `run` (its version) is given."""
     version, step = parse_checkpoint(name, field)
     prefix = f"{checkpoints_prefix(version)}/checkpoint-{step}"
     try:
         data = json.loads(objects.get_bytes(f"{prefix}/{INFO_FILE}"))
     except NotFound:
-        kept = ", ".join(str(c.step) for c in list_checkpoints(objects, version)) or "none"
+        kept = [c.step for c in list_checkpoints(objects, version)]
+        listed = ", ".join(str(s) for s in kept) or "none"
         raise NotFound(
-            f"checkpoint {name!r} not found; the checkpoints {version} has are: {kept} "
-            "(older ones are removed as newer ones are saved: trainer_config.save_total_limit)",
+            f"checkpoint {name!r} not found: {why_missing(step, kept, run)}; "
+            f"the checkpoints {version} has are: {listed}",
             reason="CHECKPOINT_NOT_FOUND",
         ) from None
     return _from_info(version, prefix, data)
+
+
+def why_missing(step: int, kept: list[int], run: Run | None) -> str:
+    """Why a run has no checkpoint at `step`: not reached yet, stopped before it, not a step
+    it saves at, or removed as newer ones were saved."""
+    if run is None:
+        return (
+            "older checkpoints are removed as newer ones are saved "
+            "(trainer_config.save_total_limit)"
+        )
+    trc = run.params.trainer_config
+    reached = max(int(run.progress.get("step") or 0), int(run.metrics.get("global_step") or 0))
+    every = f"it saves one every {trc.save_steps} steps (trainer_config.save_steps)"
+    if step > reached:
+        if run.state in ACTIVE_STATES:
+            return f"the run is {run.state.value} at step {reached}; {every}"
+        before = "before its first checkpoint was saved" if not kept else f"before step {step}"
+        return f"the run stopped at step {reached} ({run.state.value}) {before}; {every}"
+    if step % max(trc.save_steps, 1) and step != reached:
+        return f"{every} and at its last step, so none was saved at step {step}"
+    if kept and step < kept[-1]:
+        return (
+            f"it was removed when newer ones were saved: the run keeps its last "
+            f"{trc.save_total_limit} (trainer_config.save_total_limit)"
+        )
+    return (
+        f"the run reached step {reached} but its checkpoint at step {step} is not in the object "
+        "store (it was never uploaded, or was removed there)"
+    )

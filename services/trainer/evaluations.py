@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import sys
@@ -62,7 +63,7 @@ from loraforge.services.trainer.evaluation_store import (
     Result,
 )
 from loraforge.services.trainer.predictor_client import AsyncPredictorClient
-from loraforge.services.trainer.runs import MODEL, VERSION
+from loraforge.services.trainer.runs import MODEL, VERSION, run_from_row
 from loraforge.services.trainer.store import EvaluationRow, State, TrainerStore, VersionRow
 
 log = logging.getLogger("loraforge.trainer.evaluations")
@@ -237,7 +238,7 @@ class Evaluations:
                     field_violations=[FieldViolation("parent", f"is {version.state}, not TRAINED")],
                 )
             model_version, base_model_name = new.parent, version.base_model
-            await self._check_held_out(asked, version.dataset_version)
+            warnings += await self._check_held_out(asked, version.dataset_version, new.max_examples)
         else:
             await asyncio.to_thread(self.trainer_store.get_model, new.parent)
             model_version, base_model_name = "", ""
@@ -281,7 +282,9 @@ class Evaluations:
                 "model version instead",
                 reason="CHECKPOINTS_UNAVAILABLE",
             )
-        return await asyncio.to_thread(get_checkpoint, self.objects, parent, "parent")
+        version = parse_checkpoint(parent, "parent")[0]
+        run = run_from_row(await asyncio.to_thread(self.trainer_store.get_version, version))
+        return await asyncio.to_thread(get_checkpoint, self.objects, parent, "parent", run)
 
     def _check_perplexity(self, of_version: bool, prompt_like: str) -> None:
         if self.objects is None:
@@ -315,8 +318,12 @@ class Evaluations:
         if not params.system_prompt and trained.is_chat:
             params.system_prompt = trained.system_prompt
 
-    async def _check_held_out(self, asked: DatasetVersionInfo, trained_on: str) -> None:
-        """Refuses the dataset version a run trained on, or one with the very same examples."""
+    async def _check_held_out(
+        self, asked: DatasetVersionInfo, trained_on: str, max_examples: int
+    ) -> list[str]:
+        """Refuses the dataset version a run trained on, or one whose every scored example is
+        among the rows it trained on, compared by content wherever the rows were uploaded;
+        returns a warning when only some are."""
         why = ""
         dataset_version = asked.name
         if dataset_version == trained_on:
@@ -326,10 +333,22 @@ class Evaluations:
                 trained = await self.datasets.get_ready_version(trained_on, "dataset_version")
             except LoraforgeError:
                 trained = None  # deleted since: nothing to compare with
-            if trained is not None and trained.content_sha256 == asked.content_sha256:
+            if trained is None:
+                return []
+            if trained.content_sha256 == asked.content_sha256:
                 why = (
                     f"has the same examples as {trained_on!r}, which this model version trained on"
                 )
+            else:
+                overlap, scored = await self._overlap(dataset_version, trained_on, max_examples)
+                shared = (
+                    f"{overlap} of the {scored} examples it would score are rows of "
+                    f"{trained_on!r}, which this model version trained on"
+                )
+                if overlap and overlap == scored:
+                    why = f"has only training examples: {shared}"
+                elif overlap:
+                    return [f"{shared}; their scores flatter the model"]
         if why:
             raise FailedPrecondition(
                 f"dataset_version {dataset_version!r} {why}; scores on training data say little "
@@ -337,6 +356,27 @@ class Evaluations:
                 reason="DATASET_VERSION_TRAINED_ON",
                 field_violations=[FieldViolation("dataset_version", why)],
             )
+        return []
+
+    async def _overlap(self, asked: str, trained_on: str, max_examples: int) -> tuple[int, int]:
+        """(how many of the examples an evaluation of `asked` scores are also rows of
+        `trained_on`, how many it scores), comparing each example's content."""
+        scored: dict[bytes, int] = {}
+        count = 0
+        async for inp in self.datasets.read_inputs(asked, "dataset_version"):
+            if inp.example.kind == dpb.EXAMPLE_KIND_TEXT:
+                continue
+            if count >= (max_examples or MAX_EXAMPLES):
+                break
+            key = _content_key(inp)
+            scored[key] = scored.get(key, 0) + 1
+            count += 1
+        overlap = 0
+        async for inp in self.datasets.read_inputs(trained_on, "dataset_version"):
+            overlap += scored.pop(_content_key(inp), 0)
+            if not scored:
+                break
+        return overlap, count
 
     async def get(self, name: str) -> EvaluationRow:
         check_name(name)
@@ -625,6 +665,15 @@ def _write_inputs(
         for _, inp in examples:
             row = {"prompt": inp.example.prompt, "completion": inp.example.completion}
             out.write(json.dumps(row) + "\n")
+
+
+def _content_key(inp: dpb.Input) -> bytes:
+    """What identifies an example by its content, whichever dataset or upload holds it."""
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (str(inp.example.kind), inp.example.prompt, inp.example.completion):
+        data = part.encode("utf-8", "surrogatepass")
+        digest.update(len(data).to_bytes(8, "little") + data)
+    return digest.digest()
 
 
 async def _enumerate(items: AsyncIterator[dpb.Input]) -> AsyncIterator[tuple[int, dpb.Input]]:

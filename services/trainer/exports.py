@@ -115,7 +115,7 @@ class Exports:
         if is_checkpoint_name(name):
             version = parse_checkpoint(name)[0]
             run = run_from_row(await asyncio.to_thread(self.store.get_version, version))
-            checkpoint = await asyncio.to_thread(get_checkpoint, self.objects, name)
+            checkpoint = await asyncio.to_thread(get_checkpoint, self.objects, name, "name", run)
             prefix, files = checkpoint.prefix, CHECKPOINT_FILES
         else:
             version = name

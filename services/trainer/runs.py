@@ -355,7 +355,7 @@ class Runs:
                 field_violations=[FieldViolation(field, "no such model version")],
             ) from None
         if checkpoint:
-            found = await asyncio.to_thread(get_checkpoint, self.objects, name, field)
+            found = await asyncio.to_thread(get_checkpoint, self.objects, name, field, run)
             adapter_prefix = found.prefix
         elif run.state != State.TRAINED or not run.adapter_prefix:
             raise FailedPrecondition(

@@ -499,7 +499,9 @@ class TrainerServicer(EvaluationRpcs, pb_grpc.TrainerServiceServicer):
     ) -> pb.GetCheckpointResponse:
         version = parse_checkpoint(request.name)[0]
         run = await self.runs.get(version)
-        found = await asyncio.to_thread(get_checkpoint, self.runs.objects, request.name)
+        found = await asyncio.to_thread(
+            get_checkpoint, self.runs.objects, request.name, "name", run
+        )
         message = checkpoint_to_pb(found)
         message.adapter_prefix = found.prefix
         message.base_model = await self.runs.loaded_base_model(run)

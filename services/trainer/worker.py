@@ -49,7 +49,7 @@ from loraforge.services.trainer import checkpoints, dataset_client, hardware
 from loraforge.services.trainer import templates as tpl
 from loraforge.services.trainer.continuation import INIT_ADAPTER, INIT_FILES
 from loraforge.services.trainer.jobs import ClaimedJob, JobQueue, JobReporter
-from loraforge.services.trainer.store import State, TrainerStore, version_prefix
+from loraforge.services.trainer.store import TrainerStore, version_prefix
 from loraforge.services.trainer.training import (
     ToleranceExceeded,
     TrainingError,
@@ -92,6 +92,12 @@ class WorkerConfig(ProcessConfig):
         0,
         "Threads torch may use on a CPU (0: its default). Set it when several workers share one CPU host.",
     )
+    memory_limit_gib: float = setting(
+        0.0,
+        "Memory a run may use on a CPU, in GiB: a run whose estimate is larger trains with "
+        "gradient checkpointing and smaller micro-batches of the same global batch. 0: what "
+        "the machine, the worker's cgroup and its address-space limit leave it.",
+    )
     # Set like the trainer's: a run's base model is checked there and again here.
     model_roots: str = model_roots_setting()
     allow_hub_models: bool = allow_hub_models_setting()
@@ -103,6 +109,11 @@ class WorkerConfig(ProcessConfig):
             value = getattr(self, name)
             if value <= 0:
                 raise InvalidArgument(f"{describe(name)} must be more than 0 (got {value})")
+        if not 0 <= self.memory_limit_gib < float("inf"):
+            raise InvalidArgument(
+                f"{describe('memory_limit_gib')} must be 0 (what the worker has) or more "
+                f"(got {self.memory_limit_gib})"
+            )
         if self.poll_seconds >= self.lease_seconds:
             raise InvalidArgument(
                 f"{describe('poll_seconds')} must be shorter than {describe('lease_seconds')} "
@@ -312,10 +323,10 @@ class Worker:
                 f"worker {self.worker_id} shut down; requeued to resume from its last checkpoint"
             )
             return
+        # A cancelled run keeps the checkpoints it saved: they export and continue like a
+        # version's adapter until the version is deleted.
         state = self.store.version_state(job.name)
         log.info("%s stopped: it is now %s", job.name, state)
-        if state == State.CANCELLED:
-            self.objects.delete_prefix(version_prefix(job.name) + "/")
 
     def _train_and_upload(
         self, job: ClaimedJob, reporter: JobReporter, bridge: _RunReporter, scratch: Path
@@ -363,6 +374,7 @@ class Worker:
             model_path=model_path,
             trust_remote_code=self.config.trust_remote_code,
             init_adapter=init_adapter,
+            memory_limit=int(self.config.memory_limit_gib * 2**30) or None,
         )
         # A folder in a model root is recorded by its real path: what a predictor serves.
         base_model = model_path if model_path.startswith("/") else params.base_model

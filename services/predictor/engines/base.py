@@ -13,7 +13,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from loraforge.services.common.errors import RETRY_AFTER_SECONDS, Unavailable
 from loraforge.services.predictor.params import SamplingSettings
+
+# ErrorInfo reason of a request that failed because the engine stopped, or arrived while
+# the predictor was starting a new one; its metadata `retry_after_seconds` says when to retry.
+ENGINE_STOPPED = "ENGINE_STOPPED"
+RETRY_AFTER_KEY = RETRY_AFTER_SECONDS
+DEFAULT_RETRY_AFTER_SECONDS = 10
+
+
+def engine_stopped(
+    engine: str, retry_after_seconds: int = DEFAULT_RETRY_AFTER_SECONDS
+) -> Unavailable:
+    """The error of a request the engine could not serve because it stopped."""
+    return Unavailable(
+        f"the {engine} engine stopped; the predictor is starting a new one: retry in "
+        f"{retry_after_seconds} seconds",
+        reason=ENGINE_STOPPED,
+        metadata={RETRY_AFTER_KEY: str(retry_after_seconds)},
+    )
 
 
 class EngineKind(enum.Enum):
@@ -85,6 +104,11 @@ class Engine(Protocol):
         ...
 
     def stats(self) -> EngineStats: ...
+
+    def failure(self) -> str | None:
+        """Why the engine has stopped serving by itself (its process died), or None while it
+        serves or after `shutdown`. The predictor's supervisor reads it to replace the engine."""
+        ...
 
     def stopping(self) -> None:
         """The service has been told to stop; the same signal may be ending the engine's own

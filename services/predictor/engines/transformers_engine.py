@@ -249,8 +249,12 @@ class TransformersEngine:
             kwargs.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
+        # One generation at a time (one worker thread), so the global generator is this
+        # request's: seeded, it repeats; unseeded, it must not repeat the last seeded one's.
         if s.seed is not None:
             torch.manual_seed(s.seed)
+        else:
+            torch.seed()
         input_ids = torch.tensor([request.prompt_token_ids], dtype=torch.long)
         attention_mask = torch.ones_like(input_ids)
         with torch.inference_mode():
@@ -335,6 +339,9 @@ class TransformersEngine:
 
     def stats(self) -> EngineStats:
         return EngineStats(self._running, self._aborted)
+
+    def failure(self) -> str | None:
+        return None  # runs in the predictor's own process: it cannot die alone
 
     def stopping(self) -> None:
         pass  # one process: nothing ends before shutdown

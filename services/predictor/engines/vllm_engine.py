@@ -25,7 +25,9 @@ from loraforge.services.predictor.engines.base import (
     FinishReason,
     GenerationDelta,
     GenerationRequest,
+    engine_stopped,
 )
+from loraforge.services.predictor.engines.vllm_lifeline import LIFELINE_VARIABLE
 
 log = logging.getLogger("loraforge.predictor.vllm")
 
@@ -78,6 +80,7 @@ class VllmSettings:
     max_lora_rank: int = 16
     max_model_len: int = 0
     max_num_seqs: int = 64
+    max_num_batched_tokens: int = 0  # a step's token budget; 0: vLLM's default
     kv_cache_bytes: int = 1024**3
     dtype: str = "auto"
     enforce_eager: bool = True
@@ -147,6 +150,7 @@ class VllmEngine:
         self._aborted = 0
         self._tokenizer: Any = None
         self._usable: set[int] = set()  # adapters vLLM has loaded once
+        self._shut_down = False
         self._stop_notice = _StopNotice()
         logging.getLogger(_OUTPUT_HANDLER_LOGGER).addFilter(self._stop_notice)
 
@@ -182,7 +186,10 @@ class VllmEngine:
         }
         if settings.max_model_len:
             options["max_model_len"] = settings.max_model_len
-        environment: dict[str, str] = {}
+        if settings.max_num_batched_tokens:
+            options["max_num_batched_tokens"] = settings.max_num_batched_tokens
+        # The engine's processes end with this one, even if it is killed (vllm_lifeline).
+        environment: dict[str, str] = {LIFELINE_VARIABLE: "1"}
         if not torch.cuda.is_available():
             # On a CPU the KV cache is sized in bytes; on a GPU from memory utilisation.
             options["kv_cache_memory_bytes"] = settings.kv_cache_bytes
@@ -269,9 +276,7 @@ class VllmEngine:
             raise InvalidArgument(str(exc), reason="ENGINE_REJECTED_REQUEST") from exc
         except Exception as exc:
             if self._llm.errored:
-                raise Unavailable(
-                    "the vLLM engine stopped; the predictor must be restarted"
-                ) from exc
+                raise engine_stopped("vLLM") from exc
             raise  # unexpected: INTERNAL with an incident id
 
     def _held_back_text(self, token_ids: list[int], emitted: str) -> str:
@@ -289,9 +294,7 @@ class VllmEngine:
                 await self._llm.pin_lora(adapter.adapter_id)
         except Exception as exc:
             if self._llm.errored:
-                raise Unavailable(
-                    "the vLLM engine stopped; the predictor must be restarted"
-                ) from exc
+                raise engine_stopped("vLLM") from exc
             cause = _utility_failure(exc, ("add_lora", "pin_lora"))
             if cause is None or "out of memory" in cause.lower():
                 raise  # not the adapter's fault: INTERNAL with an incident id
@@ -311,10 +314,20 @@ class VllmEngine:
     def stats(self) -> EngineStats:
         return EngineStats(self._llm.get_num_unfinished_requests(), self._aborted)
 
+    def failure(self) -> str | None:
+        # vLLM marks its client dead when the engine process exits or reports a fatal error
+        # (and fails every request it holds); a shutdown of ours is no failure.
+        if self._shut_down or not self._llm.errored:
+            return None
+        return "vLLM's engine process stopped (the log above has its cause)"
+
     def stopping(self) -> None:
         self._stop_notice.stopping = True
 
     async def shutdown(self) -> None:
+        if self._shut_down:
+            return
+        self._shut_down = True
         self.stopping()  # vLLM's output handler sees the engine process end
         try:
             await asyncio.to_thread(self._llm.shutdown)

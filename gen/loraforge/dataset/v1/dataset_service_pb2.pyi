@@ -1599,7 +1599,9 @@ class CreateDatasetVersionRequest(_message.Message):
     request_id: _builtins.str
     """Makes the create idempotent: a retry with the same id (in the same app)
     returns the version the first call created (as it is now) instead of
-    freezing another. At most 200 characters; a UUID is a good choice.
+    freezing another; a version whose build failed (its server stopped while
+    writing it) is built again under the same name. At most 200 characters;
+    a UUID is a good choice.
     """
     def __init__(
         self,
