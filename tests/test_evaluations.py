@@ -227,18 +227,12 @@ def test_the_fine_tuned_version_beats_the_base_model_and_the_comparison_lists_wh
     assert tuned.model_version == stack.version and not tuned.base_model
     assert base.base_model_name == tuned.base_model_name != ""
     for done in (base, tuned):
-        # The completions are short labels, so label accuracy comes with the defaults.
-        assert list(done.metrics) == ["exact_match", "label_accuracy", "rouge", "bleu"]
-        assert set(done.scores) == {
-            "exact_match",
-            "label_accuracy",
-            "rouge1",
-            "rouge2",
-            "rougeL",
-            "bleu",
-        }
+        # The completions are short labels: label accuracy leads, with the majority-class
+        # rate beside it, and no n-gram overlap.
+        assert list(done.metrics) == ["label_accuracy", "exact_match"]
+        assert set(done.scores) == {"label_accuracy", "majority_label_rate", "exact_match"}
         assert done.progress.completed_examples == done.progress.total_examples == 20
-        assert done.primary_score == "exact_match"
+        assert done.primary_score == "label_accuracy"
     assert tuned.scores["exact_match"] > base.scores["exact_match"]
     assert tuned.scores["label_accuracy"] > base.scores["label_accuracy"]
     matrix = tuned.confusion_matrix
@@ -252,16 +246,17 @@ def test_the_fine_tuned_version_beats_the_base_model_and_the_comparison_lists_wh
     exact = [r.scores["exact_match"] for r in in_order]
     assert sum(exact) / 20 == pytest.approx(tuned.scores["exact_match"])
     worst_first = _results(stack, tuned.name, "score")
-    assert [r.scores["exact_match"] for r in worst_first] == sorted(exact)
-    best_first = _results(stack, tuned.name, "rougeL desc")
-    rouge = [r.scores["rougeL"] for r in best_first]
-    assert rouge == sorted(rouge, reverse=True)
+    labels = [r.scores["label_accuracy"] for r in in_order]
+    assert [r.scores["label_accuracy"] for r in worst_first] == sorted(labels)
+    best_first = _results(stack, tuned.name, "exact_match desc")
+    best = [r.scores["exact_match"] for r in best_first]
+    assert best == sorted(best, reverse=True)
     assert {r.index for r in worst_first} == set(range(20))
 
     comparison = stack.evaluations.CompareEvaluations(
         epb.CompareEvaluationsRequest(evaluation=base.name, other=tuned.name)
     )
-    assert comparison.score == "exact_match"
+    assert comparison.score == "label_accuracy"
     assert comparison.better_count > comparison.worse_count
     assert comparison.better_count + comparison.worse_count + comparison.unchanged_count == 20
     assert len(comparison.changes) == comparison.better_count + comparison.worse_count

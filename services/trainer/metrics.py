@@ -48,6 +48,8 @@ PRIMARY = {
     PERPLEXITY: PERPLEXITY,
 }
 OTHER_LABEL = "(other)"
+# With label accuracy: the share of the most common expected label (a majority-class baseline).
+MAJORITY_LABEL_RATE = "majority_label_rate"
 # Completions count as labels when each is this short and there are few distinct ones.
 MAX_LABEL_WORDS = 4
 MAX_LABELS = 50
@@ -95,10 +97,12 @@ def are_labels(references: Sequence[str]) -> bool:
 
 
 def default_metrics(references: Sequence[str]) -> list[str]:
-    metrics = [EXACT_MATCH, ROUGE, BLEU]
+    """Label accuracy first for a classifier's labels (n-gram overlap says nothing of a
+    one-word label: ROUGE's stemmer matches `negative` to `neg` but not `positive` to
+    `pos`), exact match, ROUGE and BLEU for generated text."""
     if are_labels(references):
-        metrics.insert(1, LABEL_ACCURACY)
-    return metrics
+        return [LABEL_ACCURACY, EXACT_MATCH]
+    return [EXACT_MATCH, ROUGE, BLEU]
 
 
 # A word of an output is read as a one-word label it abbreviates or spells out (`neg` for
@@ -209,6 +213,13 @@ class Scorer:
         if count == 0:
             return {}
         means = {name: total / count for name, total in self.sums.items()}
+        if LABEL_ACCURACY in self.metrics and self.confusion:
+            # What always answering the most common label would score: the bar a
+            # classifier's label accuracy has to clear.
+            expected = Counter[str]()
+            for (label, _), n in self.confusion.items():
+                expected[label] += n
+            means[MAJORITY_LABEL_RATE] = max(expected.values()) / sum(expected.values())
         if BLEU in self.metrics:
             means[BLEU] = float(sacrebleu.corpus_bleu(self.outputs, [self.references]).score)
         if PERPLEXITY in self.metrics and self.tokens:
