@@ -642,6 +642,51 @@ def test_the_fine_tuned_version_gives_its_reference_completions_a_lower_perplexi
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "prompt_like" in fields
 
 
+def test_label_likelihood_scores_the_label_the_model_finds_likeliest_as_counted_by_hand(
+    stack: Stack,
+) -> None:
+    from loraforge.services.trainer import templates as tpl
+    from loraforge.services.trainer.perplexity import reference_nll
+
+    done = _finished(
+        stack.evaluations,
+        stack.evaluations.CreateEvaluation(
+            epb.CreateEvaluationRequest(
+                parent=MODEL,
+                prompt_like=stack.version,
+                dataset_version=HELD_OUT,
+                metrics=["label_likelihood", "label_accuracy"],
+                params=PARAMS,
+            )
+        ).evaluation.name,
+    )
+    assert done.state == epb.EVALUATION_STATE_SUCCEEDED, done.failure_reason
+    assert done.primary_score == "label_likelihood"
+    # By hand: the base model's log-likelihood of each label after each prompt, rendered as
+    # the version the evaluation is prompted like was trained.
+    version = stack.evaluations.GetModelVersion(
+        tpb.GetModelVersionRequest(name=stack.version)
+    ).model_version
+    params = tpl.stored_params(version.template, json_format.MessageToDict(version.params))
+    labels = [" negative", " positive"]
+    results = _results(stack, done.name)
+    right = 0
+    for result in results:
+        found = reference_nll(params, None, [(result.prompt, label) for label in labels])
+        likeliest = min((m[0], label) for m, label in zip(found, labels, strict=True) if m)[1]
+        assert result.scores["label_likelihood"] == float(likeliest == result.reference)
+        right += likeliest == result.reference
+    assert done.scores["label_likelihood"] == pytest.approx(right / len(results))
+    code, _, fields = _refused(
+        lambda: stack.evaluations.CreateEvaluation(
+            epb.CreateEvaluationRequest(
+                parent=MODEL, dataset_version=HELD_OUT, metrics=["label_likelihood"]
+            )
+        )
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "prompt_like" in fields
+
+
 def test_a_checkpoint_is_evaluated_by_its_name_like_a_version(stack: Stack) -> None:
     kept = stack.evaluations.ListCheckpoints(tpb.ListCheckpointsRequest(parent=stack.version))
     halfway = next(c for c in kept.checkpoints if c.step == 40)

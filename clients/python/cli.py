@@ -1003,6 +1003,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
                 raise UsageError("with --base, name the model (APP/MODEL), not a version")
             if not args.prompt_like:  # compare like with like: the prompts training used
                 prompt_like = client.model(target).pb.latest_trained_version
+                if not prompt_like:
+                    console.print(
+                        f"{escape(target)} has no trained version to prompt the base model "
+                        "like: its prompts go to it as they are, with no chat template or "
+                        "system prompt (name a version with --prompt-like to choose)",
+                        highlight=False,
+                    )
+            if prompt_like:
+                console.print(
+                    f"the base model is prompted like {escape(prompt_like)}: its prompt "
+                    "format and system prompt",
+                    highlight=False,
+                )
         else:
             target = full_version_name(args.target)
         evaluation = client.create_evaluation(
@@ -1433,7 +1446,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--metric",
         action="append",
         default=[],
-        help="exact_match, label_accuracy, rouge or bleu; repeat for more (default: all that fit)",
+        help="exact_match, label_accuracy, label_likelihood, rouge, bleu or perplexity; repeat "
+        "for more (default: label_accuracy and exact_match for labels, else exact_match, "
+        "rouge and bleu)",
     )
     e.add_argument("--max-tokens", type=int, default=None, help="most tokens per answer")
     e.add_argument(

@@ -27,6 +27,7 @@ CANCELLED = "CANCELLED"
 SCORE_COLUMNS = {
     "exact_match": EvaluationResultRow.exact_match,
     "label_accuracy": EvaluationResultRow.label_accuracy,
+    "label_likelihood": EvaluationResultRow.label_likelihood,
     "rouge1": EvaluationResultRow.rouge1,
     "rouge2": EvaluationResultRow.rouge2,
     "rougeL": EvaluationResultRow.rouge_l,

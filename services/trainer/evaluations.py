@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,7 +217,7 @@ class Evaluations:
         if not params.HasField("temperature"):
             params.temperature = 0.0  # greedy, whatever the model's defaults say
         warnings: list[str] = []
-        if metrics.PERPLEXITY in chosen:
+        if metrics.NEEDS_MODEL.intersection(chosen):
             self._check_perplexity(of_version, new.prompt_like)
         asked = await self.datasets.get_ready_version(new.dataset_version, "dataset_version")
         if of_version:
@@ -290,14 +291,14 @@ class Evaluations:
         if self.objects is None:
             raise FailedPrecondition(
                 "this trainer has no object store to read adapters from, so it cannot measure "
-                "perplexity; choose other metrics",
+                "perplexity or label likelihood; choose other metrics",
                 reason="PERPLEXITY_UNAVAILABLE",
             )
         if not of_version and not prompt_like:
             raise invalid_field(
                 "prompt_like",
-                "is required for the base model's perplexity: the version whose prompt format "
-                "and tokenization the reference completions are measured with",
+                "is required for the base model's perplexity and label likelihood: the version "
+                "whose prompt format and tokenization the completions are measured with",
             )
 
     async def _version_of(self, new: NewEvaluation) -> Any:
@@ -575,22 +576,32 @@ class Evaluations:
             return  # deleted or failed meanwhile
         scorer = metrics.Scorer(chosen, labels=labels)
         likelihoods: list[tuple[float, int] | None] = [None] * len(examples)
+        prompts = [inp.example.prompt for _, inp in examples]
         if metrics.PERPLEXITY in chosen:
-            likelihoods = await self._likelihoods(row, examples)
+            likelihoods = await self._likelihoods(row, list(zip(prompts, references, strict=True)))
             too_long = likelihoods.count(None)
             if too_long:
                 warnings.append(
                     f"perplexity: {too_long} example(s) are longer than the version's "
                     "model_max_length and have none"
                 )
+        likeliest: list[str | None] = [None] * len(examples)
+        if metrics.LABEL_LIKELIHOOD in chosen:
+            if not metrics.are_labels(references):
+                warnings.append(
+                    f"label_likelihood: the completions are not short labels ({len(labels)} "
+                    "distinct); each was scored as a choice among all of them"
+                )
+            likeliest = await self._likeliest(row, prompts, references)
         params = json_format.ParseDict(row.params, ppb.InferenceParams())
         for start in range(0, len(examples), self.batch_size):
             batch = examples[start : start + self.batch_size]
             outputs = await self.predictor.predict(
                 row.model_version, [inp.example.prompt for _, inp in batch], params
             )
+            end = start + self.batch_size
             results = await asyncio.to_thread(
-                _score, scorer, batch, outputs, likelihoods[start : start + self.batch_size]
+                _score, scorer, batch, outputs, likelihoods[start:end], likeliest[start:end]
             )
             stored = await asyncio.to_thread(
                 self.store.add_results, name, results, self.clock() + self.lease_seconds
@@ -611,11 +622,36 @@ class Evaluations:
         )
         log.info("evaluation %s succeeded: %s", name, aggregates)
 
+    async def _likeliest(
+        self, row: EvaluationRow, prompts: Sequence[str], references: Sequence[str]
+    ) -> list[str | None]:
+        """For each prompt, the candidate label whose tokens the evaluated model finds
+        likeliest after it (the highest summed log-likelihood, as lm-evaluation-harness
+        scores multiple choice), among the references' labels, each in the spelling the
+        references use most; None where no candidate could be measured."""
+        spellings: dict[str, Counter[str]] = {}
+        for reference in references:
+            spellings.setdefault(metrics.normalize(reference), Counter())[reference] += 1
+        candidates = [forms.most_common(1)[0][0] for _, forms in sorted(spellings.items())]
+        pairs = [(prompt, candidate) for prompt in prompts for candidate in candidates]
+        found = await self._likelihoods(row, pairs)
+        likeliest: list[str | None] = []
+        for i in range(len(prompts)):
+            measured = [
+                (nll[0], candidate)
+                for candidate, nll in zip(
+                    candidates, found[i * len(candidates) : (i + 1) * len(candidates)], strict=True
+                )
+                if nll is not None
+            ]
+            likeliest.append(min(measured)[1] if measured else None)
+        return likeliest
+
     async def _likelihoods(
-        self, row: EvaluationRow, examples: Sequence[tuple[int, dpb.Input]]
+        self, row: EvaluationRow, pairs: Sequence[tuple[str, str]]
     ) -> list[tuple[float, int] | None]:
-        """The reference completions' (nll, tokens) under the evaluated model, by teacher
-        forcing in a process of its own; None for an example too long to measure."""
+        """The completions' (nll, tokens) after their prompts under the evaluated model, by
+        teacher forcing in a process of its own; None for a pair too long to measure."""
         checkpoint = await self._checkpoint(row.model_version) if row.model_version else None
         version = await asyncio.to_thread(
             self.trainer_store.get_version,
@@ -623,7 +659,7 @@ class Evaluations:
         )
         with tempfile.TemporaryDirectory(prefix="loraforge-perplexity-") as scratch:
             folder = Path(scratch)
-            await asyncio.to_thread(_write_inputs, folder, version, examples)
+            await asyncio.to_thread(_write_inputs, folder, version, pairs)
             args = [
                 *("--params", str(folder / "params.json")),
                 *("--examples", str(folder / "examples.jsonl")),
@@ -657,14 +693,11 @@ class Evaluations:
         return [None if f is None else (float(f["nll"]), int(f["tokens"])) for f in found]
 
 
-def _write_inputs(
-    folder: Path, version: VersionRow, examples: Sequence[tuple[int, dpb.Input]]
-) -> None:
+def _write_inputs(folder: Path, version: VersionRow, pairs: Sequence[tuple[str, str]]) -> None:
     (folder / "params.json").write_text(json.dumps(version.params))
     with open(folder / "examples.jsonl", "w") as out:
-        for _, inp in examples:
-            row = {"prompt": inp.example.prompt, "completion": inp.example.completion}
-            out.write(json.dumps(row) + "\n")
+        for prompt, completion in pairs:
+            out.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
 
 
 def _content_key(inp: dpb.Input) -> bytes:
@@ -688,10 +721,13 @@ def _score(
     batch: list[tuple[int, dpb.Input]],
     outputs: list[ppb.PredictOutput],
     likelihoods: list[tuple[float, int] | None],
+    likeliest: list[str | None],
 ) -> list[Result]:
     results = []
-    for (index, inp), out, likelihood in zip(batch, outputs, likelihoods, strict=True):
-        scored = scorer.score(out.text, inp.example.completion, likelihood)
+    for (index, inp), out, likelihood, choice in zip(
+        batch, outputs, likelihoods, likeliest, strict=True
+    ):
+        scored = scorer.score(out.text, inp.example.completion, likelihood, choice)
         results.append(
             Result(
                 index=index,

@@ -6,7 +6,9 @@ are the ones those libraries give anyone. Exact match normalizes as SQuAD's offi
 script does (lowercase, no punctuation, no articles, single spaces). Label accuracy reads
 an output as one of the references' labels (its first label-like words: the label, a
 declared alias, or an abbreviation such as `neg` for `negative`) and keeps a confusion
-matrix.
+matrix. Label likelihood reads no output: it takes the label whose tokens the model finds
+likeliest after the prompt (lm-evaluation-harness's multiple choice), so a model that knows
+the answer but not the format gets its real score.
 """
 
 from __future__ import annotations
@@ -25,10 +27,14 @@ from loraforge.services.common.errors import FieldViolation, InvalidArgument
 
 EXACT_MATCH = "exact_match"
 LABEL_ACCURACY = "label_accuracy"
+# Label accuracy by likelihood: the label the model finds likeliest after the prompt.
+LABEL_LIKELIHOOD = "label_likelihood"
 ROUGE = "rouge"
 BLEU = "bleu"
 PERPLEXITY = "perplexity"
-METRICS = (EXACT_MATCH, LABEL_ACCURACY, ROUGE, BLEU, PERPLEXITY)
+METRICS = (EXACT_MATCH, LABEL_ACCURACY, LABEL_LIKELIHOOD, ROUGE, BLEU, PERPLEXITY)
+# Metrics that need the model's own forward pass (a process that loads it), not generations.
+NEEDS_MODEL = frozenset({PERPLEXITY, LABEL_LIKELIHOOD})
 # Scores where lower is better; for the others higher is.
 LOWER_IS_BETTER = frozenset({PERPLEXITY})
 ROUGE_SCORES = ("rouge1", "rouge2", "rougeL")
@@ -36,6 +42,7 @@ ROUGE_SCORES = ("rouge1", "rouge2", "rougeL")
 SCORES = {
     EXACT_MATCH: (EXACT_MATCH,),
     LABEL_ACCURACY: (LABEL_ACCURACY,),
+    LABEL_LIKELIHOOD: (LABEL_LIKELIHOOD,),
     ROUGE: ROUGE_SCORES,
     BLEU: (BLEU,),
     PERPLEXITY: (PERPLEXITY,),
@@ -43,6 +50,7 @@ SCORES = {
 PRIMARY = {
     EXACT_MATCH: EXACT_MATCH,
     LABEL_ACCURACY: LABEL_ACCURACY,
+    LABEL_LIKELIHOOD: LABEL_LIKELIHOOD,
     ROUGE: "rougeL",
     BLEU: BLEU,
     PERPLEXITY: PERPLEXITY,
@@ -181,11 +189,19 @@ class Scorer:
         return PRIMARY[self.metrics[0]]
 
     def score(
-        self, output: str, reference: str, likelihood: tuple[float, int] | None = None
+        self,
+        output: str,
+        reference: str,
+        likelihood: tuple[float, int] | None = None,
+        likeliest: str | None = None,
     ) -> Scored:
-        """Scores one output; `likelihood`: the reference's (nll, tokens), for perplexity."""
+        """Scores one output; `likelihood`: the reference's (nll, tokens), for perplexity;
+        `likeliest`: the label the model finds likeliest after the prompt, for
+        label_likelihood."""
         scores: dict[str, float] = {}
         predicted = ""
+        if LABEL_LIKELIHOOD in self.metrics and likeliest is not None:
+            scores[LABEL_LIKELIHOOD] = float(normalize(likeliest) == normalize(reference))
         if EXACT_MATCH in self.metrics:
             scores[EXACT_MATCH] = float(normalize(output) == normalize(reference))
         if LABEL_ACCURACY in self.metrics:

@@ -234,6 +234,7 @@ class EvaluationResultRow(Base):
     # One column per score (NULL: not computed), so results sort by any of them in SQL.
     exact_match: Mapped[float | None] = mapped_column(Float, nullable=True)
     label_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    label_likelihood: Mapped[float | None] = mapped_column(Float, nullable=True)
     rouge1: Mapped[float | None] = mapped_column(Float, nullable=True)
     rouge2: Mapped[float | None] = mapped_column(Float, nullable=True)
     rouge_l: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -248,8 +248,8 @@ class Evaluation(_message.Message):
     """Output only. The base model that answered."""
     @_builtins.property
     def metrics(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The metrics asked for: `exact_match`, `label_accuracy`, `rouge`, `bleu`,
-        `perplexity`.
+        """The metrics asked for: `exact_match`, `label_accuracy`,
+        `label_likelihood`, `rouge`, `bleu`, `perplexity`.
         """
 
     @_builtins.property
@@ -432,11 +432,16 @@ class CreateEvaluationRequest(_message.Message):
     def metrics(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Metrics to compute: `exact_match` (normalized: case, punctuation,
         articles and spacing ignored), `label_accuracy` (with a confusion
-        matrix; for completions that are short labels), `rouge` (ROUGE-1, 2, L),
-        `bleu`, and `perplexity` (of each reference completion under the model,
-        by teacher forcing with the version's tokenization; a base-model
-        evaluation needs `prompt_like` for it). Empty: `exact_match`, `rouge` and
-        `bleu`, plus `label_accuracy` when every completion is a short label.
+        matrix and the majority-class rate; for completions that are short
+        labels: an output is read as its first label-like words),
+        `label_likelihood` (the label whose tokens the model finds likeliest
+        after the prompt, as lm-evaluation-harness scores multiple choice: fair
+        to a model that knows the answer but not the format), `rouge` (ROUGE-1,
+        2, L), `bleu`, and `perplexity` (of each reference completion under the
+        model, by teacher forcing with the version's tokenization). A base-model
+        evaluation needs `prompt_like` for `label_likelihood` and `perplexity`.
+        Empty: `label_accuracy` and `exact_match` when every completion is a
+        short label, else `exact_match`, `rouge` and `bleu`.
         """
 
     @_builtins.property
