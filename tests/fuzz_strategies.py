@@ -628,7 +628,10 @@ def console_form(fields: Sequence[str]) -> st.SearchStrategy[RawBody]:
     values = st.one_of(
         odd_strings(),
         st.integers(-(2**70), 2**70).map(str),
-        st.sampled_from(["on", "nan", "inf", "-0", "1e999"]),
+        st.sampled_from(
+            # Numbers past int32 and int64; "²" is a digit to str.isdigit but not to int().
+            ["on", "nan", "inf", "-0", "1e999", "2147483648", "35306400862", "9" * 30, "²", "１２"]
+        ),
     )
     pairs = st.lists(
         st.tuples(st.one_of(st.sampled_from(list(fields) or ["x"]), _SAFE_TEXT), values), max_size=8

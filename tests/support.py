@@ -109,6 +109,69 @@ def running_service(module: str, workdir: Path, **kwargs: object) -> Iterator[Se
         svc.stop()
 
 
+@dataclass
+class KeyedServices:
+    """The dataset service, a trainer and a predictor with API keys on, each process with its
+    own service key, and the admin key the dataset service wrote at its first start."""
+
+    dataset: ServiceProcess
+    trainer: ServiceProcess
+    predictor: ServiceProcess
+    admin_key: str
+    service_keys: dict[str, str]
+    auth_env: dict[str, str]  # what every process of the cluster runs with
+
+
+def start_keyed_services(
+    workdir: Path,
+    base: Path,
+    started: list[ServiceProcess],
+    *,
+    predictor_args: Sequence[str] = ("--engine", "transformers", "--dtype", "float32"),
+    trainer_args: Sequence[str] = (),
+    trainer_env: dict[str, str] | None = None,
+    predictor_timeout: float = 300,
+) -> KeyedServices:
+    """Starts the three services on `base` with keys on (the auth cache 0.3 s, so revocations
+    reach them at once), appending each to `started` as it comes up, for the caller to stop."""
+    import secrets
+
+    service_keys = {name: secrets.token_urlsafe(32) for name in ("trainer", "worker", "predictor")}
+    keys_file = workdir / "service-keys"
+    keys_file.write_text("".join(f"{k}={v}\n" for k, v in service_keys.items()))
+    auth = {"LORAFORGE_AUTH": "on", "LORAFORGE_AUTH_CACHE_SECONDS": "0.3"}
+    dataset = start_service(
+        "loraforge.services.dataset",
+        workdir,
+        env={**auth, "LORAFORGE_SERVICE_KEYS_FILE": str(keys_file)},
+    )
+    started.append(dataset)
+    trainer = start_service(
+        "loraforge.services.trainer",
+        workdir,
+        args=["--dataset-address", dataset.address, *trainer_args],
+        env={**auth, "LORAFORGE_SERVICE_KEY": service_keys["trainer"], **(trainer_env or {})},
+    )
+    started.append(trainer)
+    predictor = start_service(
+        "loraforge.services.predictor",
+        workdir,
+        args=[
+            *("--base-model", str(base), "--trainer-address", trainer.address),
+            *predictor_args,
+        ],
+        env={
+            **auth,
+            "LORAFORGE_SERVICE_KEY": service_keys["predictor"],
+            "LORAFORGE_AUTH_ADDRESS": dataset.address,
+        },
+        timeout=predictor_timeout,
+    )
+    started.append(predictor)
+    admin_key = (workdir / "home" / "admin.key").read_text().strip()
+    return KeyedServices(dataset, trainer, predictor, admin_key, service_keys, auth)
+
+
 def channel(address: str) -> grpc.Channel:
     return grpc.insecure_channel(
         address,

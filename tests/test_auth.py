@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import secrets
 import sqlite3
 import subprocess
 import sys
@@ -43,7 +42,15 @@ from loraforge.services.common.auth import (
 from loraforge.services.common.errors import InvalidArgument, Unauthenticated
 from loraforge.services.common.policy import POLICY
 from loraforge.trainer.v1 import trainer_service_pb2 as tpb
-from tests.support import REPO, ServiceProcess, channel, error_details, start_service, wait_until
+from tests.support import (
+    REPO,
+    ServiceProcess,
+    channel,
+    error_details,
+    start_keyed_services,
+    start_service,
+    wait_until,
+)
 from tests.test_predictor_helpers import tiny_base
 
 # Where each service is hosted (the dataset process hosts AuthService), by its label.
@@ -172,42 +179,12 @@ def bearer(key: str) -> list[tuple[str, str]]:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     workdir = tmp_path_factory.mktemp("auth")
     base = tiny_base(workdir)
-    service_keys = {name: secrets.token_urlsafe(32) for name in ("trainer", "worker", "predictor")}
-    keys_file = workdir / "service-keys"
-    keys_file.write_text("".join(f"{k}={v}\n" for k, v in service_keys.items()))
-    auth = {"LORAFORGE_AUTH": "on", "LORAFORGE_AUTH_CACHE_SECONDS": "0.3"}
     started: list[ServiceProcess] = []
     try:
-        dataset = start_service(
-            "loraforge.services.dataset",
-            workdir,
-            env={**auth, "LORAFORGE_SERVICE_KEYS_FILE": str(keys_file)},
-        )
-        started.append(dataset)
-        trainer = start_service(
-            "loraforge.services.trainer",
-            workdir,
-            args=["--dataset-address", dataset.address],
-            env={**auth, "LORAFORGE_SERVICE_KEY": service_keys["trainer"]},
-        )
-        started.append(trainer)
-        predictor = start_service(
-            "loraforge.services.predictor",
-            workdir,
-            args=[
-                *("--base-model", str(base), "--trainer-address", trainer.address),
-                *("--engine", "transformers", "--dtype", "float32"),
-            ],
-            env={
-                **auth,
-                "LORAFORGE_SERVICE_KEY": service_keys["predictor"],
-                "LORAFORGE_AUTH_ADDRESS": dataset.address,
-            },
-            timeout=300,
-        )
-        started.append(predictor)
+        keyed = start_keyed_services(workdir, base, started)
+        dataset, trainer, predictor = keyed.dataset, keyed.trainer, keyed.predictor
+        service_keys, admin_key = keyed.service_keys, keyed.admin_key
         home = workdir / "home"
-        admin_key = (home / "admin.key").read_text().strip()
         channels = {
             "dataset": channel(dataset.address),
             "trainer": channel(trainer.address),

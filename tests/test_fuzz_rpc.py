@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format, struct_pb2, text_format
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
@@ -510,6 +510,21 @@ def requests_strategy(
     return fuzz_strategies.message(method.input_type, names, parsed).map(lambda m: [m])
 
 
+# Requests that once got INTERNAL, in protobuf text (it holds values JSON cannot), sent
+# before the drawn ones on every run.
+PINNED: dict[str, list[str]] = {
+    "CreateApiKey": [
+        f'app: "{APP}" scopes: "read" ttl {{ seconds: -9223372036854775808 }}',
+        f'app: "{APP}" scopes: "read" ttl {{ seconds: 9223372036854775807 nanos: 2147483647 }}',
+    ],
+}
+
+
+def pinned(method: MethodDescriptor) -> list[list[Message]]:
+    cls = GetMessageClass(method.input_type)
+    return [[text_format.Parse(text, cls())] for text in PINNED.get(method.name, [])]
+
+
 def _examples(method: MethodDescriptor) -> int:
     return PREDICTOR_EXAMPLES if method.containing_service.name == "PredictorService" else EXAMPLES
 
@@ -538,6 +553,9 @@ def test_no_request_gets_an_internal_error_or_stops_a_service(
             f"{cluster.dataset.log_path.parent}"
         )
 
+    for requests in pinned(method):
+        code = call_once(cluster, method, requests, key)
+        assert code not in NEVER | NEVER_WHILE_UP, f"{path_of(method)}: {code.name} to {requests!r}"
     fuzz()
     print(path_of(method), key_kind, {code.name: n for code, n in sorted(seen.items(), key=str)})
     assert_still_serving(cluster)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import secrets
 import socket
 import statistics
 import threading
@@ -37,7 +36,7 @@ from loraforge.services.common.interceptor import to_rpc_status
 from loraforge.services.openai_api import convert
 from loraforge.trainer.v1 import trainer_service_pb2 as tpb
 from loraforge.trainer.v1 import trainer_service_pb2_grpc as tpb_grpc
-from tests.support import ServiceProcess, channel, start_service
+from tests.support import ServiceProcess, channel, start_keyed_services, start_service
 from tests.test_predictor_helpers import tiny_base
 
 pytestmark = pytest.mark.slow
@@ -78,40 +77,15 @@ class Cluster:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     workdir = tmp_path_factory.mktemp("limits")
     base = tiny_base(workdir)
-    service_keys = {name: secrets.token_urlsafe(32) for name in ("trainer", "worker", "predictor")}
-    keys_file = workdir / "service-keys"
-    keys_file.write_text("".join(f"{k}={v}\n" for k, v in service_keys.items()))
-    auth = {"LORAFORGE_AUTH": "on", "LORAFORGE_AUTH_CACHE_SECONDS": "0.3"}
     started: list[ServiceProcess] = []
     try:
-        dataset = start_service(
-            "loraforge.services.dataset",
-            workdir,
-            env={**auth, "LORAFORGE_SERVICE_KEYS_FILE": str(keys_file)},
+        keyed = start_keyed_services(workdir, base, started)
+        dataset, trainer, predictor, auth = (
+            keyed.dataset,
+            keyed.trainer,
+            keyed.predictor,
+            keyed.auth_env,
         )
-        started.append(dataset)
-        trainer = start_service(
-            "loraforge.services.trainer",
-            workdir,
-            args=["--dataset-address", dataset.address],
-            env={**auth, "LORAFORGE_SERVICE_KEY": service_keys["trainer"]},
-        )
-        started.append(trainer)
-        predictor = start_service(
-            "loraforge.services.predictor",
-            workdir,
-            args=[
-                *("--base-model", str(base), "--trainer-address", trainer.address),
-                *("--engine", "transformers", "--dtype", "float32"),
-            ],
-            env={
-                **auth,
-                "LORAFORGE_SERVICE_KEY": service_keys["predictor"],
-                "LORAFORGE_AUTH_ADDRESS": dataset.address,
-            },
-            timeout=300,
-        )
-        started.append(predictor)
         api = start_service(
             "loraforge.services.openai_api",
             workdir,
@@ -133,8 +107,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             env=auth,
         )
         started.append(console)
-        admin_key = (workdir / "home" / "admin.key").read_text().strip()
-        result = Cluster(dataset, trainer, predictor, api, console, admin_key)
+        result = Cluster(dataset, trainer, predictor, api, console, keyed.admin_key)
         stub = dpb_grpc.DatasetServiceStub(channel(dataset.address))
         for app in ("a", "b"):
             stub.CreateApp(dpb.CreateAppRequest(app_id=app), metadata=result.metadata())

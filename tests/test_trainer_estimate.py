@@ -154,6 +154,17 @@ def test_a_run_over_the_invalid_data_tolerance_is_refused_before_queueing(stack:
     assert status is not None and b"21119" in b"".join(d.value for d in status.details)
 
 
+def test_a_chat_prompt_format_for_a_model_without_a_chat_template_is_refused_not_internal(
+    stack: Stack,
+) -> None:
+    overrides = _overrides(stack)
+    overrides["tokenizer_config"] = {**overrides["tokenizer_config"], "prompt_format": "chat"}
+    with pytest.raises(grpc.RpcError) as caught:
+        _estimate(stack, overrides)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "has no chat template" in (caught.value.details() or "")
+
+
 def test_a_trained_run_calibrates_the_time_and_trains_the_tokens_and_steps_estimated(
     stack: Stack,
 ) -> None:

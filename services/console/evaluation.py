@@ -55,9 +55,14 @@ class EvaluationPages(Web):
         form = await request.form()
         dataset_version = str(form.get("dataset_version", ""))
         raw = str(form.get("max_examples", "")).strip() or "0"
-        if not raw.isdigit():
+        # ASCII digits only ("²".isdigit() is true), and no more than the field holds: the
+        # trainer then says what the limit is.
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
             return await self.evaluations_page(
-                request, ctx, {"max_examples": f"{raw!r} is not a whole number"}, 400
+                request,
+                ctx,
+                {"max_examples": f"{raw[:40]!r} is not a whole number from 0 to 999,999,999"},
+                400,
             )
         limit = int(raw)
         try:

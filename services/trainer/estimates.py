@@ -131,7 +131,10 @@ class Estimates:
 def _tokenize(params: TrainingParams, loadable: str, examples: list[Any], cuda: bool) -> Estimate:
     result = Estimate(examples_total=len(examples))
     tokenizer = training.load_tokenizer(params, model_path=loadable)
-    features, invalid = training.tokenize_examples(tokenizer, examples, params)
+    try:
+        features, invalid = training.tokenize_examples(tokenizer, examples, params)
+    except training.TrainingError as exc:  # the parameters cannot train this base model
+        raise FailedPrecondition(str(exc), reason="PARAMETERS_DO_NOT_FIT_MODEL") from None
     for row in invalid:
         code = "TOO_LONG" if "longer than model_max_length" in row.reason else "NO_TOKENS"
         result.dropped_by_code[code] = result.dropped_by_code.get(code, 0) + 1
