@@ -91,7 +91,7 @@ def test_an_unknown_metric_is_refused_naming_its_place_in_the_list() -> None:
         metrics.check_metrics(["rouge", "accuracy"])
     assert info.value.reason == "UNKNOWN_METRIC"
     assert [v.field for v in info.value.field_violations] == ["metrics[1]"]
-    assert "exact_match, label_accuracy, rouge, bleu" in info.value.message
+    assert "exact_match, label_accuracy, label_likelihood, rouge, bleu" in info.value.message
 
 
 def test_the_trainer_may_read_dataset_versions_and_predict_with_its_own_identity() -> None:
