@@ -17,7 +17,6 @@ strategies name.
 from __future__ import annotations
 
 import contextlib
-import secrets
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ from loraforge.predictor.v1 import predictor_service_pb2_grpc as ppb_grpc
 from loraforge.trainer.v1 import trainer_service_pb2 as tpb
 from loraforge.trainer.v1 import trainer_service_pb2_grpc as tpb_grpc
 from tests import fuzz_strategies
-from tests.support import ServiceProcess, channel, free_port, start_service
+from tests.support import ServiceProcess, channel, free_port, start_keyed_services, start_service
 from tests.test_auth import HOST, SERVICES, every_method, path_of
 from tests.test_predictor_helpers import tiny_base
 
@@ -200,48 +199,26 @@ def fuzz_cluster(workdir: Path, http: bool = False) -> Iterator[FuzzCluster]:
     from tests.test_openai_api import _chat_base
 
     base = _chat_base(workdir) if http else tiny_base(workdir)
-    service_keys = {name: secrets.token_urlsafe(32) for name in ("trainer", "worker", "predictor")}
-    keys_file = workdir / "service-keys"
-    keys_file.write_text("".join(f"{k}={v}\n" for k, v in service_keys.items()))
-    auth = {"LORAFORGE_AUTH": "on", "LORAFORGE_AUTH_CACHE_SECONDS": "0.3"}
     started: list[ServiceProcess] = []
     try:
-        dataset = start_service(
-            "loraforge.services.dataset",
-            workdir,
-            env={**auth, "LORAFORGE_SERVICE_KEYS_FILE": str(keys_file)},
-        )
-        started.append(dataset)
         predictor_port = free_port()
-        trainer = start_service(
-            "loraforge.services.trainer",
+        keyed = start_keyed_services(
             workdir,
-            args=[
-                *("--dataset-address", dataset.address),
-                *("--predictor-address", f"127.0.0.1:{predictor_port}"),
-            ],
-            env={
-                **auth,
-                "LORAFORGE_SERVICE_KEY": service_keys["trainer"],
-                "LORAFORGE_MODEL_ROOTS": f"tests={workdir}",
-            },
-        )
-        started.append(trainer)
-        predictor = start_service(
-            "loraforge.services.predictor",
-            workdir,
-            args=[
-                *("--base-model", str(base), "--trainer-address", trainer.address),
+            base,
+            started,
+            trainer_args=["--predictor-address", f"127.0.0.1:{predictor_port}"],
+            trainer_env={"LORAFORGE_MODEL_ROOTS": f"tests={workdir}"},
+            predictor_args=[
                 *("--engine", "vllm", "--dtype", "float32", "--port", str(predictor_port)),
             ],
-            env={
-                **auth,
-                "LORAFORGE_SERVICE_KEY": service_keys["predictor"],
-                "LORAFORGE_AUTH_ADDRESS": dataset.address,
-            },
-            timeout=600,
+            predictor_timeout=600,
         )
-        started.append(predictor)
+        dataset, trainer, predictor, auth = (
+            keyed.dataset,
+            keyed.trainer,
+            keyed.predictor,
+            keyed.auth_env,
+        )
         addresses = [
             *("--dataset-address", dataset.address, "--trainer-address", trainer.address),
             *("--predictor-address", predictor.address),
@@ -257,7 +234,7 @@ def fuzz_cluster(workdir: Path, http: bool = False) -> Iterator[FuzzCluster]:
             started.append(api)
             console = start_service("loraforge.services.console", workdir, args=addresses, env=auth)
             started.append(console)
-        admin_key = (workdir / "home" / "admin.key").read_text().strip()
+        admin_key = keyed.admin_key
         channels = {
             name: channel(svc.address)
             for name, svc in (("dataset", dataset), ("trainer", trainer), ("predictor", predictor))
