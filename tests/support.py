@@ -16,6 +16,9 @@ from pathlib import Path
 import grpc
 
 REPO = Path(__file__).resolve().parent.parent
+# Workers the tests start do not spend this (busy) machine's CPU measuring their training
+# throughput at start; tests/test_training_calibration.py turns it on where it tests it.
+os.environ.setdefault("LORAFORGE_CALIBRATE_TRAINING", "false")
 
 
 def free_port() -> int:

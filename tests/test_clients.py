@@ -35,6 +35,7 @@ from tests.tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.slow
 
+SENTIMENTS = ("positive", "negative", "neutral")
 FAST_TRAINING = {
     "model_config": {"torch_dtype": "float32"},
     "peft_config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
@@ -168,10 +169,12 @@ def test_python_client_runs_the_seed_workflow_and_the_fine_tuned_model_beats_the
         [p for p, _ in held], base_model=True, inference_params={"maxTokens": 4}
     ).outputs
     tuned_acc = sum(
-        answer_label(o.data.text.raw) == label for o, (_, label) in zip(tuned, held, strict=True)
+        answer_label(o.data.text.raw, SENTIMENTS) == label
+        for o, (_, label) in zip(tuned, held, strict=True)
     ) / len(held)
     base_acc = sum(
-        answer_label(o.data.text.raw) == label for o, (_, label) in zip(base, held, strict=True)
+        answer_label(o.data.text.raw, SENTIMENTS) == label
+        for o, (_, label) in zip(base, held, strict=True)
     ) / len(held)
     assert tuned_acc >= 0.6 and base_acc <= 0.2, (tuned_acc, base_acc)
 

@@ -128,10 +128,15 @@ def _create_all_before_migrations(engine: sa.Engine, metadata: sa.MetaData) -> N
             conn.execute(sa.text("DROP TABLE workers"))
             for table in ("evaluation_results", "evaluations"):  # added by 0003_evaluations
                 conn.execute(sa.text(f"DROP TABLE {table}"))
+            conn.execute(sa.text("DROP TABLE train_calibrations"))  # added by 0007
             for column in TRAINER_ADDITIONS:
                 conn.execute(sa.text(f"ALTER TABLE model_versions DROP COLUMN {column}"))
             # added by 0002_continue_from_version
             conn.execute(sa.text("ALTER TABLE model_versions DROP COLUMN from_model_version"))
+            # added by 0006_run_memory_retry
+            conn.execute(sa.text("ALTER TABLE model_versions DROP COLUMN memory_retries"))
+            # added by 0008_model_best_version
+            conn.execute(sa.text("ALTER TABLE models DROP COLUMN best_version"))
 
 
 def test_databases_made_before_migrations_keep_their_rows_and_are_at_head_once_served(

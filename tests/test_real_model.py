@@ -23,7 +23,7 @@ import grpc
 import pytest
 from google.protobuf import json_format, struct_pb2
 
-from loraforge.client.demo import SYSTEM_PROMPT, demo_file, load_pairs
+from loraforge.client.demo import demo_file, load_pairs
 from loraforge.dataset.v1 import dataset_service_pb2 as dpb
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as dpb_grpc
 from loraforge.predictor.v1 import predictor_service_pb2 as pb
@@ -49,6 +49,12 @@ from loraforge.trainer.v1 import trainer_service_pb2 as tpb
 from loraforge.trainer.v1 import trainer_service_pb2_grpc as tpb_grpc
 from tests.support import REPO, ServiceProcess, channel, free_port, start_service
 from tests.test_predictor_helpers import peft_greedy
+
+# The bundled financial-news sentiment rows are asked about with this system prompt.
+SYSTEM_PROMPT = (
+    "Classify the sentiment of the financial news the user sends as positive, negative or "
+    "neutral. Answer with one word."
+)
 
 pytestmark = pytest.mark.slow
 

@@ -38,6 +38,8 @@ from loraforge.client.client import (
     DEFAULT_ADDRESSES,
     Client,
     ClientError,
+    Model,
+    SweepCandidate,
     client_security,
     model_name,
     resource_name,
@@ -650,6 +652,83 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _parse_sweep(items: Sequence[str]) -> dict[str, list[Any]]:
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip() or not raw.strip():
+            raise UsageError(
+                f"--sweep {item!r}: expected KEY=VALUE1,VALUE2, e.g. learning_rate=1e-4,3e-4"
+            )
+        values: list[Any] = []
+        for text in raw.split(","):
+            try:
+                values.append(load_yaml(text.strip()) if text.strip() else None)
+            except yaml.YAMLError:
+                values.append(text.strip())
+        if key.strip() in grid:
+            raise UsageError(f"--sweep {key.strip()}: given twice; list its values once")
+        grid[key.strip()] = values
+    return grid
+
+
+def _sweep(model: Model, args: argparse.Namespace) -> None:
+    """Trains one version per combination, scores each on the held-out dataset version,
+    prints the table and marks the best as the model's best version."""
+    if not args.eval_dataset_version:
+        raise UsageError("--sweep needs --eval-dataset-version: the held-out data it scores on")
+    for flag, value in (("--id", args.id), ("--from-version", args.from_version)):
+        if value:
+            raise UsageError(f"{flag} does not go with --sweep: each candidate is a new run")
+    if args.estimate or args.request_id:
+        raise UsageError("--estimate and --request-id do not go with --sweep")
+    grid = _parse_sweep(args.sweep)
+    seen: dict[int, tuple[str, float | None]] = {}
+
+    def show(candidates: list[SweepCandidate]) -> None:
+        done = sum(c.state in ("TRAINED", "FAILED", "CANCELLED") for c in candidates)
+        for i, c in enumerate(candidates):
+            now = (c.state, c.score)
+            if seen.get(i) == now:
+                continue
+            seen[i] = now
+            what = " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in c.params.items())
+            said = f"score {c.score:.4g}" if c.score is not None else c.state
+            if c.failure_reason and c.score is None:
+                said += f": {_one_line(c.failure_reason)}"
+            where = "scored" if c.score is not None else f"{done}/{len(candidates)} ended"
+            console.print(f"[{where}] {escape(what)}: {escape(said)}", highlight=False)
+
+    result = model.sweep(
+        grid,
+        args.eval_dataset_version,
+        metrics=args.metric,
+        inference_params={"max_tokens": args.eval_max_tokens} if args.eval_max_tokens else None,
+        progress=show,
+    )
+    paths = list(result.candidates[0].params) if result.candidates else []
+    table = Table(
+        "version",
+        *(escape(p.rsplit(".", 1)[-1]) for p in paths),
+        "state",
+        escape(result.primary_score or "score"),
+        "best",
+        title=f"sweep of {escape(model.name)}",
+    )
+    for c in result.candidates:
+        table.add_row(
+            escape(c.version.rsplit("/", 1)[-1]),
+            *(escape(str(c.params[p])) for p in paths),
+            c.state,
+            f"{c.score:.4g}" if c.score is not None else "-",
+            "*" if c is result.best else "",
+        )
+    console.print(table)
+    if result.best is None:
+        raise RunEnded("no candidate was trained and scored; the table says how each ended")
+    console.print(f"best version of {escape(model.name)}: {escape(result.best.version)}")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     client = _client(args)
     name = _name(args.model, "app", "model")
@@ -684,6 +763,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     params["dataset_version"] = dataset_version
     merge(params, _parse_set(args.set))
     model.update_params(**params)
+    if args.sweep:
+        _sweep(model, args)
+        return
+    if args.eval_dataset_version or args.metric or args.eval_max_tokens:
+        raise UsageError("--eval-dataset-version, --metric and --eval-max-tokens are for --sweep")
     if args.estimate:
         _print_estimate(model.estimate(from_model_version=args.from_version))
         return
@@ -708,7 +792,11 @@ def _print_estimate(e: tpb.EstimateModelVersionResponse) -> None:
     table.add_row("steps", f"{e.steps:,} ({e.epochs:.2f} epochs)")
     table.add_row("tokens", f"{e.total_tokens:,} ({e.tokens_per_epoch:,} per epoch)")
     if e.HasField("estimated_time"):
-        table.add_row("time", _duration(e.estimated_time.ToTimedelta().total_seconds()))
+        table.add_row(
+            "time",
+            f"{_duration(e.estimated_time.ToTimedelta().total_seconds())} "
+            f"(at {e.tokens_per_second:,.0f} tokens/s)",
+        )
     table.add_row("calibration", escape(e.calibration))
     table.add_row(
         "peak memory",
@@ -965,6 +1053,9 @@ def _print_evaluation(evaluation: epb.Evaluation) -> None:
         table.add_row("prompted like", escape(evaluation.prompt_like))
     table.add_row("dataset version", escape(evaluation.dataset_version))
     table.add_row("metrics", ", ".join(evaluation.metrics) or "(defaults)")
+    if evaluation.label_aliases:
+        aliases = ", ".join(f"{a}={b}" for a, b in sorted(evaluation.label_aliases.items()))
+        table.add_row("label aliases", escape(aliases))
     p = evaluation.progress
     table.add_row("progress", f"{p.completed_examples}/{p.total_examples or '?'} examples")
     for name, value in sorted(evaluation.scores.items()):
@@ -988,6 +1079,16 @@ def _print_evaluation(evaluation: epb.Evaluation) -> None:
 def _clip(text: str, width: int) -> str:
     flat = " ".join(text.split())
     return escape(flat if len(flat) <= width else flat[: width - 1] + "…")
+
+
+def _parse_label_aliases(pairs: list[str]) -> dict[str, str]:
+    aliases: dict[str, str] = {}
+    for pair in pairs:
+        alias, sep, label = pair.partition("=")
+        if not sep or not alias.strip() or not label.strip():
+            raise UsageError(f"--label-alias {pair!r}: write ALIAS=LABEL, e.g. neg=negative")
+        aliases[alias.strip()] = label.strip()
+    return aliases
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -1026,6 +1127,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             max_examples=args.max_examples,
             prompt_like=prompt_like,
             evaluation_id=args.id,
+            label_aliases=_parse_label_aliases(args.label_alias),
         )
         console.print(f"evaluating: {escape(evaluation.name)}")
         if args.no_wait:
@@ -1397,6 +1499,34 @@ def build_parser() -> argparse.ArgumentParser:
         "(same base model and LoRA shape), with its parameters changed by --set and --params",
     )
     p.add_argument("--plot", default=None, help="loss curve PNG path (default loss-VERSION.png)")
+    p.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="train one version per combination of the values (repeat for more keys; a key is "
+        "a parameter path, trainer_config.learning_rate, or a name only one parameter has), "
+        "score each on --eval-dataset-version and mark the best as the model's best version",
+    )
+    p.add_argument(
+        "--eval-dataset-version",
+        default=None,
+        metavar="APP/DATASET/VERSION",
+        help="with --sweep: the held-out dataset version the candidates are scored on",
+    )
+    p.add_argument(
+        "--metric",
+        action="append",
+        default=[],
+        help="with --sweep: a metric to score with, the first one deciding (default: the "
+        "evaluation's defaults)",
+    )
+    p.add_argument(
+        "--eval-max-tokens",
+        type=int,
+        default=None,
+        help="with --sweep: most tokens per answer when scoring (default: the model's)",
+    )
     for name, fn, help in (
         ("status", cmd_status, "show a model version's state, progress and metrics"),
         ("logs", cmd_logs, "print a model version's training log"),
@@ -1455,6 +1585,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--inference-param", action="append", default=[], metavar="KEY=VALUE", help="e.g. top_p=0.9"
     )
     e.add_argument("--max-examples", type=int, default=0, help="score the first N (0: all)")
+    e.add_argument(
+        "--label-alias",
+        action="append",
+        default=[],
+        metavar="ALIAS=LABEL",
+        help="label accuracy reads the word ALIAS in an answer as LABEL (case-insensitive), "
+        "e.g. neg=negative; repeat for more",
+    )
     e.add_argument("--id", default="", help="evaluation id; generated when empty")
     e.add_argument("--no-wait", action="store_true", help="return once started")
     e = evals.add_parser("show", help="an evaluation's state, scores and confusion matrix")

@@ -15,13 +15,15 @@ channels use TLS; `tls_cert_file`/`tls_key_file` (`LORAFORGE_TLS_CLIENT_CERT_FIL
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import hashlib
+import itertools
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -462,15 +464,20 @@ class Client:
         notes: str | None = None,
         default_inference_params: dict[str, Any] | None = None,
         etag: str = "",
+        best_version: str | None = None,
     ) -> Model:
         """Changes the fields given (None leaves a field as it is) of `a/m` or its full name.
 
         `default_inference_params` (e.g. `{"temperature": 0.7, "max_tokens": 64}`) replaces
-        the model's defaults; `{}` removes them. With `etag` (from `Model.pb.etag`),
-        ABORTED if the model changed since it was read.
+        the model's defaults; `{}` removes them. `best_version` (`a/m/v` or a full name; ""
+        clears it) must be a TRAINED version of the model. With `etag` (from
+        `Model.pb.etag`), ABORTED if the model changed since it was read.
         """
         fields, mask = _mask(
-            description=description, notes=notes, default_inference_params=default_inference_params
+            description=description,
+            notes=notes,
+            default_inference_params=default_inference_params,
+            best_version=version_name(best_version) if best_version else best_version,
         )
         if "default_inference_params" in fields:
             fields["default_inference_params"] = _inference_params(
@@ -682,8 +689,13 @@ class Client:
         max_examples: int = 0,
         prompt_like: str = "",
         evaluation_id: str = "",
+        label_aliases: Mapping[str, str] | None = None,
     ) -> epb.Evaluation:
-        """Starts scoring `parent` on `dataset_version`; returns the evaluation, RUNNING."""
+        """Starts scoring `parent` on `dataset_version`; returns the evaluation, RUNNING.
+
+        `label_aliases` (alias to label, case-insensitive): words label accuracy reads as
+        each label, e.g. `{"neg": "negative"}`.
+        """
         request = epb.CreateEvaluationRequest(
             parent=model_name(parent),
             evaluation_id=evaluation_id,
@@ -692,6 +704,7 @@ class Client:
             params=_inference_params(inference_params),
             max_examples=max_examples,
             prompt_like=version_name(prompt_like) if prompt_like else "",
+            label_aliases=dict(label_aliases or {}),
         )
         return _call(self.trainer.CreateEvaluation, request).evaluation
 
@@ -1029,6 +1042,98 @@ class TrainingStatus:
     model_version: tpb.ModelVersion
 
 
+@dataclass
+class SweepCandidate:
+    """One run of a sweep: the swept parameters' values, its version, how it ended and, once
+    TRAINED and evaluated, its evaluation and primary score."""
+
+    params: dict[str, Any]
+    version: str = ""
+    state: str = "QUEUED"
+    failure_reason: str = ""
+    evaluation: epb.Evaluation | None = None
+    score: float | None = None
+
+
+@dataclass
+class SweepResult:
+    """What `Model.sweep` returns: every candidate, in the order queued; the score they were
+    compared by; the best one (None when no candidate was scored)."""
+
+    candidates: list[SweepCandidate]
+    primary_score: str = ""
+    best: SweepCandidate | None = None
+
+
+# Scores where lower is better (the evaluation service's `metrics.LOWER_IS_BETTER`).
+LOWER_IS_BETTER = frozenset({"perplexity"})
+SWEEP_POLL_SECONDS = 1.0
+
+
+def _check_sweep_value(parameter: tpb.Parameter, key: str, value: Any) -> Any:
+    """`value` as the template types `parameter`, or INVALID_ARGUMENT naming the key and value."""
+    kind = parameter.type
+
+    def bad(why: str) -> ClientError:
+        return ClientError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"--sweep {key}: {value!r} {why}",
+            "BAD_SWEEP_VALUE",
+            [(f"sweep.{key}", f"{value!r} {why}")],
+        )
+
+    if value is None:
+        if parameter.nullable:
+            return None
+        raise bad(f"is not allowed: {parameter.path} needs a value")
+    if kind == tpb.PARAMETER_TYPE_BOOL:
+        if not isinstance(value, bool):
+            raise bad(f"is not true or false, as {parameter.path} is")
+    elif kind in (tpb.PARAMETER_TYPE_INT, tpb.PARAMETER_TYPE_FLOAT):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or (kind == tpb.PARAMETER_TYPE_INT and float(value) != int(value)):
+            what = "a whole number" if kind == tpb.PARAMETER_TYPE_INT else "a number"
+            raise bad(f"is not {what}, as {parameter.path} is")
+        value = int(value) if kind == tpb.PARAMETER_TYPE_INT else float(value)
+        if parameter.HasField("min") and value < parameter.min:
+            raise bad(f"is below {parameter.path}'s minimum, {parameter.min:g}")
+        if parameter.HasField("max") and value > parameter.max:
+            raise bad(f"is above {parameter.path}'s maximum, {parameter.max:g}")
+    elif kind in (tpb.PARAMETER_TYPE_STRING, tpb.PARAMETER_TYPE_CHOICE):
+        if not isinstance(value, str):
+            value = str(value)
+        if kind == tpb.PARAMETER_TYPE_CHOICE and value not in parameter.choices:
+            raise bad(f"is not one of {parameter.path}'s choices: {', '.join(parameter.choices)}")
+    elif kind == tpb.PARAMETER_TYPE_STRING_LIST:
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(item, str) for item in items):
+            raise bad(f"is not a list of strings, as {parameter.path} is")
+        if parameter.choices and any(item not in parameter.choices for item in items):
+            raise bad(f"has items that are not {parameter.path}'s choices")
+        value = items
+    return value
+
+
+def _sweep_path(parameters: Sequence[tpb.Parameter], key: str, template: str) -> tpb.Parameter:
+    """The template parameter `key` names: its path, or a bare name only one parameter has."""
+    by_path = {p.path: p for p in parameters}
+    if key in by_path:
+        return by_path[key]
+    named = [p for p in parameters if p.path.rsplit(".", 1)[-1] == key]
+    if len(named) == 1:
+        return named[0]
+    if named:
+        why = f"names {len(named)} parameters ({', '.join(p.path for p in named)}); give the path"
+    else:
+        why = f"is not a parameter of {template}; see `loraforge templates show`"
+    raise ClientError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"--sweep {key}: {why}",
+        "BAD_SWEEP_KEY",
+        [(f"sweep.{key}", why)],
+    )
+
+
 class Model:
     """A model: choose a template, set parameters, train versions, predict."""
 
@@ -1260,12 +1365,14 @@ class Model:
         max_examples: int = 0,
         wait: bool = True,
         timeout: float = 3600,
+        label_aliases: Mapping[str, str] | None = None,
     ) -> epb.Evaluation:
         """Scores a version (default: the latest trained) on a held-out `dataset_version`.
 
         `base_model=True` scores the base model instead, prompted the way that version was
         trained, so the two evaluations compare (`client.compare_evaluations`). With
         `wait`, returns the evaluation once it has ended; else at once, RUNNING.
+        `label_aliases`: alias to label, for label accuracy (`create_evaluation`).
         """
         name = dataset_version if isinstance(dataset_version, str) else dataset_version.name
         version = self.version_name(version_id) if version_id else self._latest_trained()
@@ -1277,6 +1384,7 @@ class Model:
                 inference_params=inference_params,
                 max_examples=max_examples,
                 prompt_like=version,
+                label_aliases=label_aliases,
             )
         else:
             evaluation = self.client.create_evaluation(
@@ -1285,8 +1393,193 @@ class Model:
                 metrics=metrics,
                 inference_params=inference_params,
                 max_examples=max_examples,
+                label_aliases=label_aliases,
             )
         return self.client.wait_evaluation(evaluation.name, timeout) if wait else evaluation
+
+    def set_best_version(self, version_id: str) -> Model:
+        """Marks one of this model's TRAINED versions (id or full name) as its best; ""
+        clears it. Returns self, refreshed."""
+        updated = self.client.update_model(
+            self.name, best_version=self.version_name(version_id) if version_id else ""
+        )
+        self.pb = updated.pb
+        return self
+
+    def sweep(
+        self,
+        grid: Mapping[str, Sequence[Any]],
+        eval_dataset_version: Any,
+        *,
+        dataset_version: Any = None,
+        metrics: Sequence[str] = (),
+        inference_params: dict[str, Any] | None = None,
+        set_best: bool = True,
+        timeout: float = 24 * 3600,
+        poll_seconds: float = SWEEP_POLL_SECONDS,
+        progress: Callable[[list[SweepCandidate]], None] | None = None,
+    ) -> SweepResult:
+        """Trains one version per combination of `grid`'s values (each key a parameter path,
+        `trainer_config.learning_rate`, or a bare name only one of the template's parameters
+        has, `learning_rate`), on top of the parameters chosen so far; waits for them; scores
+        each TRAINED one on the held-out `eval_dataset_version` (`metrics`, default: the
+        evaluation's own defaults); and, with `set_best`, marks the best by the primary score
+        as the model's `best_version`.
+
+        Every key and value is checked against the template before anything is queued; a bad
+        one is INVALID_ARGUMENT naming it. `progress` is called with the candidates whenever
+        one changes state or is scored.
+        """
+        if self.template is None:
+            raise ClientError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "no template chosen: call get_params(template=...) first",
+            )
+        if dataset_version is not None:
+            self.dataset_version = getattr(dataset_version, "name", dataset_version)
+        held_out = resource_name(
+            getattr(eval_dataset_version, "name", eval_dataset_version),
+            "app",
+            "dataset",
+            "version",
+        )
+        if self.dataset_version:
+            self.dataset_version = resource_name(self.dataset_version, "app", "dataset", "version")
+        if held_out == self.dataset_version:
+            raise ClientError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the evaluation dataset version {held_out} is the one the sweep trains on; "
+                "score the candidates on a held-out dataset version",
+                "DATASET_VERSION_TRAINED_ON",
+            )
+        candidates = [SweepCandidate(params) for params in self._sweep_grid(grid)]
+        # A held-out dataset version that is not there would waste every run: checked first.
+        _call(self.client.datasets.GetDatasetVersion, dpb.GetDatasetVersionRequest(name=held_out))
+        queued = self._queue_sweep(candidates)
+        deadline = time.monotonic() + timeout
+        self._wait_sweep(queued, deadline, poll_seconds, progress)
+        evaluations: list[tuple[SweepCandidate, epb.Evaluation]] = []
+        for candidate in queued:
+            if candidate.state != "TRAINED":
+                continue
+            try:
+                evaluations.append(
+                    (
+                        candidate,
+                        self.client.create_evaluation(
+                            candidate.version,
+                            held_out,
+                            metrics=metrics,
+                            inference_params=inference_params,
+                        ),
+                    )
+                )
+            except ClientError as err:  # e.g. the held-out data holds training rows
+                candidate.failure_reason = f"not evaluated: {err}"
+        result = SweepResult(queued)
+        for candidate, created in evaluations:
+            left = max(deadline - time.monotonic(), 1.0)
+            done = self.client.wait_evaluation(created.name, left)
+            candidate.evaluation = done
+            result.primary_score = result.primary_score or done.primary_score
+            if done.state == epb.EVALUATION_STATE_SUCCEEDED and done.primary_score in done.scores:
+                candidate.score = done.scores[done.primary_score]
+            else:
+                candidate.failure_reason = done.failure_reason or "the evaluation did not succeed"
+            if progress:
+                progress(queued)
+        scored = [c for c in queued if c.score is not None]
+        if scored:
+            sign = 1.0 if result.primary_score in LOWER_IS_BETTER else -1.0
+            # The best score; of equal ones, the candidate queued first.
+            result.best = min(scored, key=lambda c: sign * (c.score or 0.0))
+            if set_best:
+                self.set_best_version(result.best.version)
+        return result
+
+    def _sweep_grid(self, grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+        """Each combination of the grid's values, keyed by parameter path; INVALID_ARGUMENT
+        naming a bad key or value."""
+        assert self.template is not None
+        if not grid:
+            raise ClientError(grpc.StatusCode.INVALID_ARGUMENT, "a sweep needs a parameter")
+        parameters = list(self.client.get_template(self.template).parameters)
+        axes: dict[str, list[Any]] = {}
+        for key, values in grid.items():
+            parameter = _sweep_path(parameters, key, self.template)
+            if parameter.path in axes:
+                raise ClientError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"--sweep {key}: {parameter.path} is swept twice; give its values once",
+                    "BAD_SWEEP_KEY",
+                )
+            checked = [_check_sweep_value(parameter, key, v) for v in values]
+            if not checked:
+                raise ClientError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"--sweep {key}: no values; write {key}=VALUE1,VALUE2",
+                    "BAD_SWEEP_VALUE",
+                )
+            axes[parameter.path] = checked
+        return [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
+
+    def _queue_sweep(self, candidates: list[SweepCandidate]) -> list[SweepCandidate]:
+        """Queues each candidate as a run of this model; if the trainer refuses one, cancels
+        those already queued and raises, naming the candidate."""
+        chosen = copy.deepcopy(self.params)
+        try:
+            for candidate in candidates:
+                self.params = copy.deepcopy(chosen)
+                for path, value in candidate.params.items():
+                    node = self.params
+                    *groups, leaf = path.split(".")
+                    for group in groups:
+                        node = node.setdefault(group, {})
+                    node[leaf] = value
+                what = ", ".join(f"{k}={v}" for k, v in candidate.params.items())
+                try:
+                    version_id = self.train(description=f"sweep: {what}")
+                except ClientError as err:
+                    for queued in candidates:
+                        if queued.version:
+                            with contextlib.suppress(ClientError):
+                                self.client.cancel(queued.version)
+                    raise ClientError(
+                        err.code, f"sweep candidate {what}: {err.message}", err.reason, err.fields
+                    ) from None
+                candidate.version = self.version_name(version_id)
+        finally:
+            self.params = chosen
+        return candidates
+
+    def _wait_sweep(
+        self,
+        candidates: list[SweepCandidate],
+        deadline: float,
+        poll_seconds: float,
+        progress: Callable[[list[SweepCandidate]], None] | None,
+    ) -> None:
+        """Polls the candidates' runs until each has ended (or the deadline passes)."""
+        while True:
+            changed = False
+            for candidate in candidates:
+                if candidate.state in ("TRAINED", "FAILED", "CANCELLED"):
+                    continue
+                mv = self.client.model_version(candidate.version)
+                state = tpb.ModelVersionState.Name(mv.state).removeprefix("MODEL_VERSION_STATE_")
+                changed = changed or state != candidate.state
+                candidate.state, candidate.failure_reason = state, mv.failure_reason
+            if changed and progress:
+                progress(candidates)
+            if all(c.state in ("TRAINED", "FAILED", "CANCELLED") for c in candidates):
+                return
+            if time.monotonic() > deadline:
+                raise ClientError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    "the sweep's runs did not all end in time: "
+                    + ", ".join(f"{c.version} {c.state}" for c in candidates),
+                )
+            time.sleep(poll_seconds)
 
     def _latest_trained(self) -> str:
         latest = _call(

@@ -13,6 +13,13 @@ to `<home>/service-keys` (mode 0600) for the dataset service, and gives each pro
 own; the dataset service writes the admin key to `<home>/admin.key` (0600), which the
 CLI and the demo then use. The services listen on 127.0.0.1 only, in plaintext.
 
+Each worker runs under a supervisor process (`python -m loraforge.client.local
+supervise ...`, the process `loraforge down` stops): a worker that dies (the kernel
+killed it for memory, say) is started again, after a pause that grows while it keeps
+dying, and its log says "worker exited (code C); restarting". A worker that stops on
+its own (code 0), or refuses its settings (code 2), is not restarted. The worker's
+current process id is in `<home>/logs/<name>.pid`.
+
 A start waits on what each process reports, not on a fixed clock: every service keeps
 `<home>/logs/<name>.progress` current (its step and a heartbeat) until it serves, and
 the wait fails only if the process exits or its reports stop changing for
@@ -54,6 +61,12 @@ STALL_TIMEOUT_ENV = "LORAFORGE_START_STALL_SECONDS"
 DEFAULT_STALL_TIMEOUT = 600.0
 # Called with a process's name and its step each time a starting process reports a new one.
 ProgressCallback = Callable[[str, str], None]
+WORKER_MODULE = "loraforge.services.trainer.worker"
+# Seconds before a dead worker is started again: the n-th restart in a row waits the n-th
+# (the last once they run out); a worker that ran RESTART_RESET_SECONDS starts the count anew.
+RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
+RESTART_RESET_SECONDS = 60.0
+USAGE_EXIT_CODE = 2  # a process that refuses its settings exits with this: restarting cannot help
 
 
 @dataclass
@@ -276,8 +289,13 @@ class LocalCluster:
                 predictor_port,
             )
             for i in range(self.workers):
+                name = f"worker-{i + 1}"
+                pid_file = self.home / "logs" / f"{name}.pid"
                 self._spawn(
-                    f"worker-{i + 1}", "loraforge.services.trainer.worker", trainer_flags, None
+                    name,
+                    "loraforge.client.local",
+                    ["supervise", "--pid-file", str(pid_file), "--", WORKER_MODULE, *trainer_flags],
+                    None,
                 )
             self._wait_ready(predictor, stall, on_progress)
             api = self._spawn(
@@ -476,3 +494,66 @@ def _alive(proc: Proc) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def supervise(command: list[str], pid_file: Path | None = None) -> int:
+    """Runs `python -m command...` and starts it again each time it dies, until this process
+    is told to stop (SIGTERM, SIGINT: passed on to it); returns its last exit code.
+
+    It is not restarted when it exits with 0 (it stopped on its own) or USAGE_EXIT_CODE."""
+    stopping = False
+    child: subprocess.Popen[bytes] | None = None
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    restarts = 0
+    while True:
+        started = time.monotonic()
+        child = subprocess.Popen([sys.executable, "-m", *command])
+        if pid_file is not None:
+            pid_file.write_text(f"{child.pid}\n")
+        code = child.wait()
+        if stopping or code in (0, USAGE_EXIT_CODE):
+            return code
+        if time.monotonic() - started >= RESTART_RESET_SECONDS:
+            restarts = 0
+        delay = RESTART_DELAYS[min(restarts, len(RESTART_DELAYS) - 1)]
+        restarts += 1
+        _say(f"worker exited (code {code}); restarting in {delay:g}s")
+        deadline = time.monotonic() + delay
+        while not stopping and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if stopping:
+            return code
+
+
+def _say(message: str) -> None:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    print(f"{stamp} supervisor: {message}", flush=True)
+
+
+def _supervise_main(argv: list[str]) -> int:
+    """`supervise [--pid-file FILE] -- MODULE ARGS...`"""
+    if "--" not in argv or argv[0] != "supervise":
+        print(
+            "usage: python -m loraforge.client.local supervise [--pid-file FILE] -- MODULE [ARGS...]"
+        )
+        return USAGE_EXIT_CODE
+    options, command = argv[1 : argv.index("--")], argv[argv.index("--") + 1 :]
+    pid_file = Path(options[1]) if options[:1] == ["--pid-file"] and len(options) == 2 else None
+    if not command or (options and pid_file is None):
+        print(
+            "usage: python -m loraforge.client.local supervise [--pid-file FILE] -- MODULE [ARGS...]"
+        )
+        return USAGE_EXIT_CODE
+    return supervise(command, pid_file)
+
+
+if __name__ == "__main__":
+    sys.exit(_supervise_main(sys.argv[1:]))

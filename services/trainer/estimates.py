@@ -9,8 +9,11 @@ dropped is refused here with the seed's 21119, before anything is queued.
 Time: the throughput (tokens/s) and the loading overhead measured by the latest TRAINED
 runs of the same base model on the same kind of worker (CUDA or CPU), medians of their own
 figures (`metrics.tokens_per_second`, and start-to-end time less training time), so each
-real run refreshes the calibration and nothing is a constant. With no such run there is
-no time estimate, and the answer says so.
+real run refreshes the calibration and nothing is a constant. With no such run, the
+throughput a worker measured at its start on its machine (`calibration.py`: a few steps
+of the same base model at two sequence lengths, interpolated to this run's mean row
+length) and its loading time; with neither there is no time estimate, and the answer
+says so.
 
 Memory: a formula, not a measurement: the weights in the dtype training uses, the LoRA
 parameters with their gradients and Adam's two moments (16 bytes each), one batch's
@@ -31,7 +34,7 @@ from typing import Any
 from sqlalchemy import select
 
 from loraforge.services.common.errors import FailedPrecondition
-from loraforge.services.trainer import training
+from loraforge.services.trainer import calibration, training
 from loraforge.services.trainer.dataset_client import AsyncDatasetClient, _example
 from loraforge.services.trainer.params import TrainingParams
 from loraforge.services.trainer.runs import NewRun, Runs
@@ -68,6 +71,7 @@ class Estimate:
     calibration: str = ""
     peak_memory_bytes: int = 0
     worker_kind: str = "cpu"
+    mean_row_tokens: float = 0.0  # of the training rows (packed rows with packing)
 
 
 class Estimates:
@@ -107,10 +111,7 @@ class Estimates:
             and r.end_time is not None
         ][:CALIBRATION_RUNS]
         if not measured:
-            result.calibration = (
-                f"no TRAINED run of {base_model} on a {result.worker_kind} worker has measured a "
-                "throughput yet; the first one will"
-            )
+            self._from_machine(result, base_model)
             return
         rate = statistics.median(float(r.metrics["tokens_per_second"]) for r in measured)
         overhead = statistics.median(
@@ -126,6 +127,21 @@ class Estimates:
             f"median of the latest {len(measured)} TRAINED run(s) of {base_model} on {result.worker_kind} "
             f"workers: {rate:,.0f} tokens/s training, {overhead:.0f} s loading and saving"
         )
+
+    def _from_machine(self, result: Estimate, base_model: str) -> None:
+        """The throughput a worker measured at its start, when no TRAINED run has one."""
+        machine = calibration.latest(self.store, base_model, result.worker_kind)
+        if machine is None:
+            result.calibration = (
+                f"no TRAINED run of {base_model} on a {result.worker_kind} worker has measured a "
+                "throughput yet, and no worker has measured it at its start; the first run will"
+            )
+            return
+        length = result.mean_row_tokens or machine.points[0][0]
+        rate = machine.tokens_per_second(length)
+        result.tokens_per_second = rate
+        result.seconds = result.total_tokens / rate + machine.load_seconds
+        result.calibration = machine.describe(length)
 
 
 def _tokenize(params: TrainingParams, loadable: str, examples: list[Any], cuda: bool) -> Estimate:
@@ -159,6 +175,7 @@ def _tokenize(params: TrainingParams, loadable: str, examples: list[Any], cuda: 
         else [len(f.input_ids) for f in train]
     )
     result.tokens_per_epoch = sum(lengths)
+    result.mean_row_tokens = result.tokens_per_epoch / len(lengths) if lengths else 0.0
     batches = math.ceil(len(lengths) / trc.per_device_train_batch_size)
     steps_per_epoch = max(math.ceil(batches / trc.gradient_accumulation_steps), 1)
     if trc.max_steps > 0:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from google.protobuf import json_format
-
 from loraforge.predictor.v1 import predictor_service_pb2 as ppb
 from loraforge.services.common.pages import decode_token, encode_token
 from loraforge.services.common.resources import page_size, timestamp
@@ -27,6 +25,8 @@ from loraforge.services.trainer.evaluations import (
     NewEvaluation,
     check_name,
     check_parent,
+    inference_params,
+    label_aliases,
 )
 from loraforge.services.trainer.store import EvaluationRow
 from loraforge.trainer.v1 import evaluation_pb2 as pb
@@ -48,7 +48,7 @@ def evaluation_to_pb(row: EvaluationRow) -> pb.Evaluation:
         base_model_name=row.base_model_name,
         dataset_version=row.dataset_version,
         metrics=list(row.metrics),
-        params=json_format.ParseDict(row.params, ppb.InferenceParams()),
+        params=inference_params(row),
         prompt_like=row.prompt_like,
         state=STATES.get(row.state, pb.EVALUATION_STATE_UNSPECIFIED),
         progress=pb.EvaluationProgress(
@@ -60,6 +60,7 @@ def evaluation_to_pb(row: EvaluationRow) -> pb.Evaluation:
         create_time=timestamp(row.create_time),
         end_time=timestamp(row.end_time),
         primary_score=row.primary_score,
+        label_aliases=label_aliases(row),
     )
     if row.confusion:
         message.confusion_matrix.CopyFrom(
@@ -106,6 +107,7 @@ class EvaluationRpcs(pb_grpc.TrainerServiceServicer):
                 params=request.params,
                 max_examples=request.max_examples,
                 prompt_like=request.prompt_like,
+                label_aliases=dict(request.label_aliases),
             )
         )
         return pb.CreateEvaluationResponse(evaluation=evaluation_to_pb(row))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,7 +27,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,51 @@ INTERRUPTED = (
 SHUT_DOWN = (
     "interrupted: the trainer was shut down while this evaluation ran; create the evaluation again"
 )
+# The declared label aliases are stored beside the inference parameters, in the params JSON.
+LABEL_ALIASES_KEY = "labelAliases"
+ALIASES_FIELD = "label_aliases"
+
+
+def inference_params(row: EvaluationRow) -> ppb.InferenceParams:
+    """The inference parameters every prediction of the evaluation used."""
+    doc = {k: v for k, v in row.params.items() if k != LABEL_ALIASES_KEY}
+    return json_format.ParseDict(doc, ppb.InferenceParams())
+
+
+def label_aliases(row: EvaluationRow) -> dict[str, str]:
+    """The evaluation's label aliases, normalized: alias to label."""
+    return dict(row.params.get(LABEL_ALIASES_KEY) or {})
+
+
+def check_label_aliases(aliases: Mapping[str, str]) -> dict[str, str]:
+    """The aliases normalized (as exact match normalizes), or INVALID_ARGUMENT naming the
+    first bad entry: an empty alias or label, or an alias of more than one word."""
+    checked: dict[str, str] = {}
+    for alias, label in sorted(aliases.items()):
+        where = f"{ALIASES_FIELD}[{alias!r}]"
+        key, value = metrics.normalize(alias), metrics.normalize(label)
+        if not key or not value:
+            raise invalid_field(
+                where,
+                f"{alias!r} -> {label!r}: an alias and its label must both have a word in them "
+                "(punctuation and articles do not count)",
+                reason="BAD_LABEL_ALIAS",
+            )
+        if len(key.split()) != 1:
+            raise invalid_field(
+                where,
+                f"{alias!r} -> {label!r}: an alias is one word (an output is read word by word)",
+                reason="BAD_LABEL_ALIAS",
+            )
+        if checked.get(key, value) != value:
+            raise invalid_field(
+                where,
+                f"{alias!r} is declared again for another label ({checked[key]!r} and "
+                f"{value!r}); aliases compare case-insensitively",
+                reason="BAD_LABEL_ALIAS",
+            )
+        checked[key] = value
+    return checked
 
 
 @dataclass(frozen=True)
@@ -95,6 +141,8 @@ class NewEvaluation:
     params: ppb.InferenceParams
     max_examples: int = 0
     prompt_like: str = ""
+    # For label accuracy: alias to label, as the request gave them.
+    label_aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -205,6 +253,14 @@ class Evaluations:
             validate_id(new.evaluation_id, "evaluation_id") if new.evaluation_id else new_id("e")
         )
         chosen = metrics.check_metrics(new.metrics)
+        aliases = check_label_aliases(new.label_aliases)
+        if aliases and chosen and metrics.LABEL_ACCURACY not in chosen:
+            raise invalid_field(
+                ALIASES_FIELD,
+                "are read by label_accuracy only; add label_accuracy to metrics or drop the "
+                "aliases",
+                reason="BAD_LABEL_ALIAS",
+            )
         if not 0 <= new.max_examples <= MAX_EXAMPLES:
             raise invalid_field(
                 "max_examples", f"must be 0 (all) to {MAX_EXAMPLES} (got {new.max_examples})"
@@ -220,6 +276,8 @@ class Evaluations:
         if metrics.NEEDS_MODEL.intersection(chosen):
             self._check_perplexity(of_version, new.prompt_like)
         asked = await self.datasets.get_ready_version(new.dataset_version, "dataset_version")
+        if aliases:
+            await self._check_alias_labels(aliases, new.dataset_version, new.max_examples)
         if of_version:
             if new.prompt_like:
                 raise invalid_field(
@@ -253,7 +311,10 @@ class Evaluations:
             base_model_name=base_model_name,
             dataset_version=new.dataset_version,
             metrics=chosen,
-            params=json_format.MessageToDict(params),
+            params={
+                **json_format.MessageToDict(params),
+                **({LABEL_ALIASES_KEY: aliases} if aliases else {}),
+            },
             prompt_like=new.prompt_like,
             max_examples=new.max_examples,
             state=RUNNING,
@@ -272,6 +333,42 @@ class Evaluations:
 
         task.add_done_callback(forget)
         return row
+
+    async def _check_alias_labels(
+        self, aliases: Mapping[str, str], dataset_version: str, max_examples: int
+    ) -> None:
+        """INVALID_ARGUMENT naming the first alias whose label is none of the labels the
+        evaluation will read outputs as (the scored completions, normalized), or that is a
+        label itself."""
+        labels: set[str] = set()
+        count = 0
+        async for inp in self.datasets.read_inputs(dataset_version, "dataset_version"):
+            if inp.example.kind == dpb.EXAMPLE_KIND_TEXT:
+                continue
+            if count >= (max_examples or MAX_EXAMPLES):
+                break
+            labels.add(metrics.normalize(inp.example.completion))
+            count += 1
+        if not labels:
+            return  # nothing to score: the evaluation fails saying so
+        known = ", ".join(repr(lab) for lab in sorted(labels)[:20])
+        more = f" and {len(labels) - 20} more" if len(labels) > 20 else ""
+        for alias, label in sorted(aliases.items()):
+            where = f"{ALIASES_FIELD}[{alias!r}]"
+            if alias in labels:
+                raise invalid_field(
+                    where,
+                    f"{alias!r} is itself one of the labels ({known}{more}); an output that "
+                    "says it is read as that label",
+                    reason="BAD_LABEL_ALIAS",
+                )
+            if label not in labels:
+                raise invalid_field(
+                    where,
+                    f"{alias!r} -> {label!r}: {label!r} is not one of the labels of "
+                    f"{dataset_version!r}: {known}{more}",
+                    reason="BAD_LABEL_ALIAS",
+                )
 
     async def _checkpoint(self, parent: str) -> CheckpointInfo | None:
         """The checkpoint `parent` names (NOT_FOUND when it was not kept); None for a version."""
@@ -574,7 +671,13 @@ class Evaluations:
             base_model_name=base_model_name,
         ):
             return  # deleted or failed meanwhile
-        scorer = metrics.Scorer(chosen, labels=labels)
+        aliases = label_aliases(row)
+        if aliases and metrics.LABEL_ACCURACY not in chosen:
+            warnings.append(
+                "label_aliases: not used, since label_accuracy was not computed (the "
+                "completions are not short labels)"
+            )
+        scorer = metrics.Scorer(chosen, labels=labels, aliases=aliases)
         likelihoods: list[tuple[float, int] | None] = [None] * len(examples)
         prompts = [inp.example.prompt for _, inp in examples]
         if metrics.PERPLEXITY in chosen:
@@ -593,7 +696,7 @@ class Evaluations:
                     "distinct); each was scored as a choice among all of them"
                 )
             likeliest = await self._likeliest(row, prompts, references)
-        params = json_format.ParseDict(row.params, ppb.InferenceParams())
+        params = inference_params(row)
         for start in range(0, len(examples), self.batch_size):
             batch = examples[start : start + self.batch_size]
             outputs = await self.predictor.predict(

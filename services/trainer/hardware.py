@@ -14,6 +14,7 @@ import functools
 import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 GPTQ_INSTALL = "install the `gptq` extra: pip install 'loraforge[gptq]'"
 
@@ -39,6 +40,8 @@ class Capabilities:
     cuda: bool = False
     gpu_memory_gib: float = 0.0
     gptq: bool = False
+    # The memory the worker trains within: its limit, or the machine's (None: not advertised).
+    memory_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -124,3 +127,28 @@ def probe() -> Capabilities:
     return Capabilities(
         cuda=memory is not None, gpu_memory_gib=memory or 0.0, gptq=gptq_installed()
     )
+
+
+def machine_memory() -> int:
+    """This machine's memory in bytes, or its cgroup's limit where that is less."""
+    import psutil  # type: ignore[import-untyped]
+
+    total = int(psutil.virtual_memory().total)
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
+def oom_kills() -> int | None:
+    """How many processes the kernel's out-of-memory killer has killed in this cgroup
+    (`memory.events`), or None where that cannot be read."""
+    try:
+        for line in Path("/sys/fs/cgroup/memory.events").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return None

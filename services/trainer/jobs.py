@@ -60,6 +60,13 @@ class ClaimedJob:
     checkpoint_key: str
     # A continued run: the version whose adapter (copied under `init-adapter/`) it starts from.
     from_model_version: str = ""
+    # Times the run was retried with a smaller memory plan after an out-of-memory kill.
+    memory_retries: int = 0
+
+    @property
+    def starts(self) -> int:
+        """Starts that count against the worker's `max_attempts` (not the memory retries)."""
+        return self.attempt - self.memory_retries
 
 
 Clock = Callable[[], float]
@@ -133,12 +140,18 @@ class JobQueue:
                     if row.checkpoint_step
                     else ""
                 )
+                smaller = (
+                    " with a smaller memory plan after an out-of-memory kill"
+                    if row.memory_retries
+                    else ""
+                )
                 append_event(
                     s,
                     candidate,
                     EventKind.STATE,
                     state_payload(
-                        State.TRAINING, f"attempt {row.attempts} on worker {worker_id}{resume}"
+                        State.TRAINING,
+                        f"attempt {row.attempts} on worker {worker_id}{resume}{smaller}",
                     ),
                 )
                 return ClaimedJob(
@@ -150,6 +163,7 @@ class JobQueue:
                     checkpoint_step=row.checkpoint_step,
                     checkpoint_key=row.checkpoint_key,
                     from_model_version=row.from_model_version or "",
+                    memory_retries=row.memory_retries or 0,
                 )
         return None
 
@@ -163,13 +177,16 @@ class JobQueue:
                     VersionRow.worker_id,
                     VersionRow.attempts,
                     VersionRow.checkpoint_step,
+                    VersionRow.memory_retries,
                 ).where(
                     VersionRow.state.in_([st.value for st in RUNNING_STATES]),
                     VersionRow.lease_expires < now,
                 )
             ).all()
         reaped = []
-        for name, worker_id, attempts, step in expired:
+        for name, worker_id, claims, step, memory_retries in expired:
+            # Retries after an out-of-memory kill are not starts a dead worker used up.
+            attempts = claims - (memory_retries or 0)
             fence = and_(
                 VersionRow.worker_id == worker_id,
                 VersionRow.state.in_([st.value for st in RUNNING_STATES]),
@@ -341,6 +358,33 @@ class JobReporter:
                     status_code=STATUS_CODES[State.QUEUED],
                     worker_id="",
                     lease_expires=None,
+                )
+            )
+        return True
+
+    def retry_smaller(self, message: str) -> bool:
+        """Requeues the run after an out-of-memory kill, to train again with a smaller memory
+        plan (`ClaimedJob.memory_retries` counts these; they are not starts `max_attempts`
+        limits) from its last checkpoint."""
+        with self.store.sessions.begin() as s:
+            seq = append_event(
+                s,
+                self.name,
+                EventKind.STATE,
+                state_payload(State.QUEUED, message),
+                fence=self._fence(),
+            )
+            if seq is None:
+                return False
+            s.execute(
+                update(VersionRow)
+                .where(VersionRow.name == self.name)
+                .values(
+                    state=State.QUEUED.value,
+                    status_code=STATUS_CODES[State.QUEUED],
+                    worker_id="",
+                    lease_expires=None,
+                    memory_retries=VersionRow.memory_retries + 1,
                 )
             )
         return True

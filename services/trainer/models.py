@@ -1,7 +1,8 @@
 """Models (the named series of a model's runs): the fields a user writes, checked and changed.
 
-A model's description, notes and default inference parameters are the user's; everything
-else about it (its type, its latest trained version) is the trainer's. Default inference
+A model's description, notes, default inference parameters and best version are the
+user's; everything else about it (its type, its latest trained version) is the trainer's.
+The best version must be a TRAINED version of the model itself. Default inference
 parameters are checked against the predictor's own bounds, so a default that a prediction
 would refuse is refused when it is set. They are stored as canonical JSON of the fields
 set, so an etag over them is stable.
@@ -10,20 +11,28 @@ set, so an etag over them is stable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from loraforge.services.common.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    NotFound,
+    invalid_field,
+)
 from loraforge.services.common.resources import parse_name
 from loraforge.services.common.values import check_text
 from loraforge.services.predictor.params import RequestedParams, check_params, raise_if_bad
-from loraforge.services.trainer.runs import MODEL
-from loraforge.services.trainer.store import ModelRow, TrainerStore
+from loraforge.services.trainer.runs import MODEL, VERSION
+from loraforge.services.trainer.store import ModelRow, State, TrainerStore
 
 MAX_DESCRIPTION_CHARS = 10_000
 MAX_NOTES_CHARS = 100_000
 INFERENCE_FIELD = "model.default_inference_params"
+BEST_VERSION_FIELD = "model.best_version"
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,8 @@ class ModelChanges:
     notes: str | None = None
     inference_params: RequestedParams | None = None
     clear_inference_params: bool = False
+    # A version of the model, or "" to clear it.
+    best_version: str | None = None
 
 
 def check_description(value: str, field: str = "model.description") -> str:
@@ -91,8 +102,41 @@ class Models:
 
     async def update(self, name: str, changes: ModelChanges, etag: str = "") -> ModelRow:
         parse_name(name, MODEL, "model.name")
-        values = self._columns(changes)
+        values: dict[str, str | None] = self._columns(changes)
+        if changes.best_version is not None:
+            values["best_version"] = await self._best_version(name, changes.best_version)
         return await asyncio.to_thread(self.store.update_model, name, values, etag)
+
+    async def _best_version(self, model: str, version: str) -> str | None:
+        """The stored best version: None to clear it, else `version` once it is known to be a
+        TRAINED version of `model`."""
+        if not version:
+            return None
+        parse_name(version, VERSION, BEST_VERSION_FIELD)
+        if not version.startswith(f"{model}/versions/"):
+            raise invalid_field(
+                BEST_VERSION_FIELD,
+                f"{version!r} is a version of another model; name one of {model!r}'s versions",
+                reason="VERSION_OF_ANOTHER_MODEL",
+            )
+        row = await asyncio.to_thread(self.store.get_version, version)
+        if row.state != State.TRAINED.value:
+            raise FailedPrecondition(
+                f"model version {version!r} is {row.state}; only a TRAINED version can be a "
+                "model's best version",
+                reason="VERSION_NOT_TRAINED",
+                field_violations=[FieldViolation(BEST_VERSION_FIELD, f"is {row.state}")],
+            )
+        return version
+
+    async def forget_version(self, version: str) -> None:
+        """Clears the best version of the model whose best version `version` (now deleted)
+        was."""
+        model = version.split("/versions/", 1)[0]
+        with contextlib.suppress(NotFound):  # the model is gone too: nothing to clear
+            row = await asyncio.to_thread(self.store.get_model, model)
+            if row.best_version == version:
+                await asyncio.to_thread(self.store.update_model, model, {"best_version": None})
 
     @staticmethod
     def _columns(changes: ModelChanges) -> dict[str, str | None]:

@@ -49,6 +49,7 @@ from loraforge.services.common.model_access import MODEL_FIELD, ModelAccess
 from loraforge.services.common.objectstore import ObjectStore
 from loraforge.services.common.resources import new_id, parse_name, validate_id
 from loraforge.services.common.values import check_json, check_request_id, check_text
+from loraforge.services.trainer import memory_fit
 from loraforge.services.trainer import templates as tpl
 from loraforge.services.trainer.checkpoints import (
     get_checkpoint,
@@ -292,6 +293,11 @@ class Runs:
                 f"model version {name!r} already exists; pick another version_id",
                 reason="VERSION_EXISTS",
             )
+        if not needs.cuda:  # trained in a worker's memory: refused if no live worker has enough
+            live = await asyncio.to_thread(self.workers.live)
+            refused = await asyncio.to_thread(memory_fit.refusal, params, plan.loadable, live)
+            if refused:
+                raise FailedPrecondition(refused, reason="RUN_EXCEEDS_WORKER_MEMORY")
         await self.datasets.get_ready_version(new.dataset_version, "dataset_version")
         row = VersionRow(
             name=name,

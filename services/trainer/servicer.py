@@ -114,6 +114,10 @@ def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
 
 
 def template_to_pb(t: tpl.Template) -> pb.Template:
+    """Blocking on a template's first conversion (the base model's files are read for its
+    memory figure): call it in a thread."""
+    hardware = tpl.hardware_of(t)
+    needs = tpl.memory_needs(t)
     return pb.Template(
         name=t.resource_name,
         display_name=t.display_name,
@@ -122,10 +126,11 @@ def template_to_pb(t: tpl.Template) -> pb.Template:
         model_type=t.model_type,
         serving_engine=t.serving_engine,
         hardware=pb.Hardware(
-            requires_cuda=t.hardware.requires_cuda,
-            requires_gptq=t.hardware.requires_gptq,
-            min_gpu_memory_gib=t.hardware.min_gpu_memory_gib,
-            summary=t.hardware.summary,
+            requires_cuda=hardware.requires_cuda,
+            requires_gptq=hardware.requires_gptq,
+            min_gpu_memory_gib=hardware.min_gpu_memory_gib,
+            summary=hardware.summary,
+            estimated_peak_memory_bytes=needs.peak_bytes if needs else 0,
         ),
         parameters=[
             pb.Parameter(
@@ -172,6 +177,7 @@ def _model_fields(model: pb.Model, paths: set[str]) -> ModelChanges:
             else None
         ),
         clear_inference_params="default_inference_params" in paths and not has_params,
+        best_version=model.best_version if "best_version" in paths else None,
     )
 
 
@@ -184,6 +190,7 @@ def model_to_pb(row: ModelRow) -> pb.Model:
         create_time=timestamp(row.create_time),
         notes=row.notes or "",
         etag=model_etag(row),
+        best_version=row.best_version or "",
     )
     defaults = inference_params(row)
     if defaults is not None:
@@ -309,14 +316,14 @@ class TrainerServicer(EvaluationRpcs, pb_grpc.TrainerServiceServicer):
             "ListTemplates",
             filter=request.model_type,
         )
-        return pb.ListTemplatesResponse(
-            templates=[template_to_pb(t) for t in chunk], next_page_token=token
-        )
+        templates = await asyncio.to_thread(lambda: [template_to_pb(t) for t in chunk])
+        return pb.ListTemplatesResponse(templates=templates, next_page_token=token)
 
     async def GetTemplate(
         self, request: pb.GetTemplateRequest, context: Context
     ) -> pb.GetTemplateResponse:
-        return pb.GetTemplateResponse(template=template_to_pb(tpl.get_template(request.name)))
+        template = tpl.get_template(request.name)
+        return pb.GetTemplateResponse(template=await asyncio.to_thread(template_to_pb, template))
 
     async def ListBaseModels(
         self, request: pb.ListBaseModelsRequest, context: Context
@@ -357,7 +364,10 @@ class TrainerServicer(EvaluationRpcs, pb_grpc.TrainerServiceServicer):
     ) -> pb.UpdateModelResponse:
         model = request.model
         paths = update_paths(
-            model, request.HasField("update_mask"), request.update_mask.paths, MODEL_UPDATABLE
+            model,
+            request.HasField("update_mask"),
+            request.update_mask.paths,
+            (*MODEL_UPDATABLE, "best_version"),
         )
         row = await self.models.update(model.name, _model_fields(model, paths), model.etag)
         return pb.UpdateModelResponse(model=model_to_pb(row))
@@ -426,6 +436,7 @@ class TrainerServicer(EvaluationRpcs, pb_grpc.TrainerServiceServicer):
         self, request: pb.DeleteModelVersionRequest, context: Context
     ) -> pb.DeleteModelVersionResponse:
         await self.runs.delete(request.name)
+        await self.models.forget_version(request.name)
         return pb.DeleteModelVersionResponse()
 
     async def CancelModelVersion(

@@ -27,6 +27,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Float,
     Integer,
@@ -101,6 +102,8 @@ class ModelRow(Base):
     notes: Mapped[str | None] = mapped_column(Text, nullable=True)
     # The default inference parameters a user set, as canonical JSON (sorted keys); NULL: none.
     default_inference_params: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The version chosen as the model's best (a TRAINED version of it); NULL: none chosen.
+    best_version: Mapped[str | None] = mapped_column(String(400), nullable=True)
 
 
 class VersionRow(Base):
@@ -147,6 +150,8 @@ class VersionRow(Base):
     # A continued run: the version whose adapter it starts from (copied under its own prefix
     # as `init-adapter/` when it was created); NULL: it starts from a fresh adapter.
     from_model_version: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # How many times the run was retried with a smaller memory plan after an out-of-memory kill.
+    memory_retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class WorkerRow(Base):
@@ -161,6 +166,31 @@ class WorkerRow(Base):
     started: Mapped[float] = mapped_column(Float)
     last_seen: Mapped[float] = mapped_column(Float, index=True)
     ttl_seconds: Mapped[float] = mapped_column(Float)
+    # The memory the worker trains within (its limit, or the machine's RAM); NULL: not advertised.
+    memory_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class TrainCalibrationRow(Base):
+    """A training throughput a worker measured at its start (`calibration.py`): what an
+    estimate uses for a base model no TRAINED run has measured yet on that kind of worker."""
+
+    __tablename__ = "train_calibrations"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # What decides the figures: the model's shape, the template's defaults, the machine.
+    signature: Mapped[str] = mapped_column(String(64), index=True)
+    base_model: Mapped[str] = mapped_column(Text)
+    worker_kind: Mapped[str] = mapped_column(String(10))
+    worker_id: Mapped[str] = mapped_column(String(200))
+    machine: Mapped[str] = mapped_column(Text)
+    threads: Mapped[int] = mapped_column(Integer)
+    batch_size: Mapped[int] = mapped_column(Integer)
+    # [[sequence length, tokens per second], ...], shortest first.
+    points: Mapped[list[Any]] = mapped_column(JSON)
+    load_seconds: Mapped[float] = mapped_column(Float)
+    measured_at: Mapped[float] = mapped_column(Float, index=True)
+    # The share of its threads' time the measurement had (other processes were busy below 1).
+    cpu_share: Mapped[float] = mapped_column(Float)
 
 
 class PendingReferenceRow(Base):

@@ -21,6 +21,8 @@ import copy
 import dataclasses
 import functools
 import math
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -504,6 +506,102 @@ def requirements(template: Template, params: TrainingParams) -> Requirements:
         gptq=gptq,
         gpu_memory_gib=template.hardware.min_gpu_memory_gib if cuda else 0.0,
     )
+
+
+@dataclass(frozen=True)
+class MemoryNeeds:
+    """What `estimates.peak_memory` gives for a template's defaults at its model_max_length."""
+
+    peak_bytes: int  # the defaults, rows of model_max_length tokens
+    smallest_bytes: int  # gradient checkpointing at micro-batch 1: the least a plan goes to
+    gpu_bytes: int  # the defaults on a CUDA GPU (workers plan no smaller micro-batches there)
+    batch: int
+    model_max_length: int
+    cuda: bool  # computed for a CUDA worker (the template needs one), else for a CPU
+
+
+# Template name -> (when computed, the needs or None where the base model is not here).
+_NEEDS: dict[str, tuple[float, MemoryNeeds | None]] = {}
+_NEEDS_LOCK = threading.Lock()
+_UNKNOWN_SECONDS = 60.0  # how long a base model found missing is not looked for again
+
+
+def memory_needs(template: Template) -> MemoryNeeds | None:
+    """The memory training with `template`'s defaults needs, by the estimator's formula;
+    None where its base model's files are not on this machine (nothing is downloaded or
+    converted for this). Cached per template."""
+    with _NEEDS_LOCK:
+        cached = _NEEDS.get(template.name)
+    if cached is not None and (
+        cached[1] is not None or time.monotonic() - cached[0] < _UNKNOWN_SECONDS
+    ):
+        return cached[1]
+    needs = _compute_needs(template)
+    with _NEEDS_LOCK:
+        _NEEDS[template.name] = (time.monotonic(), needs)
+    return needs
+
+
+def _compute_needs(template: Template) -> MemoryNeeds | None:
+    from loraforge.services.trainer.calibration import local_folder
+    from loraforge.services.trainer.estimates import peak_memory
+
+    params = template.defaults()
+    folder = local_folder(params.base_model)
+    if folder is None:
+        return None
+    cuda = requirements(template, params).cuda
+    length = params.tokenizer_config.model_max_length
+    peak = peak_memory(params, str(folder), length, cuda)
+    if peak <= 0:
+        return None
+    smallest = dataclasses.replace(
+        params,
+        trainer_config=dataclasses.replace(
+            params.trainer_config, gradient_checkpointing=True, per_device_train_batch_size=1
+        ),
+    )
+    return MemoryNeeds(
+        peak_bytes=peak,
+        smallest_bytes=peak_memory(smallest, str(folder), length, cuda),
+        gpu_bytes=peak if cuda else peak_memory(params, str(folder), length, True),
+        batch=params.trainer_config.per_device_train_batch_size,
+        model_max_length=length,
+        cuda=cuda,
+    )
+
+
+def gib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB"
+
+
+def hardware_of(template: Template) -> Hardware:
+    """The template's hardware as clients see it: its summary with the memory its defaults
+    need (`memory_needs`), and a GPU figure no lower than that where it was computed."""
+    hw = template.hardware
+    needs = memory_needs(template)
+    parts = [hw.summary.strip()] if hw.summary.strip() else []
+    min_gpu = hw.min_gpu_memory_gib
+    if needs is not None:
+        sentence = (
+            f"Needs about {gib(needs.peak_bytes)} of memory with its defaults (batch "
+            f"{needs.batch}, model_max_length {needs.model_max_length}), for rows that long"
+        )
+        if not needs.cuda and needs.smallest_bytes < needs.peak_bytes:
+            sentence += (
+                "; a CPU worker with less trains it with gradient checkpointing and smaller "
+                f"micro-batches of the same batch, down to about {gib(needs.smallest_bytes)}"
+            )
+        parts.append(sentence + ".")
+        min_gpu = max(min_gpu, round(needs.gpu_bytes / 2**30, 1))
+    if hw.requires_cuda or hw.requires_gptq:
+        parts.append(
+            f"Needs a CUDA GPU with {_fmt(min_gpu)} GiB or more"
+            f"{' and the `gptq` extra (GPTQModel + optimum)' if hw.requires_gptq else ''}."
+        )
+    elif min_gpu > 0:
+        parts.append(f"On a CUDA GPU it needs {_fmt(min_gpu)} GiB or more.")
+    return dataclasses.replace(hw, min_gpu_memory_gib=min_gpu, summary=" ".join(parts))
 
 
 def _cuda_available() -> bool:

@@ -2,27 +2,34 @@
 
 A worker is a separate process sharing the trainer's database and the object
 store. It advertises its hardware (CUDA and GPU memory, GPTQModel) in the
-workers table, and in a loop it requeues runs whose worker died (expired
-lease), claims the oldest queued run that hardware can train, and runs it: read
-the dataset version from the dataset service, train (resuming from the run's
-last checkpoint if it has one), upload checkpoints as they are written and the
-final adapter with a manifest, and report every state change, progress event
-and log line as it goes. A heartbeat thread renews the lease and the worker's
-entry; when the run is cancelled or taken over the heartbeat fails and
-training stops at the next step. Start as many workers as you have
+workers table, with the memory it trains within, and in a loop it requeues runs
+whose worker died (expired lease), claims the oldest queued run that hardware can
+train, and runs it in a process of its own (`training_child`): read the dataset
+version from the dataset service, train (resuming from the run's last checkpoint
+if it has one), upload checkpoints as they are written and the final adapter with
+a manifest, and report every state change, progress event and log line as it
+goes. A heartbeat thread renews the lease and the worker's entry; when the run is
+cancelled or taken over the heartbeat fails and training stops at the next step.
+
+The worker outlives the training process. With `--memory-limit-gib` it polls that
+process's memory and kills it past the limit, as a cgroup's out-of-memory killer
+would; a training process killed for memory (by the worker, or with SIGKILL by the
+kernel) gets its run retried once with a smaller plan (gradient checkpointing,
+half the micro-batch, the same global batch) from its last checkpoint, and failed
+with what to change if that is killed too. Start as many workers as you have
 accelerators; each runs one job at a time.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -31,9 +38,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import psutil  # type: ignore[import-untyped]
+
 from loraforge.services.common.channels import security_from
 from loraforge.services.common.config import ProcessConfig, describe, load_config, setting
-from loraforge.services.common.errors import InvalidArgument, LoraforgeError, Unavailable
+from loraforge.services.common.errors import InvalidArgument, LoraforgeError
 from loraforge.services.common.logs import setup_logging
 from loraforge.services.common.model_access import (
     ModelAccess,
@@ -42,26 +51,17 @@ from loraforge.services.common.model_access import (
     parse_model_roots,
     trust_remote_code_setting,
 )
-from loraforge.services.common.objectstore import ObjectStore, copy_store_to_tree, open_object_store
 from loraforge.services.common.resources import new_id
 from loraforge.services.common.server import run_main
-from loraforge.services.trainer import checkpoints, dataset_client, hardware
+from loraforge.services.trainer import hardware, memory_fit, training_child
 from loraforge.services.trainer import templates as tpl
-from loraforge.services.trainer.continuation import INIT_ADAPTER, INIT_FILES
 from loraforge.services.trainer.jobs import ClaimedJob, JobQueue, JobReporter
-from loraforge.services.trainer.store import TrainerStore, version_prefix
-from loraforge.services.trainer.training import (
-    ToleranceExceeded,
-    TrainingError,
-    TrainingStopped,
-    library_versions,
-    run_training,
-)
+from loraforge.services.trainer.params import TrainingParams
+from loraforge.services.trainer.store import TrainerStore
+from loraforge.services.trainer.training_child import unexpected_failure
 from loraforge.services.trainer.workers import Workers
 
 log = logging.getLogger("loraforge.worker")
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 @dataclasses.dataclass
@@ -97,6 +97,12 @@ class WorkerConfig(ProcessConfig):
         "Memory a run may use on a CPU, in GiB: a run whose estimate is larger trains with "
         "gradient checkpointing and smaller micro-batches of the same global batch. 0: what "
         "the machine, the worker's cgroup and its address-space limit leave it.",
+    )
+    calibrate_training: bool = setting(
+        True,
+        "At start, measure the training throughput of the recommended template's base model "
+        "on this machine once (a few steps in a low-priority background process, stopped "
+        "when a run is claimed), so estimates have a time before any run has trained.",
     )
     # Set like the trainer's: a run's base model is checked there and again here.
     model_roots: str = model_roots_setting()
@@ -138,71 +144,72 @@ class WorkerConfig(ProcessConfig):
                 )
 
 
-class _RunReporter:
-    """Bridges the training function to the job's fenced event writes and the object store."""
+# How often the memory watchdog reads the training process's memory (seconds).
+WATCH_SECONDS = 0.1
+# Retries with a smaller memory plan after an out-of-memory kill, before the run fails.
+MEMORY_RETRIES = 1
 
-    def __init__(
-        self, worker: Worker, job: ClaimedJob, reporter: JobReporter, stop: threading.Event
-    ) -> None:
-        self.worker = worker
-        self.job = job
-        self.reporter = reporter
-        self.stop = stop
-        self.lost = threading.Event()
-        self.keep = 1  # until the run's parameters are read: `keep_checkpoints`
-        self.keep_best = False  # also keep the checkpoint with the lowest eval loss
-        self.prefix = version_prefix(job.name) + "/checkpoints"
 
-    def keep_checkpoints(self, count: int, keep_best: bool = False) -> None:
-        self.keep = count
-        self.keep_best = keep_best
+@dataclasses.dataclass(frozen=True)
+class ChildExit:
+    """How the process that trained a run ended."""
 
-    def _check(self, written: bool) -> None:
-        if not written:
-            self.lost.set()
+    code: int
+    peak_rss: int  # the most memory it (with its own children) held, as the watchdog saw it
+    watchdog_killed: bool = False  # over the worker's memory limit: the worker killed it
+    kernel_killed: bool = False  # the kernel's out-of-memory killer counted a kill meanwhile
 
-    def log(self, message: str, level: str = "INFO") -> None:
-        log.info("%s: %s", self.job.name, message)
-        self._check(self.reporter.log(message, level))
+    @property
+    def out_of_memory(self) -> bool:
+        """Killed for memory: by the watchdog, or with SIGKILL as the kernel's OOM killer does."""
+        return self.watchdog_killed or self.code == -signal.SIGKILL
 
-    def progress(self, progress: dict[str, Any]) -> None:
-        self._check(self.reporter.progress(progress))
+    @property
+    def cause(self) -> str:
+        if self.watchdog_killed:
+            return "killed by the worker's memory watchdog"
+        if self.kernel_killed:
+            return "killed by the kernel's out-of-memory killer"
+        return "killed with SIGKILL, as the kernel's out-of-memory killer does"
 
-    def checkpoint_saved(self, step: int, folder: Path) -> None:
-        key = f"{self.prefix}/checkpoint-{step}"
-        store = self.worker.objects
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            store.put_file(f"{key}/{path.relative_to(folder).as_posix()}", path)
-        # Last: a checkpoint is listed (`checkpoints.py`) once this is there.
-        summary = checkpoints.summary_of(folder, step)
-        store.put_bytes(f"{key}/{checkpoints.INFO_FILE}", json.dumps(summary).encode())
-        # The database points at a checkpoint only once all its files are in the store.
-        self._check(self.reporter.checkpoint(step, key, self.prefix))
-        kept = sorted(
-            {
-                info.key[len(self.prefix) + 1 :].split("/", 1)[0]
-                for info in store.list(self.prefix + "/")
-            },
-            key=lambda d: int(d.rsplit("-", 1)[-1]) if d.rsplit("-", 1)[-1].isdigit() else -1,
-        )
-        best = self._best_checkpoint() if self.keep_best else None
-        for old in kept[: -self.keep]:
-            if old not in (f"checkpoint-{step}", best):
-                store.delete_prefix(f"{self.prefix}/{old}/")
 
-    def _best_checkpoint(self) -> str | None:
-        """The folder of the stored checkpoint with the lowest eval loss, if any has one."""
-        scored = [
-            c
-            for c in checkpoints.list_checkpoints(self.worker.objects, self.job.name)
-            if c.eval_loss is not None
-        ]
-        if not scored:
-            return None
-        return f"checkpoint-{min(scored, key=lambda c: (c.eval_loss, c.step)).step}"
+def tree_rss(pid: int) -> int:
+    """The resident memory of process `pid` and its descendants, in bytes (0: it is gone)."""
+    try:
+        process = psutil.Process(pid)
+        family = [process, *process.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for member in family:
+        try:
+            total += int(member.memory_info().rss)
+        except psutil.Error:
+            pass
+    return total
 
-    def should_stop(self) -> bool:
-        return self.lost.is_set() or self.stop.is_set()
+
+def kill_tree(pid: int) -> None:
+    """SIGKILLs process `pid` and its descendants."""
+    try:
+        process = psutil.Process(pid)
+        family = [process, *process.children(recursive=True)]
+    except psutil.Error:
+        return
+    for member in family:
+        try:
+            member.kill()
+        except psutil.Error:
+            pass
+
+
+def signal_line(code: int) -> str:
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"code {code}"
 
 
 class Worker:
@@ -210,12 +217,14 @@ class Worker:
         self.config = config
         self.store = TrainerStore(config.database_url_for("trainer"))
         self.queue = JobQueue(self.store)
-        self.objects: ObjectStore = open_object_store(config.object_store_url_or_default())
         self.worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}-{new_id()[:6]}"
         self.workers = Workers(self.store)
-        self.capabilities = hardware.probe()
-        # TLS and this worker's own key for its dataset-service calls (files checked now).
-        self.security = security_from(config)
+        # The memory runs train within: the limit, or what the machine (its cgroup) has.
+        self.memory_limit = int(config.memory_limit_gib * 2**30)
+        self.memory_bytes = self.memory_limit or hardware.machine_memory()
+        self.capabilities = dataclasses.replace(hardware.probe(), memory_bytes=self.memory_bytes)
+        # Checked now, so a bad file stops the start; each run's process uses them itself.
+        security_from(config)
         self.models: ModelAccess = tpl.model_access(
             parse_model_roots(config.model_roots, config.home_path()), config.allow_hub_models
         )
@@ -239,12 +248,19 @@ class Worker:
     def run_forever(self) -> None:
         has = self.capabilities
         log.info(
-            "worker %s polling for runs every %.1fs; it has %s and %s",
+            "worker %s polling for runs every %.1fs; it has %s and %s, and trains within "
+            "%.2f GiB of memory%s",
             self.worker_id,
             self.config.poll_seconds,
             f"a CUDA GPU ({has.gpu_memory_gib:.1f} GiB)" if has.cuda else "no CUDA GPU",
             "GPTQModel" if has.gptq else "no GPTQModel",
+            self.memory_bytes / 2**30,
+            " (its limit: a run's process that holds more is killed)" if self.memory_limit else "",
         )
+        if self.config.calibrate_training:
+            from loraforge.services.trainer import calibration
+
+            calibration.start_in_background(self)
         done = 0
         try:
             while not self.stop.is_set():
@@ -267,27 +283,25 @@ class Worker:
         log.info("worker %s stopped", self.worker_id)
 
     def run_job(self, job: ClaimedJob) -> None:
+        """Trains `job` in a process of its own (`training_child`) while this one renews the
+        lease and watches its memory; the worker lives on whatever happens to that process."""
         log.info("claimed %s (attempt %d)", job.name, job.attempt)
         reporter = JobReporter(self.store, job.name, self.worker_id)
-        bridge = _RunReporter(self, job, reporter, self.stop)
-        heartbeat = threading.Thread(target=self._heartbeat, args=(reporter, bridge), daemon=True)
+        lost = threading.Event()  # the run is no longer ours (cancelled, taken over)
+        done = threading.Event()
+        heartbeat = threading.Thread(
+            target=self._heartbeat, args=(reporter, lost, done), daemon=True
+        )
         heartbeat.start()
         scratch = Path(tempfile.mkdtemp(prefix="run-", dir=self._scratch_root()))
         try:
-            self._train_and_upload(job, reporter, bridge, scratch)
-        except TrainingStopped:
-            self._stopped(job, reporter, bridge)
-        except ToleranceExceeded as exc:
-            reporter.failed(str(exc), tolerance_exceeded=True)
-        except TrainingError as exc:
-            reporter.failed(str(exc))
-        except Unavailable as exc:
-            if job.attempt < self.config.max_attempts:
-                reporter.release(f"{exc.message}; requeued to retry")
+            ended = self._train_in_child(job, scratch, lost)
+            if ended.code == 0:
+                return
+            if ended.out_of_memory:
+                self._out_of_memory(job, reporter, ended)
             else:
-                reporter.failed(exc.message)
-        except LoraforgeError as exc:
-            reporter.failed(exc.message)
+                self._crashed(job, reporter, ended)
         except Exception as exc:
             incident = new_id()[:12]
             log.exception("run %s failed unexpectedly (incident %s)", job.name, incident)
@@ -295,9 +309,130 @@ class Worker:
             reporter.log(reason, "ERROR")
             reporter.failed(reason)
         finally:
-            bridge.lost.set()  # ends the heartbeat thread
+            done.set()  # ends the heartbeat thread
             heartbeat.join(timeout=10)
             shutil.rmtree(scratch, ignore_errors=True)
+
+    def _train_in_child(self, job: ClaimedJob, scratch: Path, lost: threading.Event) -> ChildExit:
+        """Runs the training process for `job` to its end: it is told when the worker shuts
+        down (SIGTERM) or the run is no longer ours (SIGUSR1), and killed (SIGKILL) when it
+        holds more memory than the worker's limit."""
+        kills_before = hardware.oom_kills()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "loraforge.services.trainer.training_child"],
+            stdin=subprocess.PIPE,
+        )
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(training_child.spec(self.config, self.worker_id, job, scratch))
+            proc.stdin.close()
+        except BrokenPipeError:  # it died at once; its exit code says how
+            pass
+        try:
+            return self._watch(job, proc, lost, kills_before)
+        finally:
+            if proc.poll() is None:  # the worker itself failed: the process must not outlive it
+                kill_tree(proc.pid)
+                proc.wait()
+
+    def _watch(
+        self,
+        job: ClaimedJob,
+        proc: subprocess.Popen[bytes],
+        lost: threading.Event,
+        kills_before: int | None,
+    ) -> ChildExit:
+        peak = 0
+        watchdog_killed = told_stop = told_lost = False
+        interval = WATCH_SECONDS if self.memory_limit else 5 * WATCH_SECONDS
+        while True:
+            try:
+                code = proc.wait(timeout=interval)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            rss = tree_rss(proc.pid)
+            peak = max(peak, rss)
+            if self.memory_limit and rss > self.memory_limit and not watchdog_killed:
+                log.warning(
+                    "%s: its training process holds %.2f GiB, over this worker's limit of "
+                    "%.2f GiB: killing it",
+                    job.name,
+                    rss / 2**30,
+                    self.memory_limit / 2**30,
+                )
+                kill_tree(proc.pid)
+                watchdog_killed = True
+            if self.stop.is_set() and not told_stop:
+                proc.send_signal(signal.SIGTERM)
+                told_stop = True
+            if lost.is_set() and not told_lost:
+                proc.send_signal(signal.SIGUSR1)
+                told_lost = True
+        kills_after = hardware.oom_kills()
+        kernel = kills_before is not None and kills_after is not None and kills_after > kills_before
+        if code != 0:
+            log.warning("%s: its training process exited with %s", job.name, signal_line(code))
+        return ChildExit(code, peak, watchdog_killed, kernel)
+
+    def _attempted_params(self, job: ClaimedJob) -> tuple[TrainingParams, str] | None:
+        """The parameters the killed attempt started from, and the model's folder (None: the
+        run's stored parameters or its model cannot be read here)."""
+        try:
+            params = tpl.stored_params(job.template, job.params)
+            model_path = self.models.resolve(params.base_model)
+        except (ValueError, LoraforgeError):
+            return None
+        for _ in range(job.memory_retries):
+            params = memory_fit.smaller_plan(params)
+        return params, model_path
+
+    def _out_of_memory(self, job: ClaimedJob, reporter: JobReporter, ended: ChildExit) -> None:
+        """Retries the run once with a smaller plan, from its last checkpoint; fails it after that."""
+        row = self.store.get_version(job.name)
+        step = int((row.progress or {}).get("step", 0))
+        attempted = self._attempted_params(job)
+        estimate = memory_fit.estimated_peak(*attempted) if attempted else 0
+        figures = (
+            f"estimated {memory_fit.gib(estimate)}" if estimate else "no estimate of its peak"
+        ) + (
+            f", the worker had {memory_fit.gib(self.memory_bytes)} "
+            f"(peak RSS {memory_fit.gib(ended.peak_rss)}; {ended.cause})"
+        )
+        if job.memory_retries < MEMORY_RETRIES and attempted is not None:
+            trc = memory_fit.smaller_plan(attempted[0]).trainer_config
+            where = (
+                f"from checkpoint step {row.checkpoint_step}"
+                if row.checkpoint_step
+                else "from the start"
+            )
+            message = (
+                f"out of memory at step {step}: {figures}; retrying with micro-batch "
+                f"{trc.per_device_train_batch_size} x {trc.gradient_accumulation_steps} "
+                f"accumulation steps and gradient checkpointing (the same global batch) {where}"
+            )
+            reporter.log(message, "ERROR")
+            reporter.retry_smaller(message)
+            return
+        again = ", again after a retry with a smaller plan" if job.memory_retries else ""
+        message = f"out of memory at step {step}: {figures}{again}. {memory_fit.WHAT_TO_CHANGE}"
+        reporter.log(message, "ERROR")
+        reporter.failed(message)
+
+    def _crashed(self, job: ClaimedJob, reporter: JobReporter, ended: ChildExit) -> None:
+        """The training process died on its own (not for memory): requeued while starts are left."""
+        reason = (
+            f"the training process on worker {self.worker_id} exited with {signal_line(ended.code)}"
+        )
+        if self.stop.is_set():
+            reporter.release(f"{reason} as the worker shut down; requeued")
+        elif job.starts < self.config.max_attempts:
+            reporter.release(f"{reason}; requeued to retry from its last checkpoint")
+        else:
+            reporter.failed(
+                f"{reason} on attempt {job.starts} of {self.config.max_attempts}; giving up "
+                f"(the worker's log has the details)"
+            )
 
     def _scratch_root(self) -> str | None:
         if not self.config.work_dir:
@@ -305,135 +440,19 @@ class Worker:
         Path(self.config.work_dir).mkdir(parents=True, exist_ok=True)
         return self.config.work_dir
 
-    def _heartbeat(self, reporter: JobReporter, bridge: _RunReporter) -> None:
-        while not bridge.lost.wait(self.config.heartbeat_seconds):
+    def _heartbeat(
+        self, reporter: JobReporter, lost: threading.Event, done: threading.Event
+    ) -> None:
+        while not done.wait(self.config.heartbeat_seconds):
             try:
-                if not reporter.heartbeat(self.config.lease_seconds):
+                if not lost.is_set() and not reporter.heartbeat(self.config.lease_seconds):
                     log.warning(
                         "%s is no longer ours (cancelled or taken over); stopping it", reporter.name
                     )
-                    bridge.lost.set()
+                    lost.set()
                 self.advertise()
             except Exception:  # a database hiccup: keep trying until the lease runs out
                 log.exception("heartbeat for %s failed", reporter.name)
-
-    def _stopped(self, job: ClaimedJob, reporter: JobReporter, bridge: _RunReporter) -> None:
-        if self.stop.is_set() and not bridge.lost.is_set():
-            reporter.release(
-                f"worker {self.worker_id} shut down; requeued to resume from its last checkpoint"
-            )
-            return
-        # A cancelled run keeps the checkpoints it saved: they export and continue like a
-        # version's adapter until the version is deleted.
-        state = self.store.version_state(job.name)
-        log.info("%s stopped: it is now %s", job.name, state)
-
-    def _train_and_upload(
-        self, job: ClaimedJob, reporter: JobReporter, bridge: _RunReporter, scratch: Path
-    ) -> None:
-        try:
-            params = tpl.stored_params(job.template, job.params)
-        except ValueError as exc:
-            raise TrainingError(
-                f"the run's stored parameters cannot be read ({exc}); create the run again"
-            ) from None
-        # The trainer checked the name when the run was created; the settings may differ here.
-        model_path = self.models.resolve(params.base_model)
-        trc = params.trainer_config
-        bridge.keep_checkpoints(trc.save_total_limit, keep_best=trc.adapter_checkpoint == "best")
-        examples = list(
-            dataset_client.read_examples(
-                self.config.dataset_address, job.dataset_version, self.security
-            )
-        )
-        bridge.log(f"read {len(examples)} examples from {job.dataset_version}")
-        resume_from = None
-        init_adapter = None
-        if job.checkpoint_key:
-            resume_from = scratch / "checkpoints" / job.checkpoint_key.rsplit("/", 1)[-1]
-            copy_store_to_tree(self.objects, job.checkpoint_key, resume_from)
-            bridge.log(
-                f"downloaded checkpoint {job.checkpoint_key} to resume at step {job.checkpoint_step}"
-            )
-        elif job.from_model_version:
-            # A checkpoint of this run already holds what it learnt on top of the earlier adapter.
-            init_adapter = scratch / INIT_ADAPTER
-            prefix = f"{version_prefix(job.name)}/{INIT_ADAPTER}"
-            if len(copy_store_to_tree(self.objects, prefix, init_adapter)) < len(INIT_FILES):
-                raise TrainingError(
-                    f"the adapter of {job.from_model_version} that this run continues from is "
-                    f"missing under {prefix}; create the run again"
-                )
-            bridge.log(f"starting from the adapter of {job.from_model_version}")
-        result = run_training(
-            params,
-            examples,
-            scratch,
-            bridge,
-            resume_from=resume_from,
-            model_path=model_path,
-            trust_remote_code=self.config.trust_remote_code,
-            init_adapter=init_adapter,
-            memory_limit=int(self.config.memory_limit_gib * 2**30) or None,
-        )
-        # A folder in a model root is recorded by its real path: what a predictor serves.
-        base_model = model_path if model_path.startswith("/") else params.base_model
-        if bridge.should_stop():
-            raise TrainingStopped()
-        if not reporter.uploading():
-            raise TrainingStopped()
-        adapter_prefix = version_prefix(job.name) + "/adapter"
-        manifest = {
-            "format": "loraforge.adapter.v1",
-            "model_version": job.name,
-            "base_model": base_model,
-            "template": job.template,
-            "dataset_version": job.dataset_version,
-            "from_model_version": job.from_model_version,
-            "params": params.to_dict(),
-            "metrics": result.metrics,
-            "global_step": result.global_step,
-            "resumed_from_step": result.resumed_from_step,
-            "attempt": job.attempt,
-            "library_versions": library_versions(),
-            "files": list(ADAPTER_FILES),
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        (result.adapter_dir / "manifest.json").write_text(
-            json.dumps(manifest, indent=2, sort_keys=True)
-        )
-        size = 0
-        for name in (*ADAPTER_FILES, "manifest.json"):
-            size += self.objects.put_file(
-                f"{adapter_prefix}/{name}", result.adapter_dir / name
-            ).size
-        bridge.log(f"uploaded the adapter ({size:,} bytes) to {adapter_prefix}")
-        if not reporter.trained(
-            adapter_prefix=adapter_prefix,
-            base_model=base_model,
-            adapter_bytes=size,
-            metrics=result.metrics,
-        ):
-            self.objects.delete_prefix(adapter_prefix + "/")
-            raise TrainingStopped()
-        log.info("%s trained: %s", job.name, result.metrics)
-
-
-def unexpected_failure(exc: BaseException, incident: str, worker_id: str) -> str:
-    """What a user reads when training stopped on an error that is not theirs to fix alone."""
-    import torch
-
-    cause = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
-    if isinstance(exc, MemoryError | getattr(torch, "OutOfMemoryError", MemoryError)):
-        return (
-            f"training ran out of memory ({cause}). Lower trainer_config.per_device_train_batch_size "
-            "or tokenizer_config.model_max_length, or turn on trainer_config.gradient_checkpointing, "
-            "then create the run again."
-        )
-    return (
-        f"training stopped on an unexpected error ({cause}). Create the run again; if it fails "
-        f"the same way, the log of worker {worker_id} has the details under incident {incident}."
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,7 +27,12 @@ def capabilities_of(session: Session, worker_id: str) -> Capabilities:
     ).scalar_one_or_none()
     if row is None:
         return Capabilities()
-    return Capabilities(cuda=row.cuda, gpu_memory_gib=row.gpu_memory_gib, gptq=row.gptq)
+    return Capabilities(
+        cuda=row.cuda,
+        gpu_memory_gib=row.gpu_memory_gib,
+        gptq=row.gptq,
+        memory_bytes=row.memory_bytes,
+    )
 
 
 class Workers:
@@ -42,6 +47,7 @@ class Workers:
             "cuda": has.cuda,
             "gpu_memory_gib": has.gpu_memory_gib,
             "gptq": has.gptq,
+            "memory_bytes": has.memory_bytes,
             "last_seen": now,
             "ttl_seconds": ttl_seconds,
         }
@@ -71,7 +77,8 @@ class Workers:
                 .all()
             )
         return [
-            LiveWorker(r.worker_id, Capabilities(r.cuda, r.gpu_memory_gib, r.gptq)) for r in rows
+            LiveWorker(r.worker_id, Capabilities(r.cuda, r.gpu_memory_gib, r.gptq, r.memory_bytes))
+            for r in rows
         ]
 
     def forget_expired(self, before: float) -> int:

@@ -201,6 +201,26 @@ class Evaluation(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class LabelAliasesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     BASE_MODEL_FIELD_NUMBER: _builtins.int
@@ -218,6 +238,7 @@ class Evaluation(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     PRIMARY_SCORE_FIELD_NUMBER: _builtins.int
     BASE_MODEL_NAME_FIELD_NUMBER: _builtins.int
+    LABEL_ALIASES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name:
     `apps/{app}/models/{model}/versions/{version}/evaluations/{evaluation}`
@@ -289,6 +310,12 @@ class Evaluation(_message.Message):
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When it ended."""
 
+    @_builtins.property
+    def label_aliases(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The label aliases label accuracy read outputs with, normalized (alias to
+        label); see `CreateEvaluationRequest.label_aliases`.
+        """
+
     def __init__(
         self,
         *,
@@ -309,10 +336,11 @@ class Evaluation(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         primary_score: _builtins.str = ...,
         base_model_name: _builtins.str = ...,
+        label_aliases: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["confusion_matrix", b"confusion_matrix", "create_time", b"create_time", "end_time", b"end_time", "params", b"params", "progress", b"progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "base_model_name", b"base_model_name", "confusion_matrix", b"confusion_matrix", "create_time", b"create_time", "dataset_version", b"dataset_version", "end_time", b"end_time", "failure_reason", b"failure_reason", "metrics", b"metrics", "model_version", b"model_version", "name", b"name", "params", b"params", "primary_score", b"primary_score", "progress", b"progress", "prompt_like", b"prompt_like", "scores", b"scores", "state", b"state", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "base_model_name", b"base_model_name", "confusion_matrix", b"confusion_matrix", "create_time", b"create_time", "dataset_version", b"dataset_version", "end_time", b"end_time", "failure_reason", b"failure_reason", "label_aliases", b"label_aliases", "metrics", b"metrics", "model_version", b"model_version", "name", b"name", "params", b"params", "primary_score", b"primary_score", "progress", b"progress", "prompt_like", b"prompt_like", "scores", b"scores", "state", b"state", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -400,6 +428,26 @@ class CreateEvaluationRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelAliasesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     PARENT_FIELD_NUMBER: _builtins.int
     EVALUATION_ID_FIELD_NUMBER: _builtins.int
     DATASET_VERSION_FIELD_NUMBER: _builtins.int
@@ -407,6 +455,7 @@ class CreateEvaluationRequest(_message.Message):
     PARAMS_FIELD_NUMBER: _builtins.int
     MAX_EXAMPLES_FIELD_NUMBER: _builtins.int
     PROMPT_LIKE_FIELD_NUMBER: _builtins.int
+    LABEL_ALIASES_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """A TRAINED model version
     (`apps/{app}/models/{model}/versions/{version}`), one of a version's
@@ -450,6 +499,17 @@ class CreateEvaluationRequest(_message.Message):
         predictor's, except `temperature`, which is 0 (greedy) unless given.
         """
 
+    @_builtins.property
+    def label_aliases(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """For `label_accuracy`: words an output may answer a label with, alias to
+        label (`neg` to `negative`, `bad` to `negative`). Both are compared
+        case-insensitively and normalized as exact match normalizes; an alias is
+        one word, and an output's first label-like word that is an alias counts
+        as its label. Each label must be one of the dataset version's labels
+        (its completions, normalized); an alias must not be a label itself.
+        Stored with the evaluation, so its scores can be reproduced.
+        """
+
     def __init__(
         self,
         *,
@@ -460,10 +520,11 @@ class CreateEvaluationRequest(_message.Message):
         params: _predictor_service_pb2.InferenceParams | None = ...,
         max_examples: _builtins.int = ...,
         prompt_like: _builtins.str = ...,
+        label_aliases: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_version", b"dataset_version", "evaluation_id", b"evaluation_id", "max_examples", b"max_examples", "metrics", b"metrics", "params", b"params", "parent", b"parent", "prompt_like", b"prompt_like"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_version", b"dataset_version", "evaluation_id", b"evaluation_id", "label_aliases", b"label_aliases", "max_examples", b"max_examples", "metrics", b"metrics", "params", b"params", "parent", b"parent", "prompt_like", b"prompt_like"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

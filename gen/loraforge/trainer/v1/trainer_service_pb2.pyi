@@ -293,16 +293,26 @@ class Hardware(_message.Message):
     REQUIRES_GPTQ_FIELD_NUMBER: _builtins.int
     MIN_GPU_MEMORY_GIB_FIELD_NUMBER: _builtins.int
     SUMMARY_FIELD_NUMBER: _builtins.int
+    ESTIMATED_PEAK_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     requires_cuda: _builtins.bool
     """Whether training needs a CUDA GPU."""
     requires_gptq: _builtins.bool
     """Whether training needs the optional `gptq` extra (GPTQModel + optimum)."""
     min_gpu_memory_gib: _builtins.float
     """GPU memory needed to train with the defaults, in GiB (0 when it runs on
-    CPU).
+    CPU). Where the base model is on the trainer's machine, no lower than
+    the estimator's figure for the defaults at `model_max_length` on a GPU.
     """
     summary: _builtins.str
-    """The requirements in words."""
+    """The requirements in words; where the base model is on the trainer's
+    machine, with the memory its defaults need by the estimator's formula.
+    """
+    estimated_peak_memory_bytes: _builtins.int
+    """Estimated peak memory of training with the defaults on rows of
+    `tokenizer_config.model_max_length` tokens, in bytes, on the kind of
+    worker that trains it (a CUDA GPU where the template needs one, else a
+    CPU); 0 where the base model's files are not on the trainer's machine.
+    """
     def __init__(
         self,
         *,
@@ -310,10 +320,11 @@ class Hardware(_message.Message):
         requires_gptq: _builtins.bool = ...,
         min_gpu_memory_gib: _builtins.float = ...,
         summary: _builtins.str = ...,
+        estimated_peak_memory_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["min_gpu_memory_gib", b"min_gpu_memory_gib", "requires_cuda", b"requires_cuda", "requires_gptq", b"requires_gptq", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimated_peak_memory_bytes", b"estimated_peak_memory_bytes", "min_gpu_memory_gib", b"min_gpu_memory_gib", "requires_cuda", b"requires_cuda", "requires_gptq", b"requires_gptq", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -462,6 +473,7 @@ class Model(_message.Message):
     NOTES_FIELD_NUMBER: _builtins.int
     DEFAULT_INFERENCE_PARAMS_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    BEST_VERSION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: `apps/{app}/models/{model}`."""
     description: _builtins.str
@@ -479,6 +491,12 @@ class Model(_message.Message):
     RFC 7232 and weak (`W/"…"`), since training does not change it. Send it
     back in UpdateModel to change the model only if nobody changed it in
     between.
+    """
+    best_version: _builtins.str
+    """The version chosen as the model's best, e.g. by a sweep's evaluation: a
+    TRAINED version of this model
+    (`apps/{app}/models/{model}/versions/{version}`); empty: none chosen.
+    Set with UpdateModel (`best_version` in `update_mask`; empty clears it).
     """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -502,10 +520,11 @@ class Model(_message.Message):
         notes: _builtins.str = ...,
         default_inference_params: _predictor_service_pb2.InferenceParams | None = ...,
         etag: _builtins.str = ...,
+        best_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "default_inference_params", b"default_inference_params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "default_inference_params", b"default_inference_params", "description", b"description", "etag", b"etag", "latest_trained_version", b"latest_trained_version", "model_type", b"model_type", "name", b"name", "notes", b"notes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_version", b"best_version", "create_time", b"create_time", "default_inference_params", b"default_inference_params", "description", b"description", "etag", b"etag", "latest_trained_version", b"latest_trained_version", "model_type", b"model_type", "name", b"name", "notes", b"notes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1186,9 +1205,9 @@ class UpdateModelRequest(_message.Message):
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """The fields to change: `description`, `notes`,
-        `default_inference_params`. `*` changes every changeable field; without
-        a mask, the changeable fields set in `model` change. Other paths are
-        INVALID_ARGUMENT.
+        `default_inference_params`, `best_version`. `*` changes every changeable
+        field; without a mask, the changeable fields set in `model` change. Other
+        paths are INVALID_ARGUMENT.
         """
 
     def __init__(
@@ -2177,7 +2196,8 @@ class EstimateModelVersionResponse(_message.Message):
     """The training throughput the estimate assumes, in tokens per second."""
     calibration: _builtins.str
     """Where that throughput comes from, in words (the runs it was measured
-    on), or why there is none.
+    on, or, before any TRAINED run, a worker's measurement of its machine
+    at its start), or why there is none.
     """
     estimated_peak_memory_bytes: _builtins.int
     """Estimated peak memory of training, in bytes: the weights, the LoRA
@@ -2201,8 +2221,8 @@ class EstimateModelVersionResponse(_message.Message):
     @_builtins.property
     def estimated_time(self) -> _duration_pb2.Duration:
         """Estimated wall time of the run on a worker (training plus loading);
-        unset when no TRAINED run of this base model on this kind of worker
-        has measured a throughput yet.
+        unset when neither a TRAINED run of this base model on this kind of
+        worker nor a worker's measurement at its start has a throughput yet.
         """
 
     def __init__(

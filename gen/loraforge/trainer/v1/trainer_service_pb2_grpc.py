@@ -234,9 +234,9 @@ class TrainerServiceServicer:
 
     def UpdateModel(self, request, context):
         """Changes the fields of a model that `update_mask` names (AIP-134): its
-        description, notes and default inference parameters. With `model.etag`
-        set, the update is ABORTED if the model changed since that etag was read
-        (AIP-154).
+        description, notes, default inference parameters and best version. With
+        `model.etag` set, the update is ABORTED if the model changed since that
+        etag was read (AIP-154).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

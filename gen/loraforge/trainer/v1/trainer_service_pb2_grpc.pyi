@@ -55,9 +55,9 @@ class TrainerServiceStub:
     """Gets one model by name."""
     UpdateModel: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.UpdateModelRequest, _trainer_service_pb2.UpdateModelResponse]
     """Changes the fields of a model that `update_mask` names (AIP-134): its
-    description, notes and default inference parameters. With `model.etag`
-    set, the update is ABORTED if the model changed since that etag was read
-    (AIP-154).
+    description, notes, default inference parameters and best version. With
+    `model.etag` set, the update is ABORTED if the model changed since that
+    etag was read (AIP-154).
     """
     ListModels: _grpc.UnaryUnaryMultiCallable[_trainer_service_pb2.ListModelsRequest, _trainer_service_pb2.ListModelsResponse]
     """Lists the models of an app, oldest first."""
@@ -180,9 +180,9 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     """Gets one model by name."""
     UpdateModel: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.UpdateModelRequest, _trainer_service_pb2.UpdateModelResponse]  # type: ignore[assignment]
     """Changes the fields of a model that `update_mask` names (AIP-134): its
-    description, notes and default inference parameters. With `model.etag`
-    set, the update is ABORTED if the model changed since that etag was read
-    (AIP-154).
+    description, notes, default inference parameters and best version. With
+    `model.etag` set, the update is ABORTED if the model changed since that
+    etag was read (AIP-154).
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_trainer_service_pb2.ListModelsRequest, _trainer_service_pb2.ListModelsResponse]  # type: ignore[assignment]
     """Lists the models of an app, oldest first."""
@@ -344,9 +344,9 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_service_pb2.UpdateModelResponse, _abc.Awaitable[_trainer_service_pb2.UpdateModelResponse]]:
         """Changes the fields of a model that `update_mask` names (AIP-134): its
-        description, notes and default inference parameters. With `model.etag`
-        set, the update is ABORTED if the model changed since that etag was read
-        (AIP-154).
+        description, notes, default inference parameters and best version. With
+        `model.etag` set, the update is ABORTED if the model changed since that
+        etag was read (AIP-154).
         """
 
     @_abc_1.abstractmethod
