@@ -340,32 +340,15 @@ class JobReporter:
 
     def release(self, message: str) -> bool:
         """Hands the run back to the queue (worker shutting down, dependency down); it resumes later."""
-        with self.store.sessions.begin() as s:
-            seq = append_event(
-                s,
-                self.name,
-                EventKind.STATE,
-                state_payload(State.QUEUED, message),
-                fence=self._fence(),
-            )
-            if seq is None:
-                return False
-            s.execute(
-                update(VersionRow)
-                .where(VersionRow.name == self.name)
-                .values(
-                    state=State.QUEUED.value,
-                    status_code=STATUS_CODES[State.QUEUED],
-                    worker_id="",
-                    lease_expires=None,
-                )
-            )
-        return True
+        return self._requeue(message)
 
     def retry_smaller(self, message: str) -> bool:
         """Requeues the run after an out-of-memory kill, to train again with a smaller memory
         plan (`ClaimedJob.memory_retries` counts these; they are not starts `max_attempts`
         limits) from its last checkpoint."""
+        return self._requeue(message, memory_retries=VersionRow.memory_retries + 1)
+
+    def _requeue(self, message: str, **values: Any) -> bool:
         with self.store.sessions.begin() as s:
             seq = append_event(
                 s,
@@ -384,7 +367,7 @@ class JobReporter:
                     status_code=STATUS_CODES[State.QUEUED],
                     worker_id="",
                     lease_expires=None,
-                    memory_retries=VersionRow.memory_retries + 1,
+                    **values,
                 )
             )
         return True
