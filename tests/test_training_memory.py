@@ -1,11 +1,10 @@
-"""Training on review-length examples fits a worker's memory: the real SmolLM2 template's
-defaults at model_max_length 2,048, through the services, with the worker limited to 4 GiB."""
+"""Training on long real examples fits a worker's memory: the real SmolLM2 template's
+defaults at model_max_length 2,048 on whole emails (some over 1,000 tokens), through the
+services, with the worker limited to 4 GiB."""
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import json_format, struct_pb2
 
+from loraforge.client.demo import demo_file
 from loraforge.dataset.v1 import dataset_service_pb2 as dpb
 from loraforge.dataset.v1 import dataset_service_pb2_grpc as dpb_grpc
 from loraforge.services.common import base_models
@@ -24,28 +24,16 @@ from tests.support import REPO, channel, start_service
 pytestmark = pytest.mark.slow
 
 GIB = 2**30
-WORDS = (
-    "the film was slow but the acting felt honest and the score carried scenes that the script "
-    "could not while the ending dragged on far too long for a story this thin yet some moments "
-    "of real warmth made me care about characters I expected to forget"
-).split()
 
 
-def _reviews(n: int) -> bytes:
-    """Review-length prompts, 100 to 1,100 words (the longest over 1,000 tokens)."""
-    rng = random.Random(5)
-    lines = []
-    for i in range(n):
-        words = [100, 300, 600, 1100][i % 4] + rng.randint(0, 40)
-        review = " ".join(rng.choice(WORDS) for _ in range(words))
-        label = rng.choice(["positive", "negative"])
-        lines.append(
-            json.dumps({"prompt": f"Review: {review}\nSentiment:", "completion": f" {label}"})
-        )
+def _emails(n: int) -> bytes:
+    """Real emails of realistic length (the SpamAssassin corpus's, whole up to 6,000
+    characters): the first eight run from about 500 to 1,270 tokens, four over 1,000."""
+    lines = demo_file("spam_long.jsonl").read_text(encoding="utf-8").splitlines()[:n]
     return ("\n".join(lines) + "\n").encode()
 
 
-def test_the_default_template_trains_long_reviews_in_a_worker_limited_to_4_gib(
+def test_the_default_template_trains_long_real_emails_in_a_worker_limited_to_4_gib(
     tmp_path: Path,
 ) -> None:
     base_models.resolve_base_model(base_models.DEFAULT_BASE_MODEL)  # converted once per machine
@@ -57,33 +45,33 @@ def test_the_default_template_trains_long_reviews_in_a_worker_limited_to_4_gib(
     try:
         dstub = dpb_grpc.DatasetServiceStub(channel(dataset.address))
         dstub.CreateApp(dpb.CreateAppRequest(app_id="mem"))
-        dstub.CreateDataset(dpb.CreateDatasetRequest(parent="apps/mem", dataset_id="reviews"))
-        header = dpb.UploadHeader(dataset="apps/mem/datasets/reviews", file_name="r.jsonl")
+        dstub.CreateDataset(dpb.CreateDatasetRequest(parent="apps/mem", dataset_id="emails"))
+        header = dpb.UploadHeader(dataset="apps/mem/datasets/emails", file_name="r.jsonl")
         upload = dstub.UploadInputs(
             iter(
                 [
                     dpb.UploadInputsRequest(header=header),
-                    dpb.UploadInputsRequest(chunk=_reviews(8)),
+                    dpb.UploadInputsRequest(chunk=_emails(8)),
                 ]
             )
         )
         assert upload.rows_accepted == 8
         dstub.CreateDatasetVersion(
-            dpb.CreateDatasetVersionRequest(parent="apps/mem/datasets/reviews", version_id="v1")
+            dpb.CreateDatasetVersionRequest(parent="apps/mem/datasets/emails", version_id="v1")
         )
         tstub = tpb_grpc.TrainerServiceStub(channel(trainer.address))
-        tstub.CreateModel(tpb.CreateModelRequest(parent="apps/mem", model_id="sentiment"))
+        tstub.CreateModel(tpb.CreateModelRequest(parent="apps/mem", model_id="spam"))
         # The template's defaults (micro-batch 8, no gradient checkpointing) but one step,
-        # no held-out split, and room for the longest review.
+        # no held-out split, and room for the longest email.
         overrides = {
             "tokenizer_config": {"model_max_length": 2048},
             "trainer_config": {"max_steps": 1, "eval_split_percent": 0},
         }
         request = tpb.CreateModelVersionRequest(
-            parent="apps/mem/models/sentiment",
+            parent="apps/mem/models/spam",
             version_id="v1",
             template="templates/HF_SmolLM2_135m_instruct_lora",
-            dataset_version="apps/mem/datasets/reviews/versions/v1",
+            dataset_version="apps/mem/datasets/emails/versions/v1",
             param_overrides=json_format.ParseDict(overrides, struct_pb2.Struct()),
         )
         estimate = tstub.EstimateModelVersion(

@@ -769,7 +769,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.eval_dataset_version or args.metric or args.eval_max_tokens:
         raise UsageError("--eval-dataset-version, --metric and --eval-max-tokens are for --sweep")
     if args.estimate:
-        _print_estimate(model.estimate(from_model_version=args.from_version))
+        print_estimate(model.estimate(from_model_version=args.from_version))
         return
     version_id = model.train(
         version_id=args.id, request_id=args.request_id, from_model_version=args.from_version
@@ -781,7 +781,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     follow(client, version_name, plot=args.plot)
 
 
-def _print_estimate(e: tpb.EstimateModelVersionResponse) -> None:
+def print_estimate(e: tpb.EstimateModelVersionResponse) -> None:
+    """The estimate as a table: what `train --estimate` and the demo print."""
     table = Table(show_header=False, title="estimate (nothing queued)")
     table.add_row("examples", f"{e.examples_kept:,} of {e.examples_total:,} kept")
     if e.examples_truncated:

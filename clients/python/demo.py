@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from loraforge.client.cli import _print_estimate, follow, start_cluster
+from loraforge.client.cli import follow, print_estimate, start_cluster
 from loraforge.client.client import Client
 from loraforge.client.local import LocalCluster
 from loraforge.services.common.base_models import DEFAULT_BASE_MODEL, lookup
@@ -169,7 +169,7 @@ def _workflow(client: Client, base_model: str, epochs: float) -> dict[str, float
         tokenizer_config={"prompt_format": "chat", "system_prompt": SYSTEM_PROMPT},
         trainer_config={"num_train_epochs": epochs, "eval_split_percent": 0},
     )
-    _print_estimate(model.estimate())
+    print_estimate(model.estimate())
     version_id = model.train()
     version_name = model.version_name(version_id)
     console.print(f"training {version_name} (template {TEMPLATE}, base {base_model})")
