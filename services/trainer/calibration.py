@@ -384,7 +384,7 @@ def measure(
             began, began_cpu = time.monotonic(), time.process_time()
             with autocast:
                 keep = training.labelled_positions(labels)
-                if keep is not None and training._takes_logits_to_keep(model):
+                if keep is not None and training.takes_logits_to_keep(model):
                     out = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep)
                     loss = training.labelled_loss(out.logits, labels[:, keep + 1])
                     loss = loss / (labels[:, 1:] != training.IGNORE_INDEX).sum().clamp(min=1)

@@ -3,8 +3,11 @@
 Teacher forcing: each example is tokenized exactly as training tokenizes it (the run's
 prompt format, system prompt and end-of-sequence token), the model reads prompt and
 completion in one forward pass, and the completion's tokens (and the end-of-sequence
-token) are scored by their log-likelihood. An evaluation runs this as a process of its
-own, as a merged export does, since it loads a whole base model.
+token) are scored by their log-likelihood. Consecutive examples with the same prompt (the
+candidate labels of a `label_likelihood` evaluation) read their shared tokens once and
+each candidate's own from a copy of that cache; logits are computed only where a token is
+scored. An evaluation runs this as a process of its own, as a merged export does, since
+it loads a whole base model.
 
 Input: `--params` (a run's parameters, JSON), `--adapter` (a PEFT adapter folder, or
 none for the base model), `--examples` (JSONL of `prompt` and `completion`). Output:
@@ -29,8 +32,10 @@ from loraforge.services.common.model_access import refuse_model_code
 from loraforge.services.trainer.params import TrainingParams
 from loraforge.services.trainer.training import (
     IGNORE_INDEX,
+    Feature,
     TrainingExample,
     load_tokenizer,
+    takes_logits_to_keep,
     tokenize_examples,
 )
 
@@ -55,23 +60,95 @@ def reference_nll(
 
         model = PeftModel.from_pretrained(model, str(adapter))
     model.eval()
-    found: list[tuple[float, int] | None] = []
+    features = []
+    for prompt, completion in examples:
+        tokenized, _ = tokenize_examples(tokenizer, [TrainingExample(prompt, completion)], params)
+        features.append(tokenized[0] if tokenized else None)
+    found: list[tuple[float, int] | None] = [None] * len(examples)
     with torch.inference_mode():
-        for prompt, completion in examples:
-            features, _ = tokenize_examples(
-                tokenizer, [TrainingExample(prompt, completion)], params
-            )
-            if not features:
-                found.append(None)
-                continue
-            ids = torch.tensor([features[0].input_ids])
-            labels = torch.tensor(features[0].labels[1:])
-            logits = model(input_ids=ids).logits[0, :-1]
-            nll = torch.nn.functional.cross_entropy(
-                logits, labels, ignore_index=IGNORE_INDEX, reduction="sum"
-            )
-            found.append((float(nll), int((labels != IGNORE_INDEX).sum())))
+        start = 0
+        while start < len(examples):
+            # Consecutive examples with one prompt (a label_likelihood evaluation's candidate
+            # labels) read that prompt once.
+            end = start + 1
+            while end < len(examples) and examples[end][0] == examples[start][0]:
+                end += 1
+            group = [(i, features[i]) for i in range(start, end) if features[i] is not None]
+            for i, scored in _score_group(model, [f for _, f in group if f is not None]):
+                found[group[i][0]] = scored
+            start = end
     return found
+
+
+def _score_group(model: Any, group: Sequence[Feature]) -> list[tuple[int, tuple[float, int]]]:
+    """(index in `group`, (nll, tokens)) of each feature: one forward pass over the prefix the
+    features share before their first labelled token, then one over each one's rest, from a
+    copy of the prefix's cache; logits only where a label is scored."""
+    import copy
+
+    import torch
+
+    if not group:
+        return []
+    shared = min(len(f.input_ids) for f in group)
+    for f in group:
+        first_label = next(
+            (t for t, label in enumerate(f.labels) if label != IGNORE_INDEX), len(f.labels)
+        )
+        same = next(
+            (
+                t
+                for t, (a, b) in enumerate(zip(f.input_ids, group[0].input_ids, strict=False))
+                if a != b
+            ),
+            min(len(f.input_ids), len(group[0].input_ids)),
+        )
+        shared = min(shared, first_label, same)
+    out = []
+    if len(group) == 1 or shared < 1:
+        for k, f in enumerate(group):
+            labels = torch.tensor(f.labels[1:])
+            keep = len(labels) - next(
+                (t for t, label in enumerate(f.labels[1:]) if label != IGNORE_INDEX), len(labels)
+            )
+            logits = _last_logits(model, keep + 1, input_ids=torch.tensor([f.input_ids]))
+            out.append((k, _nll(logits[0, :-1], labels, keep)))
+        return out
+    prefix = model(input_ids=torch.tensor([group[0].input_ids[:shared]]), use_cache=True)
+    for k, f in enumerate(group):
+        rest = model(
+            input_ids=torch.tensor([f.input_ids[shared:]]),
+            past_key_values=copy.deepcopy(prefix.past_key_values),
+            use_cache=True,
+        )
+        # Logits predicting tokens shared.. of the feature: the prefix's last, then the rest's.
+        logits = torch.cat([prefix.logits[0, -1:], rest.logits[0, :-1]])
+        labels = torch.tensor(f.labels[shared:])
+        out.append((k, _nll(logits, labels, len(labels))))
+    return out
+
+
+def _last_logits(model: Any, keep: int, **inputs: Any) -> Any:
+    """The logits of the last `keep` positions, computed for those alone where the model
+    takes `logits_to_keep` (most of a forward pass's memory and a share of its time is the
+    vocabulary projection)."""
+    if takes_logits_to_keep(model):
+        return model(**inputs, logits_to_keep=keep).logits
+    return model(**inputs).logits[:, -keep:]
+
+
+def _nll(logits: Any, labels: Any, keep: int) -> tuple[float, int]:
+    """Summed negative log-likelihood of the last `keep` labels under `logits`, and how many
+    of them are scored tokens."""
+    import torch
+
+    targets = labels[len(labels) - keep :]
+    if not keep:
+        return 0.0, 0
+    nll = torch.nn.functional.cross_entropy(
+        logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return float(nll), int((targets != IGNORE_INDEX).sum())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

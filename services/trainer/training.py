@@ -611,7 +611,7 @@ def _make_trainer_class() -> type:
             num_items_in_batch: Any = None,
         ) -> Any:
             keep = labelled_positions(inputs.get("labels"))
-            if keep is None or not _takes_logits_to_keep(model):
+            if keep is None or not takes_logits_to_keep(model):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             labels = inputs["labels"]
             outputs = model(
@@ -659,7 +659,7 @@ def labelled_loss(logits: Any, targets: Any) -> Any:
     )
 
 
-def _takes_logits_to_keep(model: Any) -> bool:
+def takes_logits_to_keep(model: Any) -> bool:
     """Whether the (PEFT-wrapped) causal LM's forward takes `logits_to_keep` (transformers'
     Llama, Qwen2, Mistral, GPT-Neo and most decoder models do)."""
     import inspect
