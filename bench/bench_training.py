@@ -186,7 +186,7 @@ def make_reviews(n: int, seed: int) -> list[TrainingExample]:
 
 
 REAL_DATA = (
-    Path(__file__).resolve().parent.parent / "clients" / "python" / "data" / "spam_train.jsonl"
+    Path(__file__).resolve().parent.parent / "clients" / "python" / "data" / "spam_long.jsonl"
 )
 
 
