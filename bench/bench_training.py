@@ -191,7 +191,8 @@ REAL_DATA = (
 
 
 def real_emails(n: int) -> list[TrainingExample]:
-    """The demo's real emails (SpamAssassin public corpus): subject and body, `spam` or `ham`."""
+    """Real long emails (SpamAssassin public corpus, whole up to 6,000 characters: 500 to
+    2,900 tokens, a third over 1,000), subject and body, labelled `spam` or `ham`."""
     rows = [json.loads(line) for line in REAL_DATA.read_text(encoding="utf-8").splitlines()]
     return [
         TrainingExample(row["prompt"], row["completion"], ref=f"row {i}")
