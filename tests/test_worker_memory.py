@@ -285,7 +285,7 @@ def test_a_run_killed_twice_fails_and_the_worker_trains_the_next_run(stack: Stac
 
 
 def test_a_run_killed_once_resumes_smaller_from_its_checkpoint_and_trains(stack: Stack) -> None:
-    name = stack.create("retried", "v1", max_steps=12, save_steps=2)
+    name = stack.create("retried", "v1", max_steps=40, save_steps=2)
     worker = _worker(stack)
     try:
         first = _training_process(worker)
@@ -302,7 +302,7 @@ def test_a_run_killed_once_resumes_smaller_from_its_checkpoint_and_trains(stack:
         assert "micro-batch 2 x 2 accumulation steps" in retrying
         assert "from checkpoint step" in retrying
         assert any(line.startswith("resuming from checkpoint step") for line in lines), lines
-        assert version.metrics["global_step"] == 12
+        assert version.metrics["global_step"] == 40
     finally:
         stop_process(worker)
     assert wait_until(lambda: not stack.live_workers(), 30)
