@@ -15,11 +15,9 @@ may reach.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
-from typing import Any
 
 from loraforge.services.trainer.hardware import LiveWorker
-from loraforge.services.trainer.params import TrainingParams
+from loraforge.services.trainer.params import TrainingParams, with_trainer
 
 GIB = 2**30
 # The memory budget of a retry after an out-of-memory kill, as a share of the first one's.
@@ -31,23 +29,19 @@ WHAT_TO_CHANGE = (
 )
 
 
-def _with_trainer(params: TrainingParams, **changes: Any) -> TrainingParams:
-    return replace(params, trainer_config=replace(params.trainer_config, **changes))
-
-
 def smaller_plan(params: TrainingParams) -> TrainingParams:
     """Gradient checkpointing on and half the micro-batch with twice the accumulation steps
     (the global batch stays the same); a micro-batch of 1 stays 1."""
     trc = params.trainer_config
     batch = trc.per_device_train_batch_size
     if batch > 1:
-        return _with_trainer(
+        return with_trainer(
             params,
             gradient_checkpointing=True,
             per_device_train_batch_size=batch // 2,
             gradient_accumulation_steps=trc.gradient_accumulation_steps * 2,
         )
-    return _with_trainer(params, gradient_checkpointing=True)
+    return with_trainer(params, gradient_checkpointing=True)
 
 
 def smallest_plan(params: TrainingParams) -> TrainingParams:

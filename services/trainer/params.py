@@ -221,3 +221,10 @@ def coerce(tp: Any, value: Any) -> Any:
 
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
+
+
+def with_trainer(params: TrainingParams, **changes: Any) -> TrainingParams:
+    """`params` with some trainer_config fields changed (a memory plan, a retry's)."""
+    return dataclasses.replace(
+        params, trainer_config=dataclasses.replace(params.trainer_config, **changes)
+    )

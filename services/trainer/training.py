@@ -28,7 +28,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast
 
@@ -36,7 +36,7 @@ from loraforge.services.common.base_models import resolve_base_model
 from loraforge.services.common.model_access import refuse_model_code
 from loraforge.services.common.prompts import has_chat_template, render_prompt
 from loraforge.services.trainer.checkpoints import EVAL_SCORES_FILE
-from loraforge.services.trainer.params import TrainingParams
+from loraforge.services.trainer.params import TrainingParams, with_trainer
 
 IGNORE_INDEX = -100
 REAL_TOKENS = (
@@ -962,10 +962,10 @@ def plan_memory(
         return params
     planned = params
     if not trc.gradient_checkpointing:
-        planned = _with_trainer(planned, gradient_checkpointing=True)
+        planned = with_trainer(planned, gradient_checkpointing=True)
     while estimate(planned) > budget and planned.trainer_config.per_device_train_batch_size > 1:
         p = planned.trainer_config
-        planned = _with_trainer(
+        planned = with_trainer(
             planned,
             per_device_train_batch_size=p.per_device_train_batch_size // 2,
             gradient_accumulation_steps=p.gradient_accumulation_steps * 2,
@@ -982,10 +982,6 @@ def plan_memory(
         "WARNING",
     )
     return planned
-
-
-def _with_trainer(params: TrainingParams, **changes: Any) -> TrainingParams:
-    return replace(params, trainer_config=replace(params.trainer_config, **changes))
 
 
 def run_training(
